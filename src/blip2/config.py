@@ -1,0 +1,427 @@
+"""Configuration dataclasses and named presets.
+
+One frozen dataclass per component, a `Blip2Config` that holds them, and presets by name: the public
+checkpoints (real sizes) and tiny models for tests. No torch import here, so configs can be read and
+written anywhere. Every config round-trips through JSON (`to_dict` / `from_dict`).
+
+The frozen towers (image encoder, LLM) are transformers models; their architecture is stored as a
+transformers config dict (`model_type` plus the fields that differ from that class's defaults), so a
+preset can build random weights of the real size without a download.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The frozen image encoder.
+
+    Attributes:
+        hf_config: transformers config of the tower (`model_type` + fields). `blip_2_vision_model` is the
+            EVA ViT-g of the released checkpoints (its `post_layernorm` is the paper's `ln_vision`);
+            `clip_vision_model` is used as LAVIS uses CLIP ViT-L (23 of 24 blocks: the preset sets
+            `num_hidden_layers=23`); any other vision backbone (ResNet, ConvNeXt, ViT) works, a 4-D
+            feature map becoming a token grid.
+        image_size: side of the square input in pixels.
+        image_mean, image_std: normalization of the processor.
+        freeze_ln_vision: also freeze `ln_vision` (trainable by default, as in the original code).
+        dtype: precision of the frozen tower ("float32", "bfloat16", "float16").
+        ln_vision_eps: eps of a new `ln_vision` (towers without a final LayerNorm to reuse).
+    """
+
+    hf_config: dict[str, Any] = field(default_factory=lambda: {"model_type": "blip_2_vision_model"})
+    image_size: int = 224
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    freeze_ln_vision: bool = False
+    dtype: str = "float32"
+    ln_vision_eps: float = 1e-5
+
+    @property
+    def model_type(self) -> str:
+        return self.hf_config["model_type"]
+
+    @property
+    def width(self) -> int:
+        """Feature width of the tower's output tokens."""
+        cfg = self.hf_config
+        if "hidden_size" in cfg:
+            return int(cfg["hidden_size"])
+        if "hidden_sizes" in cfg:
+            return int(cfg["hidden_sizes"][-1])
+        defaults = {"blip_2_vision_model": 1408, "clip_vision_model": 768}
+        if cfg["model_type"] in defaults:
+            return defaults[cfg["model_type"]]
+        raise ValueError(f"cannot tell the feature width of a {cfg['model_type']!r} tower: set hidden_size")
+
+
+@dataclass(frozen=True)
+class QFormerConfig:
+    """The Querying Transformer (BERT-style, post-LayerNorm).
+
+    Attributes:
+        encoder_width: width of the image features the cross-attention reads (0 = the vision width).
+        cross_attention_freq: layers `i` with `i % freq == 0` cross-attend to the image.
+        num_query_tokens: number of learnable queries.
+        text: the text side exists (word/position embeddings and the text feed-forward); stage-2
+            checkpoints drop it.
+        itg_head: the BERT LM head used for ITG (decoder tied to the word embeddings).
+        vocab_size: bert-base-uncased + `[DEC]` = 30523.
+    """
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_freq: int = 2
+    encoder_width: int = 0
+    num_query_tokens: int = 32
+    vocab_size: int = 30523
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    text: bool = True
+    itg_head: bool = True
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    dec_token_id: int = 30522
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """The frozen language model (stage 2).
+
+    Attributes:
+        hf_config: transformers config of the LM (`model_type` + fields); decoder-only models load with
+            `AutoModelForCausalLM`, encoder-decoder ones (T5) with `AutoModelForSeq2SeqLM`.
+        name: hub id or path of the pretrained LM and its tokenizer ("" for none).
+        dtype: precision of the frozen LM (the paper: fp16 for OPT, bf16 for FlanT5).
+        prompt: default caption prompt ("" for none).
+        vqa_prompt: question template; `None` picks the paper's per-kind default.
+        eos_text: text whose first token ends generation and training targets ("\\n" for OPT); `None`
+            uses the tokenizer's EOS.
+        image_token_id: the `<image>` placeholder id of the transformers layout (None: not set).
+    """
+
+    hf_config: dict[str, Any] = field(default_factory=lambda: {"model_type": "opt"})
+    name: str = ""
+    dtype: str = "float32"
+    prompt: str = ""
+    vqa_prompt: str | None = None
+    eos_text: str | None = None
+    image_token_id: int | None = None
+    max_txt_len: int = 32
+
+    @property
+    def model_type(self) -> str:
+        return self.hf_config["model_type"]
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.model_type in ("t5", "mt5", "umt5", "bart", "mbart")
+
+    @property
+    def vqa_template(self) -> str:
+        if self.vqa_prompt is not None:
+            return self.vqa_prompt
+        return "Question: {} Short answer:" if self.is_encoder_decoder else "Question: {} Answer:"
+
+
+@dataclass(frozen=True)
+class Blip2Config:
+    """A whole BLIP-2 model: stage 1 when `llm` is None, stage 2 otherwise.
+
+    Attributes:
+        embed_dim: width of the ITC projections (`vision_proj`, `text_proj`).
+        max_txt_len: Q-Former text length used by training and retrieval.
+        tokenizer: hub id or path of the Q-Former's BERT tokenizer.
+    """
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: LLMConfig | None = None
+    embed_dim: int = 256
+    max_txt_len: int = 32
+    tokenizer: str = "bert-base-uncased"
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.qformer.encoder_width == 0:
+            object.__setattr__(
+                self, "qformer", dataclasses.replace(self.qformer, encoder_width=self.vision.width)
+            )
+        for dt in (self.vision.dtype, self.llm.dtype if self.llm else "float32"):
+            if dt not in DTYPES:
+                raise ValueError(f"unknown dtype {dt!r}: use one of {', '.join(DTYPES)}")
+
+    @property
+    def stage(self) -> int:
+        return 1 if self.llm is None else 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Blip2Config:
+        d = dict(d)
+        vision = dict(d.pop("vision", {}))
+        for k in ("image_mean", "image_std"):
+            if k in vision:
+                vision[k] = tuple(vision[k])
+        llm = d.pop("llm", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known - {"qformer"}
+        if unknown:
+            raise ValueError(f"unknown Blip2Config fields: {sorted(unknown)}")
+        return cls(
+            vision=VisionConfig(**vision),
+            qformer=QFormerConfig(**d.pop("qformer", {})),
+            llm=LLMConfig(**llm) if llm else None,
+            **d,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Blip2Config:
+        return cls.from_dict(json.loads(text))
+
+
+# ----------------------------------------------------------------------------------------------- presets
+
+EVA_VIT_G = {"model_type": "blip_2_vision_model"}  # 39 blocks, 1408 wide, 16 heads, patch 14, eps 1e-6
+CLIP_VIT_L = {  # OpenAI CLIP ViT-L/14 without its last block (LAVIS uses the second-to-last layer)
+    "model_type": "clip_vision_model",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+
+
+def _opt(hidden: int, ffn: int, name: str) -> dict[str, Any]:
+    return {
+        "model_type": "opt",
+        "hidden_size": hidden,
+        "word_embed_proj_dim": hidden,
+        "ffn_dim": ffn,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "vocab_size": 50304,  # 50272 + <image>, padded to a multiple of 64 (the transformers checkpoints)
+        "max_position_embeddings": 2048,
+        "bos_token_id": 2,
+        "eos_token_id": 50118,  # "\n" ends a caption
+        "pad_token_id": 1,
+        "_name_or_path": name,
+    }
+
+
+def _flan_t5(d_model: int, d_ff: int, heads: int, name: str) -> dict[str, Any]:
+    return {
+        "model_type": "t5",
+        "d_model": d_model,
+        "d_kv": 64,
+        "d_ff": d_ff,
+        "num_layers": 24,
+        "num_decoder_layers": 24,
+        "num_heads": heads,
+        "vocab_size": 32128,
+        "feed_forward_proj": "gated-gelu",
+        "dense_act_fn": "gelu",  # exact GELU, as LAVIS and the transformers conversion set it
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+        "decoder_start_token_id": 0,
+        "_name_or_path": name,
+    }
+
+
+def _stage1(image_size: int = 224, vision: dict | None = None, name: str = "") -> Blip2Config:
+    return Blip2Config(
+        vision=VisionConfig(
+            hf_config={**(vision or EVA_VIT_G), "image_size": image_size}, image_size=image_size
+        ),
+        qformer=QFormerConfig(),
+        name=name,
+    )
+
+
+def _stage2(llm: dict, llm_name: str, image_size: int, name: str, prompt: str = "") -> Blip2Config:
+    is_t5 = llm["model_type"] == "t5"
+    return Blip2Config(
+        vision=VisionConfig(
+            hf_config={**EVA_VIT_G, "image_size": image_size}, image_size=image_size, dtype="float16"
+        ),
+        qformer=QFormerConfig(text=False, itg_head=False),
+        llm=LLMConfig(
+            hf_config=llm,
+            name=llm_name,
+            dtype="bfloat16" if is_t5 else "float16",
+            prompt=prompt,
+            eos_text=None if is_t5 else "\n",
+            image_token_id=32100 if is_t5 else 50265,
+        ),
+        name=name,
+    )
+
+
+def _tiny_vision(image_size: int = 16) -> VisionConfig:
+    return VisionConfig(
+        hf_config={
+            "model_type": "blip_2_vision_model",
+            "hidden_size": 48,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": image_size,
+            "patch_size": 4,
+        },
+        image_size=image_size,
+    )
+
+
+def _tiny_qformer(**kw: Any) -> QFormerConfig:
+    base = dict(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=37,
+        cross_attention_freq=1,
+        num_query_tokens=8,
+        max_position_embeddings=64,
+    )
+    return QFormerConfig(**{**base, **kw})
+
+
+TINY_LLMS: dict[str, dict[str, Any]] = {
+    "opt": {
+        "model_type": "opt",
+        "vocab_size": 99,
+        "hidden_size": 16,
+        "word_embed_proj_dim": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "ffn_dim": 32,
+        "max_position_embeddings": 128,
+        "bos_token_id": 2,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    },
+    "gpt2": {
+        "model_type": "gpt2",
+        "vocab_size": 99,
+        "n_embd": 16,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_positions": 128,
+        "bos_token_id": 2,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    },
+    "t5": {
+        "model_type": "t5",
+        "vocab_size": 99,
+        "d_model": 16,
+        "d_kv": 4,
+        "d_ff": 32,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+        "feed_forward_proj": "gated-gelu",
+        "dense_act_fn": "gelu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+        "decoder_start_token_id": 0,
+    },
+}
+
+
+def _tiny_stage2(kind: str) -> Blip2Config:
+    return Blip2Config(
+        vision=_tiny_vision(),
+        qformer=_tiny_qformer(text=False, itg_head=False),
+        llm=LLMConfig(hf_config=dict(TINY_LLMS[kind])),
+        embed_dim=16,
+        name=f"tiny-{kind}",
+    )
+
+
+PRESETS: dict[str, Any] = {
+    # stage 1 (Q-Former with ITC / ITM / ITG heads)
+    "blip2-stage1-vit-g": lambda: _stage1(224, name="blip2-stage1-vit-g"),
+    "blip2-stage1-vit-g-coco": lambda: _stage1(364, name="blip2-stage1-vit-g-coco"),
+    "blip2-stage1-vit-l": lambda: _stage1(224, CLIP_VIT_L, name="blip2-stage1-vit-l"),
+    # stage 2 (Q-Former as soft visual prompts for a frozen LLM)
+    "blip2-opt-2.7b": lambda: _stage2(
+        _opt(2560, 10240, "facebook/opt-2.7b"), "facebook/opt-2.7b", 224, "blip2-opt-2.7b"
+    ),
+    "blip2-opt-6.7b": lambda: _stage2(
+        _opt(4096, 16384, "facebook/opt-6.7b"), "facebook/opt-6.7b", 224, "blip2-opt-6.7b"
+    ),
+    "blip2-opt-2.7b-coco": lambda: _stage2(
+        _opt(2560, 10240, "facebook/opt-2.7b"), "facebook/opt-2.7b", 364, "blip2-opt-2.7b-coco", "a photo of"
+    ),
+    "blip2-opt-6.7b-coco": lambda: _stage2(
+        _opt(4096, 16384, "facebook/opt-6.7b"), "facebook/opt-6.7b", 364, "blip2-opt-6.7b-coco", "a photo of"
+    ),
+    "blip2-flan-t5-xl": lambda: _stage2(
+        _flan_t5(2048, 5120, 32, "google/flan-t5-xl"), "google/flan-t5-xl", 224, "blip2-flan-t5-xl"
+    ),
+    "blip2-flan-t5-xl-coco": lambda: _stage2(
+        _flan_t5(2048, 5120, 32, "google/flan-t5-xl"),
+        "google/flan-t5-xl",
+        364,
+        "blip2-flan-t5-xl-coco",
+        "a photo of",
+    ),
+    "blip2-flan-t5-xxl": lambda: _stage2(
+        _flan_t5(4096, 10240, 64, "google/flan-t5-xxl"), "google/flan-t5-xxl", 224, "blip2-flan-t5-xxl"
+    ),
+    # tiny models for tests
+    "tiny-stage1": lambda: Blip2Config(
+        vision=_tiny_vision(), qformer=_tiny_qformer(), embed_dim=16, name="tiny-stage1"
+    ),
+    "tiny-opt": lambda: _tiny_stage2("opt"),
+    "tiny-gpt2": lambda: _tiny_stage2("gpt2"),
+    "tiny-t5": lambda: _tiny_stage2("t5"),
+    # the Q-Former shape of MiniLM-L6-H384 (the offline stand-in for bert-base-uncased)
+    "minilm-stage1": lambda: Blip2Config(
+        vision=_tiny_vision(),
+        qformer=QFormerConfig(
+            hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, num_query_tokens=8
+        ),
+        embed_dim=64,
+        name="minilm-stage1",
+    ),
+}
+
+
+def preset(name: str) -> Blip2Config:
+    """Return the named preset config; raises with the list of names when unknown."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)

@@ -1,0 +1,91 @@
+"""Frozen image encoders behind one small interface.
+
+`ImageEncoder(config)` wraps a transformers vision model:
+
+* `features(pixel_values)` -> `(B, N, D)` frozen features, *before* `ln_vision` (what a feature cache
+  stores; computed without autograd, in the tower's precision);
+* `ln_vision(features)` -> the trainable LayerNorm of the paper;
+* `forward(pixel_values)` = both.
+
+Towers:
+* `blip_2_vision_model` (transformers' `Blip2VisionModel`) is the 39-block EVA ViT-g of the released
+  checkpoints. Its `post_layernorm` *is* LAVIS's `ln_vision`: it is moved out of the tower and becomes
+  `ln_vision` (so nothing is normalized twice and no extra block is dropped).
+* `clip_vision_model` (`CLIPVisionModel`) as LAVIS uses CLIP ViT-L: the tower is built with one block
+  fewer (23 of 24: the second-to-last hidden state), its final LayerNorm is not used, and a new
+  `ln_vision` follows.
+* any other transformers vision backbone (ResNet, ConvNeXt, ViT, ...): its `last_hidden_state`; a 4-D
+  feature map `(B, C, H, W)` becomes an `H * W` token grid. A new `ln_vision` follows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from blip2.config import VisionConfig
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_tower(cfg: VisionConfig) -> nn.Module:
+    """Build the transformers vision model described by `cfg.hf_config` (random weights)."""
+    import transformers
+
+    hf = dict(cfg.hf_config)
+    model_type = hf.pop("model_type")
+    hf.pop("_name_or_path", None)
+    if model_type == "blip_2_vision_model":
+        hf_cfg = transformers.Blip2VisionConfig(**hf)
+        hf_cfg._attn_implementation = "sdpa"
+        return transformers.Blip2VisionModel(hf_cfg)
+    hf_cfg = transformers.AutoConfig.for_model(model_type, **hf)
+    return transformers.AutoModel.from_config(hf_cfg)
+
+
+class ImageEncoder(nn.Module):
+    """A frozen transformers vision tower plus the trainable `ln_vision`."""
+
+    def __init__(self, cfg: VisionConfig, tower: nn.Module | None = None):
+        super().__init__()
+        self.config = cfg
+        self.tower = tower if tower is not None else build_tower(cfg)
+        if cfg.model_type == "blip_2_vision_model":
+            self.ln_vision = self.tower.post_layernorm
+            self.tower.post_layernorm = nn.Identity()
+        else:
+            if cfg.model_type == "clip_vision_model":
+                self.tower.vision_model.post_layernorm = nn.Identity()  # only the pooled output used it
+            self.ln_vision = nn.LayerNorm(cfg.width, eps=cfg.ln_vision_eps)
+        self.tower.requires_grad_(False)
+        self.tower.to(torch_dtype(cfg.dtype))
+        self.ln_vision.requires_grad_(not cfg.freeze_ln_vision)
+        self.tower.eval()
+
+    @property
+    def width(self) -> int:
+        return self.config.width
+
+    def train(self, mode: bool = True) -> ImageEncoder:
+        super().train(mode)
+        self.tower.eval()  # frozen: never in training mode (no dropout, fixed norms)
+        return self
+
+    @torch.no_grad()
+    def features(self, pixel_values: Tensor) -> Tensor:
+        """Frozen features `(B, N, D)` before `ln_vision`, in the tower's dtype."""
+        param = next(self.tower.parameters())
+        out = self.tower(pixel_values=pixel_values.to(device=param.device, dtype=param.dtype))
+        h = out.last_hidden_state
+        if h.dim() == 4:  # (B, C, H, W) feature map -> (B, H*W, C) tokens
+            h = h.flatten(2).transpose(1, 2)
+        return h
+
+    def normalize(self, features: Tensor) -> Tensor:
+        """Apply `ln_vision` in its own precision (fp32 by default), as LAVIS does."""
+        return self.ln_vision(features.to(self.ln_vision.weight.dtype))
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.normalize(self.features(pixel_values))
