@@ -173,7 +173,7 @@ class Stage1Model(nn.Module):
             neg_kv = self.qformer.image_kv(gather(image_embeds)[neg_image])
         itm_kv = [
             None if kv is None else tuple(torch.cat([kv[j], nkv[j], kv[j]]) for j in range(2))
-            for kv, nkv in zip(image_kv, neg_kv)
+            for kv, nkv in zip(image_kv, neg_kv, strict=True)
         ]
         itm_ids = torch.cat([input_ids, input_ids, ids_all[neg_text]])
         itm_mask = torch.cat([attention_mask, attention_mask, mask_all[neg_text]])
