@@ -185,7 +185,7 @@ class Stage1Model(nn.Module):
         dec_ids[:, 0] = cfg.dec_token_id
         labels = dec_ids.masked_fill(attention_mask == 0, -100)
         dec = self.qformer(
-            input_ids=dec_ids, attention_mask=attention_mask, past_kv=query.past_kv, causal=True
+            input_ids=dec_ids, attention_mask=attention_mask, past_kv=query.past_kv, mode="causal"
         )
         loss_itg = losses.itg_loss(self.qformer.lm_logits(dec.hidden), labels)
 
@@ -216,7 +216,7 @@ class Stage1Model(nn.Module):
         out = []
         for step in range(max_new_tokens):
             dec = self.qformer(
-                input_ids=token, past_kv=past, causal=True, position_offset=step, use_cache=True
+                input_ids=token, past_kv=past, mode="causal", position_offset=step, use_cache=True
             )
             past = dec.past_kv
             token = self.qformer.lm_logits(dec.hidden[:, -1:]).argmax(-1)

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from blip2.config import QFormerConfig
 
 KV = tuple[Tensor, Tensor]  # (B, heads, N, head_dim) each
+MASK_MODES = ("bidirectional", "causal", "unimodal")
 
 
 @dataclass
@@ -165,17 +166,22 @@ def build_mask(
     num_queries: int,
     text_mask: Tensor | None,
     num_text: int,
-    causal: bool,
+    mode: str,
     device: torch.device,
     past_mask: Tensor | None = None,
 ) -> Tensor | None:
     """Boolean SDPA mask `(B, 1, Q + L, P + Q + L)`; True = may attend. None when nothing is masked.
 
-    Keys are `[past; queries; text]`. Padded text keys (and padded past keys) are hidden from every row.
-    With `causal` (ITG and generation), query rows see only past and queries, and text row i sees the
-    past, all queries and text tokens 0..i. Otherwise every row sees every key.
+    Keys are `[past; queries; text]`; padded text keys (and padded past keys) are hidden from every row.
+
+    * "bidirectional" (ITM): every row sees every key.
+    * "causal" (ITG, generation): query rows see only the past and the queries; text row i sees the
+      past, all queries and text tokens 0..i.
+    * "unimodal" (ITC in one pass): queries see only queries, text sees only text.
     """
-    if not causal and text_mask is None and past_mask is None:
+    if mode not in MASK_MODES:
+        raise ValueError(f"unknown mask mode {mode!r}: use one of {MASK_MODES}")
+    if mode == "bidirectional" and text_mask is None and past_mask is None:
         return None
     n_keys = num_past + num_queries + num_text
     keys = torch.ones(batch, n_keys, dtype=torch.bool, device=device)
@@ -184,12 +190,13 @@ def build_mask(
     if text_mask is not None:
         keys[:, num_past + num_queries :] = text_mask.bool()
     mask = keys[:, None, None, :].expand(batch, 1, num_queries + num_text, n_keys)
-    if causal:
-        rows = torch.arange(num_queries + num_text, device=device)[:, None]
-        cols = torch.arange(n_keys, device=device)[None, :] - num_past  # key index within [queries; text]
-        prefix = cols < num_queries  # past and queries
-        allowed = prefix | ((rows >= num_queries) & (cols <= rows))  # text sees earlier text and itself
-        mask = mask & allowed
+    rows = torch.arange(num_queries + num_text, device=device)[:, None]
+    cols = torch.arange(n_keys, device=device)[None, :] - num_past  # key index within [queries; text]
+    is_text_row, is_text_key = rows >= num_queries, cols >= num_queries
+    if mode == "causal":
+        mask = mask & (~is_text_key | (is_text_row & (cols <= rows)))  # text sees earlier text and itself
+    elif mode == "unimodal":
+        mask = mask & (is_text_row == is_text_key)
     return mask
 
 
@@ -232,7 +239,7 @@ class QFormer(nn.Module):
         attention_mask: Tensor | None = None,
         image_embeds: Tensor | None = None,
         image_kv: list[KV | None] | None = None,
-        causal: bool = False,
+        mode: str = "bidirectional",
         past_kv: list[KV] | None = None,
         past_mask: Tensor | None = None,
         position_offset: int = 0,
@@ -246,7 +253,7 @@ class QFormer(nn.Module):
             attention_mask: text padding mask `(B, L)` (1 = token), or None for no padding.
             image_embeds: image features `(B, N, encoder_width)` for the cross-attention (queries only).
             image_kv: already projected image keys/values (`image_kv(image_embeds)`), instead of image_embeds.
-            causal: the multimodal causal mask (ITG, generation) instead of the bidirectional one.
+            mode: "bidirectional" (ITM, default), "causal" (ITG, generation) or "unimodal" (see `build_mask`).
             past_kv: cached self-attention keys/values to prepend (e.g. the query pass, for ITG).
             past_mask: padding mask of the past keys `(B, P)`; default all visible.
             position_offset: position of the first text token (text tokens already in the past).
@@ -260,7 +267,7 @@ class QFormer(nn.Module):
             if image_embeds is None:
                 raise ValueError("queries need image features: pass image_embeds or image_kv")
             image_kv = self.image_kv(image_embeds)
-        mask = build_mask(b, num_past, num_q, attention_mask, h.shape[1] - num_q, causal, h.device, past_mask)
+        mask = build_mask(b, num_past, num_q, attention_mask, h.shape[1] - num_q, mode, h.device, past_mask)
         new_kv = []
         for i, layer in enumerate(self.layers):
             args = (
