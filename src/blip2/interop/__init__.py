@@ -1,0 +1,1 @@
+"""Checkpoint interop: explicit key maps between our models and other layouts (transformers, LAVIS, BERT)."""
