@@ -293,6 +293,7 @@ def _tiny_vision(image_size: int = 16) -> VisionConfig:
             "num_attention_heads": 4,
             "image_size": image_size,
             "patch_size": 4,
+            "initializer_range": 0.02,  # transformers' default (1e-10) makes a random tower output constants
         },
         image_size=image_size,
     )

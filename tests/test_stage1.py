@@ -1,0 +1,194 @@
+"""The stage-1 model: ITC, ITM with hard negatives, ITG; gradients; learning on a tiny batch."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blip2 import losses
+from blip2.config import preset
+from blip2.models import Stage1Model
+
+B, L = 4, 9
+
+
+def batch(seed=0, b=B):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 3000, (b, L), generator=g)
+    ids[:, 0] = 101
+    mask = torch.ones(b, L, dtype=torch.long)
+    mask[1, 6:] = 0
+    ids[1, 6:] = 0
+    pixels = torch.randn(b, 3, 16, 16, generator=g)
+    return ids, mask, pixels
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Stage1Model(preset("tiny-stage1"))
+
+
+def test_itc_equals_direct_computation(model):
+    model.eval()
+    ids, mask, pixels = batch()
+    with torch.no_grad():
+        out = model(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(0))
+        img = model.embed_image(pixels).image_feats  # (B, Q, E)
+        txt = model.embed_text(ids, mask)  # (B, E)
+    sim = torch.empty(B, B)
+    for i in range(B):
+        for t in range(B):
+            sim[i, t] = max(float(img[i, q] @ txt[t]) for q in range(img.shape[1]))
+    sim = sim / model.temp.item()
+    labels = torch.arange(B)
+    expected = (
+        F.cross_entropy(sim, labels, label_smoothing=0.1)
+        + F.cross_entropy(sim.t(), labels, label_smoothing=0.1)
+    ) / 2
+    torch.testing.assert_close(out.loss_itc, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.itc_scores(img, txt), sim * model.temp.item(), rtol=0, atol=1e-5)
+
+
+def test_itc_with_image_ids_counts_shared_images_as_positives():
+    sim = torch.randn(4, 4)
+    ids = torch.tensor([7, 7, 3, 5])
+    pos = losses.positives(ids, ids, 4, 0, "cpu")
+    assert pos.tolist()[0] == [True, True, False, False]
+    loss = losses.itc_loss(sim, sim.t(), pos, label_smoothing=0.0)
+    target = pos.float() / pos.sum(1, keepdim=True)
+    expected = (
+        -(target * sim.log_softmax(1)).sum(1).mean() - (target * sim.t().log_softmax(1)).sum(1).mean()
+    ) / 2
+    torch.testing.assert_close(loss, expected)
+    # with unique ids it is plain smoothed cross-entropy
+    eye = losses.positives(None, None, 4, 0, "cpu")
+    labels = torch.arange(4)
+    plain = (
+        F.cross_entropy(sim, labels, label_smoothing=0.1)
+        + F.cross_entropy(sim.t(), labels, label_smoothing=0.1)
+    ) / 2
+    torch.testing.assert_close(losses.itc_loss(sim, sim.t(), eye), plain)
+
+
+def test_hard_negatives_never_positive_and_follow_the_similarities():
+    n, draws = 5, 400
+    sim = torch.randn(n, n, generator=torch.Generator().manual_seed(3)) * 2
+    pos = torch.eye(n, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    counts_t, counts_i = torch.zeros(n, n), torch.zeros(n, n)
+    for _ in range(draws):
+        nt, ni = losses.sample_hard_negatives(sim, pos, g)
+        counts_t[torch.arange(n), nt] += 1
+        counts_i[torch.arange(n), ni] += 1
+    assert counts_t.diagonal().sum() == 0 and counts_i.diagonal().sum() == 0
+    expected_t = torch.softmax(sim.masked_fill(pos, float("-inf")), 1)
+    expected_i = torch.softmax(sim.t().masked_fill(pos, float("-inf")), 1)
+    freq_t, freq_i = counts_t / counts_t.sum(1, keepdim=True), counts_i / counts_i.sum(1, keepdim=True)
+    # 400 draws per row: a frequency's standard error is at most 0.025; allow 4 of them
+    assert (freq_t - expected_t).abs().max() < 0.1
+    assert (freq_i - expected_i).abs().max() < 0.1
+    # a chi-square statistic per row stays far below what a wrong distribution gives
+    for f, e in ((counts_t, expected_t), (counts_i, expected_i)):
+        exp_counts = e * f.sum(1, keepdim=True)
+        chi2 = ((f - exp_counts) ** 2 / exp_counts.clamp_min(1e-9)).masked_fill(pos, 0).sum(1)
+        assert (chi2 < 30).all(), chi2  # 3 degrees of freedom: p < 1e-5 beyond 25
+
+
+def test_hard_negatives_skip_every_pair_sharing_an_image_and_are_reproducible():
+    ids = torch.tensor([1, 1, 2, 3, 3, 4])
+    pos = ids[:, None] == ids[None, :]
+    sim = torch.randn(6, 6)
+    for seed in range(20):
+        nt, ni = losses.sample_hard_negatives(sim, pos, torch.Generator().manual_seed(seed))
+        assert not pos[torch.arange(6), nt].any() and not pos[torch.arange(6), ni].any()
+    a = losses.sample_hard_negatives(sim, pos, torch.Generator().manual_seed(5))
+    b = losses.sample_hard_negatives(sim, pos, torch.Generator().manual_seed(5))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_gradients_reach_trainable_parts_never_the_frozen_encoder(model):
+    model.train()
+    model.zero_grad()
+    ids, mask, pixels = batch()
+    out = model(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    for name, p in model.visual.tower.named_parameters():
+        assert not p.requires_grad and p.grad is None, name
+    assert not model.visual.tower.training  # frozen means eval mode even when the model trains
+    for name in [
+        "query_tokens",
+        "temp",
+        "vision_proj.weight",
+        "text_proj.weight",
+        "itm_head.weight",
+        "visual.ln_vision.weight",
+    ]:
+        p = model.get_parameter(name)
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for name, p in model.qformer.named_parameters():
+        if name == "embeddings.word.weight":  # only rows of tokens in the batch get gradient
+            continue
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_each_loss_has_its_own_gradient_path(model):
+    """ITC trains the projections, ITM the itm head, ITG the LM head; all of them the Q-Former."""
+    model.eval()
+    ids, mask, pixels = batch()
+    for loss_name, head, other in [
+        ("loss_itc", "text_proj.weight", "itm_head.weight"),
+        ("loss_itm", "itm_head.weight", "text_proj.weight"),
+        ("loss_itg", "qformer.lm_head.dense.weight", "itm_head.weight"),
+    ]:
+        model.zero_grad()
+        getattr(
+            model(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(0)), loss_name
+        ).backward()
+        assert model.get_parameter(head).grad.abs().sum() > 0
+        assert model.get_parameter(other).grad is None or model.get_parameter(other).grad.abs().sum() == 0
+        assert model.query_tokens.grad.abs().sum() > 0
+
+
+def test_cached_features_give_the_same_loss_as_pixels(model):
+    model.eval()
+    ids, mask, pixels = batch()
+    feats = model.visual.features(pixels)
+    with torch.no_grad():
+        a = model(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(1))
+        b = model(ids, mask, image_features=feats, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
+
+
+def test_overfitting_a_tiny_batch_drives_every_loss_down():
+    torch.manual_seed(0)
+    model = Stage1Model(preset("tiny-stage1")).train()
+    ids, mask, pixels = batch(seed=2, b=6)
+    feats = model.visual.features(pixels)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    first = last = None
+    for _ in range(200):
+        out = model(ids, mask, image_features=feats, generator=g)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        values = {k: getattr(out, k).item() for k in ("loss_itc", "loss_itm", "loss_itg")}
+        first = first or values
+        last = values
+    assert all(math.isfinite(v) for v in last.values())
+    assert last["loss_itc"] < 0.6 * first["loss_itc"], (first, last)
+    assert last["loss_itm"] < 0.5 * first["loss_itm"], (first, last)
+    assert last["loss_itg"] < 0.3 * first["loss_itg"], (first, last)
+
+
+def test_itm_and_generation_helpers(model):
+    model.eval()
+    ids, mask, pixels = batch()
+    with torch.no_grad():
+        embeds = model.encode_image(pixels)
+        logits = model.itm_logits(ids, mask, image_embeds=embeds)
+        tokens = model.generate_itg(pixels, max_new_tokens=4)
+    assert logits.shape == (B, 2) and torch.isfinite(logits).all()
+    assert tokens.shape[0] == B and 1 <= tokens.shape[1] <= 4
