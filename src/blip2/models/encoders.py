@@ -57,7 +57,8 @@ class ImageEncoder(nn.Module):
             self.tower.post_layernorm = nn.Identity()
         else:
             if cfg.model_type == "clip_vision_model":
-                self.tower.vision_model.post_layernorm = nn.Identity()  # only the pooled output used it
+                # only the pooled output used it (transformers 5 dropped the `vision_model` wrapper)
+                getattr(self.tower, "vision_model", self.tower).post_layernorm = nn.Identity()
             self.ln_vision = nn.LayerNorm(cfg.width, eps=cfg.ln_vision_eps)
         self.tower.requires_grad_(False)
         self.tower.to(torch_dtype(cfg.dtype))
