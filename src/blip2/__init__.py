@@ -5,12 +5,23 @@ from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig, li
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):  # `load` and `Pipeline` import torch: only when asked for
+    if name in ("load", "Pipeline"):
+        from blip2 import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'blip2' has no attribute {name!r}")
+
+
 __all__ = [
     "Blip2Config",
     "LLMConfig",
+    "Pipeline",
     "QFormerConfig",
     "VisionConfig",
     "list_presets",
+    "load",
     "preset",
     "__version__",
 ]

@@ -1,0 +1,274 @@
+"""Reading and writing checkpoints: files to state dicts, state dicts into models, models to folders.
+
+* `read_state_dict(path)`: a folder (`model.safetensors`, sharded or not, or `pytorch_model.bin`) or
+  one file. Safetensors, or `torch.load(weights_only=True)`: nothing but tensors is ever unpickled.
+* `build_model(config)`: our model with uninitialized weights (they are all loaded next).
+* `load_transformers_folder`, `load_lavis`: the two foreign layouts into our model, strictly.
+* `save_folder(model, folder)`: our folder, a superset of transformers' (see `blip2.pipeline`).
+
+Our folder: `blip2_config.json` (our config), and either
+  - the model has a transformers class: `config.json` (transformers' BLIP-2 config) and
+    `model.safetensors` in transformers' key names, plus `blip2_extras.safetensors` with what
+    transformers has no place for (ITC temperature, ITG head, a stage-2 Q-Former's text side), or
+  - it has none (e.g. a CLIP image encoder): `model.safetensors` in our key names, marked
+    `{"format": "blip2"}` in its metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from blip2.config import Blip2Config, LLMConfig
+from blip2.errors import UserError
+from blip2.interop import hf, lavis
+from blip2.interop.keymap import CheckpointError, convert, load_state, unique_state_dict
+
+CONFIG = "blip2_config.json"
+WEIGHTS = "model.safetensors"
+EXTRAS = "blip2_extras.safetensors"
+OUR_FORMAT = "blip2"
+ITC_TEMPERATURE = 0.07  # LAVIS's initial value; transformers checkpoints do not keep the trained one
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors of a checkpoint folder or file, and the safetensors metadata (empty for others)."""
+    path = Path(path)
+    if path.is_dir():
+        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if (path / index).is_file():
+                shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+                state: dict[str, Tensor] = {}
+                meta: dict[str, str] = {}
+                for shard in shards:
+                    s, meta = read_state_dict(path / shard)
+                    state.update(s)
+                return state, meta
+        for name in (WEIGHTS, "pytorch_model.bin"):
+            if (path / name).is_file():
+                return read_state_dict(path / name)
+        raise UserError(f"{path} holds no model weights (model.safetensors or pytorch_model.bin)")
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except SafetensorError as e:
+            raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"{path} holds Python objects besides tensors; it is not loaded, as unpickling could run code"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    return lavis.unwrap(obj, str(path)), {}
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def build_model(
+    config: Blip2Config,
+    vision_tower: nn.Module | None = None,
+    llm: nn.Module | None = None,
+    init: bool = False,
+) -> nn.Module:
+    """Our stage-1 or stage-2 model for `config`; without `init` its weights are left uninitialized
+    (fast for real sizes), to be filled by `load_state`."""
+    from transformers.initialization import no_init_weights
+
+    from blip2.models import Stage1Model
+    from blip2.models.stage2 import Stage2Model
+
+    with _maybe(no_init_weights(), not init):
+        if config.stage == 1:
+            return Stage1Model(config, vision_tower=vision_tower)
+        model = Stage2Model(config, vision_tower=vision_tower, llm=llm)
+    model.llm.tie_weights()  # skipped with the initialization: tied tables are one tensor again
+    return model
+
+
+class _maybe:
+    def __init__(self, ctx: Any, on: bool):
+        self.ctx, self.on = ctx, on
+
+    def __enter__(self) -> None:
+        if self.on:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.on:
+            self.ctx.__exit__(*exc)
+
+
+def with_dtype(config: Blip2Config, dtype: str | None) -> Blip2Config:
+    """`config` with the frozen towers (image encoder, LLM) in `dtype` (the Q-Former stays fp32)."""
+    if dtype is None:
+        return config
+    vision = dataclasses.replace(config.vision, dtype=dtype)
+    llm = dataclasses.replace(config.llm, dtype=dtype) if config.llm is not None else None
+    return dataclasses.replace(config, vision=vision, llm=llm)
+
+
+def _finish(model: nn.Module) -> nn.Module:
+    """After loading: record an untied LM head in the LM's config, and go to eval mode."""
+    llm = getattr(model, "llm", None)
+    if llm is not None:
+        head, table = llm.get_output_embeddings(), llm.get_input_embeddings()
+        if head is not None and head.weight is not table.weight:
+            llm.config.tie_word_embeddings = False
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------ our folders
+
+
+def is_our_folder(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG).is_file()
+
+
+def read_config(path: Path) -> Blip2Config:
+    try:
+        return Blip2Config.from_json((path / CONFIG).read_text())
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{path / CONFIG} is not a valid blip2 config ({e})") from None
+
+
+def load_folder(path: Path, config: Blip2Config) -> nn.Module:
+    """Our own folder (either layout; see the module docstring), or a plain transformers one."""
+    state, meta = read_state_dict(path)
+    if meta.get("format") != OUR_FORMAT:
+        state = convert(state, hf.rules(), to="ours", source=str(path))
+    if (path / EXTRAS).is_file():
+        extras, _ = read_state_dict(path / EXTRAS)
+        state.update(extras)
+    model = build_model(config)
+    unfilled = load_state(model, state, source=str(path), optional=["temp"])
+    if "temp" in unfilled:  # a transformers retrieval checkpoint: the trained temperature was dropped
+        with torch.no_grad():
+            model.temp.fill_(ITC_TEMPERATURE)
+    return _finish(model)
+
+
+def save_folder(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Write `model` as our folder: weights and configs (the caller adds processor and tokenizer)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config: Blip2Config = model.config
+    state = {k: v.detach().contiguous().cpu() for k, v in unique_state_dict(model).items()}
+    (path / CONFIG).write_text(config.to_json())
+    for stale in (EXTRAS, "config.json"):
+        (path / stale).unlink(missing_ok=True)
+    if not hf.has_counterpart(config):
+        save_file(state, str(path / WEIGHTS), metadata={"format": OUR_FORMAT})
+        return
+    extra = hf.extra_keys(config)
+    extras = {k: v for k, v in state.items() if extra.match(k)}
+    theirs = convert({k: v for k, v in state.items() if k not in extras}, hf.rules(), to="theirs")
+    save_file(theirs, str(path / WEIGHTS), metadata={"format": "pt"})
+    if extras:
+        save_file(extras, str(path / EXTRAS), metadata={"format": OUR_FORMAT})
+    hf_config = hf.config_to_transformers(config)
+    hf_config.dtype = str(next(iter(theirs.values())).dtype).removeprefix("torch.")
+    hf_config.save_pretrained(str(path))
+
+
+# -------------------------------------------------------------------------------------------- LAVIS
+
+
+def load_lavis(
+    path: Path,
+    config: Blip2Config,
+    vision_weights: Path | None = None,
+    llm_path: Path | None = None,
+) -> nn.Module:
+    """A LAVIS checkpoint into our model described by `config` (a preset).
+
+    The image encoder comes from the checkpoint when it holds one (`visual_encoder.*`), else from
+    `vision_weights` (LAVIS's `eva_vit_g.pth` / `clip_vit_L.pth`). The LLM of a stage-2 model comes from
+    `llm_path`, a transformers LM folder whose `config.json` replaces `config.llm.hf_config` (FlanT5 gets
+    LAVIS's exact GELU). All three are held to the same rule: every key consumed, every weight filled.
+    """
+    state, _ = read_state_dict(path)
+    has_vision = any(k.startswith("visual_encoder.") for k in state)
+    if not has_vision:
+        if vision_weights is None:
+            raise UserError(
+                f"{path.name} holds no image encoder: pass vision_weights= the LAVIS file "
+                f"{lavis.VISION_FILES.get(config.vision.model_type, 'of the image encoder')}"
+            )
+        base, _ = read_state_dict(vision_weights)
+        state.update(lavis.vision_base_state(base, config))
+    llm_state: dict[str, Tensor] = {}
+    if config.stage == 2:
+        if any(k.startswith(lavis.llm_prefixes(config)[1] + ".") for k in state):
+            raise UserError(f"{path.name} holds LLM weights; this loader takes the LLM from its own folder")
+        if llm_path is None:
+            raise UserError(f"{path.name} holds no LLM: pass llm= the transformers folder or hub id of it")
+        config = dataclasses.replace(config, llm=_llm_config(llm_path, config.llm))
+        llm_state, _ = read_state_dict(llm_path)
+    model = build_model(config)
+    if llm_state:
+        _, model_prefix = lavis.llm_prefixes(config)
+        llm_state = _with_base_prefix(llm_state, model.llm)
+        state.update({f"{model_prefix}.{k}": v for k, v in llm_state.items()})
+    ours = convert(state, lavis.rules(config), to="ours", source=str(path))
+    load_state(model, ours, source=str(path))
+    return _finish(model)
+
+
+def _with_base_prefix(state: dict[str, Tensor], llm: nn.Module) -> dict[str, Tensor]:
+    """Keys of an LM saved as its base model (`decoder.*` of OPT) under the causal-LM names
+    (`model.decoder.*`), as transformers' `from_pretrained` accepts them."""
+    expected = set(llm.state_dict())
+    prefix = getattr(llm, "base_model_prefix", "")
+    return {
+        f"{prefix}.{k}" if k not in expected and f"{prefix}.{k}" in expected else k: v
+        for k, v in state.items()
+    }
+
+
+def _llm_config(llm_path: Path, preset: LLMConfig | None) -> LLMConfig:
+    import transformers
+
+    hf_cfg = transformers.AutoConfig.from_pretrained(str(llm_path))
+    arch = hf._arch_dict(hf_cfg)
+    if arch["model_type"] == "t5":
+        arch["dense_act_fn"] = "gelu"  # LAVIS and the transformers conversion use exact GELU for FlanT5
+        arch["tie_word_embeddings"] = False  # FlanT5's LM head is its own
+    base = preset or LLMConfig()
+    return dataclasses.replace(base, hf_config=arch, image_token_id=None)
+
+
+def save_lavis(model: nn.Module) -> dict[str, Tensor]:
+    """Our model's state dict in LAVIS key names (the whole model, frozen towers included)."""
+    return convert(unique_state_dict(model), lavis.rules(model.config), to="theirs")
+
+
+__all__ = [
+    "CheckpointError",
+    "build_model",
+    "load_folder",
+    "load_lavis",
+    "read_state_dict",
+    "save_folder",
+    "save_lavis",
+    "with_dtype",
+]
