@@ -1,0 +1,217 @@
+"""From records to model inputs: image decoding and transforms (or cached features), text, collation.
+
+A `Preprocessor` turns one `Record` into a sample (`load`) and a list of samples into a batch of
+tensors (`collate`). A sample that cannot be used (an image that does not decode, a missing caption or
+answer, an image missing from the feature cache) raises `BadSample` with a reason; the datasets skip it
+and count it under that reason, and the training loop reports the counts.
+
+Text, per objective:
+
+* `stage1`: the cleaned caption, Q-Former BERT ids padded to `max_len` (LAVIS: 32);
+* `causal` (decoder-only LLM, e.g. OPT): `prompt + caption + eos_text`, with the prompt's tokens (BOS
+  included) excluded from the loss; VQA uses the question template as prompt and the first answer;
+* `seq2seq` (encoder-decoder LLM, e.g. FlanT5): encoder text = prompt (or the question), decoder
+  target = caption (or answer). For pre-training without a prompt (`prefix_split`), each caption is cut
+  at a random word in its first half: the head goes to the encoder, the rest is the target (the paper's
+  prefix-LM loss; LAVIS issue #139).
+
+Augmentation (random resized crop 0.5-1 + flip) draws from a per-sample generator seeded by
+`(seed, epoch, sample)`, so a run is reproducible whatever the number of workers and across resumes.
+Cached features are never augmented.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from blip2.data.annotations import Record
+from blip2.data.features import FeatureStore
+from blip2.processing import ImageError, ImageProcessor, clean_caption, clean_question
+
+MODES = ("stage1", "causal", "seq2seq")
+
+
+class BadSample(Exception):
+    """A sample to skip; `reason` is the counter it is reported under ("image", "text", "features")."""
+
+    def __init__(self, reason: str, message: str = ""):
+        super().__init__(message or reason)
+        self.reason = reason
+
+
+def sample_seed(*parts: object) -> int:
+    """A stable 63-bit seed from parts (same value in every process and Python run)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@dataclass
+class TextSpec:
+    """How texts become token ids.
+
+    Attributes:
+        mode: "stage1", "causal" or "seq2seq" (see the module docstring).
+        tokenizer: Q-Former BERT tokenizer (stage1) or the LLM's tokenizer.
+        max_len: token budget of the caption / answer (LAVIS: 32).
+        prompt: caption prompt for stage 2 ("a photo of" for COCO captioning; "" for pre-training).
+        eos_text: appended to each target (OPT: "\\n"); None for the tokenizer's own EOS handling.
+        vqa_template: question format for VQA records.
+        prefix_split: seq2seq pre-training: split captions into encoder prefix and target.
+    """
+
+    mode: str
+    tokenizer: Any
+    max_len: int = 32
+    prompt: str = ""
+    eos_text: str | None = None
+    vqa_template: str = "Question: {} Answer:"
+    prefix_split: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown text mode {self.mode!r}; use one of {MODES}")
+
+
+class Preprocessor:
+    """Record -> sample -> batch.
+
+    Args:
+        text: how texts are tokenized.
+        images: the image processor (size, mean, std); unused with `features`.
+        features: a feature cache to read instead of decoding images.
+        augment: apply the train transform (random resized crop + flip); else the eval resize.
+        use_image_ids: put `image_ids` in batches (ITC positives shared by captions of one image).
+    """
+
+    def __init__(
+        self,
+        text: TextSpec,
+        images: ImageProcessor | None = None,
+        features: FeatureStore | None = None,
+        augment: bool = True,
+        use_image_ids: bool = False,
+    ):
+        if images is None and features is None:
+            raise ValueError("a Preprocessor needs an ImageProcessor or a FeatureStore")
+        self.text = text
+        self.images = images
+        self.features = features
+        self.augment = augment and features is None
+        self.use_image_ids = use_image_ids
+
+    # ---------------------------------------------------------------------------------- one sample
+
+    def load(self, rec: Record, seed: int) -> dict[str, Any]:
+        """Decode one record; raises `BadSample` for one to skip."""
+        gen = torch.Generator().manual_seed(seed)
+        sample: dict[str, Any] = {"image_id": rec.image_id, "key": rec.key}
+        sample.update(self._texts(rec, gen))
+        if self.features is not None:
+            try:
+                sample["image_features"] = self.features.get(rec.key)
+            except KeyError:
+                raise BadSample("features", f"{rec.key} is not in the feature cache") from None
+        else:
+            if rec.image is None:
+                raise BadSample("image", f"{rec.key} has no image")
+            try:
+                if self.augment:
+                    sample["pixel_values"] = self.images.train_transform(rec.image, generator=gen)
+                else:
+                    sample["pixel_values"] = self.images.preprocess(rec.image)
+            except ImageError as e:
+                raise BadSample("image", str(e)) from None
+        return sample
+
+    def _texts(self, rec: Record, gen: torch.Generator) -> dict[str, str]:
+        t = self.text
+        if rec.question is not None:  # VQA
+            if not rec.answers or not str(rec.answers[0]).strip():
+                raise BadSample("text", f"{rec.key}: question without an answer")
+            if t.mode == "stage1":
+                return {"text": clean_caption(f"{rec.question} {rec.answers[0]}")}
+            return {"prompt": t.vqa_template.format(clean_question(rec.question)), "target": rec.answers[0]}
+        if rec.text is None or not str(rec.text).strip():
+            raise BadSample("text", f"{rec.key}: no caption")
+        caption = clean_caption(str(rec.text))
+        if t.mode == "stage1":
+            return {"text": caption}
+        if t.mode == "seq2seq" and t.prefix_split and not t.prompt:
+            words = caption.split(" ")
+            if len(words) < 2:
+                return {"prompt": "", "target": caption}
+            k = int(torch.randint(1, max(1, len(words) // 2) + 1, (), generator=gen))
+            return {"prompt": " ".join(words[:k]), "target": " ".join(words[k:])}
+        return {"prompt": t.prompt, "target": caption}
+
+    # ---------------------------------------------------------------------------------- a batch
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Stack images and tokenize texts: the model's tensors, plus `size` and the samples' `keys`."""
+        batch: dict[str, Any] = {"size": len(samples), "keys": [s["key"] for s in samples]}
+        for k in ("pixel_values", "image_features"):
+            if k in samples[0]:
+                batch[k] = torch.stack([s[k] for s in samples])
+        t, tok = self.text, self.text.tokenizer
+        if t.mode == "stage1":
+            enc = tok(
+                [s["text"] for s in samples],
+                padding="max_length",
+                truncation=True,
+                max_length=t.max_len,
+                return_tensors="pt",
+            )
+            batch["input_ids"], batch["attention_mask"] = enc["input_ids"], enc["attention_mask"]
+            if self.use_image_ids:
+                batch["image_ids"] = torch.tensor([s["image_id"] for s in samples], dtype=torch.long)
+        elif t.mode == "causal":
+            batch.update(self._causal(samples))
+        else:
+            batch.update(self._seq2seq(samples))
+        return batch
+
+    def _causal(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        t, tok = self.text, self.text.tokenizer
+        eos = t.eos_text if t.eos_text is not None else (tok.eos_token or "")
+        prompts = [s["prompt"] for s in samples]
+        texts = [(p + " " if p else "") + s["target"] + eos for p, s in zip(prompts, samples, strict=True)]
+        prompt_lens = [len(tok(p).input_ids) if p else 0 for p in prompts]
+        tok.padding_side = "right"
+        enc = tok(
+            texts,
+            padding="longest",
+            truncation=True,
+            max_length=max(prompt_lens) + t.max_len,
+            return_tensors="pt",
+        )
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "prompt_lengths": torch.tensor(prompt_lens, dtype=torch.long),
+        }
+
+    def _seq2seq(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        t, tok = self.text, self.text.tokenizer
+        tok.padding_side = "right"
+        kw = dict(padding="longest", truncation=True, max_length=t.max_len, return_tensors="pt")
+        enc = tok([s["prompt"] for s in samples], **kw)
+        dec = tok([s["target"] for s in samples], **kw)
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": dec["input_ids"].masked_fill(dec["attention_mask"] == 0, -100),
+            "decoder_attention_mask": dec["attention_mask"],
+        }
+
+
+def merge_skips(samples: list[dict[str, Any]]) -> dict[str, int]:
+    """Sum the per-sample `skipped` counters (reason -> count) of a batch."""
+    total: Counter[str] = Counter()
+    for s in samples:
+        total.update(s.pop("skipped", {}))
+    return dict(total)

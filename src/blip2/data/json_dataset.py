@@ -1,0 +1,115 @@
+"""Map-style training data from annotation files, split into global batches over ranks.
+
+`GlobalBatchSampler` draws one permutation per epoch (seeded), cuts it into global batches of
+`world_size x batch_size` and gives rank `r` rows `[r*B, (r+1)*B)` of each. So N ranks of B see exactly
+the batch one process of N x B sees, in the same order, and the position in the data is just the
+optimizer step: resuming at step `k` regenerates the same batches from `k` on. The last incomplete
+global batch of an epoch is dropped (as LAVIS's `drop_last=True`).
+
+A bad sample (see `batching.BadSample`) is replaced by the next usable record of the dataset, so
+batches stay full and equal over ranks (the all-gather of the stage-1 losses needs equal shapes); the
+skip is counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from blip2.data.annotations import Record
+from blip2.data.batching import BadSample, Preprocessor, merge_skips, sample_seed
+from blip2.errors import UserError
+
+
+class JsonDataset(Dataset):
+    """Records + a preprocessor; indexed by `(epoch, index)` (the epoch seeds the augmentation)."""
+
+    def __init__(self, records: list[Record], pre: Preprocessor, seed: int = 0, max_substitutes: int = 64):
+        self.records = records
+        self.pre = pre
+        self.seed = seed
+        self.max_substitutes = max_substitutes
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = item
+        skipped: Counter[str] = Counter()
+        for k in range(self.max_substitutes):
+            j = (index + k) % len(self.records)
+            try:
+                sample = self.pre.load(self.records[j], sample_seed(self.seed, epoch, j))
+            except BadSample as e:
+                skipped[e.reason] += 1
+                continue
+            sample["skipped"] = dict(skipped)
+            return sample
+        raise UserError(
+            f"{self.max_substitutes} records in a row after #{index} could not be used "
+            f"({dict(skipped)}); check the images and annotations"
+        )
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        skipped = merge_skips(samples)
+        batch = self.pre.collate(samples)
+        batch["skipped"] = skipped
+        return batch
+
+
+class GlobalBatchSampler(Sampler):
+    """Yields this rank's `(epoch, index)` lists, step after step, from `start_step` on, forever.
+
+    Args:
+        size: number of records.
+        batch_size: per-rank batch.
+        rank, world_size: this process in the job.
+        seed: permutation seed (the same on every rank).
+        shuffle: permute each epoch (else the file order).
+        start_step: first global batch to give (resume).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        start_step: int = 0,
+    ):
+        self.size, self.batch_size = size, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle, self.start_step = seed, shuffle, start_step
+        self.steps_per_epoch = size // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"the dataset has {size} examples, fewer than one global batch "
+                f"({batch_size} x {world_size} ranks); lower train.batch_size"
+            )
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.size)
+        return torch.randperm(
+            self.size, generator=torch.Generator().manual_seed(sample_seed(self.seed, epoch))
+        )
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        epoch, perm = -1, None
+        while True:
+            e, s = divmod(step, self.steps_per_epoch)
+            if e != epoch:
+                epoch, perm = e, self.order(e)
+            first = s * self.batch_size * self.world_size + self.rank * self.batch_size
+            yield [(epoch, int(i)) for i in perm[first : first + self.batch_size]]
+            step += 1
+
+    def __len__(self) -> int:  # one epoch; iteration itself does not stop
+        return self.steps_per_epoch

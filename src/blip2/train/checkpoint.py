@@ -1,0 +1,127 @@
+"""Training checkpoints: written atomically, resumed exactly.
+
+A checkpoint is a folder `output_dir/checkpoints/step-00001000/` with
+
+* `trainable.pt`: the trainable parameters (Q-Former, queries, heads, projection, `ln_vision`); frozen
+  towers are not saved (they come from the starting model);
+* `state.pt`: optimizer, schedule, GradScaler, step, the data position of every rank, the RNG states of
+  every rank, and the job config.
+
+It is written into a temporary folder and renamed into place, then `checkpoints/latest` (a one-line
+file naming it) is replaced atomically. A crash while saving leaves at most a stray `*.tmp*` folder and
+`latest` still names the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from blip2.errors import UserError
+
+LATEST = "latest"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name (detached CPU copies)."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable parameters into `model`; every trainable parameter must be there."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise UserError(
+            f"the checkpoint does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]}); "
+            "resume with the config the run started with"
+        )
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n])
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(
+    root: str, step: int, trainable: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 2
+) -> str:
+    """Write checkpoint `step` under `root` (= `output_dir/checkpoints`) atomically; keep the `keep` newest.
+
+    Returns the checkpoint folder.
+    """
+    os.makedirs(root, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = os.path.join(root, name)
+    tmp = tempfile.mkdtemp(prefix=f"{name}.tmp", dir=root)
+    torch.save(trainable, os.path.join(tmp, "trainable.pt"))
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    for f in os.listdir(tmp):
+        with open(os.path.join(tmp, f), "rb") as fh:
+            os.fsync(fh.fileno())
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = os.path.join(root, LATEST)
+    with open(pointer + ".tmp", "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer + ".tmp", pointer)
+    _prune(root, keep, current=name)
+    return final
+
+
+def _prune(root: str, keep: int, current: str) -> None:
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step-") and ".tmp" not in d)
+    for d in steps[: max(0, len(steps) - max(1, keep))]:
+        if d != current:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    for d in os.listdir(root):
+        if ".tmp" in d and os.path.isdir(os.path.join(root, d)):
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def find(path: str) -> str | None:
+    """Resolve `--resume PATH`: a checkpoint folder, a `checkpoints/` folder or a run's output folder
+    (their latest complete checkpoint); None when a run folder has none yet."""
+    if os.path.isfile(os.path.join(path, "state.pt")):
+        return path
+    for root in (path, os.path.join(path, "checkpoints")):
+        pointer = os.path.join(root, LATEST)
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                ckpt = os.path.join(root, f.read().strip())
+            if os.path.isfile(os.path.join(ckpt, "state.pt")):
+                return ckpt
+    return None
+
+
+def load(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint folder: `(trainable, state)`."""
+    try:
+        trainable = torch.load(os.path.join(path, "trainable.pt"), map_location="cpu", weights_only=True)
+        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise UserError(f"{path} is not a complete training checkpoint") from None
+    return trainable, state

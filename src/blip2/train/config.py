@@ -1,0 +1,269 @@
+"""The training job's configuration: a YAML file plus `section.key=value` overrides.
+
+```yaml
+task: stage1                 # stage1 | retrieval | stage2 | caption | vqa
+model:
+  preset: tiny-stage1        # a named preset, or
+  config: null               # a Blip2Config JSON file, or
+  init_from: null            # a trained model folder (stage 2 starts from a stage-1 run's output)
+  llm: null                  # stage 2 from stage 1: the LLM preset/config (or a pretrained LM folder)
+  overrides: {}              # Blip2Config fields to change, nested (e.g. {qformer: {dropout: 0.0}})
+  tokenizer: null            # Q-Former tokenizer (default: the config's, bert-base-uncased)
+  llm_tokenizer: null        # stage 2: the LLM tokenizer (default: the config's llm.name)
+data:
+  kind: webdataset           # webdataset | captions | karpathy | coco | vqa | retrieval
+  path: data/{00000..00099}.tar
+  ...
+optim: {lr: 1.0e-4, ...}
+train: {batch_size: 100, ...}
+```
+
+Every field is documented on its dataclass below; `blip2 train --help` lists the sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from blip2.errors import UserError
+
+TASKS = ("stage1", "retrieval", "stage2", "caption", "vqa")
+STAGE1_TASKS = ("stage1", "retrieval")
+
+
+@dataclass
+class ModelSection:
+    """What to train. Exactly one of `preset`, `config`, `init_from` names the starting model.
+
+    Attributes:
+        preset: a named preset (`blip2 presets`).
+        config: path of a Blip2Config JSON.
+        init_from: a saved model folder (a previous run's `final/`, or any `blip2.load` folder): its
+            weights are the start. For a stage-2 task from a stage-1 model, `llm` names the LLM.
+        llm: stage 2 from stage 1: a preset name whose `llm` is used (e.g. tiny-opt, blip2-opt-2.7b), or
+            a folder with a pretrained transformers LM.
+        overrides: nested Blip2Config fields to change (e.g. `{qformer: {dropout: 0.0}}`).
+        tokenizer: the Q-Former tokenizer (folder or hub id); default the config's.
+        llm_tokenizer: the LLM tokenizer (folder or hub id); default `config.llm.name` or `llm`.
+        qformer_init: a BERT checkpoint (folder or hub id) to initialize a new Q-Former from, as the
+            paper does (`bert-base-uncased`); unused with `init_from`.
+    """
+
+    preset: str | None = None
+    config: str | None = None
+    init_from: str | None = None
+    llm: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+    llm_tokenizer: str | None = None
+    qformer_init: str | None = None
+
+
+@dataclass
+class DataSection:
+    """Where examples come from.
+
+    Attributes:
+        kind: `webdataset` (tar shards) or an annotation layout (`captions`, `karpathy`, `coco`, `vqa`,
+            `retrieval`, see `blip2.data.annotations`).
+        path: shard pattern (`data/{00000..00099}.tar`) or annotation JSON.
+        images: image root for annotation files.
+        split: Karpathy split.
+        questions: official VQA questions file (with the annotations file as `path`).
+        features: a feature cache folder (`blip2 cache-features`): read frozen features instead of
+            decoding images. Cached features mean no augmentation.
+        augment: random resized crop (scale 0.5-1) + horizontal flip (the paper); off: eval resize.
+        shuffle: shuffle the data.
+        shuffle_shards: webdataset: shards shuffled together (the shuffle buffer).
+        num_workers: DataLoader worker processes per rank.
+        max_len: text token budget.
+        prompt: stage-2 caption prompt (default: the model's `llm.prompt`).
+    """
+
+    kind: str = "webdataset"
+    path: str = ""
+    images: str = ""
+    split: str = "train"
+    questions: str = ""
+    features: str | None = None
+    augment: bool = True
+    shuffle: bool = True
+    shuffle_shards: int = 4
+    num_workers: int = 2
+    max_len: int = 32
+    prompt: str | None = None
+
+
+@dataclass
+class OptimSection:
+    """AdamW with linear warm-up then cosine decay, per step.
+
+    Attributes:
+        lr: peak learning rate (paper: 1e-4 pre-training, 1e-5 fine-tuning).
+        min_lr: floor of the cosine (paper: 1e-5 stage 1 config, 5e-5 stage 2).
+        warmup_lr: learning rate at step 0 of the warm-up.
+        warmup_steps: linear warm-up length (paper: 2000).
+        weight_decay: applied to matrices (and query tokens, temperature as LAVIS), not biases or norms.
+        betas: AdamW betas (paper: 0.9, 0.98).
+        eps: AdamW eps.
+        grad_clip: clip the global gradient norm to this (0 = off; LAVIS does not clip).
+    """
+
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 2000
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    grad_clip: float = 0.0
+
+
+@dataclass
+class TrainSection:
+    """The loop.
+
+    Attributes:
+        output_dir: checkpoints (`checkpoints/step-*/`), `metrics.jsonl`, `final/` (the loadable model).
+        batch_size: per-rank micro-batch (global batch = batch_size x ranks x grad_accum).
+        grad_accum: micro-batches per optimizer step.
+        max_steps: optimizer steps (0: from `epochs`, annotation datasets only).
+        epochs: passes over an annotation dataset (when max_steps is 0).
+        precision: `fp32`, `bf16` (autocast) or `fp16` (autocast + GradScaler).
+        grad_checkpointing: recompute Q-Former activations in backward (less memory).
+        seed: everything random (weights of new parts, data order, augmentation, ITM negatives).
+        log_every: steps between progress/metrics lines.
+        save_every: steps between checkpoints (0: only at the end).
+        keep_checkpoints: how many recent checkpoints to keep.
+        eval_every: steps between evaluations on `eval_data` (0: off).
+        eval_batches: batches per evaluation.
+        fsdp_llm: shard the frozen LLM over the ranks with FSDP2 (LLMs that do not fit one GPU).
+        device: `cpu`, `cuda` or null (CUDA when available).
+        tensorboard: also write TensorBoard events (needs the `tensorboard` package).
+        save_final: write the loadable model to `output_dir/final` at the end.
+    """
+
+    output_dir: str = "runs/blip2"
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = 0
+    epochs: int = 1
+    precision: str = "bf16"
+    grad_checkpointing: bool = False
+    seed: int = 42
+    log_every: int = 10
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    eval_batches: int = 50
+    fsdp_llm: bool = False
+    device: str | None = None
+    tensorboard: bool = False
+    save_final: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """A whole job: task, model, data, optimizer, loop; `eval_data` is optional."""
+
+    task: str = "stage1"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    eval_data: DataSection | None = None
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    @property
+    def stage(self) -> int:
+        return 1 if self.task in STAGE1_TASKS else 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d or {})
+        sections = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "train": TrainSection}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key == "task":
+                kwargs[key] = value
+            elif key in sections or key == "eval_data":
+                if value is None:
+                    kwargs[key] = None
+                    continue
+                section = sections.get(key, DataSection)
+                kwargs[key] = _section(section, value, key)
+            else:
+                raise UserError(
+                    f"unknown config section {key!r}; use task, model, data, eval_data, optim, train"
+                )
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise UserError(f"unknown task {self.task!r}; use one of {', '.join(TASKS)}")
+        m = self.model
+        if sum(x is not None for x in (m.preset, m.config, m.init_from)) != 1:
+            raise UserError("set exactly one of model.preset, model.config, model.init_from")
+        if self.train.precision not in ("fp32", "bf16", "fp16"):
+            raise UserError(f"train.precision must be fp32, bf16 or fp16, not {self.train.precision!r}")
+        if self.train.batch_size < 1 or self.train.grad_accum < 1:
+            raise UserError("train.batch_size and train.grad_accum must be at least 1")
+        if not self.data.path:
+            raise UserError("set data.path (shard pattern or annotation file)")
+        if self.data.kind == "webdataset" and self.train.max_steps <= 0:
+            raise UserError("webdataset training runs by steps: set train.max_steps")
+
+
+def _section(cls, value: dict[str, Any], name: str):
+    if not isinstance(value, dict):
+        raise UserError(f"config section {name!r} must be a mapping")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(value) - set(known)
+    if unknown:
+        raise UserError(
+            f"unknown field(s) in {name}: {', '.join(sorted(unknown))}; known: {', '.join(known)}"
+        )
+    kw = dict(value)
+    if "betas" in kw:
+        kw["betas"] = tuple(kw["betas"])
+    return cls(**kw)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_steps=10` -> (["train", "max_steps"], 10); the value is read as YAML."""
+    import yaml
+
+    if "=" not in text:
+        raise UserError(f"override {text!r} should look like section.key=value (e.g. train.max_steps=100)")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML config and apply `section.key=value` overrides."""
+    import yaml
+
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise UserError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"{path} is not valid YAML: {e}") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    return TrainConfig.from_dict(raw)
