@@ -1,0 +1,153 @@
+"""Training building blocks: checkpoints, schedule, optimizer groups, config, annotation layouts, sampling."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from blip2.data.annotations import load_records
+from blip2.data.json_dataset import GlobalBatchSampler
+from blip2.data.shards import expand_braces
+from blip2.errors import UserError
+from blip2.train import checkpoint
+from blip2.train.config import OptimSection, load_config
+from blip2.train.optim import lr_at, param_groups
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_as_latest(tmp_path, monkeypatch):
+    root = str(tmp_path / "checkpoints")
+    checkpoint.save(root, 1, {"w": torch.ones(2)}, {"step": 1})
+    real_save = torch.save
+
+    def crash(obj, path, *a, **k):
+        if str(path).endswith("state.pt"):
+            with open(path, "wb") as f:
+                f.write(b"half a file")
+            raise OSError("disk full")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        checkpoint.save(root, 2, {"w": torch.zeros(2)}, {"step": 2})
+    monkeypatch.undo()
+    latest = checkpoint.find(root)
+    assert latest.endswith("step-00000001")
+    trainable, state = checkpoint.load(latest)
+    assert state["step"] == 1 and torch.equal(trainable["w"], torch.ones(2))
+    checkpoint.save(root, 3, {"w": torch.full((2,), 3.0)}, {"step": 3}, keep=1)  # cleans the stray folder
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-00000003"]
+
+
+def test_warmup_then_cosine_per_step():
+    cfg = OptimSection(lr=1e-4, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=10)
+    assert lr_at(0, 110, cfg) == pytest.approx(1e-6)
+    assert lr_at(5, 110, cfg) == pytest.approx(1e-6 + (1e-4 - 1e-6) / 2)
+    assert lr_at(10, 110, cfg) == pytest.approx(1e-4)
+    assert lr_at(60, 110, cfg) == pytest.approx(1e-5 + (1e-4 - 1e-5) * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert lr_at(110, 110, cfg) == pytest.approx(1e-5)
+
+
+def test_weight_decay_groups_skip_biases_and_norms_and_frozen_parameters():
+    m = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    m[2].requires_grad_(False)
+    decay, no_decay = param_groups(m, 0.05)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_config_overrides_and_clear_errors(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("task: stage1\nmodel: {preset: tiny-stage1}\ndata: {kind: captions, path: x.json}\n")
+    cfg = load_config(
+        str(path), ["train.batch_size=7", "optim.betas=[0.9, 0.999]", "model.overrides.embed_dim=8"]
+    )
+    assert cfg.train.batch_size == 7 and cfg.optim.betas == (0.9, 0.999)
+    assert cfg.model.overrides == {"embed_dim": 8}
+    with pytest.raises(UserError, match="unknown field"):
+        load_config(str(path), ["train.batchsize=7"])
+    with pytest.raises(UserError, match="max_steps"):
+        load_config(str(path), ["data.kind=webdataset"])
+    with pytest.raises(UserError, match="exactly one"):
+        load_config(str(path), ["model.init_from=somewhere"])
+
+
+def test_brace_expansion():
+    assert expand_braces("d/{0000..0002}.tar") == ["d/0000.tar", "d/0001.tar", "d/0002.tar"]
+    assert expand_braces("a/{x,y}.tar::b.tar") == ["a/x.tar", "a/y.tar", "b.tar"]
+
+
+def test_annotation_layouts(tmp_path):
+    def write(name, obj):
+        p = tmp_path / name
+        p.write_text(json.dumps(obj))
+        return str(p)
+
+    plain = write("own.json", [{"image": "a.jpg", "caption": "x"}, {"image": "b.jpg", "caption": ["y", "z"]}])
+    recs = load_records("captions", plain, images="/img")
+    assert [(r.image, r.text, r.image_id) for r in recs] == [
+        ("/img/a.jpg", "x", 0),
+        ("/img/b.jpg", "y", 1),
+        ("/img/b.jpg", "z", 1),
+    ]
+    karpathy = write(
+        "dataset_coco.json",
+        {
+            "dataset": "coco",
+            "images": [
+                {
+                    "filepath": "val2014",
+                    "filename": "A.jpg",
+                    "split": "restval",
+                    "sentences": [{"raw": "r1"}],
+                },
+                {"filepath": "val2014", "filename": "B.jpg", "split": "test", "sentences": [{"raw": "t1"}]},
+            ],
+        },
+    )
+    assert [r.key for r in load_records("karpathy", karpathy)] == ["val2014/A.jpg"]
+    assert [r.text for r in load_records("karpathy", karpathy, split="test")] == ["t1"]
+    coco = write(
+        "captions_val2014.json",
+        {
+            "images": [{"id": 9, "file_name": "C.jpg"}],
+            "annotations": [{"image_id": 9, "id": 1, "caption": "c"}],
+        },
+    )
+    assert [(r.key, r.text, r.image_id) for r in load_records("coco", coco)] == [("C.jpg", "c", 9)]
+    questions = write("q.json", {"questions": [{"image_id": 5, "question": "what?", "question_id": 50}]})
+    answers = write(
+        "a.json",
+        {
+            "annotations": [
+                {
+                    "question_id": 50,
+                    "image_id": 5,
+                    "multiple_choice_answer": "dog",
+                    "answers": [{"answer": "cat"}],
+                }
+            ]
+        },
+    )
+    (vqa,) = load_records(
+        "vqa", answers, questions=questions, image_pattern="COCO_val2014_{image_id:012d}.jpg"
+    )
+    assert vqa.question == "what?" and vqa.answers[0] == "dog" and vqa.key == "COCO_val2014_000000000005.jpg"
+    with pytest.raises(UserError, match="lacks"):
+        load_records("captions", write("bad.json", [{"img": "a.jpg"}]))
+
+
+def test_two_ranks_split_each_global_batch_of_one_process():
+    one = iter(GlobalBatchSampler(20, 8, seed=3))
+    r0 = iter(GlobalBatchSampler(20, 4, rank=0, world_size=2, seed=3))
+    r1 = iter(GlobalBatchSampler(20, 4, rank=1, world_size=2, seed=3))
+    for _ in range(5):  # crosses epochs (2 global batches each)
+        assert next(one) == next(r0) + next(r1)
+    resumed = iter(GlobalBatchSampler(20, 8, seed=3, start_step=3))
+    fresh = iter(GlobalBatchSampler(20, 8, seed=3))
+    batches = [next(fresh) for _ in range(4)]
+    assert next(resumed) == batches[3]
+    assert batches[0][0][0] == 0 and batches[2][0][0] == 1  # epoch numbers seed the augmentation
