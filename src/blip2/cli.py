@@ -16,8 +16,15 @@ from blip2.errors import UserError
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "presets": ("blip2.cli_presets", "list the named model presets"),
+    "convert": (
+        "blip2.cli_convert",
+        "convert a LAVIS checkpoint (or any loadable model) into a blip2 folder",
+    ),
     "train": ("blip2.train.cli", "train stage 1, stage 2 or fine-tune, in one process or under torchrun"),
-    "cache-features": ("blip2.train.feature_cache", "run the frozen image encoder once and store its features"),
+    "cache-features": (
+        "blip2.train.feature_cache",
+        "run the frozen image encoder once and store its features",
+    ),
 }
 
 

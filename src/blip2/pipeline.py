@@ -130,6 +130,7 @@ class Pipeline:
             generate_options: transformers `generate` options; default beam search with 5 beams and at
                 most 30 new tokens (LAVIS's captioning settings).
         """
+        self._require(2, "caption")
         batch = _as_list(images)
         prompt = self.config.llm.prompt if prompt is None else prompt
         out = self.generate(batch, [prompt] * len(batch), **{**CAPTION_DEFAULTS, **generate_options})
@@ -146,6 +147,7 @@ class Pipeline:
         Questions are put in the checkpoint's template ("Question: {} Answer:" for OPT, "Question: {}
         Short answer:" for FlanT5). Default generation: 5 beams, at most 10 new tokens.
         """
+        self._require(2, "ask")
         batch, qs = _as_list(images), [questions] if isinstance(questions, str) else list(questions)
         batch, qs = _broadcast(batch, qs, "images", "questions")
         template = self.config.llm.vqa_template

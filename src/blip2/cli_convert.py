@@ -1,0 +1,39 @@
+"""`blip2 convert`: a LAVIS checkpoint (or any loadable model) into our folder.
+
+    blip2 convert blip2_pretrained_opt2.7b.pth out/ --vision-weights eva_vit_g.pth --llm facebook/opt-2.7b
+
+The folder loads with `blip2.load(out)` and, where transformers has the class, with
+`Blip2ForConditionalGeneration` / `Blip2ForImageTextRetrieval.from_pretrained(out)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="LAVIS .pth file, transformers folder, our folder or hub id")
+    p.add_argument("output", help="folder to write")
+    p.add_argument("--preset", help="preset of a LAVIS file without its released name (`blip2 presets`)")
+    p.add_argument("--vision-weights", help="LAVIS image-encoder file (eva_vit_g.pth, clip_vit_L.pth)")
+    p.add_argument("--llm", help="LLM folder or hub id of a LAVIS stage-2 checkpoint")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the checkpoint's)")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="precision of the frozen towers"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from blip2.pipeline import load
+
+    pipe = load(
+        args.source,
+        preset=args.preset,
+        vision_weights=args.vision_weights,
+        llm=args.llm,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+    )
+    pipe.save_pretrained(args.output)
+    print(f"wrote {args.output} ({pipe.config.name or 'blip2'}, stage {pipe.config.stage})")
+    return 0
