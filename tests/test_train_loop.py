@@ -4,6 +4,7 @@ and the whole path through the real CLI."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -184,3 +185,31 @@ def test_end_to_end_cli_stage1_then_stage2_then_load_and_caption(tmp_path):
     s1_queries = blip2.pipeline.load(str(s1 / "final")).model.query_tokens
     moved = (pipe.model.query_tokens - s1_queries).abs().max()
     assert 0 < moved < 3.1e-3
+
+
+@pytest.mark.parametrize(
+    "task,preset_name,kind", [("vqa", "tiny-opt", "vqa"), ("caption", "tiny-t5", "captions")]
+)
+def test_stage2_objectives_train(tmp_path, task, preset_name, kind):
+    """VQA (question in the decoder-only prompt) and encoder-decoder captioning run and learn
+    (one fixed batch of 8, so the loss must fall)."""
+    ann, root = make_caption_json(str(tmp_path / "data"), n=8)
+    if kind == "vqa":
+        items = json.load(open(ann))
+        for it in items:
+            it["question"], it["answer"] = "what is it?", it.pop("caption").split(" ")[0]
+        with open(ann, "w") as f:
+            json.dump(items, f)
+    tok = make_llm_tokenizer(str(tmp_path / "tok"))
+    cfg = load_config(
+        TINY2,
+        [f"task={task}", "model.init_from=null", f"model.preset={preset_name}", "model.llm=null"]
+        + [f"model.llm_tokenizer={tok}", f"data.kind={kind}", f"data.path={ann}", f"data.images={root}"]
+        + [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=6", "train.log_every=1"]
+        + ["train.save_final=false", "optim.lr=1e-3", "optim.warmup_steps=0", "train.batch_size=8"]
+        + ["data.augment=false", "model.overrides.qformer.dropout=0.0"],
+    )
+    train(cfg)
+    losses = [m["loss"] for m in _metrics(tmp_path / "run") if "loss" in m]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]

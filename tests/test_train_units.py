@@ -151,3 +151,19 @@ def test_two_ranks_split_each_global_batch_of_one_process():
     batches = [next(fresh) for _ in range(4)]
     assert next(resumed) == batches[3]
     assert batches[0][0][0] == 0 and batches[2][0][0] == 1  # epoch numbers seed the augmentation
+
+
+def test_prefix_lm_split_cuts_each_caption_in_its_first_half():
+    from blip2.data.annotations import Record
+    from blip2.data.batching import Preprocessor, TextSpec
+    from blip2.processing import ImageProcessor
+
+    pre = Preprocessor(TextSpec("seq2seq", tokenizer=None, prefix_split=True), images=ImageProcessor(8))
+    rec = Record("k", None, text="one two three four five six seven eight")
+    cuts = set()
+    for seed in range(40):
+        t = pre._texts(rec, torch.Generator().manual_seed(seed))
+        head = t["prompt"].split(" ")
+        assert 1 <= len(head) <= 4 and f"{t['prompt']} {t['target']}" == rec.text
+        cuts.add(len(head))
+    assert cuts == {1, 2, 3, 4}

@@ -231,7 +231,14 @@ def _section(cls, value: dict[str, Any], name: str):
         )
     kw = dict(value)
     if "betas" in kw:
-        kw["betas"] = tuple(kw["betas"])
+        kw["betas"] = tuple(float(b) for b in kw["betas"])
+    for k, v in kw.items():  # YAML reads 3e-4 (no dot) as a string: accept it as the number it means
+        kind = str(known[k].type)
+        if kind in ("float", "int") and isinstance(v, str):
+            try:
+                kw[k] = float(v) if kind == "float" else int(v)
+            except ValueError:
+                raise UserError(f"{name}.{k} must be a number, not {v!r}") from None
     return cls(**kw)
 
 
