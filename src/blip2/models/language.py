@@ -1,0 +1,206 @@
+"""The frozen language model of stage 2: building, freezing and the tensor plumbing around it.
+
+Stage 2 keeps the LLM a plain transformers model (`AutoModelForCausalLM` for decoder-only models such
+as OPT, GPT-2, Llama or Qwen; `AutoModelForSeq2SeqLM` for encoder-decoder ones such as T5/FlanT5) and
+feeds it `inputs_embeds`: the projected Q-Former queries followed by the embedded text. Everything here
+is a small pure function over that model or over token-id tensors; nothing tokenizes.
+
+Padding conventions (all handled here so callers can pad either way):
+
+* decoder-only training: any padding side; positions come from the attention mask (`position_ids`),
+  so padded rows see the same positions as unpadded ones;
+* decoder-only generation: prompts are moved to *left* padding (`[queries][pads][prompt]`), so every
+  row's new tokens follow its last real token;
+* encoder-decoder: the encoder text is moved to *right* padding (`[queries][prompt][pads]`), so T5's
+  relative positions between queries and text do not depend on the padding.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from blip2.config import DTYPES, LLMConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """`"bfloat16"` -> `torch.bfloat16` (a `torch.dtype` passes through)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def build_llm(cfg: LLMConfig) -> nn.Module:
+    """Build the transformers LM described by `cfg.hf_config` with random weights (SDPA attention).
+
+    Pretrained weights are loaded by the caller (`from_pretrained`) and passed to the model instead.
+    """
+    import transformers
+
+    hf = dict(cfg.hf_config)
+    model_type = hf.pop("model_type")
+    hf.pop("_name_or_path", None)
+    hf_cfg = transformers.AutoConfig.for_model(model_type, **hf)
+    auto = (
+        transformers.AutoModelForSeq2SeqLM if hf_cfg.is_encoder_decoder else transformers.AutoModelForCausalLM
+    )
+    return auto.from_config(hf_cfg, attn_implementation="sdpa")
+
+
+def freeze(llm: nn.Module, dtype: str | torch.dtype | None = None) -> nn.Module:
+    """Freeze every parameter of `llm` (no gradients, no updates) and cast it to `dtype` if given.
+
+    The module is *not* put in eval mode: as in LAVIS, the LLM's dropout follows the model's train/eval
+    mode. Gradients still flow *through* it to its inputs (the projected queries).
+    """
+    llm.requires_grad_(False)
+    if dtype is not None:
+        llm.to(torch_dtype(dtype))
+    return llm
+
+
+def is_encoder_decoder(llm: nn.Module) -> bool:
+    return bool(getattr(llm.config, "is_encoder_decoder", False))
+
+
+def embedding_width(llm: nn.Module) -> int:
+    """Width of the LM's input embeddings (what the projected queries must match)."""
+    return int(llm.get_input_embeddings().embedding_dim)
+
+
+def llm_dtype(llm: nn.Module) -> torch.dtype:
+    return llm.get_input_embeddings().weight.dtype
+
+
+def accepts_position_ids(llm: nn.Module) -> bool:
+    """Whether the LM's forward takes `position_ids` (decoder-only models derive them from the mask here)."""
+    return "position_ids" in inspect.signature(llm.forward).parameters
+
+
+def llm_config_from_model(llm: nn.Module, **fields: Any) -> LLMConfig:
+    """An `LLMConfig` describing a given transformers LM (architecture, name, dtype); `fields` override."""
+    hf = {"model_type": llm.config.model_type, **llm.config.to_diff_dict()}
+    hf = {k: v for k, v in hf.items() if not k.startswith("_") or k == "_name_or_path"}
+    for k in ("dtype", "torch_dtype", "transformers_version", "architectures", "attn_implementation"):
+        hf.pop(k, None)
+    dtype = {v: k for k, v in _DTYPES.items()}.get(llm_dtype(llm), "float32")
+    base = {"hf_config": hf, "name": getattr(llm.config, "_name_or_path", "") or "", "dtype": dtype}
+    return LLMConfig(**{**base, **fields})
+
+
+# ------------------------------------------------------------------------------------------ token plumbing
+
+
+def move_padding(input_ids: Tensor, attention_mask: Tensor, side: str) -> tuple[Tensor, Tensor]:
+    """Move each row's padding to the `"left"` or `"right"` without reordering its tokens.
+
+    Args:
+        input_ids: `(B, L)` token ids.
+        attention_mask: `(B, L)` 1 for tokens, 0 for padding (on either side, or both).
+        side: where the padding goes.
+
+    Returns:
+        `(input_ids, attention_mask)` rearranged, same shapes.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', not {side!r}")
+    key = (attention_mask != 0).long() if side == "left" else (attention_mask == 0).long()
+    order = torch.sort(key, dim=1, stable=True).indices  # (B, L) pads first (left) or last (right)
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """`(B, L)` positions counted over real tokens only (0 at each row's first token; pads get 0)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0).masked_fill(attention_mask == 0, 0)
+
+
+def pad_after_eos(
+    sequences: Tensor, eos_token_id: int | list[int] | None, pad_token_id: int | None
+) -> Tensor:
+    """Replace everything after each row's first EOS with `pad_token_id` (`(B, T)` generated ids).
+
+    transformers fills finished rows with the pad id, except in beam search when that id is 0 (T5),
+    where it uses the EOS; this makes every search mode pad the same way.
+    """
+    if eos_token_id is None or pad_token_id is None:
+        return sequences
+    is_eos = torch.isin(sequences, torch.as_tensor(eos_token_id, device=sequences.device).view(-1))
+    after = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # (B, T): strictly after the first EOS
+    return sequences.masked_fill(after, pad_token_id)
+
+
+def causal_lm_labels(
+    input_ids: Tensor, attention_mask: Tensor | None = None, prompt_lengths: Tensor | int | None = None
+) -> Tensor:
+    """Labels for the decoder-only LM loss: the text ids, -100 on padding and on prompt tokens.
+
+    Args:
+        input_ids: `(B, L)` text ids (prompt + target, e.g. `[BOS] a photo of a dog \\n`).
+        attention_mask: `(B, L)` padding mask (either side); None = no padding.
+        prompt_lengths: the number of leading real tokens of each row that are prompt (BOS included,
+            as LAVIS counts it); an int for all rows or a `(B,)` tensor; None = no prompt.
+
+    Returns:
+        `(B, L)` labels; the query positions are added by the model.
+    """
+    labels = input_ids.clone()
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    labels = labels.masked_fill(attention_mask == 0, -100)
+    if prompt_lengths is not None:
+        rank = attention_mask.long().cumsum(-1)  # (B, L): 1 at each row's first real token
+        lengths = torch.as_tensor(prompt_lengths, device=input_ids.device).view(-1, 1)
+        labels = labels.masked_fill(rank <= lengths, -100)
+    return labels
+
+
+def split_prefix(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    split: Tensor | int,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Split texts for the encoder-decoder prefix-LM loss (FlanT5 stage 2 of the paper).
+
+    The first `split` tokens of each text go to the encoder (after the queries), closed by EOS as the
+    tokenizer would close them; the rest, which already ends with EOS, is the decoder's target.
+
+    Args:
+        input_ids: `(B, L)` right-padded ids of whole texts ending with EOS (what T5's tokenizer gives).
+        attention_mask: `(B, L)` padding mask.
+        split: number of leading tokens of each row kept as prefix; int or `(B,)`. It should leave at
+            least one target token before EOS (the paper samples it in `[1, n // 2]`).
+        eos_token_id: appended to every prefix.
+        pad_token_id: fills the prefix padding.
+
+    Returns:
+        `(prefix_ids (B, Lp), prefix_mask (B, Lp), labels (B, Lt))`, right padded; labels use -100 for
+        padding.
+    """
+    b, length = input_ids.shape
+    device = input_ids.device
+    split = torch.as_tensor(split, device=device).view(-1).expand(b)
+    cols = torch.arange(length, device=device)[None, :]  # (1, L)
+    lengths = attention_mask.long().sum(1)  # (B,)
+
+    in_prefix = cols < split[:, None]  # (B, L)
+    prefix_len = int(split.max()) + 1
+    prefix_ids = torch.full((b, prefix_len), pad_token_id, dtype=input_ids.dtype, device=device)
+    prefix_ids[:, : prefix_len - 1] = torch.where(in_prefix, input_ids, pad_token_id)[:, : prefix_len - 1]
+    prefix_ids.scatter_(1, split[:, None], eos_token_id)
+    prefix_mask = (torch.arange(prefix_len, device=device)[None, :] <= split[:, None]).long()
+
+    target_len = int((lengths - split).max())
+    src = (cols[:, :target_len] + split[:, None]).clamp(max=length - 1)  # (B, Lt)
+    labels = input_ids.gather(1, src)
+    valid = cols[:, :target_len] < (lengths - split)[:, None]
+    return prefix_ids, prefix_mask, labels.masked_fill(~valid, -100)

@@ -1,0 +1,352 @@
+"""BLIP-2 stage 2: the Q-Former's query outputs as soft visual prompts for a frozen LLM.
+
+Li et al. (2023), section 3.3. The query pass of the Q-Former (`[B, Q, D]`) goes through
+`language_projection` (a linear layer into the LLM's embedding width) and is placed before the text:
+
+* decoder-only LM (OPT in the paper; GPT-2, Llama, Qwen, ...): `[queries][prompt + text]`, queries
+  always attended; the LM loss ignores the query positions, the prompt and the padding;
+* encoder-decoder LM (T5 / FlanT5): the encoder reads `[queries][prefix text]`, the decoder predicts
+  the rest of the text (the paper's prefix-LM loss; `language.split_prefix` cuts a text in two).
+
+The LLM is the transformers model itself (`self.llm`): frozen (no parameter gradients, no updates) but
+differentiable, so the loss trains the projection, the Q-Former and the queries through it. Generation
+uses the LM's own `generate` with `inputs_embeds`, so greedy, beam search, sampling and the penalties
+behave exactly as in transformers; the projected queries are computed once per image and transformers
+expands them over beams. The model takes token ids and never tokenizes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blip2 import losses
+from blip2.config import Blip2Config, LLMConfig
+from blip2.models import language
+from blip2.models.encoders import ImageEncoder
+from blip2.models.qformer import QFormer
+
+
+@dataclass
+class Stage2Output:
+    loss: Tensor | None  # scalar LM loss (None for an encoder-decoder LM called without labels)
+    logits: Tensor  # decoder-only: (B, Q + L, V) over [queries; text]; encoder-decoder: (B, T, V) decoder
+
+
+class Stage2Model(nn.Module):
+    """Frozen image encoder -> Q-Former (queries only) -> `language_projection` -> frozen LLM.
+
+    Args:
+        config: a stage-2 `Blip2Config` (`config.llm` set; the Q-Former usually has `text=False`).
+        vision_tower: a transformers vision model to use instead of random weights, or a whole
+            `ImageEncoder` (tower + `ln_vision`), used as is.
+        llm: a transformers LM (e.g. `AutoModelForCausalLM.from_pretrained(...)`) to use instead of one
+            built from `config.llm.hf_config`; it is frozen and cast to `config.llm.dtype`.
+
+    Attributes:
+        eos_token_id: the id that ends generated text, passed to `generate` (default: the LM's own). The
+            caller sets it from `config.llm.eos_text` with its tokenizer (OPT: "\\n" = 50118).
+    """
+
+    def __init__(
+        self,
+        config: Blip2Config,
+        vision_tower: nn.Module | ImageEncoder | None = None,
+        llm: nn.Module | None = None,
+    ):
+        super().__init__()
+        if config.llm is None:
+            raise ValueError(
+                "a stage-2 model needs an LLM: set Blip2Config.llm (for example preset('tiny-opt'))"
+            )
+        self.config = config
+        q = config.qformer
+        if isinstance(vision_tower, ImageEncoder):
+            self.visual = vision_tower
+        else:
+            self.visual = ImageEncoder(config.vision, vision_tower)
+        self.qformer = QFormer(q)
+        self.query_tokens = nn.Parameter(torch.randn(1, q.num_query_tokens, q.hidden_size) * 0.02)
+        self.llm = language.freeze(
+            llm if llm is not None else language.build_llm(config.llm), config.llm.dtype
+        )
+        if language.is_encoder_decoder(self.llm) != config.llm.is_encoder_decoder:
+            raise ValueError(
+                f"config.llm describes a {config.llm.model_type!r} LM but the given LLM is a "
+                f"{self.llm.config.model_type!r} one: pass an LLMConfig that matches the model"
+            )
+        self.language_projection = nn.Linear(q.hidden_size, language.embedding_width(self.llm))
+        gen = getattr(self.llm, "generation_config", None)
+        self.eos_token_id: int | list[int] | None = (
+            getattr(gen, "eos_token_id", None) or self.llm.config.eos_token_id
+        )
+        self._pass_position_ids = not self.is_encoder_decoder and language.accepts_position_ids(self.llm)
+
+    # ---------------------------------------------------------------------------------- building
+
+    @classmethod
+    def from_stage1(
+        cls,
+        stage1: nn.Module,
+        llm: LLMConfig | nn.Module,
+        *,
+        text: bool = False,
+        llm_config: LLMConfig | None = None,
+    ) -> Stage2Model:
+        """Start stage 2 from a trained `Stage1Model` and a language model.
+
+        Copies the image encoder (tower and `ln_vision`), the query tokens and the Q-Former's weights;
+        with `text=False` (as in the released stage-2 checkpoints) the Q-Former's text side and ITG head
+        are dropped. `language_projection` starts fresh.
+
+        Args:
+            stage1: the stage-1 model (left unchanged).
+            llm: an `LLMConfig` (random weights, for tests) or a transformers LM (pretrained weights).
+            text: keep the Q-Former's text side.
+            llm_config: with a transformers `llm`, its `LLMConfig` (prompt, eos text, dtype, ...);
+                default: described from the model itself.
+        """
+        if isinstance(llm, LLMConfig):
+            llm_cfg, llm_model = llm, None
+        else:
+            llm_cfg, llm_model = llm_config or language.llm_config_from_model(llm), llm
+        qcfg = stage1.config.qformer
+        if not text:
+            qcfg = dataclasses.replace(qcfg, text=False, itg_head=False)
+        config = dataclasses.replace(stage1.config, qformer=qcfg, llm=llm_cfg, name="")
+        model = cls(config, vision_tower=copy.deepcopy(stage1.visual), llm=llm_model)
+        source = stage1.qformer.state_dict()
+        target = model.qformer.state_dict()
+        missing = sorted(set(target) - set(source))
+        if missing:
+            raise ValueError(f"the stage-1 Q-Former lacks weights the stage-2 one needs: {missing}")
+        model.qformer.load_state_dict({k: source[k] for k in target})
+        with torch.no_grad():
+            model.query_tokens.copy_(stage1.query_tokens)
+        return model.to(stage1.query_tokens.device)
+
+    # ---------------------------------------------------------------------------------- properties
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return language.is_encoder_decoder(self.llm)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        gen = getattr(self.llm, "generation_config", None)
+        pad = getattr(gen, "pad_token_id", None)
+        return pad if pad is not None else self.llm.config.pad_token_id
+
+    def vqa_prompt(self, question: str) -> str:
+        """The question formatted with the model's template ("Question: {} Answer:" for decoder-only
+        models, "Question: {} Short answer:" for FlanT5; `LLMConfig.vqa_prompt` overrides)."""
+        return self.config.llm.vqa_template.format(question)
+
+    # ---------------------------------------------------------------------------------- encoding
+
+    def encode_image(
+        self, pixel_values: Tensor | None = None, image_features: Tensor | None = None
+    ) -> Tensor:
+        """Image features `(B, N, Dv)` after `ln_vision`, from pixels or from cached frozen features."""
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or cached image_features")
+            image_features = self.visual.features(pixel_values)
+        return self.visual.normalize(image_features)
+
+    def query_output(
+        self, pixel_values: Tensor | None = None, image_features: Tensor | None = None
+    ) -> Tensor:
+        """Q-Former query outputs `(B, Q, D)` (the query-only pass)."""
+        image_embeds = self.encode_image(pixel_values, image_features)
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # (B, Q, D)
+        return self.qformer(queries=queries, image_embeds=image_embeds).hidden
+
+    def prefix(self, pixel_values: Tensor | None = None, image_features: Tensor | None = None) -> Tensor:
+        """The soft visual prompt: projected queries `(B, Q, d_llm)`, in the LLM's dtype.
+
+        `pixel_values` are `(B, 3, H, W)` images; `image_features` are cached frozen tower outputs
+        `(B, N, Dv)` (before `ln_vision`). The Q-Former and projection run in their own (fp32) precision.
+        """
+        projected = self.language_projection(self.query_output(pixel_values, image_features))
+        return projected.to(language.llm_dtype(self.llm))
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """The LLM's input embeddings of token ids, `(B, L) -> (B, L, d_llm)`."""
+        return self.llm.get_input_embeddings()(input_ids)
+
+    # ---------------------------------------------------------------------------------- training
+
+    def forward(
+        self,
+        pixel_values: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        image_features: Tensor | None = None,
+        labels: Tensor | None = None,
+        prompt_lengths: Tensor | int | None = None,
+        decoder_attention_mask: Tensor | None = None,
+    ) -> Stage2Output:
+        """The stage-2 language-modeling loss.
+
+        Decoder-only LM: `input_ids` are the whole texts (BOS, prompt, caption, EOS; e.g. OPT's
+        `</s>a photo of a dog\\n`), padded on either side. The loss is next-token cross-entropy over the
+        text tokens, ignoring the queries, padding and the first `prompt_lengths` tokens of each row.
+
+        Encoder-decoder LM: `input_ids` are the encoder text after the queries (the prefix; may be None
+        for queries only) and `labels` the decoder's target ids (-100 or `decoder_attention_mask == 0`
+        ignored); decoder inputs are the labels shifted right, as transformers does.
+
+        Args:
+            pixel_values: `(B, 3, H, W)` images, or
+            image_features: `(B, N, Dv)` cached frozen features (before `ln_vision`).
+            input_ids: `(B, L)` LLM token ids.
+            attention_mask: `(B, L)` padding mask (1 = token); default all ones.
+            labels: decoder-only: `(B, L)` targets aligned with `input_ids` (default `input_ids`; padding
+                and prompt are masked either way); encoder-decoder: `(B, T)` decoder targets.
+            prompt_lengths: decoder-only: leading real tokens per row (BOS included) excluded from the
+                loss; an int or `(B,)`.
+            decoder_attention_mask: encoder-decoder: `(B, T)` padding mask of `labels`.
+        """
+        prefix = self.prefix(pixel_values, image_features)  # (B, Q, E)
+        if self.is_encoder_decoder:
+            return self._forward_encoder_decoder(
+                prefix, input_ids, attention_mask, labels, decoder_attention_mask
+            )
+        if input_ids is None:
+            raise ValueError("a decoder-only LM needs input_ids (the text to learn)")
+        b, q = prefix.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text_labels = language.causal_lm_labels(
+            input_ids if labels is None else labels, attention_mask, prompt_lengths
+        )
+        ones = attention_mask.new_ones(b, q)
+        mask = torch.cat([ones, attention_mask], dim=1)  # (B, Q + L)
+        full_labels = torch.cat([torch.full_like(ones, -100, dtype=text_labels.dtype), text_labels], dim=1)
+        embeds = torch.cat([prefix, self.embed_tokens(input_ids)], dim=1)  # (B, Q + L, E)
+        extra: dict[str, Any] = {}
+        if self._pass_position_ids:
+            extra["position_ids"] = language.position_ids(mask)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **extra)
+        return Stage2Output(loss=losses.lm_loss(out.logits, full_labels), logits=out.logits)
+
+    def _forward_encoder_decoder(
+        self,
+        prefix: Tensor,
+        input_ids: Tensor | None,
+        attention_mask: Tensor | None,
+        labels: Tensor | None,
+        decoder_attention_mask: Tensor | None,
+    ) -> Stage2Output:
+        if labels is None:
+            raise ValueError("an encoder-decoder LM needs labels: the decoder's target ids")
+        embeds, mask = self._encoder_inputs(prefix, input_ids, attention_mask)
+        if decoder_attention_mask is not None:
+            labels = labels.masked_fill(decoder_attention_mask == 0, -100)
+        decoder_input_ids = self.llm.prepare_decoder_input_ids_from_labels(labels=labels)  # (B, T)
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            use_cache=False,
+        )
+        # token t of the decoder predicts label t (the inputs are already shifted)
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return Stage2Output(loss=loss, logits=out.logits)
+
+    def _encoder_inputs(
+        self, prefix: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """`[queries][text, right padded]` embeddings `(B, Q + L, E)` and mask `(B, Q + L)`."""
+        b, q = prefix.shape[:2]
+        ones = torch.ones(b, q, dtype=torch.long, device=prefix.device)
+        if input_ids is None:
+            return prefix, ones
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        input_ids, attention_mask = language.move_padding(input_ids, attention_mask, "right")
+        embeds = torch.cat([prefix, self.embed_tokens(input_ids)], dim=1)
+        return embeds, torch.cat([ones, attention_mask.to(ones.dtype)], dim=1)
+
+    # ---------------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        image_features: Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> Tensor:
+        """Generate text for images, optionally continuing a prompt; returns the new token ids only.
+
+        The prompt (decoder-only: after the queries; encoder-decoder: in the encoder after the queries)
+        defaults to the LM's BOS, as LAVIS's empty prompt and transformers' BLIP-2 give. Batched prompts
+        may be padded on either side (the padding is moved where each LM kind needs it). All other
+        arguments go to the LM's `generate` under transformers' names: `num_beams`, `do_sample`,
+        `temperature`, `top_p`, `max_new_tokens` (default 30), `min_new_tokens`, `length_penalty`,
+        `repetition_penalty`, `num_return_sequences`, ... `eos_token_id` defaults to `self.eos_token_id`.
+
+        Args:
+            pixel_values: `(B, 3, H, W)` images, or
+            image_features: `(B, N, Dv)` cached frozen features.
+            input_ids: `(B, L)` prompt ids, or `(1, L)` for one prompt shared by all images.
+            attention_mask: `(B, L)` prompt padding mask.
+
+        Returns:
+            `(B * num_return_sequences, T)` new token ids; rows that end early are padded with the
+            pad id after their EOS. With `return_dict_in_generate=True`, transformers' output object
+            (scores and all) with these `sequences`.
+        """
+        prefix = self.prefix(pixel_values, image_features)  # (B, Q, E), once per image
+        b, q = prefix.shape[:2]
+        if input_ids is None:
+            bos = self.llm.config.bos_token_id
+            input_ids = torch.full(
+                (b, 0 if bos is None else 1),
+                0 if bos is None else bos,
+                dtype=torch.long,
+                device=prefix.device,
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if input_ids.shape[0] == 1 and b > 1:
+            input_ids, attention_mask = input_ids.expand(b, -1), attention_mask.expand(b, -1)
+        if input_ids.shape[0] != b:
+            raise ValueError(
+                f"got {b} images but {input_ids.shape[0]} prompts: pass one prompt or one per image"
+            )
+
+        kwargs = dict(generate_kwargs)
+        kwargs.setdefault("eos_token_id", self.eos_token_id)
+        if self.pad_token_id is not None:
+            kwargs.setdefault("pad_token_id", self.pad_token_id)
+        if "max_new_tokens" not in kwargs and "max_length" not in kwargs:
+            kwargs["max_new_tokens"] = 30
+
+        if self.is_encoder_decoder:
+            embeds, mask = self._encoder_inputs(prefix, input_ids, attention_mask)
+        else:
+            input_ids, attention_mask = language.move_padding(input_ids, attention_mask, "left")
+            embeds = torch.cat([prefix, self.embed_tokens(input_ids)], dim=1)  # (B, Q + L, E)
+            mask = torch.cat([attention_mask.new_ones(b, q), attention_mask], dim=1)
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        sequences = out if isinstance(out, Tensor) else out.sequences
+        if self.is_encoder_decoder:
+            sequences = sequences[:, 1:]  # drop the decoder start token
+        sequences = language.pad_after_eos(sequences, kwargs["eos_token_id"], kwargs.get("pad_token_id"))
+        if isinstance(out, Tensor):
+            return sequences
+        out.sequences = sequences
+        return out
