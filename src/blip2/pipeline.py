@@ -11,7 +11,16 @@ captioner.ask("dog.jpg", "what is the dog sitting on?")    # "sand"
 retriever = blip2.load("Salesforce/blip2-itm-vit-g")
 retriever.match(["dog.jpg", "cat.jpg"], ["a dog", "a dog"])   # tensor([0.97, 0.02]): one per pair
 retriever.similarity(["dog.jpg", "cat.jpg"], ["a dog", "a cat"])  # (2, 2) cosine matrix
+
+captioner.chat("dog.jpg", "what is it doing?", history=[("what is this?", "a dog")])
+for piece in captioner.caption("dog.jpg", stream=True):   # text as it is generated (greedy/sampling)
+    print(piece, end="", flush=True)
+retriever.embed_images(["dog.jpg"]), retriever.embed_texts(["a dog"])  # (1, Q, E), (1, E)
 ```
+
+Images are paths, PIL images, arrays or tensors, one or a list; lists are cut into batches of
+`Pipeline.batch_size` and moved to the model's device and dtype inside. Text longer than the model
+takes is truncated with a `TruncationWarning`; empty text is a `UserError`.
 
 `load` takes a hub id, a transformers BLIP-2 folder, a folder written by `save_pretrained`, or a LAVIS
 checkpoint file with the preset it belongs to. `save_pretrained` writes a folder transformers also
@@ -23,7 +32,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +54,32 @@ HUB_PRESETS = {"blip2-itm-vit-g": "blip2-stage1-vit-g", "blip2-itm-vit-g-coco": 
 
 CAPTION_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1}
 ASK_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1}
+# generation options under transformers' names, as the command line and the server expose them
+GENERATION_OPTIONS = (
+    "num_beams",
+    "max_new_tokens",
+    "min_new_tokens",
+    "length_penalty",
+    "repetition_penalty",
+    "do_sample",
+    "top_p",
+    "temperature",
+)
+STAGE1_USE = "a stage-1 (retrieval) checkpoint such as Salesforce/blip2-itm-vit-g"
+STAGE2_USE = "a stage-2 (generative) checkpoint such as Salesforce/blip2-opt-2.7b"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchHit:
+    """One ranked image of `Pipeline.search`."""
+
+    index: int  # position in the images searched
+    itc: float  # ITC cosine similarity with the query
+    itm: float | None  # ITM match probability (None when not re-ranked)
+
+
+class TruncationWarning(UserWarning):
+    """Text longer than the model takes was cut; the message says which text and where."""
 
 
 class Pipeline:
@@ -55,6 +92,8 @@ class Pipeline:
         llm_tokenizer: the LLM's tokenizer (stage 2), else None.
     """
 
+    batch_size: int = 16  # images per forward pass when a list is given
+
     def __init__(
         self,
         model: nn.Module,
@@ -63,6 +102,7 @@ class Pipeline:
         llm_tokenizer: Any = None,
     ):
         self.model = model.eval()
+        self._generate_lock = threading.Lock()  # tokenizer padding side is shared state
         self.image_processor = image_processor
         self.qformer_tokenizer = qformer_tokenizer
         self.llm_tokenizer = llm_tokenizer
@@ -97,10 +137,54 @@ class Pipeline:
         """Images (paths, PIL images, arrays, ...) to `(B, 3, S, S)` pixel values on the model's device."""
         return self.image_processor(images).to(self.device)
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The methods this checkpoint offers."""
+        if self.config.stage == 2:
+            return ("caption", "ask", "chat", "generate")
+        return ("match", "similarity", "search", "embed_images", "embed_texts")
+
     def _require(self, stage: int, what: str) -> None:
         if self.config.stage != stage:
-            other = "stage-2 (captioning)" if stage == 2 else "stage-1 (retrieval)"
-            raise UserError(f"{what} needs a {other} model; this one is stage {self.config.stage}")
+            use = STAGE2_USE if stage == 2 else STAGE1_USE
+            raise UserError(
+                f"{what} needs {use}; this is a stage-{self.config.stage} checkpoint, which offers "
+                f"{', '.join(self.tasks)}"
+            )
+
+    def _images(self, images: ImageLike | Sequence[ImageLike]) -> list[Any]:
+        """One image or a list as a list; a `(B, C, H, W)` tensor is B images."""
+        batch = list(images) if _is_batch(images) else [images]
+        if not batch:
+            raise UserError("no images given")
+        return batch
+
+    def _chunks(self, n: int) -> list[slice]:
+        step = max(1, int(self.batch_size))
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+    def _check_texts(self, texts: Sequence[str], what: str) -> list[str]:
+        out = []
+        for t in texts:
+            if not isinstance(t, str):
+                raise UserError(f"{what} must be text, not {type(t).__name__}")
+            if not t.strip():
+                raise UserError(f"a {what} is empty: give some words")
+            out.append(t)
+        return out
+
+    def _truncate_llm_text(self, text: str, what: str) -> str:
+        """Cut `text` to the LLM's `max_txt_len` tokens, with a `TruncationWarning` when it is cut."""
+        limit = self.config.llm.max_txt_len
+        ids = self.llm_tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= limit:
+            return text
+        warnings.warn(
+            f"the {what} is {len(ids)} tokens long; it was cut to the model's {limit}",
+            TruncationWarning,
+            stacklevel=3,
+        )
+        return self.llm_tokenizer.decode(ids[:limit], skip_special_tokens=True)
 
     # ------------------------------------------------------------------------------------- stage 2
 
@@ -108,57 +192,186 @@ class Pipeline:
     def generate(
         self, images: ImageLike | Sequence[ImageLike], prompts: Sequence[str], **generate_options: Any
     ) -> list[str]:
-        """Text generated for each image after its prompt (new text only, stripped)."""
+        """Text generated for each image after its prompt (new text only, stripped); instructed
+        generation with any prompt. Lists are run `batch_size` images at a time."""
+        self._require(2, "generate")
+        batch, prompts = self._images(images), list(prompts)
+        if len(batch) != len(prompts):
+            raise UserError(f"got {len(batch)} images and {len(prompts)} prompts: pass one prompt per image")
+        out: list[str] = []
+        for s in self._chunks(len(batch)):
+            out += self.generate_from_pixels(self.pixels(batch[s]), prompts[s], **generate_options)
+        return out
+
+    @torch.no_grad()
+    def generate_from_pixels(
+        self, pixel_values: Tensor, prompts: Sequence[str], **generate_options: Any
+    ) -> list[str]:
+        """`generate` on already processed `(B, 3, S, S)` pixels (`image_processor` output), one batch."""
         self._require(2, "generate")
         tok = self.llm_tokenizer
-        tok.padding_side = "left" if not self.model.is_encoder_decoder else "right"
-        enc = tok(list(prompts), padding=True, return_tensors="pt")
+        with self._generate_lock:
+            tok.padding_side = "left" if not self.model.is_encoder_decoder else "right"
+            enc = tok(list(prompts), padding=True, return_tensors="pt")
         input_ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         if input_ids.shape[1] == 0:
             input_ids = mask = None
-        ids = self.model.generate(self.pixels(images), input_ids, mask, **generate_options)
+        ids = self.model.generate(pixel_values.to(self.device), input_ids, mask, **generate_options)
         return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
 
+    def stream(self, image: ImageLike, prompt: str | None = None, **generate_options: Any) -> Iterator[str]:
+        """Generate for one image after `prompt`, yielding the text piece by piece as it is produced.
+
+        Built on transformers' `TextIteratorStreamer`: greedy decoding or sampling (`do_sample=True`);
+        beam search cannot stream (it only knows the best text at the end), so `num_beams` must be 1.
+        Default: greedy, at most 30 new tokens. `"".join(pieces).strip()` is the generated text.
+        """
+        self._require(2, "stream")
+        from transformers import TextIteratorStreamer
+
+        opts = {"max_new_tokens": 30, "min_new_tokens": 1, **generate_options, "num_beams": 1}
+        if generate_options.get("num_beams", 1) != 1:
+            raise UserError("streaming works with greedy decoding or sampling only: drop num_beams")
+        prompt = self.config.llm.prompt if prompt is None else prompt
+        pixels = self.pixels(image)  # errors about the image surface here, before the thread starts
+        tok = self.llm_tokenizer
+        enc = tok([prompt], return_tensors="pt")
+        input_ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        if input_ids.shape[1] == 0:
+            input_ids = mask = None
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with torch.no_grad():
+                    self.model.generate(pixels, input_ids, mask, streamer=streamer, **opts)
+            except BaseException as e:  # re-raised in the caller's thread
+                failure.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        first = True
+        for piece in streamer:
+            if first:
+                piece, first = piece.lstrip(), not piece.strip()
+            if piece:
+                yield piece
+        thread.join()
+        if failure:
+            raise failure[0]
+
     def caption(
-        self, images: ImageLike | Sequence[ImageLike], prompt: str | None = None, **generate_options: Any
-    ) -> str | list[str]:
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        prompt: str | None = None,
+        *,
+        stream: bool = False,
+        **generate_options: Any,
+    ) -> str | list[str] | Iterator[str]:
         """Caption one image (a string back) or several (a list).
 
         Args:
             images: a path, PIL image, array or tensor, or a list of them.
             prompt: text the caption continues (default: the checkpoint's, e.g. "a photo of" for COCO).
+            stream: yield the caption of one image piece by piece (greedy or sampling; see `stream`).
             generate_options: transformers `generate` options; default beam search with 5 beams and at
                 most 30 new tokens (LAVIS's captioning settings).
         """
         self._require(2, "caption")
-        batch = _as_list(images)
+        if stream:
+            return self.stream(images, prompt, **generate_options)
+        batch = self._images(images)
         prompt = self.config.llm.prompt if prompt is None else prompt
         out = self.generate(batch, [prompt] * len(batch), **{**CAPTION_DEFAULTS, **generate_options})
-        return out if isinstance(images, (list, tuple)) else out[0]
+        return out if _is_batch(images) else out[0]
 
     def ask(
         self,
         images: ImageLike | Sequence[ImageLike],
         questions: str | Sequence[str],
+        *,
+        stream: bool = False,
         **generate_options: Any,
-    ) -> str | list[str]:
+    ) -> str | list[str] | Iterator[str]:
         """Answer questions about images: one question per image, or one image or question for all.
 
         Questions are put in the checkpoint's template ("Question: {} Answer:" for OPT, "Question: {}
-        Short answer:" for FlanT5). Default generation: 5 beams, at most 10 new tokens.
+        Short answer:" for FlanT5). Default generation: 5 beams, at most 10 new tokens. An empty
+        question is a `UserError`; one longer than the LLM's `max_txt_len` tokens is cut, with a
+        `TruncationWarning`. `stream=True` yields the answer to one question piece by piece.
         """
         self._require(2, "ask")
-        batch, qs = _as_list(images), [questions] if isinstance(questions, str) else list(questions)
+        batch, qs = self._images(images), [questions] if isinstance(questions, str) else list(questions)
+        qs = [self._truncate_llm_text(q, "question") for q in self._check_texts(qs, "question")]
         batch, qs = _broadcast(batch, qs, "images", "questions")
         template = self.config.llm.vqa_template
+        if stream:
+            if len(batch) != 1:
+                raise UserError("streaming answers one question about one image at a time")
+            return self.stream(batch[0], template.format(qs[0]), **{"max_new_tokens": 10, **generate_options})
         opts = {**ASK_DEFAULTS, "length_penalty": -1.0 if self.model.is_encoder_decoder else 0.0}
         out = self.generate(batch, [template.format(q) for q in qs], **{**opts, **generate_options})
-        single = not isinstance(images, (list, tuple)) and isinstance(questions, str)
+        single = not _is_batch(images) and isinstance(questions, str)
         return out[0] if single else out
+
+    def chat_prompt(self, question: str, history: Sequence[tuple[str, str]] = ()) -> str:
+        """The prompt of a conversation: earlier turns as "Question: q Answer: a." then the new question
+        in the checkpoint's template (the paper's instructed zero-shot image-to-text generation)."""
+        template = self.config.llm.vqa_template
+        turns = [f"{template.format(q.strip())} {a.strip().rstrip('.')}." for q, a in history]
+        return " ".join([*turns, template.format(question.strip())])
+
+    def chat(
+        self,
+        image: ImageLike,
+        question: str,
+        history: Sequence[tuple[str, str]] = (),
+        *,
+        stream: bool = False,
+        **generate_options: Any,
+    ) -> str | Iterator[str]:
+        """Answer `question` about one image, given the earlier `(question, answer)` turns.
+
+        The whole conversation goes into the prompt (`chat_prompt`); when it is longer than the LLM's
+        `max_txt_len` tokens the oldest turns are dropped, with a `TruncationWarning`. Generation as
+        `ask` (5 beams, at most 10 new tokens); `stream=True` yields the answer piece by piece.
+        """
+        self._require(2, "chat")
+        (question,) = self._check_texts([question], "question")
+        question = self._truncate_llm_text(question, "question")
+        history = [(str(q), str(a)) for q, a in history]
+        limit = self.config.llm.max_txt_len
+        dropped = 0
+        while history and len(self.llm_tokenizer(self.chat_prompt(question, history))["input_ids"]) > limit:
+            history, dropped = history[1:], dropped + 1
+        if dropped:
+            warnings.warn(
+                f"the conversation is longer than the model's {limit} tokens; its first {dropped} turn(s) "
+                "were left out",
+                TruncationWarning,
+                stacklevel=2,
+            )
+        prompt = self.chat_prompt(question, history)
+        if stream:
+            return self.stream(image, prompt, **{"max_new_tokens": 10, **generate_options})
+        opts = {**ASK_DEFAULTS, "length_penalty": -1.0 if self.model.is_encoder_decoder else 0.0}
+        return self.generate([image], [prompt], **{**opts, **generate_options})[0]
 
     # ------------------------------------------------------------------------------------- stage 1
 
     def _text(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        texts = self._check_texts(texts, "text")
+        limit = self.config.max_txt_len
+        for t in texts:
+            n = len(self.qformer_tokenizer(t)["input_ids"])
+            if n > limit:
+                warnings.warn(
+                    f"the text {t[:40]!r}... is {n} tokens long; it was cut to the model's {limit}",
+                    TruncationWarning,
+                    stacklevel=3,
+                )
         enc = self.qformer_tokenizer(
             list(texts),
             padding=True,
@@ -173,21 +386,98 @@ class Pipeline:
         """ITM probability that each (image, text) pair matches, `(N,)`; one image or text may be
         paired with all of the others."""
         self._require(1, "match")
-        batch, txt = _as_list(images), [texts] if isinstance(texts, str) else list(texts)
+        batch, txt = self._images(images), [texts] if isinstance(texts, str) else list(texts)
         batch, txt = _broadcast(batch, txt, "images", "texts")
-        image_embeds = self.model.encode_image(self.pixels(batch))
-        ids, mask = self._text(txt)
+        probs = []
+        for s in self._chunks(len(batch)):
+            probs.append(self.match_pixels(self.pixels(batch[s]), txt[s]))
+        return torch.cat(probs)
+
+    @torch.no_grad()
+    def match_pixels(self, pixel_values: Tensor, texts: Sequence[str]) -> Tensor:
+        """`match` on already processed `(N, 3, S, S)` pixels and N texts, one batch: `(N,)`."""
+        self._require(1, "match")
+        image_embeds = self.model.encode_image(pixel_values.to(self.device))
+        ids, mask = self._text(texts)
         logits = self.model.itm_logits(ids, mask, image_embeds=image_embeds)  # (N, 2)
-        return logits.float().softmax(dim=-1)[:, 1]
+        return logits.float().softmax(dim=-1)[:, 1].cpu()
 
     @torch.no_grad()
     def similarity(self, images: ImageLike | Sequence[ImageLike], texts: str | Sequence[str]) -> Tensor:
         """ITC cosine similarity of every image with every text, `(N_images, N_texts)`: the best of the
         image's query embeddings for each text, without temperature (as transformers reports it)."""
         self._require(1, "similarity")
-        image_feats = self.model.embed_image(self.pixels(_as_list(images))).image_feats
-        ids, mask = self._text([texts] if isinstance(texts, str) else list(texts))
-        return self.model.itc_scores(image_feats, self.model.embed_text(ids, mask)).float()
+        image_feats = self.embed_images(images)
+        text_feats = self.embed_texts(texts)
+        return self.model.itc_scores(image_feats.to(self.device), text_feats.to(self.device)).float().cpu()
+
+    @torch.no_grad()
+    def search(
+        self,
+        images: ImageLike | Sequence[ImageLike] | Tensor,
+        query: str,
+        top_k: int = 10,
+        rerank: int = 32,
+    ) -> list[SearchHit]:
+        """Rank images for a text query: ITC similarity over all, then ITM on the best `rerank`.
+
+        Args:
+            images: images, or their `embed_images` output `(N, Q, E)` (an index built once; ranked
+                by ITC alone, as ITM needs the images).
+            query: the text.
+            top_k: hits returned.
+            rerank: candidates (the best by ITC) re-scored with ITM; 0 ranks by ITC alone.
+
+        Returns:
+            `SearchHit`s, best first: ITM-reranked candidates, then the rest by ITC.
+        """
+        self._require(1, "search")
+        if isinstance(images, Tensor) and images.dim() == 3:
+            feats, batch = images, None
+        else:
+            batch = self._images(images)
+            feats = self.embed_images(batch)
+        itc = self.model.itc_scores(feats.to(self.device), self.embed_texts([query]).to(self.device))
+        itc = itc[:, 0].float().cpu()  # (N,)
+        order = itc.argsort(descending=True).tolist()
+        n_re = min(rerank, len(order)) if batch is not None else 0
+        head = order[:n_re]
+        itm = self.match([batch[i] for i in head], query).tolist() if head else []
+        hits = [SearchHit(i, float(itc[i]), p) for i, p in zip(head, itm, strict=True)]
+        hits.sort(key=lambda h: -(h.itm or 0.0))
+        hits += [SearchHit(i, float(itc[i]), None) for i in order[n_re:]]
+        return hits[:top_k]
+
+    @torch.no_grad()
+    def embed_images(self, images: ImageLike | Sequence[ImageLike]) -> Tensor:
+        """Normalized ITC embeddings of images, one per query: `(N, Q, E)` (CPU, float32).
+
+        `similarity` is the best query's dot product with a text embedding (`embed_texts`).
+        """
+        self._require(1, "embed_images")
+        batch = self._images(images)
+        return torch.cat([self.embed_pixels(self.pixels(batch[s])) for s in self._chunks(len(batch))])
+
+    @torch.no_grad()
+    def embed_pixels(self, pixel_values: Tensor) -> Tensor:
+        """`embed_images` on already processed `(N, 3, S, S)` pixels, one batch."""
+        self._require(1, "embed_images")
+        return self.model.embed_image(pixel_values.to(self.device)).image_feats.float().cpu()
+
+    @torch.no_grad()
+    def embed_texts(self, texts: str | Sequence[str]) -> Tensor:
+        """Normalized ITC embeddings of texts (the [CLS] output), `(N, E)` (CPU, float32). Texts longer
+        than the checkpoint's `max_txt_len` tokens are cut, with a `TruncationWarning`."""
+        self._require(1, "embed_texts")
+        txt = [texts] if isinstance(texts, str) else list(texts)
+        step = max(1, int(self.batch_size)) * 4
+        feats = []
+        for i in range(0, len(txt), step):
+            ids, mask = self._text(txt[i : i + step])
+            feats.append(self.model.embed_text(ids, mask).float().cpu())
+        if not feats:
+            raise UserError("no texts given")
+        return torch.cat(feats)
 
     # ------------------------------------------------------------------------------------- saving
 
@@ -490,8 +780,9 @@ def _to_transformers_image_processor(processor: ImageProcessor) -> Any:
 # --------------------------------------------------------------------------------------------- utils
 
 
-def _as_list(x: Any) -> list[Any]:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
+def _is_batch(images: Any) -> bool:
+    """A list or tuple of images, or a `(B, C, H, W)` tensor."""
+    return isinstance(images, (list, tuple)) or (isinstance(images, torch.Tensor) and images.dim() == 4)
 
 
 def _broadcast(a: list[Any], b: list[Any], name_a: str, name_b: str) -> tuple[list[Any], list[Any]]:
