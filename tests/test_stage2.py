@@ -398,3 +398,15 @@ def test_split_prefix_for_the_encoder_decoder_loss():
     assert prefix.tolist() == [[10, 11, 1], [20, 1, 0]]
     assert pmask.tolist() == [[1, 1, 1], [1, 1, 0]]
     assert labels.tolist() == [[12, 13, 1], [21, 1, -100]]
+
+
+def test_build_llm_keeps_the_configured_architecture():
+    # transformers 5.x T5 configs force tie_word_embeddings=True; FlanT5 (and the preset) has its own head
+    t5 = language.build_llm(LLMConfig(hf_config=dict(TINY_LLMS["t5"])))
+    assert t5.lm_head.weight is not t5.shared.weight and not t5.config.scale_decoder_outputs
+    x = torch.linspace(-3, 3, 13)
+    assert torch.equal(t5.encoder.block[0].layer[1].DenseReluDense.act(x), F.gelu(x))  # exact, as LAVIS
+    again = language.build_llm(language.llm_config_from_model(t5))
+    assert again.lm_head.weight is not again.shared.weight and not again.config.scale_decoder_outputs
+    opt = language.build_llm(LLMConfig(hf_config=dict(TINY_LLMS["opt"])))
+    assert opt.lm_head.weight is opt.get_input_embeddings().weight

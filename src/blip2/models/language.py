@@ -48,6 +48,9 @@ def build_llm(cfg: LLMConfig) -> nn.Module:
     model_type = hf.pop("model_type")
     hf.pop("_name_or_path", None)
     hf_cfg = transformers.AutoConfig.for_model(model_type, **hf)
+    for key, value in hf.items():  # what a config class rewrites on the way in (T5 in transformers 5.x
+        if getattr(hf_cfg, key, value) != value:  # forces tie_word_embeddings=True): the given value wins
+            setattr(hf_cfg, key, value)
     auto = (
         transformers.AutoModelForSeq2SeqLM if hf_cfg.is_encoder_decoder else transformers.AutoModelForCausalLM
     )
@@ -90,6 +93,10 @@ def llm_config_from_model(llm: nn.Module, **fields: Any) -> LLMConfig:
     hf = {k: v for k, v in hf.items() if not k.startswith("_") or k == "_name_or_path"}
     for k in ("dtype", "torch_dtype", "transformers_version", "architectures", "attn_implementation"):
         hf.pop(k, None)
+    head = llm.get_output_embeddings()
+    if head is not None:  # the real tying (T5 configs in transformers 5.x always claim it)
+        hf["tie_word_embeddings"] = head.weight is llm.get_input_embeddings().weight
+    hf.pop("scale_decoder_outputs", None)  # T5 derives it from tie_word_embeddings
     dtype = {v: k for k, v in _DTYPES.items()}.get(llm_dtype(llm), "float32")
     base = {"hf_config": hf, "name": getattr(llm.config, "_name_or_path", "") or "", "dtype": dtype}
     return LLMConfig(**{**base, **fields})
