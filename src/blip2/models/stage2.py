@@ -82,10 +82,8 @@ class Stage2Model(nn.Module):
                 f"{self.llm.config.model_type!r} one: pass an LLMConfig that matches the model"
             )
         self.language_projection = nn.Linear(q.hidden_size, language.embedding_width(self.llm))
-        gen = getattr(self.llm, "generation_config", None)
-        self.eos_token_id: int | list[int] | None = (
-            getattr(gen, "eos_token_id", None) or self.llm.config.eos_token_id
-        )
+        eos = getattr(getattr(self.llm, "generation_config", None), "eos_token_id", None)
+        self.eos_token_id: int | list[int] | None = eos if eos is not None else self.llm.config.eos_token_id
         self._pass_position_ids = not self.is_encoder_decoder and language.accepts_position_ids(self.llm)
 
     # ---------------------------------------------------------------------------------- building
