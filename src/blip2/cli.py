@@ -25,6 +25,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "blip2.train.feature_cache",
         "run the frozen image encoder once and store its features",
     ),
+    "caption": (
+        "blip2.commands.caption",
+        "caption images: files, folders, globs, shards; resumable JSON lines",
+    ),
+    "ask": ("blip2.commands.ask", "answer questions about an image"),
+    "match": ("blip2.commands.match", "score how well texts match an image (ITM and ITC)"),
+    "search": (
+        "blip2.commands.search",
+        "rank a folder of images for a text query (ITC, then ITM re-ranking)",
+    ),
+    "serve": ("blip2.commands.serve", "HTTP API and web page for caption, ask, match and search"),
 }
 
 

@@ -144,6 +144,11 @@ class Pipeline:
             return ("caption", "ask", "chat", "generate")
         return ("match", "similarity", "search", "embed_images", "embed_texts")
 
+    def check_task(self, task: str) -> None:
+        """Raise a `UserError` naming the checkpoint to use when this one does not offer `task`."""
+        if task not in self.tasks:
+            self._require(1 if self.config.stage == 2 else 2, task)
+
     def _require(self, stage: int, what: str) -> None:
         if self.config.stage != stage:
             use = STAGE2_USE if stage == 2 else STAGE1_USE
@@ -323,6 +328,27 @@ class Pipeline:
         turns = [f"{template.format(q.strip())} {a.strip().rstrip('.')}." for q, a in history]
         return " ".join([*turns, template.format(question.strip())])
 
+    def conversation_prompt(self, question: str, history: Sequence[tuple[str, str]] = ()) -> str:
+        """`chat_prompt` fitted to the LLM's `max_txt_len` tokens: an empty question is a `UserError`, a
+        long one is cut, and the oldest turns are left out while the prompt is too long (each with a
+        `TruncationWarning`)."""
+        self._require(2, "chat")
+        (question,) = self._check_texts([question], "question")
+        question = self._truncate_llm_text(question, "question")
+        turns = [(str(q), str(a)) for q, a in history]
+        limit = self.config.llm.max_txt_len
+        dropped = 0
+        while turns and len(self.llm_tokenizer(self.chat_prompt(question, turns))["input_ids"]) > limit:
+            turns, dropped = turns[1:], dropped + 1
+        if dropped:
+            warnings.warn(
+                f"the conversation is longer than the model's {limit} tokens; its first {dropped} turn(s) "
+                "were left out",
+                TruncationWarning,
+                stacklevel=3,
+            )
+        return self.chat_prompt(question, turns)
+
     def chat(
         self,
         image: ImageLike,
@@ -339,21 +365,7 @@ class Pipeline:
         `ask` (5 beams, at most 10 new tokens); `stream=True` yields the answer piece by piece.
         """
         self._require(2, "chat")
-        (question,) = self._check_texts([question], "question")
-        question = self._truncate_llm_text(question, "question")
-        history = [(str(q), str(a)) for q, a in history]
-        limit = self.config.llm.max_txt_len
-        dropped = 0
-        while history and len(self.llm_tokenizer(self.chat_prompt(question, history))["input_ids"]) > limit:
-            history, dropped = history[1:], dropped + 1
-        if dropped:
-            warnings.warn(
-                f"the conversation is longer than the model's {limit} tokens; its first {dropped} turn(s) "
-                "were left out",
-                TruncationWarning,
-                stacklevel=2,
-            )
-        prompt = self.chat_prompt(question, history)
+        prompt = self.conversation_prompt(question, history)
         if stream:
             return self.stream(image, prompt, **{"max_new_tokens": 10, **generate_options})
         opts = {**ASK_DEFAULTS, "length_penalty": -1.0 if self.model.is_encoder_decoder else 0.0}

@@ -1,0 +1,46 @@
+"""`blip2 ask --model M IMAGE QUESTION...`: answer questions about an image (one answer a line).
+
+With `--chat` each question sees the earlier questions and answers; `--stream` prints each answer as it
+is generated (greedy or sampling).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from blip2.commands import common
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common.add_model_arguments(parser)
+    parser.add_argument("image", help="the image file")
+    parser.add_argument("questions", nargs="+", help="one or more questions")
+    parser.add_argument(
+        "--chat", action="store_true", help="ask in turn, each question seeing the earlier answers"
+    )
+    parser.add_argument("--stream", action="store_true", help="print answers as they are generated")
+    common.add_generation_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from blip2.processing import load_image
+
+    common.show_notices()
+    pipe = common.load_pipeline(args.model, args.device, args.dtype, task="ask")
+    image = load_image(args.image, args.max_pixels)
+    options = common.generation_options(args)
+    history: list[tuple[str, str]] = []
+    for question in args.questions:
+        turns = history if args.chat else []
+        if args.stream:
+            pieces = []
+            for piece in pipe.chat(image, question, turns, stream=True, **options):
+                print(piece, end="", flush=True)
+                pieces.append(piece)
+            print()
+            answer = "".join(pieces).strip()
+        else:
+            answer = pipe.chat(image, question, turns, **options)
+            print(answer, flush=True)
+        history.append((question, answer))
+    return 0

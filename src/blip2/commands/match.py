@@ -1,0 +1,37 @@
+"""`blip2 match --model M IMAGE TEXT...`: how well each text matches the image.
+
+Prints one line per text: the ITM match probability, the ITC cosine similarity and the text
+(`--json`: one JSON object a line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from blip2.commands import common
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common.add_model_arguments(parser)
+    parser.add_argument("image", help="the image file")
+    parser.add_argument("texts", nargs="+", help="one or more texts")
+    parser.add_argument("--json", action="store_true", help="JSON lines: {text, itm, itc}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from blip2.processing import load_image
+
+    common.show_notices()
+    pipe = common.load_pipeline(args.model, args.device, args.dtype, task="match")
+    image = load_image(args.image, args.max_pixels)
+    itm = pipe.match(image, args.texts).tolist()
+    itc = pipe.similarity(image, args.texts)[0].tolist()
+    if not args.json:
+        print("itm     itc     text")
+    for text, p, s in zip(args.texts, itm, itc, strict=True):
+        if args.json:
+            print(json.dumps({"text": text, "itm": round(p, 6), "itc": round(s, 6)}, ensure_ascii=False))
+        else:
+            print(f"{p:.4f}  {s:+.4f} {text}")
+    return 0

@@ -1,0 +1,62 @@
+"""`blip2 serve --model M [--model M2] [--host H] [--port P]`: the HTTP API and web page.
+
+Give a stage-2 checkpoint for caption and ask (and the web page), a stage-1 one for match and search,
+or one of each. Binds to 127.0.0.1 unless told otherwise; see `blip2.serve.app` for the endpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from blip2.commands import common
+from blip2.errors import UserError
+from blip2.processing import DEFAULT_MAX_PIXELS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="hub id or path of a checkpoint; repeat to serve a captioner and a retriever together",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if there is one)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 for the frozen towers")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (default 20 MB)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image in pixels")
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds before a request gets 504 (default 60)"
+    )
+    parser.add_argument("--max-batch", type=int, default=8, help="most requests run together (default 8)")
+    parser.add_argument(
+        "--batch-wait-ms", type=float, default=10.0, help="wait for more requests to batch (default 10 ms)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise UserError("the server needs its extras: pip install 'blip2[serve]'") from None
+    from blip2.serve import ServerSettings, create_app
+
+    pipes = [common.load_pipeline(m, args.device, args.dtype) for m in args.model]
+    settings = ServerSettings(
+        max_upload_mb=args.max_upload_mb,
+        max_pixels=args.max_pixels,
+        timeout_s=args.timeout,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+    )
+    app = create_app(pipes, settings)
+    tasks = sorted({t for p in pipes for t in p.tasks} & {"caption", "ask", "match", "search"})
+    print(
+        f"serving {', '.join(tasks)} on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5)
+    return 0

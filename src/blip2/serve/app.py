@@ -1,0 +1,376 @@
+"""The HTTP API: FastAPI endpoints over one or more loaded pipelines, with server-side batching.
+
+Endpoints (OpenAPI schema at `/openapi.json`, interactive docs at `/docs`):
+
+```
+GET  /            the web page: upload an image, get a caption, ask questions
+GET  /health      {"status": "ok", "tasks": [...], "requests": n, "batches": m}
+POST /caption     image (file), prompt?, generation options -> {"caption": str}
+POST /ask         image, question, history? (JSON [[q, a], ...]) -> {"answer": str}
+POST /match       image, text (one or more) -> {"itm": [...], "itc": [...]}
+POST /search      images (several files), query, top_k? -> {"results": [{index, filename, itc, itm}]}
+```
+
+Batching: requests go to one `Batcher` thread that owns the models. It takes the first waiting job,
+waits up to `batch_wait_ms` for more jobs of the same kind (and the same generation options), and runs
+them as one batch: concurrent users share a forward pass, and each gets exactly the answer a lone
+request would. Limits: uploads over `max_upload_mb` are refused with 413, images over `max_pixels`
+with 400, requests that take longer than `timeout_s` with 504. User errors are one sentence in
+`{"detail": ...}`, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Annotated, Any
+
+from blip2.errors import UserError
+from blip2.processing import DEFAULT_MAX_PIXELS, load_image
+
+GENERATION_FIELDS = ("num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty", "length_penalty")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Server limits and batching.
+
+    Attributes:
+        max_upload_mb: largest request body accepted (413 above).
+        max_pixels: largest image accepted, in pixels (decompression bombs; 400 above).
+        timeout_s: a request waiting longer than this gets 504.
+        max_batch: most jobs run together.
+        batch_wait_ms: how long the batcher waits for more jobs after the first.
+    """
+
+    max_upload_mb: float = 20.0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    timeout_s: float = 60.0
+    max_batch: int = 8
+    batch_wait_ms: float = 10.0
+
+
+@dataclass
+class Job:
+    """One unit of work: `group` jobs may run together; `payload` is the job's own input."""
+
+    group: tuple[Any, ...]
+    payload: Any
+    done: Callable[[Any, BaseException | None], None]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """A thread that runs jobs in batches. `run_group(group, payloads) -> results` does the work.
+
+    Jobs of the same `group` waiting together (up to `max_batch`, collected for up to `wait_s` after
+    the first) run in one call; results go back through each job's `done` callback. A failing batch
+    fails each of its jobs with the error.
+    """
+
+    def __init__(
+        self, run_group: Callable[[tuple[Any, ...], list[Any]], list[Any]], max_batch: int, wait_s: float
+    ):
+        self.run_group = run_group
+        self.max_batch = max(1, max_batch)
+        self.wait_s = wait_s
+        self.queue: queue.Queue[Job | None] = queue.Queue()
+        self.requests = 0
+        self.batches = 0
+        self.largest_batch = 0
+        self._held: list[Job] = []  # taken from the queue but of another group
+        self._thread = threading.Thread(target=self._loop, name="blip2-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.queue.put(job)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _next(self, timeout: float | None) -> Job | None:
+        if self._held:
+            return self._held.pop(0)
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _loop(self) -> None:
+        while True:
+            first = self._next(None)
+            if first is None:
+                return
+            jobs, others = [first], []
+            deadline = time.monotonic() + self.wait_s
+            while len(jobs) < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0 and not self._held and self.queue.empty():
+                    break
+                nxt = self._next(max(left, 0.0) if not self._held else None)
+                if nxt is None:
+                    if left <= 0:
+                        break
+                    continue
+                (jobs if nxt.group == first.group else others).append(nxt)
+            self._held = others + self._held
+            self._run(jobs)
+
+    def _run(self, jobs: list[Job]) -> None:
+        self.requests += len(jobs)
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(jobs))
+        try:
+            results = self.run_group(jobs[0].group, [j.payload for j in jobs])
+        except BaseException as e:  # each waiting request gets the error
+            for j in jobs:
+                j.done(None, e)
+            return
+        for j, r in zip(jobs, results, strict=True):
+            j.done(r, None)
+
+
+class Models:
+    """The loaded pipelines and what each serves; runs a batch of one group."""
+
+    def __init__(self, pipelines: Sequence[Any]):
+        self.by_task: dict[str, Any] = {}
+        for pipe in pipelines:
+            for task in pipe.tasks:
+                self.by_task.setdefault(task, pipe)
+
+    def pipe(self, task: str) -> Any:
+        if task not in self.by_task:
+            from blip2.pipeline import STAGE1_USE, STAGE2_USE
+
+            use = STAGE2_USE if task in ("caption", "ask") else STAGE1_USE
+            raise UserError(f"{task} needs {use}: start the server with --model pointing at one")
+        return self.by_task[task]
+
+    def run_group(self, group: tuple[Any, ...], payloads: list[Any]) -> list[Any]:
+        task, options = group[0], dict(group[1])
+        pipe = self.pipe(task)
+        if task in ("caption", "ask"):
+            images = [p[0] for p in payloads]
+            prompts = [p[1] for p in payloads]
+            return pipe.generate(images, prompts, **options)
+        if task == "match":
+            images, texts = [p[0] for p in payloads], [p[1] for p in payloads]
+            itm = pipe.match(images, texts).tolist()
+            feats, text_feats = pipe.embed_images(images), pipe.embed_texts(texts)
+            itc = (feats * text_feats[:, None, :]).sum(-1).max(dim=1).values.tolist()  # (N,) per pair
+            return list(zip(itm, itc, strict=True))
+        if task == "search":
+            return [pipe.search(images, query, top_k=k, rerank=r) for images, query, k, r in payloads]
+        raise UserError(f"unknown task {task}")
+
+
+def _page() -> str:
+    return resources.files("blip2.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+
+def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None) -> Any:
+    """The FastAPI application serving `pipelines` (a stage-2 one for caption/ask, a stage-1 one for
+    match/search; either or both). Closing the app's lifespan stops its batcher thread."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, File, Form, Request, UploadFile
+    from fastapi.responses import HTMLResponse, JSONResponse
+
+    from blip2.pipeline import ASK_DEFAULTS, CAPTION_DEFAULTS
+
+    settings = settings or ServerSettings()
+    models = Models(pipelines)
+    batcher = Batcher(models.run_group, settings.max_batch, settings.batch_wait_ms / 1000)
+    max_bytes = int(settings.max_upload_mb * 1024 * 1024)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        yield
+        batcher.close()
+
+    app = FastAPI(
+        title="BLIP-2",
+        description="Captions, answers, image-text matching and search with a BLIP-2 model.",
+        lifespan=lifespan,
+    )
+    app.state.batcher = batcher
+    app.state.settings = settings
+
+    class HTTPProblem(Exception):
+        def __init__(self, status: int, detail: str):
+            self.status, self.detail = status, detail
+
+    @app.exception_handler(HTTPProblem)
+    async def _problem(request: Request, exc: HTTPProblem) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(UserError)
+    async def _user_error(request: Request, exc: UserError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Callable) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            return JSONResponse(
+                {
+                    "detail": f"the upload is {int(length) / 2**20:.1f} MB, more than the limit of {settings.max_upload_mb:g} MB"
+                },
+                status_code=413,
+            )
+        return await call_next(request)
+
+    async def read_image(upload: UploadFile) -> Any:
+        data = await upload.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise HTTPProblem(
+                413, f"{upload.filename} is larger than the limit of {settings.max_upload_mb:g} MB"
+            )
+        if not data:
+            raise HTTPProblem(400, f"{upload.filename or 'the upload'} is empty: choose an image file")
+        try:
+            return load_image(data, settings.max_pixels)
+        except UserError as e:
+            raise HTTPProblem(
+                400, str(e).replace("image ", f"{upload.filename or 'the image'} ", 1)
+            ) from None
+
+    async def submit(group: tuple[Any, ...], payload: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def done(result: Any, error: BaseException | None) -> None:
+            def settle() -> None:
+                if future.done():
+                    return
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
+
+            loop.call_soon_threadsafe(settle)
+
+        batcher.submit(Job(group, payload, done))
+        try:
+            return await asyncio.wait_for(future, settings.timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPProblem(
+                504, f"the request took longer than {settings.timeout_s:g} s; try again later"
+            ) from None
+
+    def options(defaults: dict[str, Any], given: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+        merged = {**defaults, **{k: v for k, v in given.items() if v is not None}}
+        if not 1 <= merged.get("num_beams", 1) <= 10:
+            raise HTTPProblem(400, "num_beams must be between 1 and 10")
+        if not 1 <= merged.get("max_new_tokens", 1) <= 256:
+            raise HTTPProblem(400, "max_new_tokens must be between 1 and 256")
+        return tuple(sorted(merged.items()))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        return _page()
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Liveness and what the server does; `requests` / `batches` count the work batched so far."""
+        return {
+            "status": "ok",
+            "tasks": sorted(models.by_task),
+            "requests": batcher.requests,
+            "batches": batcher.batches,
+            "largest_batch": batcher.largest_batch,
+        }
+
+    @app.post("/caption")
+    async def caption(
+        image: Annotated[UploadFile, File(description="the image")],
+        prompt: Annotated[str | None, Form(description="text the caption continues")] = None,
+        num_beams: Annotated[int | None, Form()] = None,
+        max_new_tokens: Annotated[int | None, Form()] = None,
+        min_new_tokens: Annotated[int | None, Form()] = None,
+        repetition_penalty: Annotated[float | None, Form()] = None,
+        length_penalty: Annotated[float | None, Form()] = None,
+    ) -> dict[str, str]:
+        """Caption an image."""
+        pipe = models.pipe("caption")
+        pil = await read_image(image)
+        given = dict(
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            repetition_penalty=repetition_penalty,
+            length_penalty=length_penalty,
+        )
+        group = ("caption", options(CAPTION_DEFAULTS, given))
+        text = pipe.config.llm.prompt if prompt is None else prompt
+        return {"caption": await submit(group, (pil, text))}
+
+    @app.post("/ask")
+    async def ask(
+        image: Annotated[UploadFile, File(description="the image")],
+        question: Annotated[str, Form(description="the question")],
+        history: Annotated[
+            str | None, Form(description='earlier turns as JSON: [["question", "answer"], ...]')
+        ] = None,
+        num_beams: Annotated[int | None, Form()] = None,
+        max_new_tokens: Annotated[int | None, Form()] = None,
+    ) -> dict[str, str]:
+        """Answer a question about an image, given the earlier turns of the conversation."""
+        pipe = models.pipe("ask")
+        turns: list[tuple[str, str]] = []
+        if history:
+            try:
+                turns = [(str(q), str(a)) for q, a in json.loads(history)]
+            except (ValueError, TypeError):
+                raise HTTPProblem(400, 'history must be JSON like [["question", "answer"], ...]') from None
+        if not question.strip():
+            raise HTTPProblem(400, "the question is empty: type one")
+        pil = await read_image(image)
+        prompt = pipe.conversation_prompt(question, turns)
+        is_t5 = pipe.model.is_encoder_decoder
+        defaults = {**ASK_DEFAULTS, "length_penalty": -1.0 if is_t5 else 0.0}
+        group = ("ask", options(defaults, dict(num_beams=num_beams, max_new_tokens=max_new_tokens)))
+        return {"answer": await submit(group, (pil, prompt))}
+
+    @app.post("/match")
+    async def match(
+        image: Annotated[UploadFile, File(description="the image")],
+        text: Annotated[list[str], Form(description="one or more texts")],
+    ) -> dict[str, list[float]]:
+        """ITM match probability and ITC similarity of the image with each text."""
+        models.pipe("match")
+        pil = await read_image(image)
+        if not text or any(not t.strip() for t in text):
+            raise HTTPProblem(400, "a text is empty: give some words")
+        pairs = await asyncio.gather(*(submit(("match", ()), (pil, t)) for t in text))
+        return {"itm": [p[0] for p in pairs], "itc": [p[1] for p in pairs]}
+
+    @app.post("/search")
+    async def search(
+        images: Annotated[list[UploadFile], File(description="the images to rank")],
+        query: Annotated[str, Form(description="the text to search for")],
+        top_k: Annotated[int, Form()] = 10,
+        rerank: Annotated[int, Form()] = 16,
+    ) -> dict[str, Any]:
+        """Rank the uploaded images for a text query (ITC, then ITM re-ranking of the best)."""
+        models.pipe("search")
+        if not query.strip():
+            raise HTTPProblem(400, "the query is empty: type some words")
+        pils = [await read_image(im) for im in images]
+        hits = await submit(("search", id(pils)), (pils, query, top_k, rerank))
+        return {
+            "results": [
+                {"index": h.index, "filename": images[h.index].filename, "itc": h.itc, "itm": h.itm}
+                for h in hits
+            ]
+        }
+
+    return app
