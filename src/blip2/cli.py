@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "rank a folder of images for a text query (ITC, then ITM re-ranking)",
     ),
     "serve": ("blip2.commands.serve", "HTTP API and web page for caption, ask, match and search"),
+    "eval": ("blip2.eval.cli", "benchmarks: captioning, VQA and retrieval from their standard files"),
 }
 
 

@@ -32,6 +32,8 @@ __all__ = [
     "itm_rerank",
     "java_available",
     "normalize_answer",
+    "query_ranks",
+    "recall_from_ranks",
     "rerank_rows",
     "retrieval_recall",
     "simple_tokenize",
@@ -266,10 +268,17 @@ def retrieval_recall(
             f"score matrices {tuple(i2t.shape)}/{tuple(t2i.shape)} do not fit "
             f"{len(img2txt)} images and {len(txt2img)} texts"
         )
-    txt_ranks = _ranks(i2t, [list(t) for t in img2txt])
-    img_ranks = _ranks(t2i, [[i] for i in txt2img])
+    return recall_from_ranks(
+        query_ranks(i2t, [list(t) for t in img2txt]), query_ranks(t2i, [[i] for i in txt2img]), ks
+    )
+
+
+def recall_from_ranks(
+    txt_ranks: Tensor, img_ranks: Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """`retrieval_recall` from the ranks of the right answers (`query_ranks`), in percent."""
     out: dict[str, float] = {}
-    for name, ranks in (("txt", txt_ranks), ("img", img_ranks)):
+    for name, ranks in (("txt", torch.as_tensor(txt_ranks)), ("img", torch.as_tensor(img_ranks))):
         for k in ks:
             out[f"{name}_r{k}"] = 100.0 * float((ranks < k).double().mean())
         out[f"{name}_r_mean"] = sum(out[f"{name}_r{k}"] for k in ks) / len(ks)
@@ -278,16 +287,17 @@ def retrieval_recall(
     return out
 
 
-def _ranks(scores: Tensor, correct: list[list[int]]) -> Tensor:
-    """Per row: how many wrong candidates score >= the best correct candidate."""
+def query_ranks(scores: Tensor, correct: Sequence[Sequence[int]]) -> Tensor:
+    """Per query row of `scores`: how many wrong candidates score at least as high as its best right
+    one (`correct[row]`); 0 means a right answer is retrieved first."""
     ranks = torch.empty(scores.shape[0], dtype=torch.long)
     for row, good in enumerate(correct):
         if not good:
             raise ValueError(f"query {row} has no correct candidate")
         s = scores[row]
-        best = s[good].max()
+        best = s[list(good)].max()
         wrong = torch.ones_like(s, dtype=torch.bool)
-        wrong[good] = False
+        wrong[list(good)] = False
         ranks[row] = int(((s >= best) & wrong).sum())
     return ranks
 
