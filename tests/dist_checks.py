@@ -50,11 +50,8 @@ def stage1(out: str) -> None:
     b = GLOBAL_BATCH // info.world_size
     rows = slice(info.rank * b, (info.rank + 1) * b)
     gen = torch.Generator().manual_seed(123)
-    # rows are their own images (what the training loop passes for pre-training; see loop.row_ids)
-    image_ids = torch.arange(GLOBAL_BATCH)[rows]
-    o = ddp(
-        ids[rows], mask[rows], pixel_values=pixels[rows], image_ids=image_ids, gather=gather, generator=gen
-    )
+    # no image ids: each row is its own image, its positive at column rank * b + i of the gathered batch
+    o = ddp(ids[rows], mask[rows], pixel_values=pixels[rows], gather=gather, generator=gen)
     o.loss.backward()
     losses = torch.stack([o.loss, o.loss_itc, o.loss_itm, o.loss_itg]).detach()
     if info.distributed:

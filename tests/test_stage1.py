@@ -54,7 +54,7 @@ def test_itc_equals_direct_computation(model):
 def test_itc_with_image_ids_counts_shared_images_as_positives():
     sim = torch.randn(4, 4)
     ids = torch.tensor([7, 7, 3, 5])
-    pos = losses.positives(ids, ids, 4, 0, "cpu")
+    pos = losses.positives(4, 4, 0, ids, ids)
     assert pos.tolist()[0] == [True, True, False, False]
     loss = losses.itc_loss(sim, sim.t(), pos, label_smoothing=0.0)
     target = pos.float() / pos.sum(1, keepdim=True)
@@ -63,13 +63,15 @@ def test_itc_with_image_ids_counts_shared_images_as_positives():
     ) / 2
     torch.testing.assert_close(loss, expected)
     # with unique ids it is plain smoothed cross-entropy
-    eye = losses.positives(None, None, 4, 0, "cpu")
+    eye = losses.positives(4, 4, 0)
     labels = torch.arange(4)
     plain = (
         F.cross_entropy(sim, labels, label_smoothing=0.1)
         + F.cross_entropy(sim.t(), labels, label_smoothing=0.1)
     ) / 2
     torch.testing.assert_close(losses.itc_loss(sim, sim.t(), eye), plain)
+    # rank 1 of 2: its rows' positives sit at columns 4..7 of the gathered batch
+    assert losses.positives(4, 8, 4).nonzero().tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
 
 
 def test_hard_negatives_never_positive_and_follow_the_similarities():

@@ -44,18 +44,23 @@ def max_over_queries(image_feats: Tensor, text_feats: Tensor) -> Tensor:
 
 
 def positives(
-    image_ids: Tensor | None, image_ids_all: Tensor | None, batch: int, offset: int, device
+    batch: int,
+    total: int,
+    offset: int,
+    image_ids: Tensor | None = None,
+    image_ids_all: Tensor | None = None,
+    device: torch.device | str | None = None,
 ) -> Tensor:
-    """`(B, B_all)` bool: which gathered items are positives of each local item.
+    """`(batch, total)` bool: which of the `total` gathered items are positives of each local item.
 
-    Without image ids the positive of local item `b` is gathered item `offset + b`. With image ids every
-    item sharing the image id is a positive (the original code's retrieval fine-tuning; also right for
-    datasets with several captions per image).
+    Without image ids the positive of local item `b` is gathered item `offset + b` (`offset` = rank x
+    batch). With image ids every item sharing the image id is a positive (the original code's retrieval
+    fine-tuning; also right for datasets with several captions per image).
     """
     if image_ids is None:
-        n_all = batch if image_ids_all is None else image_ids_all.shape[0]
-        pos = torch.zeros(batch, n_all, dtype=torch.bool, device=device)
-        pos[torch.arange(batch, device=device), torch.arange(batch, device=device) + offset] = True
+        pos = torch.zeros(batch, total, dtype=torch.bool, device=device)
+        rows = torch.arange(batch, device=device)
+        pos[rows, rows + offset] = True
         return pos
     return image_ids.view(-1, 1) == image_ids_all.view(1, -1)
 

@@ -156,14 +156,14 @@ class Stage1Model(nn.Module):
         offset = gather.rank * b
         sim_i2t = losses.max_over_queries(image_feats, text_feat_all) / self.temp  # (B, B_all)
         sim_t2i = losses.max_over_queries(image_feats_all, text_feat).t() / self.temp  # (B, B_all)
-        pos = losses.positives(image_ids, ids_all, b, offset, input_ids.device)
+        pos = losses.positives(b, sim_i2t.shape[1], offset, image_ids, ids_all, input_ids.device)
         loss_itc = losses.itc_loss(sim_i2t, sim_t2i, pos)
 
         # ITM with hard negatives drawn over the global batch (the same draw on every rank)
         with torch.no_grad():
             n_all = image_feats_all.shape[0]
             sim_all = losses.max_over_queries(image_feats_all, text_feat_all) / self.temp
-            pos_all = losses.positives(ids_all, ids_all, n_all, 0, input_ids.device)
+            pos_all = losses.positives(n_all, n_all, 0, ids_all, ids_all, input_ids.device)
             neg_text, neg_image = losses.sample_hard_negatives(sim_all, pos_all, generator)
             neg_text, neg_image = neg_text[offset : offset + b], neg_image[offset : offset + b]
         ids_all, mask_all = gather(input_ids), gather(attention_mask)

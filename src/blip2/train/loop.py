@@ -292,14 +292,6 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
 
 
-def row_ids(input_ids: torch.Tensor, gather) -> torch.Tensor:
-    """Pre-training has no image ids: each row of the global batch is its own image (LAVIS stage 1), so
-    the ids are the global row numbers `rank * B + i` (the positives are the diagonal, labels offset by
-    rank)."""
-    b = input_ids.shape[0]
-    return torch.arange(b, device=input_ids.device) + gather.rank * b
-
-
 def forward_loss(
     model: nn.Module, inputs: dict[str, Any], stage: int, gather, generator: torch.Generator
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -310,7 +302,7 @@ def forward_loss(
             inputs["attention_mask"],
             pixel_values=inputs.get("pixel_values"),
             image_features=inputs.get("image_features"),
-            image_ids=inputs.get("image_ids", row_ids(inputs["input_ids"], gather)),
+            image_ids=inputs.get("image_ids"),
             gather=gather,
             generator=generator,
         )
