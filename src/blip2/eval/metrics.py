@@ -16,7 +16,7 @@ import contextlib
 import io
 import re
 import shutil
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -111,8 +111,8 @@ def _clean(text: str) -> str:
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
-def _pct(values: object) -> float:
-    vals = list(values)  # type: ignore[call-overload]
+def _pct(values: Iterable[float]) -> float:
+    vals = list(values)
     return round(100.0 * sum(vals) / len(vals), 2) if vals else 0.0
 
 
