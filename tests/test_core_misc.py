@@ -162,3 +162,20 @@ def test_model_modules_import_without_training_extras():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_an_unfrozen_encoder_is_fine_tuned():
+    import dataclasses
+
+    from blip2.models import Stage1Model
+
+    base = preset("tiny-stage1")
+    model = Stage1Model(
+        dataclasses.replace(base, vision=dataclasses.replace(base.vision, freeze=False))
+    ).train()
+    assert model.visual.tower.training
+    ids = torch.randint(1000, 2000, (3, 6))
+    out = model(ids, torch.ones_like(ids), pixel_values=torch.randn(3, 3, 16, 16))
+    out.loss.backward()
+    grads = [p.grad for p in model.visual.tower.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0

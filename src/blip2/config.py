@@ -34,6 +34,8 @@ class VisionConfig:
             feature map becoming a token grid.
         image_size: side of the square input in pixels.
         image_mean, image_std: normalization of the processor.
+        freeze: keep the tower frozen (eval mode, no gradients). False fine-tunes it, as the paper's
+            caption and retrieval fine-tunings do (then features cannot come from a cache).
         freeze_ln_vision: also freeze `ln_vision` (trainable by default, as in the original code).
         dtype: precision of the frozen tower ("float32", "bfloat16", "float16").
         ln_vision_eps: eps of a new `ln_vision` (towers without a final LayerNorm to reuse).
@@ -43,6 +45,7 @@ class VisionConfig:
     image_size: int = 224
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    freeze: bool = True
     freeze_ln_vision: bool = False
     dtype: str = "float32"
     ln_vision_eps: float = 1e-5

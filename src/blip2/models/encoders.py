@@ -60,10 +60,12 @@ class ImageEncoder(nn.Module):
                 # only the pooled output used it (transformers 5 dropped the `vision_model` wrapper)
                 getattr(self.tower, "vision_model", self.tower).post_layernorm = nn.Identity()
             self.ln_vision = nn.LayerNorm(cfg.width, eps=cfg.ln_vision_eps)
-        self.tower.requires_grad_(False)
+        self.frozen = cfg.freeze
+        self.tower.requires_grad_(not self.frozen)
         self.tower.to(torch_dtype(cfg.dtype))
         self.ln_vision.requires_grad_(not cfg.freeze_ln_vision)
-        self.tower.eval()
+        if self.frozen:
+            self.tower.eval()
 
     @property
     def width(self) -> int:
@@ -71,14 +73,15 @@ class ImageEncoder(nn.Module):
 
     def train(self, mode: bool = True) -> ImageEncoder:
         super().train(mode)
-        self.tower.eval()  # frozen: never in training mode (no dropout, fixed norms)
+        if self.frozen:
+            self.tower.eval()  # frozen: never in training mode (no dropout, fixed norms)
         return self
 
-    @torch.no_grad()
     def features(self, pixel_values: Tensor) -> Tensor:
-        """Frozen features `(B, N, D)` before `ln_vision`, in the tower's dtype."""
+        """Tower features `(B, N, D)` before `ln_vision`, in the tower's dtype (no autograd when frozen)."""
         param = next(self.tower.parameters())
-        out = self.tower(pixel_values=pixel_values.to(device=param.device, dtype=param.dtype))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            out = self.tower(pixel_values=pixel_values.to(device=param.device, dtype=param.dtype))
         h = out.last_hidden_state
         if h.dim() == 4:  # (B, C, H, W) feature map -> (B, H*W, C) tokens
             h = h.flatten(2).transpose(1, 2)

@@ -196,6 +196,11 @@ def text_spec(cfg: TrainConfig, section: DataSection, config: Blip2Config) -> Te
 def preprocessor(cfg: TrainConfig, section: DataSection, config: Blip2Config, train: bool) -> Preprocessor:
     features = None
     if section.features:
+        if not config.vision.freeze:
+            raise UserError(
+                "cached image features need a frozen image encoder: drop data.features or set "
+                "model.overrides.vision.freeze=true"
+            )
         features = FeatureStore(section.features)
         features.check_vision(config.to_dict()["vision"])
     v = config.vision
