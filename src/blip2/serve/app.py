@@ -19,10 +19,11 @@ with 400, requests that take longer than `timeout_s` with 504. User errors are o
 `{"detail": ...}`, never a traceback.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime,
+# and their types are imported inside `create_app`
 import asyncio
 import json
+import logging
 import queue
 import threading
 import time
@@ -34,7 +35,7 @@ from typing import Annotated, Any
 from blip2.errors import UserError
 from blip2.processing import DEFAULT_MAX_PIXELS, load_image
 
-GENERATION_FIELDS = ("num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty", "length_penalty")
+logger = logging.getLogger("blip2.serve")
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,13 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
     async def _user_error(request: Request, exc: UserError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error in %s", request.url.path)
+        return JSONResponse(
+            {"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500
+        )
+
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Callable) -> Any:
         length = request.headers.get("content-length")
@@ -365,7 +373,9 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
         if not query.strip():
             raise HTTPProblem(400, "the query is empty: type some words")
         pils = [await read_image(im) for im in images]
-        hits = await submit(("search", id(pils)), (pils, query, top_k, rerank))
+        hits = await submit(
+            ("search", (("request", id(pils)),)), (pils, query, top_k, rerank)
+        )  # never batched
         return {
             "results": [
                 {"index": h.index, "filename": images[h.index].filename, "itc": h.itc, "itm": h.itm}

@@ -1,0 +1,249 @@
+"""The HTTP server, through a real HTTP client and a real browser: endpoints, batching of concurrent
+requests (each gets a lone request's answer), limits, clear errors, `blip2 serve` itself, and the web
+page driven in headless Chromium (Debian's, through playwright)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import usage_helpers as uh
+
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+import blip2  # noqa: E402
+from blip2.serve import ServerSettings, create_app  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+TIMEOUT = 120  # seconds; the machine is shared and loaded
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """uvicorn serving an app in a thread, on a free local port."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    captioner = blip2.load(uh.save_captioner(tmp_path_factory.mktemp("captioner")))
+    retriever = blip2.load(uh.save_retriever(tmp_path_factory.mktemp("retriever")))
+    return captioner, retriever
+
+
+@pytest.fixture(scope="module")
+def server(pipes):
+    settings = ServerSettings(max_upload_mb=0.05, max_pixels=100_000, batch_wait_ms=300, max_batch=8)
+    with Server(create_app(list(pipes), settings)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    return uh.make_images(tmp_path_factory.mktemp("images"), 6)
+
+
+def upload(path: Path) -> dict:
+    return {"image": (path.name, path.read_bytes(), "image/png")}
+
+
+def test_health_and_schema(server):
+    health = httpx.get(server.url + "/health", timeout=TIMEOUT).json()
+    assert health["status"] == "ok"
+    assert {"caption", "ask", "match", "search"} <= set(health["tasks"])
+    schema = httpx.get(server.url + "/openapi.json", timeout=TIMEOUT).json()
+    assert {"/caption", "/ask", "/match", "/search", "/health"} <= set(schema["paths"])
+
+
+def test_endpoints_answer_as_the_api_does(server, pipes, images):
+    captioner, retriever = pipes
+    r = httpx.post(server.url + "/caption", files=upload(images[0]), data={"num_beams": 1}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    assert r.json()["caption"] == captioner.caption(images[0], num_beams=1)
+
+    data = {"question": "what is it ?", "history": json.dumps([["what is the sky ?", "blue"]])}
+    r = httpx.post(server.url + "/ask", files=upload(images[1]), data=data, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    assert r.json()["answer"] == captioner.chat(images[1], "what is it ?", [("what is the sky ?", "blue")])
+
+    r = httpx.post(
+        server.url + "/match", files=upload(images[2]), data={"text": ["a dog", "two cats"]}, timeout=TIMEOUT
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected_itm = retriever.match(images[2], ["a dog", "two cats"]).tolist()
+    expected_itc = retriever.similarity(images[2], ["a dog", "two cats"])[0].tolist()
+    assert body["itm"] == pytest.approx(expected_itm, abs=1e-5)
+    assert body["itc"] == pytest.approx(expected_itc, abs=1e-5)
+
+    files = [("images", (p.name, p.read_bytes(), "image/png")) for p in images]
+    r = httpx.post(
+        server.url + "/search", files=files, data={"query": "a dog", "top_k": 3, "rerank": 2}, timeout=TIMEOUT
+    )
+    assert r.status_code == 200, r.text
+    hits = r.json()["results"]
+    expected = retriever.search(images, "a dog", top_k=3, rerank=2)
+    assert [h["filename"] for h in hits] == [images[h.index].name for h in expected]
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, images):
+    def caption(path: Path) -> str:
+        r = httpx.post(server.url + "/caption", files=upload(path), timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+        return r.json()["caption"]
+
+    alone = [caption(p) for p in images]  # one at a time
+    assert len(set(alone)) > 1  # different images, different captions: a mix-up would show
+    before = httpx.get(server.url + "/health", timeout=TIMEOUT).json()
+    with ThreadPoolExecutor(len(images)) as pool:
+        together = list(pool.map(caption, images))
+    after = httpx.get(server.url + "/health", timeout=TIMEOUT).json()
+    assert together == alone
+    requests, batches = after["requests"] - before["requests"], after["batches"] - before["batches"]
+    assert requests == len(images) and batches < requests  # some requests shared a forward pass
+    assert after["largest_batch"] > 1
+
+
+def test_limits_and_bad_input_get_clear_statuses(server, images, tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(os.urandom(80_000))  # over the 0.05 MB limit
+    r = httpx.post(server.url + "/caption", files=upload(big), timeout=TIMEOUT)
+    assert r.status_code == 413 and "limit of 0.05 MB" in r.json()["detail"]
+
+    r = httpx.post(
+        server.url + "/caption", files={"image": ("notes.png", b"hello", "image/png")}, timeout=TIMEOUT
+    )
+    assert r.status_code == 400 and r.json()["detail"] == "notes.png is not an image file PIL can read"
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (400, 400)).save(buf, format="PNG")  # 160000 pixels, over the 100000 limit (small file)
+    r = httpx.post(
+        server.url + "/caption", files={"image": ("wide.png", buf.getvalue(), "image/png")}, timeout=TIMEOUT
+    )
+    assert r.status_code == 400 and "more than the limit of 100000" in r.json()["detail"]
+
+    r = httpx.post(server.url + "/ask", files=upload(images[0]), data={"question": "  "}, timeout=TIMEOUT)
+    assert r.status_code == 400 and "empty" in r.json()["detail"]
+    r = httpx.post(
+        server.url + "/ask",
+        files=upload(images[0]),
+        data={"question": "what ?", "history": "[1"},
+        timeout=TIMEOUT,
+    )
+    assert r.status_code == 400 and "history must be JSON" in r.json()["detail"]
+    r = httpx.post(server.url + "/caption", files=upload(images[0]), data={"num_beams": 99}, timeout=TIMEOUT)
+    assert r.status_code == 400 and "num_beams" in r.json()["detail"]
+
+
+def test_a_server_without_a_captioner_says_which_model_it_needs(pipes, images):
+    _, retriever = pipes
+    with Server(create_app([retriever])) as s:
+        r = httpx.post(s.url + "/caption", files=upload(images[0]), timeout=TIMEOUT)
+    assert r.status_code == 400
+    assert "caption needs a stage-2 (generative) checkpoint" in r.json()["detail"]
+
+
+def test_request_timeout_gives_504(pipes, images):
+    captioner, _ = pipes
+    with Server(create_app([captioner], ServerSettings(timeout_s=0.001, batch_wait_ms=200))) as s:
+        r = httpx.post(s.url + "/caption", files=upload(images[0]), timeout=TIMEOUT)
+    assert r.status_code == 504 and "longer than" in r.json()["detail"]
+
+
+def test_blip2_serve_command_binds_to_localhost(pipes, tmp_path):
+    folder = uh.save_captioner(tmp_path / "captioner")
+    port = free_port()
+    cmd = [sys.executable, "-m", "blip2.cli", "serve", "--model", str(folder), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "blip2 serve did not answer"
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert health["tasks"] == ["ask", "caption", "chat", "generate"]
+        listening = (
+            subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+            if shutil.which("ss")
+            else ""
+        )
+        if listening:
+            assert f"127.0.0.1:{port}" in listening
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        proc.stderr.close()
+
+
+@pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason="needs Debian's chromium (scripts/setup.sh installs it)"
+)
+def test_web_page_upload_caption_and_ask(server, pipes, images):
+    playwright = pytest.importorskip("playwright.sync_api")
+    captioner, _ = pipes
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+    args += ["--disable-sync"]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=args, headless=True, timeout=TIMEOUT * 1000
+        )
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(TIMEOUT * 1000)
+            page.goto(server.url + "/")
+            page.set_input_files("#image", str(images[3]))
+            page.wait_for_selector("#caption[data-done='1']")
+            assert page.inner_text("#caption") == captioner.caption(images[3])
+            page.fill("#question", "what is it ?")
+            page.click("#ask")
+            page.wait_for_selector("#answers li .answer")
+            assert page.inner_text("#answers li .answer") == captioner.ask(images[3], "what is it ?")
+            page.fill("#question", "what is the sky ?")
+            page.click("#ask")
+            page.wait_for_selector("#answers li:nth-child(2) .answer")
+            first = page.inner_text("#answers li .answer")
+            expected = captioner.chat(images[3], "what is the sky ?", [("what is it ?", first)])
+            assert page.inner_text("#answers li:nth-child(2) .answer") == expected  # the page keeps the chat
+            assert page.inner_text("#status") == ""
+        finally:
+            browser.close()
