@@ -165,3 +165,24 @@ def test_missing_model_is_one_sentence(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither a BLIP-2 folder"):
         blip2.load(tmp_path / "empty")
+
+
+def test_code_shipped_in_a_checkpoint_is_never_run(tmp_path):
+    """A tokenizer config that points at Python code beside it (`auto_map`) loads without running it:
+    `trust_remote_code` is never passed."""
+    import json
+
+    folder = uh.save_captioner(tmp_path / "model")
+    marker = tmp_path / "code_ran"
+    (folder / "evil_tokenizer.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "evil_tokenizer.EvilTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    pipe = blip2.load(folder)
+    assert pipe.caption(uh.make_images(tmp_path / "im", 1)[0], num_beams=1, max_new_tokens=2)
+    assert not marker.exists()
+    assert "EvilTokenizer" not in type(pipe.llm_tokenizer).__name__

@@ -121,20 +121,23 @@ def test_endpoints_answer_as_the_api_does(server, pipes, images):
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, images):
-    def caption(path: Path) -> str:
-        r = httpx.post(server.url + "/caption", files=upload(path), timeout=TIMEOUT)
+    def call(job: tuple[str, Path]) -> str:
+        endpoint, path = job
+        data = {"question": "what is it ?"} if endpoint == "ask" else {}
+        r = httpx.post(f"{server.url}/{endpoint}", files=upload(path), data=data, timeout=TIMEOUT)
         assert r.status_code == 200, r.text
-        return r.json()["caption"]
+        return r.json()["caption" if endpoint == "caption" else "answer"]
 
-    alone = [caption(p) for p in images]  # one at a time
-    assert len(set(alone)) > 1  # different images, different captions: a mix-up would show
+    jobs = [("caption", p) for p in images] + [("ask", p) for p in images[:3]]  # two kinds, mixed
+    alone = [call(j) for j in jobs]  # one at a time
+    assert len(set(alone[: len(images)])) > 1  # different images, different captions: a mix-up would show
     before = httpx.get(server.url + "/health", timeout=TIMEOUT).json()
-    with ThreadPoolExecutor(len(images)) as pool:
-        together = list(pool.map(caption, images))
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(call, jobs))
     after = httpx.get(server.url + "/health", timeout=TIMEOUT).json()
     assert together == alone
     requests, batches = after["requests"] - before["requests"], after["batches"] - before["batches"]
-    assert requests == len(images) and batches < requests  # some requests shared a forward pass
+    assert requests == len(jobs) and batches < requests  # some requests shared a forward pass
     assert after["largest_batch"] > 1
 
 

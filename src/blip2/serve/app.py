@@ -86,6 +86,7 @@ class Batcher:
         self.batches = 0
         self.largest_batch = 0
         self._held: list[Job] = []  # taken from the queue but of another group
+        self._closing = False
         self._thread = threading.Thread(target=self._loop, name="blip2-batcher", daemon=True)
         self._thread.start()
 
@@ -93,6 +94,8 @@ class Batcher:
         self.queue.put(job)
 
     def close(self) -> None:
+        """Stop after the jobs already taken (None in the queue is the stop sign)."""
+        self._closing = True
         self.queue.put(None)
         self._thread.join(timeout=5)
 
@@ -117,6 +120,9 @@ class Batcher:
                     break
                 nxt = self._next(max(left, 0.0) if not self._held else None)
                 if nxt is None:
+                    if self._closing:  # that None was the stop sign: keep it for the outer loop
+                        self.queue.put(None)
+                        break
                     if left <= 0:
                         break
                     continue
