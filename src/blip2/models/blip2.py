@@ -23,7 +23,7 @@ from blip2 import losses
 from blip2.config import Blip2Config
 from blip2.losses import Gather
 from blip2.models.encoders import ImageEncoder
-from blip2.models.qformer import QFormer
+from blip2.models.qformer import QFormer, autocast
 
 
 @dataclass
@@ -42,7 +42,13 @@ class ImageEmbedding:
 
 
 class Stage1Model(nn.Module):
-    """Frozen image encoder + Q-Former with ITC, ITM and ITG heads."""
+    """Frozen image encoder + Q-Former with ITC, ITM and ITG heads.
+
+    Attributes:
+        autocast_dtype: compute dtype of the training step under `torch.autocast` (e.g.
+            `torch.bfloat16`: bf16 matmuls and attention over fp32 master weights); None (default)
+            computes in the weights' dtype. The frozen image tower is never autocast.
+    """
 
     def __init__(self, config: Blip2Config, vision_tower: nn.Module | None = None):
         super().__init__()
@@ -60,6 +66,7 @@ class Stage1Model(nn.Module):
         for head in (self.vision_proj, self.text_proj, self.itm_head):
             nn.init.normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
+        self.autocast_dtype: torch.dtype | None = None
 
     # ---------------------------------------------------------------------------------- encoding
 
@@ -139,9 +146,23 @@ class Stage1Model(nn.Module):
             gather: concatenation over ranks (identity in one process, see `losses.Gather`).
             generator: the random source of the hard-negative draw.
         """
+        if pixel_values is not None and image_features is None:
+            image_features = self.visual.features(pixel_values)  # the frozen tower, outside autocast
+        with autocast(self.query_tokens.device, self.autocast_dtype):
+            return self._losses(input_ids, attention_mask, image_features, image_ids, gather, generator)
+
+    def _losses(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        image_features: Tensor | None,
+        image_ids: Tensor | None,
+        gather: Gather | None,
+        generator: torch.Generator | None,
+    ) -> Stage1Output:
         gather = gather or Gather()
         cfg = self.config.qformer
-        image_embeds = self.encode_image(pixel_values, image_features)  # (B, N, Dv)
+        image_embeds = self.encode_image(None, image_features)  # (B, N, Dv)
         b = image_embeds.shape[0]
         image_kv = self.qformer.image_kv(image_embeds)  # projected once, shared by ITC/ITG and ITM
 

@@ -17,7 +17,9 @@ every cross-attention can be projected once (`image_kv`) and shared by several p
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +160,14 @@ class LMHead(nn.Module):
 
     def forward(self, h: Tensor, word_embeddings: Tensor) -> Tensor:
         return F.linear(self.norm(F.gelu(self.dense(h))), word_embeddings, self.bias)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """`torch.autocast` to `dtype` on `device`'s type (the Q-Former's mixed precision: fp32 master
+    weights, `dtype` matmuls and attention); a no-op context for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def build_mask(

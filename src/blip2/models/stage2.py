@@ -12,7 +12,13 @@ The LLM is the transformers model itself (`self.llm`): frozen (no parameter grad
 differentiable, so the loss trains the projection, the Q-Former and the queries through it. Generation
 uses the LM's own `generate` with `inputs_embeds`, so greedy, beam search, sampling and the penalties
 behave exactly as in transformers; the projected queries are computed once per image and transformers
-expands them over beams. The model takes token ids and never tokenizes.
+expands them over beams. Greedy search with the captioning options runs a lean decode loop instead
+(`blip2.models.decode`: the same tokens, far less per-token overhead). The model takes token ids and
+never tokenizes.
+
+Precision: the frozen towers run in their configured dtype; the Q-Former and projection keep fp32
+weights and, with `autocast_dtype = torch.bfloat16`, compute in bf16 under autocast (fp32 master
+weights, no fp32 island).
 """
 
 from __future__ import annotations
@@ -28,9 +34,9 @@ from torch import Tensor, nn
 
 from blip2 import losses
 from blip2.config import Blip2Config, LLMConfig
-from blip2.models import language
+from blip2.models import decode, language
 from blip2.models.encoders import ImageEncoder
-from blip2.models.qformer import QFormer
+from blip2.models.qformer import QFormer, autocast
 
 
 @dataclass
@@ -52,7 +58,15 @@ class Stage2Model(nn.Module):
     Attributes:
         eos_token_id: the id that ends generated text, passed to `generate` (default: the LM's own). The
             caller sets it from `config.llm.eos_text` with its tokenizer (OPT: "\\n" = 50118).
+        decode_mode: how `generate` decodes when the options allow greedy fast decoding: "fast" (the
+            lean loop with the LM's dynamic cache, the default), "static" (a preallocated static cache;
+            on CUDA the decode step is compiled into a CUDA graph) or "transformers" (always the LM's
+            own `generate`). Other options (beams, sampling, scores, ...) always use `generate`.
+        autocast_dtype: compute dtype of the Q-Former and projection under `torch.autocast` (e.g.
+            `torch.bfloat16`); None (default) computes in the weights' dtype (fp32).
     """
+
+    DECODE_MODES = ("fast", "static", "transformers")
 
     def __init__(
         self,
@@ -85,6 +99,8 @@ class Stage2Model(nn.Module):
         eos = getattr(getattr(self.llm, "generation_config", None), "eos_token_id", None)
         self.eos_token_id: int | list[int] | None = eos if eos is not None else self.llm.config.eos_token_id
         self._pass_position_ids = not self.is_encoder_decoder and language.accepts_position_ids(self.llm)
+        self.decode_mode = "fast"
+        self.autocast_dtype: torch.dtype | None = None
 
     # ---------------------------------------------------------------------------------- building
 
@@ -170,9 +186,14 @@ class Stage2Model(nn.Module):
         """The soft visual prompt: projected queries `(B, Q, d_llm)`, in the LLM's dtype.
 
         `pixel_values` are `(B, 3, H, W)` images; `image_features` are cached frozen tower outputs
-        `(B, N, Dv)` (before `ln_vision`). The Q-Former and projection run in their own (fp32) precision.
+        `(B, N, Dv)` (before `ln_vision`). The Q-Former and projection run in their own (fp32) precision,
+        or under autocast to `autocast_dtype`.
         """
-        projected = self.language_projection(self.query_output(pixel_values, image_features))
+        image_embeds = self.encode_image(pixel_values, image_features)  # the frozen tower: no autocast
+        with autocast(self.query_tokens.device, self.autocast_dtype):
+            queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # (B, Q, D)
+            hidden = self.qformer(queries=queries, image_embeds=image_embeds).hidden
+            projected = self.language_projection(hidden)
         return projected.to(language.llm_dtype(self.llm))
 
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
@@ -285,6 +306,7 @@ class Stage2Model(nn.Module):
         attention_mask: Tensor | None = None,
         *,
         image_features: Tensor | None = None,
+        decode_mode: str | None = None,
         **generate_kwargs: Any,
     ) -> Tensor:
         """Generate text for images, optionally continuing a prompt; returns the new token ids only.
@@ -295,12 +317,15 @@ class Stage2Model(nn.Module):
         arguments go to the LM's `generate` under transformers' names: `num_beams`, `do_sample`,
         `temperature`, `top_p`, `max_new_tokens` (default 30), `min_new_tokens`, `length_penalty`,
         `repetition_penalty`, `num_return_sequences`, ... `eos_token_id` defaults to `self.eos_token_id`.
+        Greedy search with only `max_new_tokens`, `min_new_tokens`, `repetition_penalty`, EOS and pad
+        ids runs the lean decode loop (`decode_mode`, default `self.decode_mode`); the tokens are the same.
 
         Args:
             pixel_values: `(B, 3, H, W)` images, or
             image_features: `(B, N, Dv)` cached frozen features.
             input_ids: `(B, L)` prompt ids, or `(1, L)` for one prompt shared by all images.
             attention_mask: `(B, L)` prompt padding mask.
+            decode_mode: overrides `self.decode_mode` for this call.
 
         Returns:
             `(B * num_return_sequences, T)` new token ids; rows that end early are padded with the
@@ -339,6 +364,13 @@ class Stage2Model(nn.Module):
             input_ids, attention_mask = language.move_padding(input_ids, attention_mask, "left")
             embeds = torch.cat([prefix, self.embed_tokens(input_ids)], dim=1)  # (B, Q + L, E)
             mask = torch.cat([attention_mask.new_ones(b, q), attention_mask], dim=1)
+        mode = decode_mode or self.decode_mode
+        if mode not in self.DECODE_MODES:
+            raise ValueError(f"unknown decode_mode {mode!r}: use one of {self.DECODE_MODES}")
+        if mode != "transformers" and decode.supports(self.llm, kwargs):
+            static = mode == "static" and not self.is_encoder_decoder
+            out = decode.greedy(self.llm, embeds, mask, static=static, compile=static, **kwargs)
+            return language.pad_after_eos(out, kwargs["eos_token_id"], kwargs.get("pad_token_id"))
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
         sequences = out if isinstance(out, Tensor) else out.sequences
         if self.is_encoder_decoder:

@@ -1,0 +1,346 @@
+"""A lean greedy decode loop for the frozen LLM of stage 2 (the fast path of `Stage2Model.generate`).
+
+transformers' `generate` is general: every step it rebuilds model inputs, runs a list of logits
+processors and stopping criteria, and updates bookkeeping for features a caption never uses. For a
+small LM that Python overhead is most of the time per token. This loop does only what greedy decoding
+with the options captioning uses needs, on the same model and the same key/value cache:
+
+* prefill once with `inputs_embeds` (the projected queries and the prompt), keeping only the last
+  position's logits;
+* then one token per step through the LM with its cache, in float32 for the penalties, argmax;
+* `min_new_tokens` (EOS forbidden before it), `repetition_penalty` (over the generated tokens, as
+  transformers applies it to generation from `inputs_embeds`), EOS (one id or several), finished rows
+  filled with the pad id, stop when every row has finished.
+
+It gives the tokens transformers' greedy search gives (`tests/test_decode.py` checks it for OPT,
+GPT-2 and T5 LMs, batched with left padding). `supports` says which `generate` options it covers;
+anything else (beams, sampling, scores, streamers, ...) goes to transformers.
+
+Static cache (decoder-only LMs): with `static=True` the cache is a transformers `StaticCache` sized to
+the prompt plus `max_new_tokens`, and every decode step has the same shapes; with `compile=True` (CUDA
+only) that step is compiled with `torch.compile(mode="reduce-overhead")`, i.e. replayed as a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# generate options the loop implements, and the values that keep it greedy
+_HANDLED = {"max_new_tokens", "min_new_tokens", "repetition_penalty", "eos_token_id", "pad_token_id"}
+_NEUTRAL: dict[str, Any] = {
+    "num_beams": 1,
+    "do_sample": False,
+    "num_return_sequences": 1,
+    "use_cache": True,
+    "return_dict_in_generate": False,
+    "output_scores": False,
+    "output_logits": False,
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "streamer": None,
+}
+# sampling-only settings: inert under greedy search (transformers ignores them with a warning)
+_INERT = {"temperature", "top_p", "top_k", "min_p", "typical_p", "length_penalty", "early_stopping"}
+# fields of the LM's own generation config that would change what greedy search does
+_CONFIG_NEUTRAL: dict[str, Any] = {
+    "do_sample": False,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "min_length": 0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "force_words_ids": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
+    "encoder_repetition_penalty": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "guidance_scale": None,
+    "watermarking_config": None,
+    "stop_strings": None,
+    "max_time": None,
+    "cache_implementation": None,
+}
+_CONFIG_DEFAULTS = {"min_new_tokens": None, "repetition_penalty": 1.0, "max_length": 20}
+
+
+def supports(llm: nn.Module, options: dict[str, Any]) -> bool:
+    """Whether `greedy` does exactly what `llm.generate(**options)` would.
+
+    True for greedy search with `max_new_tokens`, `min_new_tokens`, `repetition_penalty`, EOS and pad
+    ids, when the LM's own generation config adds nothing that changes greedy search.
+    """
+    for key, value in options.items():
+        if key in _HANDLED or key in _INERT:
+            continue
+        if key not in _NEUTRAL or value != _NEUTRAL[key]:
+            return False
+    if "max_new_tokens" not in options:
+        return False
+    config = getattr(llm, "generation_config", None)
+    if config is None:
+        return True
+    for key, neutral in _CONFIG_NEUTRAL.items():
+        value = getattr(config, key, neutral)
+        if key in options:
+            value = options[key]
+        if value is not None and value != neutral:
+            return False
+    for key, default in _CONFIG_DEFAULTS.items():  # used by transformers only when not passed
+        if key in options or key == "max_length":
+            continue
+        if getattr(config, key, default) not in (default, None):
+            return False
+    return True
+
+
+def _cache_key(llm: nn.Module) -> str:
+    """The name of the cache argument (`cache` from transformers 5.2x, `past_key_values` before)."""
+    params = inspect.signature(llm.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _out_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+class _Selector:
+    """Picks the next token from float32 logits: penalties, EOS held back, finished rows padded."""
+
+    def __init__(
+        self,
+        batch: int,
+        device: torch.device,
+        eos_token_id: int | list[int] | None,
+        pad_token_id: int | None,
+        min_new_tokens: int,
+        repetition_penalty: float,
+        history: Tensor | None,
+    ):
+        eos = (
+            [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+        )
+        self.eos = torch.tensor(list(eos), dtype=torch.long, device=device)
+        self.pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
+        self.min_new_tokens = min_new_tokens
+        self.penalty = repetition_penalty
+        self.history = (
+            history if history is not None else torch.empty(batch, 0, dtype=torch.long, device=device)
+        )
+        self.unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        self.count = 0
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """`(B, V)` logits of the next position -> `(B,)` tokens."""
+        scores = logits.float()
+        if self.penalty != 1.0 and self.history.shape[1]:
+            picked = scores.gather(1, self.history)
+            picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
+            scores = scores.scatter(1, self.history, picked)
+        if self.count < self.min_new_tokens and self.eos.numel():
+            scores[:, self.eos] = -float("inf")
+        token = scores.argmax(dim=-1)  # (B,)
+        if self.pad is not None:
+            token = torch.where(self.unfinished, token, self.pad)
+        if self.eos.numel():
+            self.unfinished &= ~torch.isin(token, self.eos)
+        if self.penalty != 1.0:
+            self.history = torch.cat([self.history, token[:, None]], dim=1)
+        self.count += 1
+        return token
+
+    def done(self) -> bool:
+        return self.eos.numel() > 0 and not bool(self.unfinished.any())
+
+
+@torch.no_grad()
+def greedy(
+    llm: nn.Module,
+    inputs_embeds: Tensor,
+    attention_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int | None = None,
+    repetition_penalty: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    static: bool = False,
+    compile: bool = False,
+    **inert: Any,
+) -> Tensor:
+    """Greedy decoding from `inputs_embeds`; the new tokens `(B, T)`, `T <= max_new_tokens`.
+
+    Args:
+        llm: a transformers causal or encoder-decoder LM.
+        inputs_embeds: decoder-only: `(B, P, E)` `[queries][left-padded prompt]`; encoder-decoder: the
+            encoder's input.
+        attention_mask: `(B, P)` its padding mask.
+        max_new_tokens, min_new_tokens, repetition_penalty, eos_token_id, pad_token_id: as in
+            transformers' `generate` (rows that end early are filled with `pad_token_id`, or the EOS).
+        static: decoder-only: a preallocated `StaticCache` (fixed shapes per step).
+        compile: with `static` on CUDA, compile the decode step (CUDA graphs).
+        inert: sampling-only options (temperature, top_p, ...) that greedy search ignores.
+    """
+    del inert
+    b = inputs_embeds.shape[0]
+    device = inputs_embeds.device
+    is_enc_dec = bool(getattr(llm.config, "is_encoder_decoder", False))
+    history = None
+    if is_enc_dec:
+        start = llm.config.decoder_start_token_id
+        history = torch.full((b, 1), start, dtype=torch.long, device=device)  # the decoder's inputs so far
+    select = _Selector(
+        b, device, eos_token_id, pad_token_id, min_new_tokens or 0, repetition_penalty or 1.0, history
+    )
+    if max_new_tokens <= 0:
+        return torch.empty(b, 0, dtype=torch.long, device=device)
+    if is_enc_dec:
+        return _greedy_encoder_decoder(llm, inputs_embeds, attention_mask, max_new_tokens, select)
+    if static:
+        return _greedy_static(llm, inputs_embeds, attention_mask, max_new_tokens, select, compile)
+    return _greedy_decoder(llm, inputs_embeds, attention_mask, max_new_tokens, select)
+
+
+def _lm_kwargs(llm: nn.Module) -> dict[str, Any]:
+    params = inspect.signature(llm.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def _positions(mask: Tensor) -> Tensor:
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _greedy_decoder(llm: nn.Module, embeds: Tensor, mask: Tensor, steps: int, select: _Selector) -> Tensor:
+    cache_key, extra = _cache_key(llm), _lm_kwargs(llm)
+    takes_positions = "position_ids" in inspect.signature(llm.forward).parameters
+    pos = _positions(mask)
+    kwargs: dict[str, Any] = {"position_ids": pos} if takes_positions else {}
+    out = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, **kwargs, **extra)
+    cache, next_pos = _out_cache(out), pos[:, -1:] + 1
+    tokens = [select(out.logits[:, -1])]
+    for _ in range(steps - 1):
+        if select.done():
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        if takes_positions:
+            kwargs["position_ids"] = next_pos
+        out = llm(
+            input_ids=tokens[-1][:, None], attention_mask=mask, use_cache=True, **{cache_key: cache}, **kwargs
+        )
+        cache, next_pos = _out_cache(out), next_pos + 1
+        tokens.append(select(out.logits[:, -1]))
+    return torch.stack(tokens, dim=1)
+
+
+def _greedy_encoder_decoder(
+    llm: nn.Module, embeds: Tensor, mask: Tensor, steps: int, select: _Selector
+) -> Tensor:
+    cache_key = _cache_key(llm)
+    encoder_outputs = llm.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+    token = select.history[:, -1]  # the decoder start token
+    cache = None
+    tokens: list[Tensor] = []
+    for _ in range(steps):
+        out = llm(
+            encoder_outputs=encoder_outputs,
+            attention_mask=mask,
+            decoder_input_ids=token[:, None],
+            use_cache=True,
+            **({cache_key: cache} if cache is not None else {}),
+        )
+        cache = _out_cache(out)
+        token = select(out.logits[:, -1])
+        tokens.append(token)
+        if select.done():
+            break
+    return torch.stack(tokens, dim=1)
+
+
+def _greedy_static(
+    llm: nn.Module, embeds: Tensor, mask: Tensor, steps: int, select: _Selector, compile: bool
+) -> Tensor:
+    """Decoder-only decoding over a `StaticCache`: fixed-shape steps (a full-length mask buffer)."""
+    from transformers import StaticCache
+
+    b, p = mask.shape
+    total = p + steps
+    cache_key, extra = _cache_key(llm), _lm_kwargs(llm)
+    takes_positions = "position_ids" in inspect.signature(llm.forward).parameters
+    total = -(-total // 32) * 32  # rounded up: fewer distinct shapes to compile
+    cache = _static_cache(llm, b, total, StaticCache)
+    full = torch.zeros(b, total, dtype=mask.dtype, device=mask.device)  # filled in place, never reshaped
+    full[:, :p] = mask
+    pos = _positions(mask)
+    kwargs: dict[str, Any] = {"position_ids": pos} if takes_positions else {}
+    out = llm(
+        inputs_embeds=embeds,
+        attention_mask=full[:, :p],
+        cache_position=torch.arange(p, device=mask.device),
+        use_cache=True,
+        **{cache_key: cache},
+        **kwargs,
+        **extra,
+    )
+    tokens = [select(out.logits[:, -1])]
+    step = _decode_step(llm, cache_key, takes_positions, compile and embeds.device.type == "cuda")
+    next_pos = pos[:, -1:] + 1
+    for i in range(steps - 1):
+        if select.done():
+            break
+        at = p + i
+        full[:, at] = 1
+        cache_position = torch.full((1,), at, dtype=torch.long, device=mask.device)
+        if compile and embeds.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = step(tokens[-1][:, None], full, next_pos, cache_position, cache)
+        tokens.append(select(logits))
+        next_pos = next_pos + 1
+    return torch.stack(tokens, dim=1)
+
+
+def _static_cache(llm: nn.Module, batch: int, length: int, cls: type) -> Any:
+    """One `StaticCache` per LM, batch and length, reset and reused: a compiled step then sees the same
+    (static-address) cache tensors on every call instead of recording a new graph."""
+    caches = llm.__dict__.setdefault("_blip2_static_caches", {})
+    cache = caches.get((batch, length))
+    if cache is None:
+        cache = caches[(batch, length)] = cls(config=llm.config, max_cache_len=length)
+    else:
+        cache.reset()
+    return cache
+
+
+def _decode_step(llm: nn.Module, cache_key: str, takes_positions: bool, compile: bool) -> Callable:
+    """One decode step `(token, mask, positions, cache_position, cache) -> (B, V) logits`, compiled on
+    CUDA (one graph per LM and batch shape; `torch.compile` caches it)."""
+
+    def step(token: Tensor, mask: Tensor, positions: Tensor, cache_position: Tensor, cache: Any) -> Tensor:
+        kwargs = {"position_ids": positions} if takes_positions else {}
+        out = llm(
+            input_ids=token,
+            attention_mask=mask,
+            cache_position=cache_position,
+            use_cache=True,
+            **{cache_key: cache},
+            **kwargs,
+        )
+        return out.logits[:, -1].float()  # a copy: compiled graphs reuse their output buffers
+
+    if not compile:
+        return step
+    compiled = llm.__dict__.get("_blip2_compiled_step")
+    if compiled is None:
+        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=False, dynamic=False)
+        llm.__dict__["_blip2_compiled_step"] = compiled  # kept with the model, not a submodule
+    return compiled

@@ -1,0 +1,172 @@
+"""The fast decode path and the bf16 Q-Former: same results as the plain path (correctness only; the
+timings are in benchmarks/bench.py).
+
+* `Stage2Model.generate` with greedy options runs `blip2.models.decode.greedy`; it must give the tokens
+  transformers' `generate` gives (`decode_mode="transformers"`) for OPT, GPT-2 and T5 LMs, batched with
+  padded prompts, rows ending at different steps, `min_new_tokens` and `repetition_penalty`; the
+  static-cache variant too.
+* The Q-Former under bf16 autocast (fp32 master weights) agrees with fp32 within bf16 tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from test_stage2 import _prompts, images, make, pad
+
+from blip2.config import preset
+from blip2.models import Stage1Model, decode
+
+KINDS = ["tiny-opt", "tiny-gpt2", "tiny-t5"]
+OPTIONS = [
+    {"max_new_tokens": 7},
+    {"max_new_tokens": 7, "min_new_tokens": 4, "repetition_penalty": 1.5},
+    {"max_new_tokens": 7, "do_sample": False, "num_beams": 1, "temperature": 0.7},  # inert settings
+]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def lively(request):
+    """A tiny model whose output depends on image and prompt, with an EOS it really emits (image 0's
+    third greedy token), so batched rows end at different steps."""
+    model = make(request.param, lively=True).eval()
+    prompts = _prompts(model)
+    first = model.generate(
+        images(1), torch.tensor([prompts[0]]), max_new_tokens=3, decode_mode="transformers"
+    )
+    model.eos_token_id = int(first[0, -1])
+    return model, prompts
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=["plain", "min-new-penalty", "inert"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fast_greedy_gives_the_tokens_of_transformers_generate(lively, options, side):
+    model, prompts = lively
+    px = images(3)
+    ids, mask = pad(prompts, side, model.pad_token_id)
+    assert decode.supports(model.llm, {**options, "eos_token_id": 2, "pad_token_id": 1})
+    plain = model.generate(px, ids, mask, decode_mode="transformers", **options)
+    modes = ["fast"] if model.is_encoder_decoder else ["fast", "static"]
+    for mode in modes:
+        fast = model.generate(px, ids, mask, decode_mode=mode, **options)
+        assert fast.tolist() == plain.tolist(), mode
+    # the comparison means something: rows differ, and with no min_new_tokens some row ends early
+    assert len({tuple(r) for r in plain.tolist()}) > 1
+    if "min_new_tokens" not in options:
+        assert (plain == model.eos_token_id).any()
+
+
+def test_fast_greedy_is_the_default_and_one_prompt_serves_all_images(lively):
+    model, prompts = lively
+    px = images(2)
+    calls = []
+    hook = model.llm.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        fast = model.generate(px, torch.tensor([prompts[0]]), max_new_tokens=5)
+        steps = len(calls)
+        calls.clear()
+        plain = model.generate(px, torch.tensor([prompts[0]]), max_new_tokens=5, decode_mode="transformers")
+    finally:
+        hook.remove()
+    assert fast.tolist() == plain.tolist()
+    if not model.is_encoder_decoder:  # prefill + one call per further token: no extra LM calls
+        assert steps == fast.shape[1]
+
+
+def test_eos_first_and_zero_tokens(lively):
+    model, _ = lively
+    px = images(1)
+    token = int(model.generate(px, max_new_tokens=1)[0, 0])
+    model_eos = model.eos_token_id
+    try:
+        model.eos_token_id = token
+        for mode in ("fast", "transformers"):
+            assert model.generate(px, max_new_tokens=5, decode_mode=mode).tolist() == [[token]]
+        held = model.generate(px, max_new_tokens=5, min_new_tokens=3)
+        assert (
+            held.tolist()
+            == model.generate(px, max_new_tokens=5, min_new_tokens=3, decode_mode="transformers").tolist()
+        )
+        assert token not in held[0, :3].tolist()
+    finally:
+        model.eos_token_id = model_eos
+
+
+def test_options_the_loop_does_not_cover_go_to_transformers():
+    model = make("tiny-opt", lively=True).eval()
+    base = {"max_new_tokens": 4, "eos_token_id": 2, "pad_token_id": 1}
+    assert decode.supports(model.llm, base)
+    for extra in (
+        {"num_beams": 3},
+        {"do_sample": True},
+        {"return_dict_in_generate": True},
+        {"no_repeat_ngram_size": 2},
+        {"max_length": 9},
+        {"num_return_sequences": 2},
+    ):
+        assert not decode.supports(model.llm, {**base, **extra}), extra
+    assert not decode.supports(model.llm, {"eos_token_id": 2})  # no max_new_tokens: transformers' default
+    model.llm.generation_config.no_repeat_ngram_size = 2  # the LM's own config changes greedy search
+    try:
+        assert not decode.supports(model.llm, base)
+    finally:
+        model.llm.generation_config.no_repeat_ngram_size = 0
+    # beams still work (through transformers), and sampling is not silently made greedy
+    out = model.generate(images(2), max_new_tokens=4, num_beams=2, num_return_sequences=2)
+    assert out.shape[0] == 4
+    with pytest.raises(ValueError, match="decode_mode"):
+        model.generate(images(1), max_new_tokens=2, decode_mode="quick")
+
+
+# ------------------------------------------------------------------------------------ bf16 Q-Former
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_bf16_autocast_prefix_agrees_with_fp32(name):
+    model = make(name, lively=True).eval()
+    px = images(2)
+    ref = model.prefix(px)
+    model.autocast_dtype = torch.bfloat16
+    got = model.prefix(px)
+    assert got.dtype == ref.dtype  # cast to the LLM's dtype either way
+    assert model.qformer.layers[0].self_attn.query.weight.dtype == torch.float32  # fp32 master weights
+    # bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.004); a few layers compound it
+    assert 0 < relative_error(got, ref) < 3e-2
+
+
+def test_bf16_autocast_stage1_losses_and_gradients_agree_with_fp32():
+    torch.manual_seed(0)
+    config = preset("tiny-stage1")
+    config = dataclasses.replace(
+        config, qformer=dataclasses.replace(config.qformer, dropout=0.0, attention_dropout=0.0)
+    )
+    model = Stage1Model(config).train()
+    g = torch.Generator().manual_seed(1)
+    px = torch.randn(4, 3, 16, 16, generator=g)
+    ids = torch.randint(1000, 2000, (4, 7), generator=g)
+    ids[:, 0] = config.qformer.cls_token_id
+    mask = torch.ones_like(ids)
+    mask[2:, 5:] = 0
+
+    def run(dtype):
+        model.autocast_dtype = dtype
+        model.zero_grad(set_to_none=True)
+        out = model(ids, mask, px, generator=torch.Generator().manual_seed(2))
+        out.loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in model.qformer.parameters() if p.grad is not None])
+        return out, grad
+
+    ref, ref_grad = run(None)
+    got, grad = run(torch.bfloat16)
+    assert grad.dtype == torch.float32  # gradients land on the fp32 master weights
+    for field in ("loss_itc", "loss_itm", "loss_itg"):
+        a, b = getattr(got, field).item(), getattr(ref, field).item()
+        assert abs(a - b) <= 2e-2 * abs(b), field
+    cosine = torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0).item()
+    assert cosine > 0.99
