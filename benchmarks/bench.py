@@ -1,0 +1,629 @@
+"""blip2 vs transformers' BLIP-2 on the same weights, side by side in one process.
+
+    PYTHONPATH=src python benchmarks/bench.py                       # CPU, small sizes, a few minutes
+    PYTHONPATH=src python benchmarks/bench.py --device cuda --out gpu.json   # real sizes, one GPU
+
+Our model is built with random weights; its state dict, renamed with `blip2.interop.hf`, is loaded into
+transformers' `Blip2ForConditionalGeneration` / `Blip2ForImageTextRetrieval` (on CUDA the tensors are
+shared, not copied). Outputs are compared before anything is timed. Every timed row runs ours and
+theirs alternately, `--repeats` times, and reports medians and the ratio ours/theirs in throughput
+(> 1: we are faster). See benchmarks/README.md for what each row does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+from torch import Tensor, nn
+
+from blip2.config import TINY_LLMS, Blip2Config, LLMConfig, QFormerConfig, VisionConfig, preset
+from blip2.interop import hf as hf_map
+from blip2.interop.keymap import convert, unique_state_dict
+from blip2.models import Stage1Model, Stage2Model
+
+transformers.logging.set_verbosity_error()
+
+# the 237 GFLOP per sample of the issue: the stage-1 step (ITC + ITM + ITG, forward and backward) at the
+# paper's size (Q-Former 768 x 12, 32 queries, 257 image tokens of width 1408, 32 text tokens)
+STAGE1_FLOP_PER_SAMPLE = 237e9
+H100_BF16_DENSE = 767e12  # the issue's measured bf16 matmul peak of one H100 (the datasheet says 989e12)
+
+# ------------------------------------------------------------------------------------------ sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Batch sizes and model shapes of one mode."""
+
+    stage1: Blip2Config
+    stage2: Blip2Config
+    caption_batch: int = 32
+    beam_batch: int = 8
+    stage2_batch: int = 32
+    stage1_batch: int = 200
+    qformer_batch: int = 128
+    itm_images: int = 16
+    itm_texts: int = 16  # candidate texts re-ranked per image
+    text_len: int = 32
+    new_tokens: int = 30
+
+
+def gpu_sizes() -> Sizes:
+    """The paper's sizes: ViT-g (1408 x 39, 224 px), Q-Former 768 x 12, OPT-2.7b."""
+    return Sizes(stage1=preset("blip2-stage1-vit-g"), stage2=preset("blip2-opt-2.7b"))
+
+
+def with_tower_dtype(sizes: Sizes, dtype: str) -> Sizes:
+    """The frozen image tower and LLM in `dtype` (the Q-Former's weights stay fp32)."""
+
+    def cast(c: Blip2Config) -> Blip2Config:
+        llm = dataclasses.replace(c.llm, dtype=dtype) if c.llm is not None else None
+        return dataclasses.replace(c, vision=dataclasses.replace(c.vision, dtype=dtype), llm=llm)
+
+    return dataclasses.replace(sizes, stage1=cast(sizes.stage1), stage2=cast(sizes.stage2))
+
+
+def cpu_sizes(quick: bool) -> Sizes:
+    """Small shapes with the real structure (32 queries, cross-attention every 2nd layer, OPT vocab)."""
+    vision = VisionConfig(
+        hf_config={
+            "model_type": "blip_2_vision_model",
+            "hidden_size": 192,
+            "intermediate_size": 768,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "image_size": 112,
+            "patch_size": 14,
+            "initializer_range": 0.02,
+        },
+        image_size=112,
+    )
+    qformer = QFormerConfig(
+        hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024, max_position_embeddings=64
+    )
+    llm = dict(TINY_LLMS["opt"])
+    llm.update(
+        hidden_size=256,
+        word_embed_proj_dim=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        ffn_dim=1024,
+        vocab_size=8192,  # a small vocabulary: the LM head of OPT's 50k would dominate a small model
+        max_position_embeddings=256,
+        eos_token_id=8000,
+    )
+    s1 = Blip2Config(vision=vision, qformer=qformer, embed_dim=128, name="cpu-stage1")
+    s2 = Blip2Config(
+        vision=vision,
+        qformer=dataclasses.replace(qformer, text=False, itg_head=False),
+        llm=LLMConfig(hf_config=llm, image_token_id=8100),
+        name="cpu-opt",
+    )
+    n = 1 if quick else 2
+    return Sizes(
+        stage1=s1,
+        stage2=s2,
+        caption_batch=16,
+        beam_batch=4,
+        stage2_batch=8 * n,
+        stage1_batch=16 * n,
+        qformer_batch=16 * n,
+        itm_images=4,
+        itm_texts=8,
+        text_len=16,
+        new_tokens=30,
+    )
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+class Clock:
+    """Wall-clock timing that waits for the GPU, and peak-memory bookkeeping (CUDA only)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run(self, fn: Callable[[], Any]) -> tuple[float, float | None]:
+        """Seconds for one call, and the peak memory (GiB) above what was allocated before it."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        self.sync()
+        t = time.perf_counter()
+        fn()
+        self.sync()
+        dt = time.perf_counter() - t
+        peak = None
+        if self.device.type == "cuda":
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        return dt, peak
+
+
+def interleaved(
+    clock: Clock, fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+) -> dict[str, dict[str, Any]]:
+    """Run each function `warmup` times, then alternate them `repeats` times; median seconds each."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    peaks: dict[str, float | None] = dict.fromkeys(fns)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            dt, peak = clock.run(fn)
+            times[name].append(dt)
+            if peak is not None:
+                peaks[name] = max(peaks[name] or 0.0, peak)
+    return {
+        k: {"median_s": statistics.median(v), "times_s": v, "peak_gib": peaks[k]} for k, v in times.items()
+    }
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in unique_state_dict(model).values())
+
+
+def build_ours(config: Blip2Config, device: torch.device, seed: int) -> nn.Module:
+    """Our model with random weights (LayerNorms randomized too), frozen towers in their dtype."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Stage1Model(config) if config.stage == 1 else Stage2Model(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and name.endswith("weight") and "norm" in name.lower():
+                p.normal_(1.0, 0.1)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def build_theirs(ours: nn.Module, device: torch.device) -> nn.Module:
+    """transformers' BLIP-2 holding our weights (shared tensors; built on the meta device)."""
+    config = ours.config
+    hf_config = hf_map.config_to_transformers(config)
+    hf_config.vision_config._attn_implementation = "sdpa"
+    cls = (
+        transformers.Blip2ForConditionalGeneration
+        if config.stage == 2
+        else transformers.Blip2ForImageTextRetrieval
+    )
+    extra = hf_map.extra_keys(config)
+    state = {k: v for k, v in unique_state_dict(ours).items() if not extra.match(k)}
+    theirs_state = convert(state, hf_map.rules(), to="theirs")
+    if config.stage == 2:  # transformers keeps only the Q-Former and queries in fp32 (its fp16 load)
+        dtype = ours.llm.get_input_embeddings().weight.dtype
+        for key in ("language_projection.weight", "language_projection.bias"):
+            theirs_state[key] = theirs_state[key].to(dtype)
+    with torch.device("meta"):
+        model = cls._from_config(hf_config, attn_implementation="sdpa")
+    buffers = {n for n, _ in model.named_buffers()}
+    tied = {"language_model.lm_head.weight"}  # filled by tie_weights() when the LM ties its head
+    missing = [k for k in model.state_dict() if k not in theirs_state and k not in buffers | tied]
+    if missing:
+        raise RuntimeError(f"weights transformers needs that ours do not give: {missing[:5]}")
+    model.load_state_dict(theirs_state, strict=False, assign=True)
+    for name, buf in list(model.named_buffers()):  # non-persistent buffers: rebuild them off meta
+        if buf.is_meta:
+            owner, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            owner._buffers[attr] = _rebuild_buffer(attr, buf, device)
+    if config.stage == 2:
+        model.language_model.tie_weights()
+        # the LM's generation config, as ours uses it
+        model.generation_config.eos_token_id = ours.eos_token_id
+        model.generation_config.pad_token_id = ours.pad_token_id
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _rebuild_buffer(name: str, buf: Tensor, device: torch.device) -> Tensor:
+    if name == "position_ids":
+        return torch.arange(buf.shape[-1], device=device).expand(buf.shape)
+    raise RuntimeError(f"cannot rebuild the non-persistent buffer {name!r}")
+
+
+def trainable_like_training(model: nn.Module, theirs: bool) -> list[nn.Parameter]:
+    """Stage 2: the Q-Former, queries and projection train; the towers stay frozen (both sides)."""
+    model.requires_grad_(False)
+    if theirs:
+        parts = [model.qformer, model.language_projection]
+        model.query_tokens.requires_grad_(True)
+        params = [model.query_tokens]
+    else:
+        parts = [model.qformer, model.language_projection, model.visual.ln_vision]
+        model.query_tokens.requires_grad_(True)
+        params = [model.query_tokens]
+    for part in parts:
+        part.requires_grad_(True)
+        params += list(part.parameters())
+    return params
+
+
+# ------------------------------------------------------------------------------------------ rows
+
+
+def caption_inputs(ours: Stage2Model, batch: int, device: torch.device, seed: int) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    size = ours.config.vision.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=g).to(device)
+    q = ours.config.qformer.num_query_tokens
+    bos = ours.llm.config.bos_token_id
+    image = ours.config.llm.image_token_id
+    ids = torch.tensor([[image] * q + [bos]] * batch, device=device)
+    return {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def run_caption(
+    args: argparse.Namespace,
+    clock: Clock,
+    ours: Stage2Model,
+    theirs: nn.Module,
+    batch: int,
+    beams: int,
+    name: str,
+    ours_mode: str,
+) -> dict[str, Any]:
+    inputs = caption_inputs(ours, batch, clock.device, seed=batch)
+    q = ours.config.qformer.num_query_tokens
+    n = args.new_tokens
+    opts: dict[str, Any] = {"max_new_tokens": n, "min_new_tokens": n, "num_beams": beams}
+    cast = {"pixel_values": inputs["pixel_values"].to(next(theirs.vision_model.parameters()).dtype)}
+
+    def mine() -> Tensor:
+        return ours.generate(
+            inputs["pixel_values"], inputs["input_ids"][:, q:], decode_mode=ours_mode, **opts
+        )
+
+    def hf() -> Tensor:
+        return theirs.generate(**{**inputs, **cast}, **opts)[:, inputs["input_ids"].shape[1] :]
+
+    with torch.no_grad():
+        try:
+            a = mine()
+        except Exception as e:  # the compiled static-cache path is CUDA-only and version-sensitive
+            if ours_mode == "fast":
+                raise
+            print(
+                f"decode_mode={ours_mode!r} failed ({type(e).__name__}: {e}); using 'fast'", file=sys.stderr
+            )
+            ours_mode = "fast"
+            a = mine()
+        b = hf()
+    agree = (a == b).all(dim=1).float().mean().item() if a.shape == b.shape else 0.0
+    res = interleaved(clock, {"ours": mine, "theirs": hf}, args.repeats)
+    out = row(name, batch, res, unit="captions/s", agreement=f"{agree:.0%} rows token-identical")
+    out["decode_mode"] = ours_mode if beams == 1 else "transformers (beam search)"
+    if batch == 1:
+        out["latency_ms"] = {side: 1000 * res[side]["median_s"] for side in res}
+        out["agreement"] += f"; {out['latency_ms']['ours']:.0f} vs {out['latency_ms']['theirs']:.0f} ms"
+    return out
+
+
+def row(name: str, batch: int, res: dict[str, dict[str, Any]], unit: str, **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"row": name, "batch": batch, "unit": unit, **extra}
+    for side, r in res.items():
+        out[side] = {**r, "throughput": batch / r["median_s"]}
+    if "theirs" in res:
+        out["ratio"] = res["theirs"]["median_s"] / res["ours"]["median_s"]
+    return out
+
+
+def run_stage2_train(
+    args: argparse.Namespace, clock: Clock, ours: Stage2Model, theirs: nn.Module, batch: int
+):
+    device = clock.device
+    g = torch.Generator().manual_seed(7)
+    size = ours.config.vision.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=g).to(device)
+    vocab = ours.llm.config.vocab_size
+    bos, q = ours.llm.config.bos_token_id, ours.config.qformer.num_query_tokens
+    text = torch.randint(4, min(vocab, 50000), (batch, args.text_len), generator=g).to(device)
+    text[:, 0] = bos
+    mask = torch.ones_like(text)
+    image = ours.config.llm.image_token_id
+    hf_ids = torch.cat([torch.full((batch, q), image, device=device), text], dim=1)
+    hf_mask = torch.ones_like(hf_ids)
+    hf_labels = hf_ids.masked_fill(hf_ids == image, -100)
+    hf_labels[:, q] = -100  # BOS is prompt, as prompt_lengths=1 on our side
+    hf_pixels = pixels.to(next(theirs.vision_model.parameters()).dtype)
+
+    # outputs agree before any update
+    with torch.no_grad():
+        loss_ours = ours(pixels, text, mask, prompt_lengths=1).loss.float().item()
+        loss_theirs = theirs(hf_pixels, hf_ids, hf_mask, labels=hf_labels).loss.float().item()
+
+    p_ours = trainable_like_training(ours, theirs=False)
+    p_theirs = trainable_like_training(theirs, theirs=True)
+    opt_ours = torch.optim.AdamW(p_ours, lr=1e-9)
+    opt_theirs = torch.optim.AdamW(p_theirs, lr=1e-9)
+    ours.train()
+    theirs.train()
+    ours.visual.tower.eval()
+
+    def mine() -> None:
+        loss = ours(pixels, text, mask, prompt_lengths=1).loss
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def hf() -> None:
+        loss = theirs(hf_pixels, hf_ids, hf_mask, labels=hf_labels).loss
+        loss.backward()
+        opt_theirs.step()
+        opt_theirs.zero_grad(set_to_none=True)
+
+    try:
+        res = interleaved(clock, {"ours": mine, "theirs": hf}, args.repeats)
+    finally:
+        ours.eval().requires_grad_(False)
+        theirs.eval().requires_grad_(False)
+    return row(
+        "stage-2 training step (fwd+bwd+AdamW)",
+        batch,
+        res,
+        unit="samples/s",
+        agreement=f"loss {loss_ours:.5f} vs {loss_theirs:.5f}",
+    )
+
+
+def run_qformer(args: argparse.Namespace, clock: Clock, ours: Stage2Model, theirs: nn.Module, batch: int):
+    """The Q-Former query pass, forward and backward, on image features."""
+    device = clock.device
+    n = (ours.config.vision.image_size // ours.config.vision.hf_config.get("patch_size", 14)) ** 2 + 1
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(batch, n, ours.config.vision.width, generator=g).to(device)
+    qf, proj = ours.qformer, ours.language_projection
+    qf.requires_grad_(True)
+    theirs.qformer.requires_grad_(True)
+    dtype = args.autocast
+
+    def mine() -> None:
+        with autocast_ctx(device, dtype):
+            queries = ours.query_tokens.expand(batch, -1, -1)
+            out = proj(qf(queries=queries, image_embeds=feats).hidden)
+        out.float().square().mean().backward()
+
+    def hf() -> None:
+        out = theirs.qformer(
+            query_embeds=theirs.query_tokens.expand(batch, -1, -1), encoder_hidden_states=feats
+        ).last_hidden_state
+        theirs.language_projection(
+            out.to(theirs.language_projection.weight.dtype)
+        ).float().square().mean().backward()
+
+    with torch.no_grad(), autocast_ctx(device, dtype):
+        a = qf(queries=ours.query_tokens.expand(batch, -1, -1), image_embeds=feats).hidden.float()
+    with torch.no_grad():
+        b = theirs.qformer(
+            query_embeds=theirs.query_tokens.expand(batch, -1, -1), encoder_hidden_states=feats
+        ).last_hidden_state.float()
+    diff = (a - b).abs().max().item()
+    try:
+        res = interleaved(clock, {"ours": mine, "theirs": hf}, args.repeats)
+    finally:
+        qf.requires_grad_(False)
+        theirs.qformer.requires_grad_(False)
+        for p in list(qf.parameters()) + list(theirs.qformer.parameters()):
+            p.grad = None
+    tag = f"ours {str(dtype).removeprefix('torch.')} autocast" if dtype else "both fp32"
+    return row(
+        f"Q-Former query pass fwd+bwd ({tag})", batch, res, "samples/s", agreement=f"max |diff| {diff:.2e}"
+    )
+
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype | None) -> Any:
+    from blip2.models.qformer import autocast
+
+    return autocast(device, dtype)
+
+
+def run_stage1(args: argparse.Namespace, clock: Clock, model: Stage1Model, batch: int) -> dict[str, Any]:
+    """The stage-1 step on cached features: ITC + ITM + ITG, backward, AdamW (ours only)."""
+    device = clock.device
+    g = torch.Generator().manual_seed(5)
+    n = (model.config.vision.image_size // model.config.vision.hf_config.get("patch_size", 14)) ** 2 + 1
+    tower_dtype = next(model.visual.tower.parameters()).dtype
+    feats = torch.randn(batch, n, model.config.vision.width, generator=g).to(device, tower_dtype)
+    ids = torch.randint(1000, 30000, (batch, args.text_len), generator=g).to(device)
+    ids[:, 0] = model.config.qformer.cls_token_id
+    mask = torch.ones_like(ids)
+    mask[batch // 2 :, args.text_len // 2 :] = 0  # some padding
+    model.train()
+    model.autocast_dtype = args.autocast
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-9)
+
+    def step() -> None:
+        out = model(ids, mask, image_features=feats)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    res = interleaved(clock, {"ours": step}, args.repeats)
+    model.eval()
+    out = row("stage-1 step, cached features (ITC+ITM+ITG, fwd+bwd+AdamW)", batch, res, "samples/s")
+    sps = out["ours"]["throughput"]
+    if device.type == "cuda":
+        out["fraction_of_peak"] = sps * STAGE1_FLOP_PER_SAMPLE / args.peak_flops
+        out["vs_lavis_444"] = sps / 444.0
+    return out
+
+
+def run_itm(args: argparse.Namespace, clock: Clock, ours: Stage1Model, theirs: nn.Module) -> dict[str, Any]:
+    """Re-ranking: every image against its k candidate texts (ITM head)."""
+    device = clock.device
+    n_img, k = args.sizes.itm_images, args.sizes.itm_texts
+    g = torch.Generator().manual_seed(11)
+    size = ours.config.vision.image_size
+    pixels = torch.randn(n_img, 3, size, size, generator=g).to(device)
+    ids = torch.randint(1000, 30000, (n_img * k, args.text_len), generator=g).to(device)
+    ids[:, 0] = ours.config.qformer.cls_token_id
+    mask = torch.ones_like(ids)
+    hf_pixels = pixels.to(next(theirs.vision_model.parameters()).dtype).repeat_interleave(k, dim=0)
+
+    @torch.no_grad()
+    def mine() -> Tensor:
+        # the ViT once per image; each image's cross-attention keys/values projected once for its k texts
+        with autocast_ctx(device, args.autocast):
+            image_kv = ours.qformer.image_kv(ours.encode_image(pixels))
+            image_kv = [
+                None if kv is None else tuple(t.repeat_interleave(k, 0) for t in kv) for kv in image_kv
+            ]
+            logits = ours.itm_logits(ids, mask, image_kv=image_kv)
+        return logits.float().softmax(-1)[:, 1]
+
+    @torch.no_grad()
+    def hf() -> Tensor:
+        out = theirs(
+            pixel_values=hf_pixels, input_ids=ids, attention_mask=mask, use_image_text_matching_head=True
+        )
+        return out.logits_per_image.float().softmax(-1)[:, 1]
+
+    diff = (mine() - hf()).abs().max().item()
+    res = interleaved(clock, {"ours": mine, "theirs": hf}, args.repeats)
+    return row(
+        f"ITM re-ranking ({n_img} images x {k} texts)",
+        n_img * k,
+        res,
+        "pairs/s",
+        agreement=f"max |p diff| {diff:.2e}",
+    )
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def fmt_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'row':<58} {'batch':>5} {'ours':>11} {'theirs':>11} {'ratio':>6} {'peak GiB o/t':>13}  check"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        theirs = r.get("theirs", {}).get("throughput")
+        peak = "/".join(
+            f"{r[s]['peak_gib']:.1f}" if r.get(s, {}).get("peak_gib") is not None else "-"
+            for s in ("ours", "theirs")
+        )
+        theirs_s = "-" if theirs is None else f"{theirs:.2f}"
+        ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
+        check = r.get("agreement", "")
+        if "fraction_of_peak" in r:
+            check = f"{r['fraction_of_peak']:.0%} of peak, {r['vs_lavis_444']:.2f}x LAVIS"
+        lines.append(
+            f"{r['row']:<58} {r['batch']:>5} {r['ours']['throughput']:>11.2f} {theirs_s:>11} "
+            f"{ratio:>6} {peak:>13}  {check}"
+        )
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cpu" and hasattr(os, "getloadavg"):
+        env["load_average"] = os.getloadavg()
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and smaller batches")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per side (default 5; quick 3)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--out", default=None, help="write the rows and environment as JSON here")
+    p.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE, help="for the fraction of peak")
+    p.add_argument(
+        "--tower-dtype", choices=("float32", "bfloat16"), default=None, help="frozen ViT and LLM (cuda: bf16)"
+    )
+    p.add_argument(
+        "--autocast", choices=("none", "bfloat16"), default=None, help="our Q-Former compute (cuda: bf16)"
+    )
+    p.add_argument("--rows", default="caption,beam,stage2,qformer,stage1,itm", help="comma-separated rows")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    sizes = gpu_sizes() if device.type == "cuda" else cpu_sizes(args.quick)
+    # frozen towers in bf16 and bf16 Q-Former compute over fp32 weights on the GPU; fp32 on CPU
+    tower_dtype = args.tower_dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    sizes = with_tower_dtype(sizes, tower_dtype)
+    autocast = args.autocast or ("bfloat16" if device.type == "cuda" else "none")
+    args.autocast = None if autocast == "none" else torch.bfloat16
+    args.sizes, args.text_len, args.new_tokens = sizes, sizes.text_len, sizes.new_tokens
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    wanted = set(args.rows.split(","))
+    env = environment(device)
+    print(json.dumps(env), file=sys.stderr)
+    rows: list[dict[str, Any]] = []
+
+    def report(r: dict[str, Any]) -> None:
+        rows.append(r)
+        print(fmt_table([r]).splitlines()[-1], file=sys.stderr, flush=True)
+
+    if wanted & {"caption", "beam", "stage2", "qformer"}:
+        ours = build_ours(sizes.stage2, device, seed=0)
+        ours.autocast_dtype = args.autocast
+        theirs = build_theirs(ours, device)
+        fast = "static" if device.type == "cuda" else "fast"
+        if "caption" in wanted:
+            report(
+                run_caption(args, clock := Clock(device), ours, theirs, 1, 1, "caption greedy, batch 1", fast)
+            )
+            report(run_caption(args, clock, ours, theirs, sizes.caption_batch, 1, "caption greedy", fast))
+        if "beam" in wanted:
+            report(
+                run_caption(args, Clock(device), ours, theirs, sizes.beam_batch, 5, "caption 5 beams", fast)
+            )
+        if "stage2" in wanted:
+            report(run_stage2_train(args, Clock(device), ours, theirs, sizes.stage2_batch))
+        if "qformer" in wanted:
+            report(run_qformer(args, Clock(device), ours, theirs, sizes.qformer_batch))
+        del ours, theirs
+        if device.type == "cuda":
+            torch._dynamo.reset()  # drop the compiled decode step and its CUDA-graph memory pool
+            torch.cuda.empty_cache()
+    if wanted & {"stage1", "itm"}:
+        s1 = build_ours(sizes.stage1, device, seed=1)
+        if "itm" in wanted:
+            report(run_itm(args, Clock(device), s1, build_theirs(s1, device)))
+        if "stage1" in wanted:
+            report(run_stage1(args, Clock(device), s1, sizes.stage1_batch))
+
+    print(fmt_table(rows))
+    print(json.dumps(env))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
