@@ -23,6 +23,7 @@ only) that step is compiled with `torch.compile(mode="reduce-overhead")`, i.e. r
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -104,10 +105,15 @@ def supports(llm: nn.Module, options: dict[str, Any]) -> bool:
     return True
 
 
+@functools.cache
+def _forward_params(cls: type) -> frozenset[str]:
+    """The argument names of an LM class's `forward` (inspect is slow: once per class)."""
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
 def _cache_key(llm: nn.Module) -> str:
     """The name of the cache argument (`cache` from transformers 5.2x, `past_key_values` before)."""
-    params = inspect.signature(llm.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in _forward_params(type(llm)) else "past_key_values"
 
 
 def _out_cache(out: Any) -> Any:
@@ -208,13 +214,13 @@ def greedy(
     if is_enc_dec:
         return _greedy_encoder_decoder(llm, inputs_embeds, attention_mask, max_new_tokens, select)
     if static:
+        compile = compile and device.type == "cuda"  # CUDA graphs: CUDA only
         return _greedy_static(llm, inputs_embeds, attention_mask, max_new_tokens, select, compile)
     return _greedy_decoder(llm, inputs_embeds, attention_mask, max_new_tokens, select)
 
 
 def _lm_kwargs(llm: nn.Module) -> dict[str, Any]:
-    params = inspect.signature(llm.forward).parameters
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(type(llm)) else {}
 
 
 def _positions(mask: Tensor) -> Tensor:
@@ -223,7 +229,7 @@ def _positions(mask: Tensor) -> Tensor:
 
 def _greedy_decoder(llm: nn.Module, embeds: Tensor, mask: Tensor, steps: int, select: _Selector) -> Tensor:
     cache_key, extra = _cache_key(llm), _lm_kwargs(llm)
-    takes_positions = "position_ids" in inspect.signature(llm.forward).parameters
+    takes_positions = "position_ids" in _forward_params(type(llm))
     pos = _positions(mask)
     kwargs: dict[str, Any] = {"position_ids": pos} if takes_positions else {}
     out = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, **kwargs, **extra)
@@ -276,7 +282,7 @@ def _greedy_static(
     b, p = mask.shape
     total = p + steps
     cache_key, extra = _cache_key(llm), _lm_kwargs(llm)
-    takes_positions = "position_ids" in inspect.signature(llm.forward).parameters
+    takes_positions = "position_ids" in _forward_params(type(llm))
     total = -(-total // 32) * 32  # rounded up: fewer distinct shapes to compile
     cache = _static_cache(llm, b, total, StaticCache)
     full = torch.zeros(b, total, dtype=mask.dtype, device=mask.device)  # filled in place, never reshaped
@@ -293,7 +299,7 @@ def _greedy_static(
         **extra,
     )
     tokens = [select(out.logits[:, -1])]
-    step = _decode_step(llm, cache_key, takes_positions, compile and embeds.device.type == "cuda")
+    step = _decode_step(llm, cache_key, takes_positions, compile)
     next_pos = pos[:, -1:] + 1
     for i in range(steps - 1):
         if select.done():
@@ -301,7 +307,7 @@ def _greedy_static(
         at = p + i
         full[:, at] = 1
         cache_position = torch.full((1,), at, dtype=torch.long, device=mask.device)
-        if compile and embeds.device.type == "cuda":
+        if compile:
             torch.compiler.cudagraph_mark_step_begin()
         logits = step(tokens[-1][:, None], full, next_pos, cache_position, cache)
         tokens.append(select(logits))
