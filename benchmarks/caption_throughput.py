@@ -44,8 +44,8 @@ def main() -> None:
             Image.fromarray(smooth).resize((w, h), Image.BILINEAR).save(
                 root / "images" / f"{i:05d}.jpg", quality=90
             )
-        for workers in args.workers:
-            out = root / f"captions-{workers}.jsonl"
+        for run, workers in enumerate(args.workers):
+            out = root / f"captions-{run}.jsonl"  # a fresh file each run (an old one would be resumed)
             cmd = [sys.executable, "-m", "blip2.cli", "caption", "--model", str(model), str(root / "images")]
             cmd += ["--out", str(out), "--workers", str(workers), "--batch-size", str(args.batch_size)]
             cmd += ["--no-progress", *args.extra]
