@@ -553,6 +553,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller batches")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per side (default 5; quick 3)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument(
+        "--cpu-decode",
+        default="compiled",
+        choices=["fast", "compiled", "static", "transformers"],
+        help="our greedy decode mode on CPU (compiled: torch.compile'd static-cache step; compile time excluded)",
+    )
     p.add_argument("--out", default=None, help="write the rows and environment as JSON here")
     p.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE, help="for the fraction of peak")
     p.add_argument(
@@ -592,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = build_ours(sizes.stage2, device, seed=0)
         ours.autocast_dtype = args.autocast
         theirs = build_theirs(ours, device)
-        fast = "static" if device.type == "cuda" else "fast"
+        fast = "static" if device.type == "cuda" else args.cpu_decode
         if "caption" in wanted:
             report(
                 run_caption(args, clock := Clock(device), ours, theirs, 1, 1, "caption greedy, batch 1", fast)

@@ -170,3 +170,18 @@ def test_bf16_autocast_stage1_losses_and_gradients_agree_with_fp32():
         assert abs(a - b) <= 2e-2 * abs(b), field
     cosine = torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0).item()
     assert cosine > 0.99
+
+
+@pytest.mark.slow
+def test_compiled_decode_on_cpu_gives_the_tokens_of_transformers_generate():
+    """decode_mode="compiled": the static-cache step through torch.compile (inductor on CPU).
+    Slow (one compilation, tens of seconds on 2 cores), so not in CI's default run."""
+    model = make("tiny-opt", lively=True).eval()
+    prompts = _prompts(model)
+    ids, mask = pad(prompts, "left", model.pad_token_id)
+    px = images(3)
+    plain = model.generate(px, ids, mask, max_new_tokens=6, decode_mode="transformers")
+    for _ in range(2):  # the second call reuses the compiled step
+        assert (
+            model.generate(px, ids, mask, max_new_tokens=6, decode_mode="compiled").tolist() == plain.tolist()
+        )

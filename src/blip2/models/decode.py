@@ -195,7 +195,8 @@ def greedy(
         max_new_tokens, min_new_tokens, repetition_penalty, eos_token_id, pad_token_id: as in
             transformers' `generate` (rows that end early are filled with `pad_token_id`, or the EOS).
         static: decoder-only: a preallocated `StaticCache` (fixed shapes per step).
-        compile: with `static` on CUDA, compile the decode step (CUDA graphs).
+        compile: with `static`, compile the decode step with `torch.compile` (CUDA graphs on CUDA, the
+            inductor's C++ kernels on CPU). The first call per batch shape pays the compilation.
         inert: sampling-only options (temperature, top_p, ...) that greedy search ignores.
     """
     del inert
@@ -214,7 +215,6 @@ def greedy(
     if is_enc_dec:
         return _greedy_encoder_decoder(llm, inputs_embeds, attention_mask, max_new_tokens, select)
     if static:
-        compile = compile and device.type == "cuda"  # CUDA graphs: CUDA only
         return _greedy_static(llm, inputs_embeds, attention_mask, max_new_tokens, select, compile)
     return _greedy_decoder(llm, inputs_embeds, attention_mask, max_new_tokens, select)
 
@@ -299,7 +299,7 @@ def _greedy_static(
         **extra,
     )
     tokens = [select(out.logits[:, -1])]
-    step = _decode_step(llm, cache_key, takes_positions, compile)
+    step = _decode_step(llm, cache_key, takes_positions, compile, mask.device.type)
     next_pos = pos[:, -1:] + 1
     for i in range(steps - 1):
         if select.done():
@@ -307,7 +307,7 @@ def _greedy_static(
         at = p + i
         full[:, at] = 1
         cache_position = torch.full((1,), at, dtype=torch.long, device=mask.device)
-        if compile:
+        if compile and mask.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         logits = step(tokens[-1][:, None], full, next_pos, cache_position, cache)
         tokens.append(select(logits))
@@ -327,9 +327,12 @@ def _static_cache(llm: nn.Module, batch: int, length: int, cls: type) -> Any:
     return cache
 
 
-def _decode_step(llm: nn.Module, cache_key: str, takes_positions: bool, compile: bool) -> Callable:
-    """One decode step `(token, mask, positions, cache_position, cache) -> (B, V) logits`, compiled on
-    CUDA (one graph per LM and batch shape; `torch.compile` caches it)."""
+def _decode_step(
+    llm: nn.Module, cache_key: str, takes_positions: bool, compile: bool, device: str
+) -> Callable:
+    """One decode step `(token, mask, positions, cache_position, cache) -> (B, V) logits`, optionally
+    compiled: into CUDA graphs on CUDA, inductor kernels elsewhere (one graph per LM and batch shape;
+    `torch.compile` caches it)."""
 
     def step(token: Tensor, mask: Tensor, positions: Tensor, cache_position: Tensor, cache: Any) -> Tensor:
         kwargs = {"position_ids": positions} if takes_positions else {}
@@ -345,8 +348,9 @@ def _decode_step(llm: nn.Module, cache_key: str, takes_positions: bool, compile:
 
     if not compile:
         return step
-    compiled = llm.__dict__.get("_blip2_compiled_step")
+    steps = llm.__dict__.setdefault("_blip2_compiled_steps", {})  # kept with the model, not a submodule
+    compiled = steps.get(device)
     if compiled is None:
-        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=False, dynamic=False)
-        llm.__dict__["_blip2_compiled_step"] = compiled  # kept with the model, not a submodule
+        mode = "reduce-overhead" if device == "cuda" else "default"
+        compiled = steps[device] = torch.compile(step, mode=mode, fullgraph=False, dynamic=False)
     return compiled

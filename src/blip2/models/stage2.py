@@ -60,13 +60,15 @@ class Stage2Model(nn.Module):
             caller sets it from `config.llm.eos_text` with its tokenizer (OPT: "\\n" = 50118).
         decode_mode: how `generate` decodes when the options allow greedy fast decoding: "fast" (the
             lean loop with the LM's dynamic cache, the default), "static" (a preallocated static cache;
-            on CUDA the decode step is compiled into a CUDA graph) or "transformers" (always the LM's
+            on CUDA the decode step is compiled into a CUDA graph), "compiled" (the static cache with the
+            step compiled by `torch.compile` on any device: inductor kernels on CPU; the first call of
+            each batch shape compiles, so it pays off over many batches) or "transformers" (always the LM's
             own `generate`). Other options (beams, sampling, scores, ...) always use `generate`.
         autocast_dtype: compute dtype of the Q-Former and projection under `torch.autocast` (e.g.
             `torch.bfloat16`); None (default) computes in the weights' dtype (fp32).
     """
 
-    DECODE_MODES = ("fast", "static", "transformers")
+    DECODE_MODES = ("fast", "static", "compiled", "transformers")
 
     def __init__(
         self,
@@ -368,8 +370,9 @@ class Stage2Model(nn.Module):
         if mode not in self.DECODE_MODES:
             raise ValueError(f"unknown decode_mode {mode!r}: use one of {self.DECODE_MODES}")
         if mode != "transformers" and decode.supports(self.llm, kwargs):
-            static = mode == "static" and not self.is_encoder_decoder
-            out = decode.greedy(self.llm, embeds, mask, static=static, compile=static, **kwargs)
+            static = mode in ("static", "compiled") and not self.is_encoder_decoder
+            compile = static and (mode == "compiled" or embeds.device.type == "cuda")
+            out = decode.greedy(self.llm, embeds, mask, static=static, compile=compile, **kwargs)
             return language.pad_after_eos(out, kwargs["eos_token_id"], kwargs.get("pad_token_id"))
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
         sequences = out if isinstance(out, Tensor) else out.sequences
