@@ -194,3 +194,57 @@ def test_itm_and_generation_helpers(model):
         tokens = model.generate_itg(pixels, max_new_tokens=4)
     assert logits.shape == (B, 2) and torch.isfinite(logits).all()
     assert tokens.shape[0] == B and 1 <= tokens.shape[1] <= 4
+
+
+def test_itm_loss_equals_a_direct_computation_of_its_three_kinds_of_pairs(model):
+    """(image, text), (hard negative image, text), (image, hard negative text); labels 1, 0, 0."""
+    model.eval()
+    ids, mask, pixels = batch()
+    with torch.no_grad():
+        out = model(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(7))
+        emb = model.embed_image(pixels)
+        sim = losses.max_over_queries(emb.image_feats, model.embed_text(ids, mask)) / model.temp
+        neg_text, neg_image = losses.sample_hard_negatives(
+            sim, torch.eye(B, dtype=torch.bool), torch.Generator().manual_seed(7)
+        )
+        img = emb.image_embeds
+        logits = torch.cat(
+            [
+                model.itm_logits(ids, mask, image_embeds=img),
+                model.itm_logits(ids, mask, image_embeds=img[neg_image]),
+                model.itm_logits(ids[neg_text], mask[neg_text], image_embeds=img),
+            ]
+        )
+    labels = torch.tensor([1] * B + [0] * 2 * B)
+    torch.testing.assert_close(out.loss_itm, F.cross_entropy(logits, labels), rtol=0, atol=1e-5)
+
+
+def test_itg_loss_equals_a_joint_causal_pass_with_dec_first(model):
+    model.eval()
+    ids, mask, pixels = batch()
+    with torch.no_grad():
+        out = model(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(0))
+        dec = ids.clone()
+        dec[:, 0] = model.config.qformer.dec_token_id
+        joint = model.qformer(
+            queries=model.queries(B),
+            input_ids=dec,
+            attention_mask=mask,
+            image_embeds=model.encode_image(pixels),
+            mode="causal",
+        ).hidden
+        logits = model.qformer.lm_logits(joint[:, model.config.qformer.num_query_tokens :])
+    labels = dec.masked_fill(mask == 0, -100)
+    expected = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, label_smoothing=0.1
+    )
+    torch.testing.assert_close(out.loss_itg, expected, rtol=0, atol=1e-5)
+
+
+def test_itg_generation_stops_at_sep():
+    torch.manual_seed(0)
+    model = Stage1Model(preset("tiny-stage1")).eval()
+    with torch.no_grad():
+        model.qformer.lm_head.bias[model.config.qformer.sep_token_id] = 1e4  # [SEP] always wins
+        tokens = model.generate_itg(torch.randn(2, 3, 16, 16), max_new_tokens=6)
+    assert tokens.tolist() == [[102], [102]]
