@@ -1,5 +1,6 @@
-"""Evaluation metrics: the official VQA rules case by case, pycocoevalcap parity, retrieval recall on
-score matrices with known answers, and ITM re-ranking confined to the ITC top k."""
+"""Evaluation metrics: the official VQA rules case by case, VQA accuracy as LAVIS scores it,
+pycocoevalcap parity, retrieval recall on score matrices with known answers, and ITM re-ranking
+confined to the ITC top k."""
 
 from __future__ import annotations
 
@@ -87,11 +88,17 @@ def test_full_normalization_chains_the_rules():
         ("down", ["down"] * 2 + ["up"] * 8, 0.6),  # (2 x 1/3 + 8 x 2/3) / 10
         ("down", ["down"] + ["up"] * 9, 0.3),  # (1 x 0 + 9 x 1/3) / 10
         ("left", ["down"] * 5 + ["up"] * 5, 0.0),
-        ("two", ["2"] * 9 + ["3"], 1.0),  # humans disagree: both sides normalized
-        ("two", ["2"] * 10, 0.0),  # humans agree: nothing is normalized (official behaviour)
-        ("T shirt", ["t-shirt"] * 3 + ["shirt"] * 7, 0.9),
+        ("two", ["2"] * 9 + ["3"], 1.0),
+        # LAVIS: the prediction is always fully normalized, even when the humans agree
+        ("two", ["2"] * 10, 1.0),
+        ("yes.", ["yes"] * 10, 1.0),
+        ("Yes", ["yes"] * 10, 1.0),
         (" yes\n", ["yes"] * 10, 1.0),  # newlines, tabs, outer spaces always cleaned
+        ("T shirt", ["t-shirt"] * 3 + ["shirt"] * 7, 0.9),  # disagreeing answers: punctuation rules
         ("a dog", ["dog"] * 4 + ["cat"] * 6, 1.0),
+        # ... but the answers never get the digit/article step (LAVIS's quirk, kept)
+        ("dog", ["the dog"] * 4 + ["cat"] * 6, 0.0),
+        ("two", ["two"] * 10, 0.0),
     ],
 )
 def test_vqa_accuracy(prediction, answers, expected):

@@ -1,7 +1,8 @@
 """Benchmark metrics, computed the way the paper's evaluation computes them.
 
-- `vqa_accuracy` / `vqa_scores`: the official VQA accuracy (VQAv2, OK-VQA): normalized answers, then
-  the mean over the ten leave-one-out subsets of the human answers of min(1, matches / 3).
+- `vqa_accuracy` / `vqa_scores`: VQA accuracy (VQAv2, OK-VQA) as LAVIS's version of the official
+  script computes it: normalized prediction, then the mean over the ten leave-one-out subsets of the
+  human answers of min(1, matches / 3).
 - `gqa_accuracy`: exact match of the normalized prediction with GQA's short answer (as LAVIS).
 - `caption_metrics`: BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when its models are installed)
   through pycocoevalcap with its Java PTB tokenizer; or, with `java=False`, BLEU, ROUGE-L and CIDEr-D
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from blip2.errors import UserError
-from blip2.eval.vqa_normalize import normalize_answer, normalize_punctuation, normalize_words
+from blip2.eval.vqa_normalize import normalize_answer, normalize_punctuation
 
 __all__ = [
     "caption_metrics",
@@ -46,23 +47,31 @@ __all__ = [
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """Official VQA accuracy of one prediction against the human answers (ten for VQAv2/OK-VQA).
+    """VQA accuracy of one prediction against the human answers (ten for VQAv2/OK-VQA), as LAVIS.
 
-    As the official script: answers and prediction lose newlines/tabs and outer spaces; only when the
-    human answers disagree (more than one distinct string) are all of them and the prediction
-    normalized (`normalize_answer`); then for each human answer left out in turn, the prediction
-    scores min(1, (number of the remaining answers equal to it) / 3), and the scores are averaged.
+    We follow LAVIS's version of the official script (`lavis/common/vqa_tools/vqa_eval.py`), the code
+    that produced the BLIP-2 paper's numbers, so that our scores are comparable with them:
+
+    - the prediction always loses newlines/tabs and outer spaces and is fully normalized
+      (`normalize_punctuation`, then `normalize_words`: digits, articles, contractions);
+    - the human answers are used as given, except that when they disagree (more than one distinct
+      string) each gets `normalize_punctuation` only (not the digit/article step);
+    - for each human answer left out in turn, the prediction scores
+      min(1, (number of the remaining answers equal to it) / 3); the scores are averaged.
+
+    The official GT-Vision-Lab script (`vqaEval.py`) differs: it normalizes the prediction (and the
+    answers, fully) only when the human answers disagree, so there "Yes" or "two" against ten "yes"
+    or "2" scores 0; under LAVIS's rules they score 1.
 
     Returns:
         Accuracy in [0, 1].
     """
     if not answers:
         raise ValueError("a VQA question needs at least one human answer")
-    gts = [_clean(a) for a in answers]
-    pred = _clean(prediction)
+    pred = normalize_answer(prediction)
+    gts = list(answers)
     if len(set(gts)) > 1:
-        gts = [normalize_words(normalize_punctuation(a)) for a in gts]
-        pred = normalize_words(normalize_punctuation(pred))
+        gts = [normalize_punctuation(a) for a in gts]
     total = 0.0
     for left_out in range(len(gts)):
         matches = sum(1 for j, a in enumerate(gts) if j != left_out and a == pred)
@@ -105,10 +114,6 @@ def gqa_accuracy(predictions: Mapping[Hashable, str], answers: Mapping[Hashable,
         raise UserError(f"{len(missing)} predictions have no annotation (first: question {missing[0]!r})")
     hits = [float(normalize_answer(p) == answers[q]) for q, p in predictions.items()]
     return {"accuracy": _pct(hits), "questions": float(len(hits))}
-
-
-def _clean(text: str) -> str:
-    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def _pct(values: Iterable[float]) -> float:
