@@ -17,6 +17,7 @@ import usage_helpers as uh
 
 from blip2 import batch
 from blip2.cli import main
+from blip2.errors import UserError
 
 FAST = ["--num-beams", "1", "--max-new-tokens", "4", "--no-progress"]
 SUBPROCESS_TIMEOUT = 300  # the machine is shared and loaded: be generous
@@ -163,6 +164,27 @@ def test_merge_skips_lines_already_merged(tmp_path):
     assert not batch.part_paths(out)
 
 
+def test_results_file_repairs_only_results_files(tmp_path):
+    """A torn results line is cut; any other existing file is refused and left byte for byte."""
+    good = tmp_path / "c.jsonl"
+    good.write_text(json.dumps({"image": "k0", "caption": "a"}) + '\n{"image": "k1", "cap')
+    assert batch.ResultsFile(good).done == {"k0"}
+    assert good.read_text() == json.dumps({"image": "k0", "caption": "a"}) + "\n"
+    others = {
+        "notes.txt": b"first line\nlast line without newline",
+        "notes2.txt": b"first line\nsecond line\n",
+        "img.jpg": b"\xff\xd8\xff\xe0\x00\x10JFIF\n\x00\x01\x02",
+        "torn.jsonl": json.dumps({"image": "k0"}).encode() + b"\nnot a record",
+        "list.jsonl": b'{"image": "k0"}\n[1, 2]\n',
+    }
+    for name, data in others.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(UserError, match="not a blip2 results file"):
+            batch.ResultsFile(path)
+        assert path.read_bytes() == data, name
+
+
 def test_ask_match_search(captioner, retriever, tmp_path, capsys):
     paths = uh.make_images(tmp_path, 4)
     assert main(["ask", "--model", captioner, str(paths[0]), "what is it ?", "what is the sky ?"]) == 0
@@ -219,6 +241,11 @@ def test_user_errors_are_one_sentence(captioner, retriever, tmp_path, capsys):
         (["ask", "--model", captioner, str(tmp_path / "x.png"), "what ?"], "not found"),
         (["ask", "--model", captioner, str(image), " "], "empty"),
     ]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep\nthis last line")
+    cases.append(
+        (["caption", "--model", captioner, str(image), "--out", str(notes)], "not a blip2 results file")
+    )
     (tmp_path / "broken_model").mkdir()
     (tmp_path / "broken_model" / "config.json").write_text("{not json")
     cases.append((["caption", "--model", str(tmp_path / "broken_model"), str(image)], "could not load"))
@@ -226,3 +253,4 @@ def test_user_errors_are_one_sentence(captioner, retriever, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and words in err and "Traceback" not in err and "\n" not in err, err
+    assert notes.read_text() == "keep\nthis last line"

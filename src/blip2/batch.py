@@ -204,25 +204,41 @@ def loader(
 
 
 def _read_lines(path: Path, repair: bool) -> list[dict[str, Any]]:
-    """The complete JSON lines of a results file; with `repair`, a partial last line is cut off."""
+    """The complete JSON lines of a results file; with `repair`, a partial last line is cut off.
+
+    With `repair` the file must be a results file (every complete line a JSON object with an
+    "image", a partial last line starting with "{"): anything else raises `UserError` and is left
+    untouched, so a wrong `--out` never loses data.
+    """
     if not path.exists():
         return []
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
+    records = []
+    for n, raw in enumerate(data[:end].splitlines(), 1):
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            rec = None  # a damaged line (never written by us whole) does not count as done
+        if isinstance(rec, dict) and isinstance(rec.get("image"), str):
+            records.append(rec)
+        elif repair:
+            raise _not_results(path, f'line {n} is not a JSON object with an "image"')
     if repair and end < len(data):
+        if not data[end:].startswith(b"{"):
+            raise _not_results(path, "its last line is not a partial results line")
         with open(path, "r+b") as f:
             f.truncate(end)
             f.flush()
             os.fsync(f.fileno())
-    records = []
-    for raw in data[:end].splitlines():
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            continue  # a damaged line (never written by us whole) does not count as done
-        if isinstance(rec, dict) and isinstance(rec.get("image"), str):
-            records.append(rec)
     return records
+
+
+def _not_results(path: Path, why: str) -> UserError:
+    return UserError(
+        f"{path} exists and is not a blip2 results file ({why}): give --out a new file name "
+        "(or the JSON-lines file of an earlier run to resume it); the file was left unchanged"
+    )
 
 
 class StdoutResults:
@@ -243,8 +259,9 @@ class StdoutResults:
 class ResultsFile:
     """An append-only JSON-lines file of `{"image": key, "caption": ...}` / `{"image": key, "error": ...}`.
 
-    Opening it cuts a partial last line left by a killed run; `done` is the set of keys with a line.
-    `write` appends whole lines; `flush` flushes them to the OS and disk.
+    Opening it cuts a partial last line left by a killed run (and refuses, with `UserError`, an existing
+    file that is not a results file); `done` is the set of keys with a line. `write` appends whole
+    lines; `flush` flushes them to the OS and disk.
     """
 
     def __init__(self, path: str | os.PathLike[str], repair: bool = True):
