@@ -363,6 +363,24 @@ def test_given_llm_must_match_the_config_kind():
         Stage2Model(preset("tiny-stage1"))
 
 
+def test_a_given_llm_with_another_vocab_is_recorded_so_the_saved_model_loads(tmp_path):
+    from blip2.interop.checkpoint import load_folder, read_config, save_folder
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(preset("tiny-opt"), name="")
+    llm_cfg = dataclasses.replace(config.llm, eos_text="\n", prompt="a photo of")
+    config = dataclasses.replace(config, llm=llm_cfg)
+    opt = language.build_llm(LLMConfig(hf_config={**TINY_LLMS["opt"], "vocab_size": 120}))
+    model = Stage2Model(config, llm=opt).eval()
+    assert model.config.llm.hf_config["vocab_size"] == 120  # the LM used, not the preset's 99
+    assert model.config.llm.eos_text == "\n" and model.config.llm.prompt == "a photo of"
+    save_folder(model, tmp_path)
+    again = load_folder(tmp_path, read_config(tmp_path))
+    assert again.config == model.config
+    want, got = model.state_dict(), again.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_vqa_prompt_per_model_kind():
     assert make("tiny-opt").vqa_prompt("what is it?") == "Question: what is it? Answer:"
     assert make("tiny-t5").vqa_prompt("what is it?") == "Question: what is it? Short answer:"

@@ -222,7 +222,7 @@ def load_lavis(
             raise UserError(f"{path.name} holds LLM weights; this loader takes the LLM from its own folder")
         if llm_path is None:
             raise UserError(f"{path.name} holds no LLM: pass llm= the transformers folder or hub id of it")
-        config = dataclasses.replace(config, llm=_llm_config(llm_path, config.llm))
+        config = dataclasses.replace(config, llm=pretrained_llm_config(llm_path, config.llm))
         llm_state, _ = read_state_dict(llm_path)
     model = build_model(config)
     if llm_state:
@@ -245,7 +245,9 @@ def _with_base_prefix(state: dict[str, Tensor], llm: nn.Module) -> dict[str, Ten
     }
 
 
-def _llm_config(llm_path: Path, preset: LLMConfig | None) -> LLMConfig:
+def pretrained_llm_config(llm_path: Path, preset: LLMConfig | None) -> LLMConfig:
+    """`preset` (name, dtype, prompt, EOS text, ...; default `LLMConfig()`) with the architecture of
+    the transformers LM folder `llm_path`; FlanT5 gets LAVIS's exact GELU and its own LM head."""
     import transformers
 
     hf_cfg = transformers.AutoConfig.from_pretrained(str(llm_path))
@@ -255,6 +257,20 @@ def _llm_config(llm_path: Path, preset: LLMConfig | None) -> LLMConfig:
         arch["tie_word_embeddings"] = False  # FlanT5's LM head is its own
     base = preset or LLMConfig()
     return dataclasses.replace(base, hf_config=arch, image_token_id=None)
+
+
+def load_pretrained_llm(llm_path: Path, llm_config: LLMConfig) -> nn.Module:
+    """The transformers LM folder `llm_path` as the LM `llm_config` describes (from
+    `pretrained_llm_config`), loaded in `llm_config.dtype`."""
+    from blip2.models import language
+
+    hf_cfg = language.transformers_config(llm_config)
+    return language.auto_class(hf_cfg).from_pretrained(
+        str(llm_path),
+        config=hf_cfg,
+        dtype=language.torch_dtype(llm_config.dtype),
+        attn_implementation="sdpa",
+    )
 
 
 def save_lavis(model: nn.Module) -> dict[str, Tensor]:
@@ -267,6 +283,8 @@ __all__ = [
     "build_model",
     "load_folder",
     "load_lavis",
+    "load_pretrained_llm",
+    "pretrained_llm_config",
     "read_state_dict",
     "save_folder",
     "save_lavis",

@@ -37,11 +37,8 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def build_llm(cfg: LLMConfig) -> nn.Module:
-    """Build the transformers LM described by `cfg.hf_config` with random weights (SDPA attention).
-
-    Pretrained weights are loaded by the caller (`from_pretrained`) and passed to the model instead.
-    """
+def transformers_config(cfg: LLMConfig) -> Any:
+    """The transformers config object of `cfg.hf_config`, every given field kept as given."""
     import transformers
 
     hf = dict(cfg.hf_config)
@@ -51,10 +48,26 @@ def build_llm(cfg: LLMConfig) -> nn.Module:
     for key, value in hf.items():  # what a config class rewrites on the way in (T5 in transformers 5.x
         if getattr(hf_cfg, key, value) != value:  # forces tie_word_embeddings=True): the given value wins
             setattr(hf_cfg, key, value)
-    auto = (
-        transformers.AutoModelForSeq2SeqLM if hf_cfg.is_encoder_decoder else transformers.AutoModelForCausalLM
-    )
-    return auto.from_config(hf_cfg, attn_implementation="sdpa")
+    return hf_cfg
+
+
+def auto_class(hf_cfg: Any) -> Any:
+    """`AutoModelForSeq2SeqLM` for an encoder-decoder config, else `AutoModelForCausalLM`."""
+    import transformers
+
+    if hf_cfg.is_encoder_decoder:
+        return transformers.AutoModelForSeq2SeqLM
+    return transformers.AutoModelForCausalLM
+
+
+def build_llm(cfg: LLMConfig) -> nn.Module:
+    """Build the transformers LM described by `cfg.hf_config` with random weights (SDPA attention).
+
+    Pretrained weights: `blip2.interop.checkpoint.load_pretrained_llm`, or the caller's own
+    `from_pretrained`, passed to the model instead.
+    """
+    hf_cfg = transformers_config(cfg)
+    return auto_class(hf_cfg).from_config(hf_cfg, attn_implementation="sdpa")
 
 
 def freeze(llm: nn.Module, dtype: str | torch.dtype | None = None) -> nn.Module:

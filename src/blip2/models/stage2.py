@@ -53,7 +53,8 @@ class Stage2Model(nn.Module):
         vision_tower: a transformers vision model to use instead of random weights, or a whole
             `ImageEncoder` (tower + `ln_vision`), used as is.
         llm: a transformers LM (e.g. `AutoModelForCausalLM.from_pretrained(...)`) to use instead of one
-            built from `config.llm.hf_config`; it is frozen and cast to `config.llm.dtype`.
+            built from `config.llm.hf_config`; it is frozen and cast to `config.llm.dtype`, and
+            `self.config.llm.hf_config` becomes its architecture (the other `LLMConfig` fields are kept).
 
     Attributes:
         eos_token_id: the id that ends generated text, passed to `generate` (default: the LM's own). The
@@ -81,7 +82,6 @@ class Stage2Model(nn.Module):
             raise ValueError(
                 "a stage-2 model needs an LLM: set Blip2Config.llm (for example preset('tiny-opt'))"
             )
-        self.config = config
         q = config.qformer
         if isinstance(vision_tower, ImageEncoder):
             self.visual = vision_tower
@@ -97,6 +97,10 @@ class Stage2Model(nn.Module):
                 f"config.llm describes a {config.llm.model_type!r} LM but the given LLM is a "
                 f"{self.llm.config.model_type!r} one: pass an LLMConfig that matches the model"
             )
+        if llm is not None:  # the given LM's real architecture (vocab, ...), so that a saved model loads
+            hf_config = language.llm_config_from_model(llm).hf_config
+            config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, hf_config=hf_config))
+        self.config = config
         self.language_projection = nn.Linear(q.hidden_size, language.embedding_width(self.llm))
         eos = getattr(getattr(self.llm, "generation_config", None), "eos_token_id", None)
         self.eos_token_id: int | list[int] | None = eos if eos is not None else self.llm.config.eos_token_id

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from blip2.config import Blip2Config, preset
+from blip2 import hub
+from blip2.config import PRESETS, Blip2Config, LLMConfig, preset
 from blip2.data.annotations import load_records
 from blip2.data.batching import Preprocessor, TextSpec, sample_seed
 from blip2.data.features import FeatureStore
@@ -81,33 +82,33 @@ def _load_saved(path: str) -> nn.Module:
     return getattr(loaded, "model", loaded)
 
 
-def _llm_for_stage2(cfg: TrainConfig, config: Blip2Config | None):
-    """The LLM for stage 2 from a stage-1 model: an LLMConfig (random, from a preset) or a pretrained LM."""
-    name = cfg.model.llm
+def _llm_for_stage2(name: str | None, base: LLMConfig | None) -> tuple[LLMConfig, nn.Module | None]:
+    """The LLM of a stage-2 model: its `LLMConfig` and, for a pretrained LM, the loaded module.
+
+    `name` is a preset (its LLM), a transformers LM folder or hub id, or None for `base` (the model's
+    own `LLMConfig`). A preset LLM without a `name` is built with random weights (tiny presets); one
+    with a name is loaded from it, keeping the preset's conventions (dtype, prompt, EOS text).
+    """
+    if name in PRESETS:
+        base = preset(name).llm
+        if base is None:
+            raise UserError(f"preset {name!r} has no LLM; use a stage-2 preset for model.llm")
+        name = None
     if name is None:
-        if config is not None and config.llm is not None:
-            return config.llm
-        raise UserError(
-            "stage 2 from a stage-1 model needs model.llm (a preset like blip2-opt-2.7b or a folder)"
-        )
-    if os.path.isdir(name):
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+        if base is None:
+            raise UserError(
+                "stage 2 from a stage-1 model needs model.llm (a preset like blip2-opt-2.7b or a folder)"
+            )
+        if not base.name:
+            return base, None
+        name = base.name
+    elif base is None:
+        base = LLMConfig(name=name)
+    from blip2.interop.checkpoint import load_pretrained_llm, pretrained_llm_config
 
-        auto = (
-            AutoModelForSeq2SeqLM
-            if AutoConfig.from_pretrained(name).is_encoder_decoder
-            else AutoModelForCausalLM
-        )
-        return auto.from_pretrained(name)
-    cfg_llm = preset(name).llm
-    if cfg_llm is None:
-        raise UserError(f"preset {name!r} has no LLM; use a stage-2 preset for model.llm")
-    if cfg_llm.name:
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-        auto = AutoModelForSeq2SeqLM if cfg_llm.is_encoder_decoder else AutoModelForCausalLM
-        return auto.from_pretrained(cfg_llm.name)
-    return cfg_llm
+    path = hub.resolve(name)
+    llm_config = pretrained_llm_config(path, base)
+    return llm_config, load_pretrained_llm(path, llm_config)
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
@@ -129,8 +130,10 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         if is_stage1:
             from blip2.models.stage2 import Stage2Model
 
-            llm = _llm_for_stage2(cfg, None)
-            return Stage2Model.from_stage1(model, llm)
+            llm_config, llm = _llm_for_stage2(m.llm, None)
+            return Stage2Model.from_stage1(
+                model, llm if llm is not None else llm_config, llm_config=llm_config
+            )
         return model
     if m.preset is not None:
         try:
@@ -153,12 +156,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
         if config.llm is None:
             raise UserError(f"task {cfg.task!r} needs a stage-2 model (one with an LLM)")
-        llm = None
-        if config.llm.name:
-            llm = _llm_for_stage2(
-                dataclasses.replace(cfg, model=dataclasses.replace(m, llm=config.llm.name)), config
-            )
-        model = Stage2Model(config, llm=llm if isinstance(llm, nn.Module) else None)
+        llm_config, llm = _llm_for_stage2(None, config.llm)
+        model = Stage2Model(dataclasses.replace(config, llm=llm_config), llm=llm)
     if m.qformer_init:
         from blip2.interop.bert import init_qformer_from_bert
 
