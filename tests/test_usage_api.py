@@ -94,8 +94,21 @@ def test_ask_and_chat(captioner, images):
 def test_text_limits_on_generation(captioner, images):
     with pytest.raises(UserError, match="empty"):
         captioner.ask(images[0], "   ")
-    with pytest.warns(TruncationWarning, match="cut to the model's 32"):
+    with pytest.warns(TruncationWarning, match="cut to fit the model's 32-token prompt"):
         assert isinstance(captioner.ask(images[0], "what is it " * 40, max_new_tokens=2), str)
+    # every prompt path is cut to the LLM's text length (an uncut one overflows the position table)
+    long_prompt = "word " * 300
+    with pytest.warns(TruncationWarning, match="cut to the model's 32"):
+        assert isinstance(captioner.caption(images[0], long_prompt, **GREEDY), str)
+    with pytest.warns(TruncationWarning, match="cut to the model's 32"):
+        assert isinstance(captioner.generate(images[:2], [long_prompt, "a"], **GREEDY)[0], str)
+    with pytest.warns(TruncationWarning, match="cut to the model's 32"):
+        assert isinstance(
+            "".join(captioner.caption(images[0], long_prompt, stream=True, max_new_tokens=2)), str
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a prompt that fits is not cut and warns nothing
+        captioner.caption(images[0], "word " * 10, **GREEDY)
     with pytest.warns(TruncationWarning, match="turn"):
         long_history = [("what is the sky ?", "blue red blue")] * 30
         captioner.chat(images[0], "what is it ?", long_history, max_new_tokens=2)

@@ -178,18 +178,38 @@ class Pipeline:
             out.append(t)
         return out
 
-    def _truncate_llm_text(self, text: str, what: str) -> str:
-        """Cut `text` to the LLM's `max_txt_len` tokens, with a `TruncationWarning` when it is cut."""
-        limit = self.config.llm.max_txt_len
-        ids = self.llm_tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= limit:
+    def _truncate_llm_text(self, text: str, what: str, template: str = "{}") -> str:
+        """Cut `text` so that `template.format(text)` fits the LLM's `max_txt_len` tokens (special
+        tokens included), with a `TruncationWarning` when it is cut."""
+        limit, tok = self.config.llm.max_txt_len, self.llm_tokenizer
+        if len(tok(template.format(text))["input_ids"]) <= limit:
             return text
+        room = max(1, limit - len(tok(template.format(""))["input_ids"]))
+        ids = tok(text, add_special_tokens=False)["input_ids"]
         warnings.warn(
-            f"the {what} is {len(ids)} tokens long; it was cut to the model's {limit}",
+            f"the {what} is {len(ids)} tokens long; it was cut to fit the model's {limit}-token prompt",
             TruncationWarning,
             stacklevel=3,
         )
-        return self.llm_tokenizer.decode(ids[:limit], skip_special_tokens=True)
+        return tok.decode(ids[:room], skip_special_tokens=True)
+
+    def _encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor | None, Tensor | None]:
+        """LLM input ids and mask of the prompts on the device (None, None for empty prompts), each cut
+        to the LLM's `max_txt_len` tokens as LAVIS does, with a `TruncationWarning` when one is cut."""
+        tok, limit = self.llm_tokenizer, self.config.llm.max_txt_len
+        longest = max((len(ids) for ids in tok(list(prompts))["input_ids"]), default=0)
+        if longest > limit:
+            warnings.warn(
+                f"a prompt is {longest} tokens long; it was cut to the model's {limit}",
+                TruncationWarning,
+                stacklevel=4,
+            )
+        with self._generate_lock:
+            tok.padding_side = "left" if not self.model.is_encoder_decoder else "right"
+            enc = tok(list(prompts), padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        if enc["input_ids"].shape[1] == 0:
+            return None, None
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     # ------------------------------------------------------------------------------------- stage 2
 
@@ -198,7 +218,8 @@ class Pipeline:
         self, images: ImageLike | Sequence[ImageLike], prompts: Sequence[str], **generate_options: Any
     ) -> list[str]:
         """Text generated for each image after its prompt (new text only, stripped); instructed
-        generation with any prompt. Lists are run `batch_size` images at a time."""
+        generation with any prompt. Lists are run `batch_size` images at a time. A prompt longer than
+        the LLM's `max_txt_len` tokens is cut to them (as LAVIS), with a `TruncationWarning`."""
         self._require(2, "generate")
         batch, prompts = self._images(images), list(prompts)
         if len(batch) != len(prompts):
@@ -214,15 +235,9 @@ class Pipeline:
     ) -> list[str]:
         """`generate` on already processed `(B, 3, S, S)` pixels (`image_processor` output), one batch."""
         self._require(2, "generate")
-        tok = self.llm_tokenizer
-        with self._generate_lock:
-            tok.padding_side = "left" if not self.model.is_encoder_decoder else "right"
-            enc = tok(list(prompts), padding=True, return_tensors="pt")
-        input_ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        if input_ids.shape[1] == 0:
-            input_ids = mask = None
+        input_ids, mask = self._encode_prompts(prompts)
         ids = self.model.generate(pixel_values.to(self.device), input_ids, mask, **generate_options)
-        return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
+        return [t.strip() for t in self.llm_tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def stream(self, image: ImageLike, prompt: str | None = None, **generate_options: Any) -> Iterator[str]:
         """Generate for one image after `prompt`, yielding the text piece by piece as it is produced.
@@ -239,12 +254,8 @@ class Pipeline:
             raise UserError("streaming works with greedy decoding or sampling only: drop num_beams")
         prompt = self.config.llm.prompt if prompt is None else prompt
         pixels = self.pixels(image)  # errors about the image surface here, before the thread starts
-        tok = self.llm_tokenizer
-        enc = tok([prompt], return_tensors="pt")
-        input_ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        if input_ids.shape[1] == 0:
-            input_ids = mask = None
-        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        input_ids, mask = self._encode_prompts([prompt])
+        streamer = TextIteratorStreamer(self.llm_tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
 
         def work() -> None:
@@ -304,14 +315,14 @@ class Pipeline:
 
         Questions are put in the checkpoint's template ("Question: {} Answer:" for OPT, "Question: {}
         Short answer:" for FlanT5). Default generation: 5 beams, at most 10 new tokens. An empty
-        question is a `UserError`; one longer than the LLM's `max_txt_len` tokens is cut, with a
-        `TruncationWarning`. `stream=True` yields the answer to one question piece by piece.
+        question is a `UserError`; one too long for the template to fit the LLM's `max_txt_len` tokens
+        is cut, with a `TruncationWarning`. `stream=True` yields the answer to one question piece by piece.
         """
         self._require(2, "ask")
         batch, qs = self._images(images), [questions] if isinstance(questions, str) else list(questions)
-        qs = [self._truncate_llm_text(q, "question") for q in self._check_texts(qs, "question")]
-        batch, qs = _broadcast(batch, qs, "images", "questions")
         template = self.config.llm.vqa_template
+        qs = [self._truncate_llm_text(q, "question", template) for q in self._check_texts(qs, "question")]
+        batch, qs = _broadcast(batch, qs, "images", "questions")
         if stream:
             if len(batch) != 1:
                 raise UserError("streaming answers one question about one image at a time")
@@ -334,7 +345,7 @@ class Pipeline:
         `TruncationWarning`)."""
         self._require(2, "chat")
         (question,) = self._check_texts([question], "question")
-        question = self._truncate_llm_text(question, "question")
+        question = self._truncate_llm_text(question.strip(), "question", self.config.llm.vqa_template)
         turns = [(str(q), str(a)) for q, a in history]
         limit = self.config.llm.max_txt_len
         dropped = 0
