@@ -221,3 +221,32 @@ def test_an_unavailable_stage2_llm_is_one_clear_error(tmp_path, monkeypatch):
         _llm_for_stage2("nobody-here/no-such-llm", None)
     with pytest.raises(UserError, match="does not exist"):
         _llm_for_stage2(str(tmp_path / "missing"), None)
+
+
+def test_training_state_holds_only_tensors_and_plain_values(tmp_path):
+    import pickle
+    import random
+
+    import numpy as np
+
+    random.seed(3)
+    np.random.seed(4)
+    np.random.normal()  # a cached Gaussian in NumPy's state
+    torch.manual_seed(5)
+    root = str(tmp_path / "checkpoints")
+    path = checkpoint.save(root, 1, {"w": torch.ones(2)}, {"step": 1, "rng": [checkpoint.rng_state()]})
+    want = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    _, state = checkpoint.load(path)  # weights_only=True
+    checkpoint.set_rng_state(state["rng"][0])
+    got = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
+    assert got[:3] == want[:3] and torch.equal(got[3], want[3])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran code",))
+
+    with open(f"{path}/state.pt", "wb") as f:
+        pickle.dump({"step": Evil()}, f, protocol=2)
+    with pytest.raises(UserError, match="could run code"):
+        checkpoint.load(path)

@@ -5,7 +5,8 @@ A checkpoint is a folder `output_dir/checkpoints/step-00001000/` with
 * `trainable.pt`: the trainable parameters (Q-Former, queries, heads, projection, `ln_vision`); frozen
   towers are not saved (they come from the starting model);
 * `state.pt`: optimizer, schedule, GradScaler, step, the data position of every rank, the RNG states of
-  every rank, and the job config.
+  every rank, and the job config; tensors and plain values only, read with `weights_only=True` (a
+  checkpoint from elsewhere cannot run code).
 
 It is written into a temporary folder and renamed into place, then `checkpoints/latest` (a one-line
 file naming it) is replaced atomically. A crash while saving leaves at most a stray `*.tmp*` folder and
@@ -15,6 +16,7 @@ file naming it) is replaced atomically. A crash while saving leaves at most a st
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -49,15 +51,24 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain Python values (loadable with `weights_only`)."""
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -121,7 +132,12 @@ def load(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint folder: `(trainable, state)`."""
     try:
         trainable = torch.load(os.path.join(path, "trainable.pt"), map_location="cpu", weights_only=True)
-        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path} is not a complete training checkpoint") from None
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"{path} holds Python objects besides tensors and plain values; it is not loaded, as "
+            "unpickling could run code"
+        ) from None
     return trainable, state
