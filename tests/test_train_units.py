@@ -250,3 +250,29 @@ def test_training_state_holds_only_tensors_and_plain_values(tmp_path):
         pickle.dump({"step": Evil()}, f, protocol=2)
     with pytest.raises(UserError, match="could run code"):
         checkpoint.load(path)
+
+
+def test_a_crash_while_saving_the_same_step_again_keeps_a_checkpoint_to_resume(tmp_path, monkeypatch):
+    import os
+
+    root = str(tmp_path / "checkpoints")
+    checkpoint.save(root, 1, {"w": torch.ones(2)}, {"step": 1})
+    real_replace = os.replace
+    dead = []
+
+    def killed(src, dst):  # the process dies as the new folder is renamed into place: nothing after runs
+        if dead or (os.path.basename(str(dst)) == "step-00000001" and ".tmp-old" not in str(src)):
+            dead.append(dst)
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(root, 1, {"w": torch.zeros(2)}, {"step": 1})
+    monkeypatch.undo()
+    trainable, state = checkpoint.load(checkpoint.find(str(tmp_path)))
+    assert state["step"] == 1 and torch.equal(trainable["w"], torch.ones(2))
+
+    path = checkpoint.save(root, 1, {"w": torch.zeros(2)}, {"step": 1})  # a later save cleans up
+    assert checkpoint.find(root) == path and torch.equal(checkpoint.load(path)[0]["w"], torch.zeros(2))
+    assert sorted(os.listdir(root)) == ["latest", "step-00000001"]

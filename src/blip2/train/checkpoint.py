@@ -10,11 +10,13 @@ A checkpoint is a folder `output_dir/checkpoints/step-00001000/` with
 
 It is written into a temporary folder and renamed into place, then `checkpoints/latest` (a one-line
 file naming it) is replaced atomically. A crash while saving leaves at most a stray `*.tmp*` folder and
-`latest` still names the previous complete checkpoint.
+`latest` still names the previous complete checkpoint (saving a step again sets the old folder aside
+first, where `find` still sees it, and deletes it only after the new one is in place).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import random
@@ -90,15 +92,24 @@ def save(
     for f in os.listdir(tmp):
         with open(os.path.join(tmp, f), "rb") as fh:
             os.fsync(fh.fileno())
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    old = None
+    if os.path.exists(final):  # the same step again: set the old one aside, never a gap under `latest`
+        old = tempfile.mkdtemp(prefix=f"{name}.tmp-old", dir=root)
+        os.replace(final, os.path.join(old, name))
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None:
+            os.replace(os.path.join(old, name), final)
+        raise
     pointer = os.path.join(root, LATEST)
     with open(pointer + ".tmp", "w") as f:
         f.write(name + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(pointer + ".tmp", pointer)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     _prune(root, keep, current=name)
     return final
 
@@ -122,9 +133,12 @@ def find(path: str) -> str | None:
         pointer = os.path.join(root, LATEST)
         if os.path.isfile(pointer):
             with open(pointer) as f:
-                ckpt = os.path.join(root, f.read().strip())
-            if os.path.isfile(os.path.join(ckpt, "state.pt")):
-                return ckpt
+                name = f.read().strip()
+            # the named folder, or its old copy set aside by a save of the same step that was cut off
+            aside = sorted(glob.glob(os.path.join(root, f"{glob.escape(name)}.tmp-old*", name)))
+            for ckpt in [os.path.join(root, name), *aside]:
+                if os.path.isfile(os.path.join(ckpt, "state.pt")):
+                    return ckpt
     return None
 
 
