@@ -12,7 +12,9 @@ Layouts (see the project's formats reference):
 * `vqa`: VQAv2 / OK-VQA questions + annotations (two files), or a plain list
   `[{"image", "question", "answer" | "answers"}]`;
 * `retrieval`: like `captions`, and every caption of an image shares the image's integer id (the ITC
-  positives of retrieval fine-tuning).
+  positives of retrieval fine-tuning). An entry's optional `image_id` (as in the original code's
+  `coco_karpathy_train.json`) groups entries instead of the image path: entries sharing it are one
+  "image" for ITC positives and ITM negatives.
 
 Image paths are joined to an image root. Each record carries a `key` naming its image (the relative
 path), which is also what the frozen-feature cache is indexed by.
@@ -75,13 +77,14 @@ def _caption_list(items: list, path: str, root: str) -> list[Record]:
     if not isinstance(items, list):
         raise UserError(f"{path} should hold a list of {{'image': ..., 'caption': ...}} entries")
     recs: list[Record] = []
-    ids = _ids(str(it.get("image", "")) for it in items)
+    group = [str(it["image_id"]) if "image_id" in it else f"image:{it.get('image', '')}" for it in items]
+    ids = _ids(group)
     for i, it in enumerate(items):
         if "image" not in it or "caption" not in it:
             raise UserError(f"entry {i} of {path} lacks an 'image' or 'caption' field")
         caps = it["caption"] if isinstance(it["caption"], list) else [it["caption"]]
         for c in caps:
-            recs.append(Record(it["image"], _join(root, it["image"]), text=c, image_id=ids[it["image"]]))
+            recs.append(Record(it["image"], _join(root, it["image"]), text=c, image_id=ids[group[i]]))
     return recs
 
 
