@@ -184,10 +184,14 @@ def test_loss_does_not_depend_on_padding_side(name):
             model(px, *pad([[5, 6, 7, 1], [7, 1]], side, 0), labels=labels, decoder_attention_mask=dmask).loss
             for side in ("right", "left")
         ]
-    else:  # positions come from the attention mask (GPT-2 would otherwise count the pads)
-        rows = [[2, 5, 6, 11, 12, 13, 50], [2, 14, 50]]
-        losses = [model(px, *pad(rows, side, 1), prompt_lengths=1).loss for side in ("right", "left")]
-    torch.testing.assert_close(losses[0], losses[1])
+        torch.testing.assert_close(losses[0], losses[1])
+        return
+    # positions come from the attention mask (GPT-2 would otherwise count the pads); without a prompt
+    # BOS is a target, predicted from the last query (not from a left pad)
+    rows = [[2, 5, 6, 11, 12, 13, 50], [2, 14, 50]]
+    for prompt in (1, None, 0):
+        losses = [model(px, *pad(rows, side, 1), prompt_lengths=prompt).loss for side in ("right", "left")]
+        torch.testing.assert_close(losses[0], losses[1])
 
 
 def test_encoder_decoder_loss_is_the_decoder_cross_entropy():

@@ -7,8 +7,9 @@ is a small pure function over that model or over token-id tensors; nothing token
 
 Padding conventions (all handled here so callers can pad either way):
 
-* decoder-only training: any padding side; positions come from the attention mask (`position_ids`),
-  so padded rows see the same positions as unpadded ones;
+* decoder-only training: any padding side; the model moves it to the *right* (`[queries][text][pads]`,
+  so each row's first text token, a target when there is no prompt, is predicted from the last query),
+  and positions come from the attention mask (`position_ids`);
 * decoder-only generation: prompts are moved to *left* padding (`[queries][pads][prompt]`), so every
   row's new tokens follow its last real token;
 * encoder-decoder: the encoder text is moved to *right* padding (`[queries][prompt][pads]`), so T5's
@@ -129,11 +130,16 @@ def move_padding(input_ids: Tensor, attention_mask: Tensor, side: str) -> tuple[
     Returns:
         `(input_ids, attention_mask)` rearranged, same shapes.
     """
+    order = padding_order(attention_mask, side)
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+def padding_order(attention_mask: Tensor, side: str) -> Tensor:
+    """`(B, L)` column order that moves each row's padding to `side` (apply with `gather(1, order)`)."""
     if side not in ("left", "right"):
         raise ValueError(f"padding side must be 'left' or 'right', not {side!r}")
     key = (attention_mask != 0).long() if side == "left" else (attention_mask == 0).long()
-    order = torch.sort(key, dim=1, stable=True).indices  # (B, L) pads first (left) or last (right)
-    return input_ids.gather(1, order), attention_mask.gather(1, order)
+    return torch.sort(key, dim=1, stable=True).indices  # (B, L) pads first (left) or last (right)
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:

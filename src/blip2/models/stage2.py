@@ -42,7 +42,7 @@ from blip2.models.qformer import QFormer, autocast
 @dataclass
 class Stage2Output:
     loss: Tensor | None  # scalar LM loss (None for an encoder-decoder LM called without labels)
-    logits: Tensor  # decoder-only: (B, Q + L, V) over [queries; text]; encoder-decoder: (B, T, V) decoder
+    logits: Tensor  # decoder-only: (B, Q + L, V) over [queries; text right padded]; enc-dec: (B, T, V)
 
 
 class Stage2Model(nn.Module):
@@ -222,8 +222,9 @@ class Stage2Model(nn.Module):
         """The stage-2 language-modeling loss.
 
         Decoder-only LM: `input_ids` are the whole texts (BOS, prompt, caption, EOS; e.g. OPT's
-        `</s>a photo of a dog\\n`), padded on either side. The loss is next-token cross-entropy over the
-        text tokens, ignoring the queries, padding and the first `prompt_lengths` tokens of each row.
+        `</s>a photo of a dog\\n`), padded on either side (the LM sees them right padded, as LAVIS
+        pads). The loss is next-token cross-entropy over the text tokens, ignoring the queries, padding
+        and the first `prompt_lengths` tokens of each row.
 
         Encoder-decoder LM: `input_ids` are the encoder text after the queries (the prefix; may be None
         for queries only) and `labels` the decoder's target ids (-100 or `decoder_attention_mask == 0`
@@ -252,6 +253,11 @@ class Stage2Model(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         text_labels = language.causal_lm_labels(
             input_ids if labels is None else labels, attention_mask, prompt_lengths
+        )
+        # right padding: the first text token must follow the last query, not a pad
+        order = language.padding_order(attention_mask, "right")
+        input_ids, attention_mask, text_labels = (
+            t.gather(1, order) for t in (input_ids, attention_mask, text_labels)
         )
         ones = attention_mask.new_ones(b, q)
         mask = torch.cat([ones, attention_mask], dim=1)  # (B, Q + L)
