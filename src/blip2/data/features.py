@@ -2,8 +2,8 @@
 
 Layout of a cache folder:
 
-* `meta.json`: `{"format": "blip2-features/1", "vision": <VisionConfig>, "tokens": N, "width": D,
-  "dtype": "float16"}`;
+* `meta.json`: `{"format": "blip2-features/1", "vision": <VisionConfig>, "tower_sha256": <hex>,
+  "tokens": N, "width": D, "dtype": "float16"}` (`tower_sha256`: `tower_fingerprint` of the weights);
 * `part-rRRR-IIIII.npy`: `(n, N, D)` arrays of frozen image-encoder outputs *before* `ln_vision`, one
   row per image, in NumPy's `.npy` format (memory-mapped when read);
 * `part-rRRR-IIIII.json`: the image keys of that part's rows, in order (written after its `.npy`, so a
@@ -13,15 +13,31 @@ Layout of a cache folder:
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 
 import numpy as np
 import torch
+from torch import nn
 
 from blip2.errors import UserError
 
 FORMAT = "blip2-features/1"
+SAMPLES_PER_TENSOR = 4096
+
+
+def tower_fingerprint(tower: nn.Module) -> str:
+    """sha256 of a frozen tower's weights: every tensor's name, shape and dtype, and its values (all of a
+    small tensor, an evenly strided sample of `SAMPLES_PER_TENSOR` of a large one; other weights differ
+    everywhere, so a sample shows it). A few MB hashed even for ViT-g."""
+    h = hashlib.sha256()
+    for name, t in sorted(tower.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // SAMPLES_PER_TENSOR)]
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(sample.to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 class FeatureStore:
@@ -63,13 +79,17 @@ class FeatureStore:
             arr = self._arrays[npy] = np.load(npy, mmap_mode="r")
         return torch.from_numpy(np.array(arr[row]))
 
-    def check_vision(self, vision: dict) -> None:
-        """Refuse a cache made with another image encoder (architecture or resolution)."""
+    def check_vision(self, vision: dict, tower: nn.Module | None = None) -> None:
+        """Refuse a cache made with another image encoder: architecture, resolution or (given `tower`,
+        and recorded by the cache) weights."""
         cached = self.meta.get("vision", {})
         vision = json.loads(json.dumps(vision))
-        for k in ("hf_config", "image_size"):
-            if cached.get(k) != vision.get(k):
-                raise UserError(
-                    f"the feature cache at {self.path} was made with another image encoder ({k} differs); "
-                    "re-run `blip2 cache-features` with this model"
-                )
+        differs = [k for k in ("hf_config", "image_size") if cached.get(k) != vision.get(k)]
+        recorded = self.meta.get("tower_sha256")
+        if not differs and tower is not None and recorded and recorded != tower_fingerprint(tower):
+            differs = ["its weights"]
+        if differs:
+            raise UserError(
+                f"the feature cache at {self.path} was made with another image encoder ({differs[0]} "
+                "differs); re-run `blip2 cache-features` with this model"
+            )

@@ -7,12 +7,15 @@ change, so its outputs can be computed once. The features are the tower's output
 through the eval transform (resize, no crop or flip): cached features mean no augmentation.
 
 Each image is encoded once even when it has several captions. Under torchrun each rank encodes its
-share of the images and writes its own parts; nothing needs merging.
+share of the images and writes its own parts; nothing needs merging. Parts of an earlier run in the
+same folder are removed first; `meta.json` records a fingerprint of the tower's weights, which training
+checks.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 
@@ -119,7 +122,7 @@ def cache_features(
     import torch
     from torch.utils.data import DataLoader
 
-    from blip2.data.features import FORMAT
+    from blip2.data.features import FORMAT, tower_fingerprint
     from blip2.data.shards import worker_init
     from blip2.processing import ImageProcessor
     from blip2.train import distributed as D
@@ -140,7 +143,11 @@ def cache_features(
             collate_fn=_collate,
             worker_init_fn=worker_init,
         )
-        os.makedirs(out, exist_ok=True)
+        if info.is_main:  # a fresh cache: no part or meta.json of an earlier run is indexed with it
+            os.makedirs(out, exist_ok=True)
+            for f in glob.glob(os.path.join(out, "part-*")) + glob.glob(os.path.join(out, "meta.json*")):
+                os.remove(f)
+        D.barrier()
         np_dtype = {"float16": np.float16, "float32": np.float32, "bfloat16": np.float32}
         written = skipped = part = 0
         keys: list[str] = []
@@ -181,13 +188,17 @@ def cache_features(
                 flush()
         flush()
         written, skipped = (int(x) for x in D.all_reduce_sum([written, skipped], info.device))
+        D.barrier()  # every rank's parts are complete
         if info.is_main:
+            parts = sorted(glob.glob(os.path.join(out, "part-*.npy")))  # rank 0 may have written none
+            first = np.load(parts[0], mmap_mode="r") if parts else None
             meta = {
                 "format": FORMAT,
                 "vision": json.loads(json.dumps(model.config.to_dict()["vision"])),
-                "tokens": int(arr.shape[1]) if written else 0,
-                "width": int(arr.shape[2]) if written else 0,
-                "dtype": str(arr.dtype) if written else "",
+                "tower_sha256": tower_fingerprint(encoder.tower),
+                "tokens": int(first.shape[1]) if first is not None else 0,
+                "width": int(first.shape[2]) if first is not None else 0,
+                "dtype": str(first.dtype) if first is not None else "",
                 "images": written,
                 "skipped": skipped,
             }

@@ -192,7 +192,10 @@ def text_spec(cfg: TrainConfig, section: DataSection, config: Blip2Config) -> Te
     )
 
 
-def preprocessor(cfg: TrainConfig, section: DataSection, config: Blip2Config, train: bool) -> Preprocessor:
+def preprocessor(
+    cfg: TrainConfig, section: DataSection, config: Blip2Config, train: bool, tower: nn.Module | None = None
+) -> Preprocessor:
+    """The section's batch maker; `tower` (the frozen image tower) is checked against a feature cache."""
     features = None
     if section.features:
         if not config.vision.freeze:
@@ -201,7 +204,7 @@ def preprocessor(cfg: TrainConfig, section: DataSection, config: Blip2Config, tr
                 "model.overrides.vision.freeze=true"
             )
         features = FeatureStore(section.features)
-        features.check_vision(config.to_dict()["vision"])
+        features.check_vision(config.to_dict()["vision"], tower)
     v = config.vision
     return Preprocessor(
         text_spec(cfg, section, config),
@@ -445,9 +448,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: str | None, hooks, stop_a
         position = DataPosition(pos["micro_step"], {int(k): tuple(v) for k, v in pos["streams"].items()})
         rng = state["rng"][min(info.rank, len(state["rng"]) - 1)]
 
-    pre = preprocessor(cfg, cfg.data, config, train=True)
+    pre = preprocessor(cfg, cfg.data, config, train=True, tower=model.visual.tower)
     batches = make_loader(cfg, cfg.data, pre, info, position)
-    evaluate = _evaluator(cfg, config, info) if cfg.eval_data is not None and t.eval_every else None
+    evaluate = None
+    if cfg.eval_data is not None and t.eval_every:
+        evaluate = _evaluator(cfg, config, info, model.visual.tower)
     log = MetricsLog(t.output_dir, info.is_main, t.tensorboard)
     if info.is_main:
         with open(os.path.join(t.output_dir, "train_config.json"), "w") as f:
@@ -609,10 +614,10 @@ def _reduce_window(
     return out
 
 
-def _evaluator(cfg: TrainConfig, config: Blip2Config, info: D.DistInfo):
+def _evaluator(cfg: TrainConfig, config: Blip2Config, info: D.DistInfo, tower: nn.Module):
     """Validation loss on `eval_data` (eval transform, fixed batches), averaged over ranks."""
     section = cfg.eval_data
-    pre = preprocessor(cfg, section, config, train=False)
+    pre = preprocessor(cfg, section, config, train=False, tower=tower)
 
     def evaluate(model: nn.Module, gather) -> dict[str, float]:
         batches = make_loader(cfg, section, pre, info, DataPosition(), train=False)
