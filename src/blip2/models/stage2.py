@@ -42,7 +42,7 @@ from blip2.models.qformer import QFormer, autocast
 @dataclass
 class Stage2Output:
     loss: Tensor | None  # scalar LM loss (None for an encoder-decoder LM called without labels)
-    logits: Tensor  # decoder-only: (B, Q + L, V) over [queries; text right padded]; enc-dec: (B, T, V)
+    logits: Tensor  # decoder-only: (B, Q + L, V) over [queries; text]; encoder-decoder: (B, T, V) decoder
 
 
 class Stage2Model(nn.Module):
@@ -267,7 +267,10 @@ class Stage2Model(nn.Module):
         if self._pass_position_ids:
             extra["position_ids"] = language.position_ids(mask)
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **extra)
-        return Stage2Output(loss=losses.lm_loss(out.logits, full_labels), logits=out.logits)
+        loss = losses.lm_loss(out.logits, full_labels)
+        back = order.argsort(1)[..., None].expand(-1, -1, out.logits.shape[-1])  # the caller's padding
+        logits = torch.cat([out.logits[:, :q], out.logits[:, q:].gather(1, back)], dim=1)
+        return Stage2Output(loss=loss, logits=logits)
 
     def _forward_encoder_decoder(
         self,
