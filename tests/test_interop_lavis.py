@@ -329,6 +329,15 @@ def test_tiny_lavis_file_matches_transformers_conversion(tiny_lavis, tmp_path):
         assert torch.equal(again.state_dict()[k], v), k
 
 
+def test_a_lavis_checkpoint_keeps_lavis_ln_vision_eps_through_save_and_load(tiny_lavis, tmp_path):
+    folder, _, _ = tiny_lavis
+    assert checkpoint.build_model(preset("tiny-stage1")).visual.ln_vision.eps == 1e-6  # transformers'
+    pipe = blip2.load(folder / "blip2_tiny.pth", preset="tiny-stage1", tokenizer=tiny_hf.bert_tokenizer_dir())
+    assert pipe.model.visual.ln_vision.eps == 1e-5  # LAVIS's nn.LayerNorm default
+    pipe.save_pretrained(tmp_path)
+    assert blip2.load(tmp_path).model.visual.ln_vision.eps == 1e-5
+
+
 def test_convert_command(tiny_lavis, tmp_path):
     from blip2.cli import main
 

@@ -38,7 +38,8 @@ class VisionConfig:
             caption and retrieval fine-tunings do (then features cannot come from a cache).
         freeze_ln_vision: also freeze `ln_vision` (trainable by default, as in the original code).
         dtype: precision of the frozen tower ("float32", "bfloat16", "float16").
-        ln_vision_eps: eps of a new `ln_vision` (towers without a final LayerNorm to reuse).
+        ln_vision_eps: eps of `ln_vision`; None: 1e-5 for a new LayerNorm, the tower's own for the EVA
+            tower's reused `post_layernorm` (transformers: 1e-6; LAVIS checkpoints set 1e-5).
     """
 
     hf_config: dict[str, Any] = field(default_factory=lambda: {"model_type": "blip_2_vision_model"})
@@ -48,7 +49,7 @@ class VisionConfig:
     freeze: bool = True
     freeze_ln_vision: bool = False
     dtype: str = "float32"
-    ln_vision_eps: float = 1e-5
+    ln_vision_eps: float | None = None
 
     @property
     def model_type(self) -> str:

@@ -207,6 +207,8 @@ def load_lavis(
     LAVIS's exact GELU). All three are held to the same rule: every key consumed, every weight filled.
     """
     state, _ = read_state_dict(path)
+    if config.vision.model_type == "blip_2_vision_model":  # LAVIS's ln_vision: eps 1e-5, not 1e-6
+        config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, ln_vision_eps=1e-5))
     has_vision = any(k.startswith("visual_encoder.") for k in state)
     if not has_vision:
         if vision_weights is None:

@@ -55,11 +55,14 @@ class ImageEncoder(nn.Module):
         if cfg.model_type == "blip_2_vision_model":
             self.ln_vision = self.tower.post_layernorm
             self.tower.post_layernorm = nn.Identity()
+            if cfg.ln_vision_eps is not None:
+                self.ln_vision.eps = cfg.ln_vision_eps
         else:
             if cfg.model_type == "clip_vision_model":
                 # only the pooled output used it (transformers 5 dropped the `vision_model` wrapper)
                 getattr(self.tower, "vision_model", self.tower).post_layernorm = nn.Identity()
-            self.ln_vision = nn.LayerNorm(cfg.width, eps=cfg.ln_vision_eps)
+            eps = 1e-5 if cfg.ln_vision_eps is None else cfg.ln_vision_eps
+            self.ln_vision = nn.LayerNorm(cfg.width, eps=eps)
         self.frozen = cfg.freeze
         self.tower.requires_grad_(not self.frozen)
         self.tower.to(torch_dtype(cfg.dtype))
