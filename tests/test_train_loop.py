@@ -193,6 +193,28 @@ def test_a_feature_cache_is_rewritten_whole_and_bound_to_the_tower_weights(tmp_p
         train(other)
 
 
+def test_mixed_precision_autocasts_the_qformer_but_not_the_frozen_tower(tmp_path, monkeypatch):
+    import blip2.train.loop as loop
+
+    seen: dict[str, list] = {"tower": [], "qformer": []}
+    build = loop.build_model
+
+    def spy(cfg):
+        model = build(cfg)
+        for name in seen:
+            module = model.visual.tower if name == "tower" else model.qformer
+            module.register_forward_hook(
+                lambda m, i, o, name=name: seen[name].append(torch.is_autocast_enabled("cpu"))
+            )
+        return model
+
+    monkeypatch.setattr(loop, "build_model", spy)
+    result = train(_json_cfg(tmp_path, "run", "train.precision=bf16", "train.max_steps=1"))
+    assert result.steps == 1 and math.isfinite(result.last_loss)
+    assert seen["tower"] and not any(seen["tower"])
+    assert seen["qformer"] and all(seen["qformer"])
+
+
 def test_end_to_end_cli_stage1_then_stage2_then_load_and_caption(tmp_path):
     import blip2.pipeline
 

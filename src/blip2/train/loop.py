@@ -420,7 +420,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: str | None, hooks, stop_a
         )
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = WarmupCosine(optimizer, total, cfg.optim)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+    # mixed precision through the models' own mechanism: the Q-Former side computes under autocast,
+    # the frozen towers in their configured dtype (`VisionConfig.dtype`, `LLMConfig.dtype`)
+    model.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
     scaler = torch.amp.GradScaler(info.device.type, enabled=t.precision == "fp16")
 
     # ---- resume
@@ -499,11 +501,6 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: str | None, hooks, stop_a
         D.barrier()
         return path
 
-    def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(info.device.type, dtype=amp_dtype)
-
     while step < total:
         optimizer.zero_grad(set_to_none=True)
         for micro in range(t.grad_accum):
@@ -514,8 +511,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: str | None, hooks, stop_a
             gen = torch.Generator(device=info.device).manual_seed(sample_seed(t.seed, "itm", step, micro))
             sync = micro == t.grad_accum - 1 or not info.distributed
             with ddp.no_sync() if not sync else contextlib.nullcontext():
-                with autocast():
-                    loss, parts = forward_loss(ddp, inputs, cfg.stage, gather, gen)
+                loss, parts = forward_loss(ddp, inputs, cfg.stage, gather, gen)
                 scaler.scale(loss / t.grad_accum).backward()
             window["loss"] += loss.item() / t.grad_accum
             for k, v in parts.items():
