@@ -114,6 +114,23 @@ def test_text_limits_on_generation(captioner, images):
         captioner.chat(images[0], "what is it ?", long_history, max_new_tokens=2)
 
 
+def test_generation_options_out_of_range_are_one_sentence(captioner, images):
+    bad = [
+        ({"num_beams": 0}, "num_beams must be 1 or more"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be 1 or more"),
+        ({"min_new_tokens": 5, "max_new_tokens": 2}, "must not be more than max_new_tokens"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be more than 0"),
+        ({"do_sample": True, "temperature": 0.0}, "temperature must be more than 0 when sampling"),
+        ({"top_p": 1.5}, "top_p must be more than 0 and at most 1"),
+        ({"num_beams": "2"}, "num_beams must be a whole number"),
+    ]
+    for options, words in bad:
+        with pytest.raises(UserError, match=words):
+            captioner.caption(images[0], **options)
+    with pytest.raises(UserError, match="temperature"):
+        list(captioner.caption(images[0], stream=True, do_sample=True, temperature=0.0))
+
+
 def test_match_similarity_and_embeddings(retriever, images):
     texts = ["a dog on a couch", "two cats", "the sky", "a red photo", "blue"]
     probs = retriever.match(images, texts)

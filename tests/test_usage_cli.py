@@ -241,6 +241,16 @@ def test_user_errors_are_one_sentence(captioner, retriever, tmp_path, capsys):
         (["ask", "--model", captioner, str(tmp_path / "x.png"), "what ?"], "not found"),
         (["ask", "--model", captioner, str(image), " "], "empty"),
     ]
+    cases.append(
+        (["caption", "--model", captioner, str(image), "--num-beams", "0"], "num_beams must be 1 or more")
+    )
+    sampling = ["--do-sample", "--temperature", "0"]
+    cases.append(
+        (["ask", "--model", captioner, str(image), "what ?", *sampling], "temperature must be more than 0")
+    )
+    cases.append(
+        (["caption", "--model", captioner, str(image), "--min-new-tokens", "40"], "must not be more than")
+    )
     notes = tmp_path / "notes.txt"
     notes.write_text("keep\nthis last line")
     cases.append(

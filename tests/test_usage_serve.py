@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import usage_helpers as uh
@@ -24,6 +25,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import blip2  # noqa: E402
 from blip2.serve import ServerSettings, create_app  # noqa: E402
+from blip2.serve.app import Batcher, Job, QueueFull  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 TIMEOUT = 120  # seconds; the machine is shared and loaded
@@ -172,6 +174,106 @@ def test_limits_and_bad_input_get_clear_statuses(server, images, tmp_path):
     assert r.status_code == 400 and "history must be JSON" in r.json()["detail"]
     r = httpx.post(server.url + "/caption", files=upload(images[0]), data={"num_beams": 99}, timeout=TIMEOUT)
     assert r.status_code == 400 and "num_beams" in r.json()["detail"]
+    for bad, words in [
+        ({"repetition_penalty": 0}, "repetition_penalty must be more than 0"),
+        ({"min_new_tokens": 9, "max_new_tokens": 3}, "must not be more than max_new_tokens"),
+    ]:
+        r = httpx.post(server.url + "/caption", files=upload(images[0]), data=bad, timeout=TIMEOUT)
+        assert r.status_code == 400 and words in r.json()["detail"], r.text
+    r = httpx.post(
+        server.url + "/ask",
+        files=upload(images[0]),
+        data={"question": "what ?", "history": json.dumps([["q", "a"]] * 21)},
+        timeout=TIMEOUT,
+    )
+    assert r.status_code == 400 and "history turns is 21, more than the limit of 20" in r.json()["detail"]
+    files = [("images", (images[0].name, images[0].read_bytes(), "image/png"))]
+    r = httpx.post(server.url + "/search", files=files, data={"query": "a", "top_k": 10**6}, timeout=TIMEOUT)
+    assert r.status_code == 400 and "top_k must be between 1 and 64" in r.json()["detail"]
+
+
+def test_a_body_without_content_length_is_counted(server, images):
+    def chunks():  # a chunked upload (no Content-Length): a small image and 80 KB of something else
+        yield b'--abc\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        yield images[0].read_bytes()
+        yield b'\r\n--abc\r\nContent-Disposition: form-data; name="extra"; filename="b.bin"\r\n\r\n'
+        for _ in range(20):
+            yield b"x" * 4096  # the body is over the 0.05 MB limit, though no file is
+        yield b"\r\n--abc--\r\n"
+
+    headers = {"content-type": "multipart/form-data; boundary=abc"}
+    r = httpx.post(server.url + "/caption", content=chunks(), headers=headers, timeout=TIMEOUT)
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413 and "limit of 0.05 MB" in r.json()["detail"]
+
+
+class BlockingCaptioner:
+    """A stand-in captioner whose `generate` waits for `release` and records the prompts it ran."""
+
+    tasks = ("caption",)
+    config = SimpleNamespace(llm=SimpleNamespace(prompt=""))
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.ran: list[str] = []
+
+    def generate(self, images, prompts, **options):
+        self.ran += prompts
+        self.release.wait(TIMEOUT)
+        return ["done"] * len(prompts)
+
+
+def wait_until(condition) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def test_batcher_skips_cancelled_jobs_and_bounds_its_queue():
+    fake = BlockingCaptioner()
+    results: list = []
+    batcher = Batcher(lambda group, payloads: fake.generate(None, payloads), 1, 0.0, max_queue=2)
+    try:
+        jobs = [Job(("caption",), p, lambda r, e: results.append(r)) for p in "abcd"]
+        batcher.submit(jobs[0])
+        wait_until(lambda: fake.ran == ["a"])  # running: no longer waiting
+        batcher.submit(jobs[1])
+        batcher.submit(jobs[2])
+        with pytest.raises(QueueFull, match="2 requests are waiting"):
+            batcher.submit(jobs[3])
+        batcher.cancel(jobs[1])  # a cancelled job frees its place and never runs
+        batcher.submit(jobs[3])
+        fake.release.set()
+        wait_until(lambda: len(results) == 3)
+        assert fake.ran == ["a", "c", "d"] and batcher.waiting == 0
+    finally:
+        fake.release.set()
+        batcher.close()
+
+
+def test_a_timed_out_request_never_runs_and_a_full_queue_gives_503(images):
+    fake = BlockingCaptioner()
+    settings = ServerSettings(timeout_s=1.0, max_batch=1, batch_wait_ms=0, max_queue=1)
+    with Server(create_app([fake], settings)) as s, ThreadPoolExecutor(2) as pool:
+
+        def post(prompt: str):
+            return httpx.post(
+                s.url + "/caption", files=upload(images[0]), data={"prompt": prompt}, timeout=TIMEOUT
+            )
+
+        first = pool.submit(post, "a")
+        wait_until(lambda: fake.ran == ["a"])  # the batcher is busy with it
+        second = pool.submit(post, "b")
+        wait_until(lambda: s.server.config.app.state.batcher.waiting == 1)
+        r = post("c")  # the queue (1) is full
+        assert r.status_code == 503 and "the server is busy" in r.json()["detail"]
+        assert second.result().status_code == 504  # it waited longer than timeout_s in the queue
+        assert first.result().status_code == 504
+        fake.release.set()
+        r = post("d")
+        assert r.status_code == 200 and r.json()["caption"] == "done"
+    assert fake.ran == ["a", "d"]  # "b" timed out before its turn: it never ran
 
 
 def test_a_server_without_a_captioner_says_which_model_it_needs(pipes, images):

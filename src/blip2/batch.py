@@ -376,8 +376,10 @@ def caption_items(
             remaining item into a part file, rank 0 merges.
         generate_options: transformers `generate` options (default: the pipeline's caption defaults).
     """
-    from blip2.pipeline import CAPTION_DEFAULTS
+    from blip2.pipeline import CAPTION_DEFAULTS, check_generation_options
 
+    options = {**CAPTION_DEFAULTS, **generate_options}
+    check_generation_options(options)  # before any file is touched
     start = time.perf_counter()
     wait = barrier or (lambda: None)
     done: set[str] = set()
@@ -398,7 +400,6 @@ def caption_items(
     else:
         results = ResultsFile(out if world_size == 1 else out.with_name(f"{out.name}{PART}{rank}"))
     prompt = pipe.config.llm.prompt if prompt is None else prompt
-    options = {**CAPTION_DEFAULTS, **generate_options}
     stats = RunStats(len(items), len(items) - len(pending), 0, 0, 0.0)
     desc = "caption" if world_size == 1 else f"caption (rank 0 of {world_size})"
     bar = _progress(len(mine), progress and rank == 0, desc)

@@ -34,7 +34,7 @@ import json
 import os
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,47 @@ GENERATION_OPTIONS = (
     "top_p",
     "temperature",
 )
+
+
+def check_generation_options(options: Mapping[str, Any]) -> None:
+    """Refuse generation options outside their ranges with one sentence (`UserError`), before
+    transformers fails on them with a traceback. The command line, the server and `Pipeline`
+    generation all check through here.
+
+    Ranges: num_beams >= 1; max_new_tokens >= 1 (transformers refuses 0); min_new_tokens >= 0 and at
+    most max_new_tokens; repetition_penalty > 0; temperature > 0 when sampling; 0 < top_p <= 1.
+    """
+
+    def number(name: str, integer: bool = False) -> float | None:
+        value = options.get(name)
+        if value is None:
+            return None
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise UserError(f"{name} must be {'a whole number' if integer else 'a number'}, not {value!r}")
+        return value
+
+    beams = number("num_beams", integer=True)
+    if beams is not None and beams < 1:
+        raise UserError(f"num_beams must be 1 or more (got {beams})")
+    most, least = number("max_new_tokens", integer=True), number("min_new_tokens", integer=True)
+    if most is not None and most < 1:
+        raise UserError(f"max_new_tokens must be 1 or more (got {most})")
+    if least is not None and least < 0:
+        raise UserError(f"min_new_tokens must be 0 or more (got {least})")
+    if most is not None and least is not None and least > most:
+        raise UserError(f"min_new_tokens ({least}) must not be more than max_new_tokens ({most})")
+    penalty = number("repetition_penalty")
+    if penalty is not None and not penalty > 0:
+        raise UserError(f"repetition_penalty must be more than 0 (1: no penalty; got {penalty})")
+    temperature = number("temperature")
+    if options.get("do_sample") and temperature is not None and not temperature > 0:
+        raise UserError(f"temperature must be more than 0 when sampling (got {temperature})")
+    top_p = number("top_p")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top_p must be more than 0 and at most 1 (got {top_p})")
+
+
 STAGE1_USE = "a stage-1 (retrieval) checkpoint such as Salesforce/blip2-itm-vit-g"
 STAGE2_USE = "a stage-2 (generative) checkpoint such as Salesforce/blip2-opt-2.7b"
 
@@ -235,6 +276,7 @@ class Pipeline:
     ) -> list[str]:
         """`generate` on already processed `(B, 3, S, S)` pixels (`image_processor` output), one batch."""
         self._require(2, "generate")
+        check_generation_options(generate_options)
         input_ids, mask = self._encode_prompts(prompts)
         ids = self.model.generate(pixel_values.to(self.device), input_ids, mask, **generate_options)
         return [t.strip() for t in self.llm_tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -252,6 +294,7 @@ class Pipeline:
         opts = {"max_new_tokens": 30, "min_new_tokens": 1, **generate_options, "num_beams": 1}
         if generate_options.get("num_beams", 1) != 1:
             raise UserError("streaming works with greedy decoding or sampling only: drop num_beams")
+        check_generation_options(opts)
         prompt = self.config.llm.prompt if prompt is None else prompt
         pixels = self.pixels(image)  # errors about the image surface here, before the thread starts
         input_ids, mask = self._encode_prompts([prompt])
@@ -424,6 +467,25 @@ class Pipeline:
         ids, mask = self._text(texts)
         logits = self.model.itm_logits(ids, mask, image_embeds=image_embeds)  # (N, 2)
         return logits.float().softmax(dim=-1)[:, 1].cpu()
+
+    @torch.no_grad()
+    def pair_scores(
+        self, images: ImageLike | Sequence[ImageLike], texts: str | Sequence[str]
+    ) -> tuple[Tensor, Tensor]:
+        """`match` and the ITC cosine of each (image, text) pair (the pairs' entries of `similarity`),
+        from one pass of the image encoder: `(N,)` ITM probabilities, `(N,)` cosines."""
+        self._require(1, "match")
+        batch, txt = self._images(images), [texts] if isinstance(texts, str) else list(texts)
+        batch, txt = _broadcast(batch, txt, "images", "texts")
+        itm, itc = [], []
+        for s in self._chunks(len(batch)):
+            emb = self.model.embed_image(self.pixels(batch[s]).to(self.device))
+            ids, mask = self._text(txt[s])
+            logits = self.model.itm_logits(ids, mask, image_embeds=emb.image_embeds)  # (n, 2)
+            itm.append(logits.float().softmax(dim=-1)[:, 1].cpu())
+            sims = self.model.itc_scores(emb.image_feats, self.model.embed_text(ids, mask))  # (n, n)
+            itc.append(sims.diagonal().float().cpu())
+        return torch.cat(itm), torch.cat(itc)
 
     @torch.no_grad()
     def similarity(self, images: ImageLike | Sequence[ImageLike], texts: str | Sequence[str]) -> Tensor:

@@ -26,9 +26,9 @@ def run(args: argparse.Namespace) -> int:
     from blip2.processing import load_image
 
     common.show_notices()
+    options = common.generation_options(args)
     pipe = common.load_pipeline(args.model, args.device, args.dtype, task="ask")
     image = load_image(args.image, args.max_pixels)
-    options = common.generation_options(args)
     history: list[tuple[str, str]] = []
     for question in args.questions:
         turns = history if args.chat else []

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     common.show_notices()
     if args.batch_size < 1 or args.workers < 0:
         raise UserError("--batch-size must be at least 1 and --workers at least 0")
+    options = common.generation_options(args)
     items = batch.expand_inputs(args.inputs)
     if not items:
         raise UserError("the inputs hold no images (folders and globs count .jpg, .png, ... files only)")
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             rank=rank,
             world_size=world,
             barrier=barrier,
-            **common.generation_options(args),
+            **options,
         )
     finally:
         if world > 1:

@@ -45,9 +45,14 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The generation options given on the command line (the pipeline's defaults fill the rest)."""
+    """The generation options given on the command line (the pipeline's defaults fill the rest);
+    values out of range are a `UserError`."""
+    from blip2.pipeline import check_generation_options
+
     names = [*GENERATION_ARGS, "do_sample"]
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    check_generation_options(options)
+    return options
 
 
 def default_device() -> str:

@@ -14,9 +14,12 @@ POST /search      images (several files), query, top_k? -> {"results": [{index, 
 Batching: requests go to one `Batcher` thread that owns the models. It takes the first waiting job,
 waits up to `batch_wait_ms` for more jobs of the same kind (and the same generation options), and runs
 them as one batch: concurrent users share a forward pass, and each gets exactly the answer a lone
-request would. Limits: uploads over `max_upload_mb` are refused with 413, images over `max_pixels`
-with 400, requests that take longer than `timeout_s` with 504. User errors are one sentence in
-`{"detail": ...}`, never a traceback.
+request would. Limits: request bodies over `max_upload_mb` are refused with 413 (counted as they
+arrive when there is no Content-Length), images over `max_pixels` with 400, more than `max_items`
+images or texts in one request and more than `max_history_turns` turns with 400, a request finding
+`max_queue` requests already waiting with 503, and requests that take longer than `timeout_s` with
+504 (their job is cancelled: it never runs). User errors are one sentence in `{"detail": ...}`, never
+a traceback.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime,
@@ -48,6 +51,10 @@ class ServerSettings:
         timeout_s: a request waiting longer than this gets 504.
         max_batch: most jobs run together.
         batch_wait_ms: how long the batcher waits for more jobs after the first.
+        max_queue: most jobs waiting for the batcher (503 above; 0: no limit).
+        max_items: most images per /search and texts per /match; also the largest `top_k` and
+            `rerank` of /search.
+        max_history_turns: most earlier turns in an /ask conversation.
     """
 
     max_upload_mb: float = 20.0
@@ -55,16 +62,26 @@ class ServerSettings:
     timeout_s: float = 60.0
     max_batch: int = 8
     batch_wait_ms: float = 10.0
+    max_queue: int = 256
+    max_items: int = 64
+    max_history_turns: int = 20
 
 
 @dataclass
 class Job:
-    """One unit of work: `group` jobs may run together; `payload` is the job's own input."""
+    """One unit of work: `group` jobs may run together; `payload` is the job's own input. A job
+    cancelled (`Batcher.cancel`) before its turn is skipped."""
 
     group: tuple[Any, ...]
     payload: Any
     done: Callable[[Any, BaseException | None], None]
     enqueued: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    started: bool = False
+
+
+class QueueFull(Exception):
+    """`Batcher.submit` when `max_queue` jobs are already waiting."""
 
 
 class Batcher:
@@ -72,15 +89,23 @@ class Batcher:
 
     Jobs of the same `group` waiting together (up to `max_batch`, collected for up to `wait_s` after
     the first) run in one call; results go back through each job's `done` callback. A failing batch
-    fails each of its jobs with the error.
+    fails each of its jobs with the error. At most `max_queue` jobs wait (0: no limit); cancelled jobs
+    do not count and are skipped.
     """
 
     def __init__(
-        self, run_group: Callable[[tuple[Any, ...], list[Any]], list[Any]], max_batch: int, wait_s: float
+        self,
+        run_group: Callable[[tuple[Any, ...], list[Any]], list[Any]],
+        max_batch: int,
+        wait_s: float,
+        max_queue: int = 0,
     ):
         self.run_group = run_group
         self.max_batch = max(1, max_batch)
         self.wait_s = wait_s
+        self.max_queue = max_queue
+        self.waiting = 0  # jobs submitted, neither started nor cancelled
+        self._lock = threading.Lock()
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.requests = 0
         self.batches = 0
@@ -91,7 +116,19 @@ class Batcher:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
+        """Queue a job; `QueueFull` when `max_queue` jobs are already waiting."""
+        with self._lock:
+            if self.max_queue and self.waiting >= self.max_queue:
+                raise QueueFull(f"{self.waiting} requests are waiting")
+            self.waiting += 1
         self.queue.put(job)
+
+    def cancel(self, job: Job) -> None:
+        """Skip `job` if it has not started (e.g. its request timed out); its `done` is never called."""
+        with self._lock:
+            if not job.started and not job.cancelled:
+                job.cancelled = True
+                self.waiting -= 1
 
     def close(self) -> None:
         """Stop after the jobs already taken (None in the queue is the stop sign)."""
@@ -112,6 +149,8 @@ class Batcher:
             first = self._next(None)
             if first is None:
                 return
+            if first.cancelled:
+                continue
             jobs, others = [first], []
             deadline = time.monotonic() + self.wait_s
             while len(jobs) < self.max_batch:
@@ -126,11 +165,19 @@ class Batcher:
                     if left <= 0:
                         break
                     continue
-                (jobs if nxt.group == first.group else others).append(nxt)
+                if not nxt.cancelled:
+                    (jobs if nxt.group == first.group else others).append(nxt)
             self._held = others + self._held
             self._run(jobs)
 
     def _run(self, jobs: list[Job]) -> None:
+        with self._lock:  # jobs cancelled while waiting are dropped; the rest can no longer be
+            jobs = [j for j in jobs if not j.cancelled]
+            for j in jobs:
+                j.started = True
+            self.waiting -= len(jobs)
+        if not jobs:
+            return
         self.requests += len(jobs)
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(jobs))
@@ -169,14 +216,60 @@ class Models:
             prompts = [p[1] for p in payloads]
             return pipe.generate(images, prompts, **options)
         if task == "match":
-            images, texts = [p[0] for p in payloads], [p[1] for p in payloads]
-            itm = pipe.match(images, texts).tolist()
-            feats, text_feats = pipe.embed_images(images), pipe.embed_texts(texts)
-            itc = (feats * text_feats[:, None, :]).sum(-1).max(dim=1).values.tolist()  # (N,) per pair
-            return list(zip(itm, itc, strict=True))
+            itm, itc = pipe.pair_scores([p[0] for p in payloads], [p[1] for p in payloads])
+            return list(zip(itm.tolist(), itc.tolist(), strict=True))
         if task == "search":
             return [pipe.search(images, query, top_k=k, rerank=r) for images, query, k, r in payloads]
         raise UserError(f"unknown task {task}")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: request bodies over `max_bytes` get 413, by their Content-Length or, without
+    one (chunked uploads), by counting the bytes as they arrive."""
+
+    def __init__(self, app: Any, max_bytes: int, limit_mb: float):
+        self.app, self.max_bytes, self.limit_mb = app, max_bytes, limit_mb
+
+    async def _refuse(self, send: Callable, size: str) -> None:
+        body = json.dumps({"detail": f"the upload is {size}more than the limit of {self.limit_mb:g} MB"})
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self._refuse(send, f"{int(length) / 2**20:.1f} MB, ")
+        state = {"received": 0, "over": False, "started": False}
+
+        async def counted() -> dict:
+            message = await receive()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > self.max_bytes:
+                    state["over"] = True
+                    raise _TooLarge
+            return message
+
+        async def guarded(message: dict) -> None:
+            if state["over"]:
+                return  # whatever the app makes of the cut body, the answer is 413
+            state["started"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not state["over"]:
+                raise
+        if state["over"] and not state["started"]:
+            await self._refuse(send, "")
 
 
 def _page() -> str:
@@ -191,11 +284,11 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
     from fastapi import FastAPI, File, Form, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse
 
-    from blip2.pipeline import ASK_DEFAULTS, CAPTION_DEFAULTS
+    from blip2.pipeline import ASK_DEFAULTS, CAPTION_DEFAULTS, check_generation_options
 
     settings = settings or ServerSettings()
     models = Models(pipelines)
-    batcher = Batcher(models.run_group, settings.max_batch, settings.batch_wait_ms / 1000)
+    batcher = Batcher(models.run_group, settings.max_batch, settings.batch_wait_ms / 1000, settings.max_queue)
     max_bytes = int(settings.max_upload_mb * 1024 * 1024)
 
     @asynccontextmanager
@@ -210,6 +303,7 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
     )
     app.state.batcher = batcher
     app.state.settings = settings
+    app.add_middleware(BodyLimit, max_bytes=max_bytes, limit_mb=settings.max_upload_mb)
 
     class HTTPProblem(Exception):
         def __init__(self, status: int, detail: str):
@@ -229,18 +323,6 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
         return JSONResponse(
             {"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500
         )
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Callable) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            return JSONResponse(
-                {
-                    "detail": f"the upload is {int(length) / 2**20:.1f} MB, more than the limit of {settings.max_upload_mb:g} MB"
-                },
-                status_code=413,
-            )
-        return await call_next(request)
 
     async def read_image(upload: UploadFile) -> Any:
         data = await upload.read(max_bytes + 1)
@@ -272,16 +354,27 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
 
             loop.call_soon_threadsafe(settle)
 
-        batcher.submit(Job(group, payload, done))
+        job = Job(group, payload, done)
+        try:
+            batcher.submit(job)
+        except QueueFull as e:
+            raise HTTPProblem(503, f"the server is busy ({e}); try again in a moment") from None
         try:
             return await asyncio.wait_for(future, settings.timeout_s)
         except asyncio.TimeoutError:
             raise HTTPProblem(
                 504, f"the request took longer than {settings.timeout_s:g} s; try again later"
             ) from None
+        finally:
+            batcher.cancel(job)  # timed out or the client went away: never run it (no-op once started)
+
+    def at_most(what: str, n: int, limit: int) -> None:
+        if n > limit:
+            raise HTTPProblem(400, f"{what} is {n}, more than the limit of {limit}: send fewer")
 
     def options(defaults: dict[str, Any], given: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
         merged = {**defaults, **{k: v for k, v in given.items() if v is not None}}
+        check_generation_options(merged)  # a UserError: 400
         if not 1 <= merged.get("num_beams", 1) <= 10:
             raise HTTPProblem(400, "num_beams must be between 1 and 10")
         if not 1 <= merged.get("max_new_tokens", 1) <= 256:
@@ -345,6 +438,7 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
                 turns = [(str(q), str(a)) for q, a in json.loads(history)]
             except (ValueError, TypeError):
                 raise HTTPProblem(400, 'history must be JSON like [["question", "answer"], ...]') from None
+        at_most("the number of history turns", len(turns), settings.max_history_turns)
         if not question.strip():
             raise HTTPProblem(400, "the question is empty: type one")
         pil = await read_image(image)
@@ -361,6 +455,7 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
     ) -> dict[str, list[float]]:
         """ITM match probability and ITC similarity of the image with each text."""
         models.pipe("match")
+        at_most("the number of texts", len(text), settings.max_items)
         pil = await read_image(image)
         if not text or any(not t.strip() for t in text):
             raise HTTPProblem(400, "a text is empty: give some words")
@@ -378,6 +473,12 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
         models.pipe("search")
         if not query.strip():
             raise HTTPProblem(400, "the query is empty: type some words")
+        at_most("the number of images", len(images), settings.max_items)
+        if not 1 <= top_k <= settings.max_items or not 0 <= rerank <= settings.max_items:
+            raise HTTPProblem(
+                400,
+                f"top_k must be between 1 and {settings.max_items} and rerank between 0 and {settings.max_items}",
+            )
         pils = [await read_image(im) for im in images]
         hits = await submit(
             ("search", (("request", id(pils)),)), (pils, query, top_k, rerank)
