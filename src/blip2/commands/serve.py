@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-wait-ms", type=float, default=10.0, help="wait for more requests to batch (default 10 ms)"
     )
+    parser.add_argument(
+        "--max-queue", type=int, default=256, help="requests allowed to wait; more get 503 (default 256)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
+        max_queue=args.max_queue,
     )
     app = create_app(pipes, settings)
     tasks = sorted({t for p in pipes for t in p.tasks} & {"caption", "ask", "match", "search"})
