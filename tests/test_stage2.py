@@ -412,16 +412,6 @@ def test_causal_lm_labels_mask_prompt_and_padding_on_either_side():
     assert language.position_ids(mask).tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]
 
 
-def test_split_prefix_for_the_encoder_decoder_loss():
-    ids, mask = pad([[10, 11, 12, 13, 1], [20, 21, 1]], "right", 0)
-    prefix, pmask, labels = language.split_prefix(
-        ids, mask, torch.tensor([2, 1]), eos_token_id=1, pad_token_id=0
-    )
-    assert prefix.tolist() == [[10, 11, 1], [20, 1, 0]]
-    assert pmask.tolist() == [[1, 1, 1], [1, 1, 0]]
-    assert labels.tolist() == [[12, 13, 1], [21, 1, -100]]
-
-
 def test_build_llm_keeps_the_configured_architecture():
     # transformers 5.x T5 configs force tie_word_embeddings=True; FlanT5 (and the preset) has its own head
     t5 = language.build_llm(LLMConfig(hf_config=dict(TINY_LLMS["t5"])))

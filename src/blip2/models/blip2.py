@@ -173,21 +173,21 @@ class Stage1Model(nn.Module):
 
         # ITC against the whole (gathered) batch
         image_feats_all, text_feat_all = gather(image_feats), gather(text_feat)
-        ids_all = gather(image_ids) if image_ids is not None else None
+        image_ids_all = gather(image_ids) if image_ids is not None else None
         offset = gather.rank * b
         sim_i2t = losses.max_over_queries(image_feats, text_feat_all) / self.temp  # (B, B_all)
         sim_t2i = losses.max_over_queries(image_feats_all, text_feat).t() / self.temp  # (B, B_all)
-        pos = losses.positives(b, sim_i2t.shape[1], offset, image_ids, ids_all, input_ids.device)
+        pos = losses.positives(b, sim_i2t.shape[1], offset, image_ids, image_ids_all, input_ids.device)
         loss_itc = losses.itc_loss(sim_i2t, sim_t2i, pos)
 
         # ITM with hard negatives drawn over the global batch (the same draw on every rank)
         with torch.no_grad():
             n_all = image_feats_all.shape[0]
             sim_all = losses.max_over_queries(image_feats_all, text_feat_all) / self.temp
-            pos_all = losses.positives(n_all, n_all, 0, ids_all, ids_all, input_ids.device)
+            pos_all = losses.positives(n_all, n_all, 0, image_ids_all, image_ids_all, input_ids.device)
             neg_text, neg_image = losses.sample_hard_negatives(sim_all, pos_all, generator)
             neg_text, neg_image = neg_text[offset : offset + b], neg_image[offset : offset + b]
-        ids_all, mask_all = gather(input_ids), gather(attention_mask)
+        input_ids_all, mask_all = gather(input_ids), gather(attention_mask)
         if gather.world_size == 1:  # negatives are local: reuse the projected image keys/values
             neg_kv = [None if kv is None else (kv[0][neg_image], kv[1][neg_image]) for kv in image_kv]
         else:
@@ -196,7 +196,7 @@ class Stage1Model(nn.Module):
             None if kv is None else tuple(torch.cat([kv[j], nkv[j], kv[j]]) for j in range(2))
             for kv, nkv in zip(image_kv, neg_kv, strict=True)
         ]
-        itm_ids = torch.cat([input_ids, input_ids, ids_all[neg_text]])
+        itm_ids = torch.cat([input_ids, input_ids, input_ids_all[neg_text]])
         itm_mask = torch.cat([attention_mask, attention_mask, mask_all[neg_text]])
         logits = self.itm_logits(itm_ids, itm_mask, image_kv=itm_kv)  # (3B, 2)
         loss_itm = losses.itm_loss(logits, num_positive=b)

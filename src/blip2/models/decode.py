@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from blip2.models.language import position_ids
+
 # generate options the loop implements, and the values that keep it greedy
 _HANDLED = {"max_new_tokens", "min_new_tokens", "repetition_penalty", "eos_token_id", "pad_token_id"}
 _NEUTRAL: dict[str, Any] = {
@@ -223,14 +225,10 @@ def _lm_kwargs(llm: nn.Module) -> dict[str, Any]:
     return {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(type(llm)) else {}
 
 
-def _positions(mask: Tensor) -> Tensor:
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
 def _greedy_decoder(llm: nn.Module, embeds: Tensor, mask: Tensor, steps: int, select: _Selector) -> Tensor:
     cache_key, extra = _cache_key(llm), _lm_kwargs(llm)
     takes_positions = "position_ids" in _forward_params(type(llm))
-    pos = _positions(mask)
+    pos = position_ids(mask)
     kwargs: dict[str, Any] = {"position_ids": pos} if takes_positions else {}
     out = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, **kwargs, **extra)
     cache, next_pos = _out_cache(out), pos[:, -1:] + 1
@@ -287,7 +285,7 @@ def _greedy_static(
     cache = _static_cache(llm, b, total, StaticCache)
     full = torch.zeros(b, total, dtype=mask.dtype, device=mask.device)  # filled in place, never reshaped
     full[:, :p] = mask
-    pos = _positions(mask)
+    pos = position_ids(mask)
     kwargs: dict[str, Any] = {"position_ids": pos} if takes_positions else {}
     out = llm(
         inputs_embeds=embeds,

@@ -23,11 +23,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from blip2.config import VisionConfig
+from blip2.config import DTYPES, VisionConfig
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """`"bfloat16"` -> `torch.bfloat16` (a `torch.dtype` passes through); the one dtype map of the models."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return TORCH_DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` -> `"bfloat16"` (a dtype outside `DTYPES` -> `"float32"`)."""
+    return {v: k for k, v in TORCH_DTYPES.items()}.get(dtype, "float32")
 
 
 def build_tower(cfg: VisionConfig) -> nn.Module:

@@ -24,18 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from blip2.config import DTYPES, LLMConfig
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """`"bfloat16"` -> `torch.bfloat16` (a `torch.dtype` passes through)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    return _DTYPES[dtype]
+from blip2.config import LLMConfig
+from blip2.models.encoders import dtype_name, torch_dtype
 
 
 def transformers_config(cfg: LLMConfig) -> Any:
@@ -111,8 +101,8 @@ def llm_config_from_model(llm: nn.Module, **fields: Any) -> LLMConfig:
     if head is not None:  # the real tying (T5 configs in transformers 5.x always claim it)
         hf["tie_word_embeddings"] = head.weight is llm.get_input_embeddings().weight
     hf.pop("scale_decoder_outputs", None)  # T5 derives it from tie_word_embeddings
-    dtype = {v: k for k, v in _DTYPES.items()}.get(llm_dtype(llm), "float32")
-    base = {"hf_config": hf, "name": getattr(llm.config, "_name_or_path", "") or "", "dtype": dtype}
+    name = getattr(llm.config, "_name_or_path", "") or ""
+    base = {"hf_config": hf, "name": name, "dtype": dtype_name(llm_dtype(llm))}
     return LLMConfig(**{**base, **fields})
 
 
@@ -186,47 +176,3 @@ def causal_lm_labels(
         lengths = torch.as_tensor(prompt_lengths, device=input_ids.device).view(-1, 1)
         labels = labels.masked_fill(rank <= lengths, -100)
     return labels
-
-
-def split_prefix(
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    split: Tensor | int,
-    eos_token_id: int,
-    pad_token_id: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Split texts for the encoder-decoder prefix-LM loss (FlanT5 stage 2 of the paper).
-
-    The first `split` tokens of each text go to the encoder (after the queries), closed by EOS as the
-    tokenizer would close them; the rest, which already ends with EOS, is the decoder's target.
-
-    Args:
-        input_ids: `(B, L)` right-padded ids of whole texts ending with EOS (what T5's tokenizer gives).
-        attention_mask: `(B, L)` padding mask.
-        split: number of leading tokens of each row kept as prefix; int or `(B,)`. It should leave at
-            least one target token before EOS (the paper samples it in `[1, n // 2]`).
-        eos_token_id: appended to every prefix.
-        pad_token_id: fills the prefix padding.
-
-    Returns:
-        `(prefix_ids (B, Lp), prefix_mask (B, Lp), labels (B, Lt))`, right padded; labels use -100 for
-        padding.
-    """
-    b, length = input_ids.shape
-    device = input_ids.device
-    split = torch.as_tensor(split, device=device).view(-1).expand(b)
-    cols = torch.arange(length, device=device)[None, :]  # (1, L)
-    lengths = attention_mask.long().sum(1)  # (B,)
-
-    in_prefix = cols < split[:, None]  # (B, L)
-    prefix_len = int(split.max()) + 1
-    prefix_ids = torch.full((b, prefix_len), pad_token_id, dtype=input_ids.dtype, device=device)
-    prefix_ids[:, : prefix_len - 1] = torch.where(in_prefix, input_ids, pad_token_id)[:, : prefix_len - 1]
-    prefix_ids.scatter_(1, split[:, None], eos_token_id)
-    prefix_mask = (torch.arange(prefix_len, device=device)[None, :] <= split[:, None]).long()
-
-    target_len = int((lengths - split).max())
-    src = (cols[:, :target_len] + split[:, None]).clamp(max=length - 1)  # (B, Lt)
-    labels = input_ids.gather(1, src)
-    valid = cols[:, :target_len] < (lengths - split)[:, None]
-    return prefix_ids, prefix_mask, labels.masked_fill(~valid, -100)

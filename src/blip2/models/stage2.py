@@ -6,7 +6,8 @@ Li et al. (2023), section 3.3. The query pass of the Q-Former (`[B, Q, D]`) goes
 * decoder-only LM (OPT in the paper; GPT-2, Llama, Qwen, ...): `[queries][prompt + text]`, queries
   always attended; the LM loss ignores the query positions, the prompt and the padding;
 * encoder-decoder LM (T5 / FlanT5): the encoder reads `[queries][prefix text]`, the decoder predicts
-  the rest of the text (the paper's prefix-LM loss; `language.split_prefix` cuts a text in two).
+  the rest of the text (the paper's prefix-LM loss; `blip2.data.batching` cuts each caption at a
+  random word of its first half).
 
 The LLM is the transformers model itself (`self.llm`): frozen (no parameter gradients, no updates) but
 differentiable, so the loss trains the projection, the Q-Former and the queries through it. Generation
@@ -183,22 +184,22 @@ class Stage2Model(nn.Module):
     def query_output(
         self, pixel_values: Tensor | None = None, image_features: Tensor | None = None
     ) -> Tensor:
-        """Q-Former query outputs `(B, Q, D)` (the query-only pass)."""
-        image_embeds = self.encode_image(pixel_values, image_features)
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # (B, Q, D)
-        return self.qformer(queries=queries, image_embeds=image_embeds).hidden
-
-    def prefix(self, pixel_values: Tensor | None = None, image_features: Tensor | None = None) -> Tensor:
-        """The soft visual prompt: projected queries `(B, Q, d_llm)`, in the LLM's dtype.
+        """Q-Former query outputs `(B, Q, D)` (the query-only pass).
 
         `pixel_values` are `(B, 3, H, W)` images; `image_features` are cached frozen tower outputs
-        `(B, N, Dv)` (before `ln_vision`). The Q-Former and projection run in their own (fp32) precision,
-        or under autocast to `autocast_dtype`.
+        `(B, N, Dv)` (before `ln_vision`). The Q-Former runs in its own (fp32) precision, or under
+        autocast to `autocast_dtype`.
         """
         image_embeds = self.encode_image(pixel_values, image_features)  # the frozen tower: no autocast
         with autocast(self.query_tokens.device, self.autocast_dtype):
             queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # (B, Q, D)
-            hidden = self.qformer(queries=queries, image_embeds=image_embeds).hidden
+            return self.qformer(queries=queries, image_embeds=image_embeds).hidden
+
+    def prefix(self, pixel_values: Tensor | None = None, image_features: Tensor | None = None) -> Tensor:
+        """The soft visual prompt: `language_projection` of the query outputs `(B, Q, d_llm)`, in the
+        LLM's dtype (inputs as `query_output`; the projection also under autocast to `autocast_dtype`)."""
+        hidden = self.query_output(pixel_values, image_features)  # (B, Q, D)
+        with autocast(self.query_tokens.device, self.autocast_dtype):
             projected = self.language_projection(hidden)
         return projected.to(language.llm_dtype(self.llm))
 

@@ -124,6 +124,7 @@ def cache_features(
 
     from blip2.data.features import FORMAT, tower_fingerprint
     from blip2.data.shards import worker_init
+    from blip2.models.encoders import torch_dtype
     from blip2.processing import ImageProcessor
     from blip2.train import distributed as D
     from blip2.train.loop import build_model
@@ -148,7 +149,6 @@ def cache_features(
             for f in glob.glob(os.path.join(out, "part-*")) + glob.glob(os.path.join(out, "meta.json*")):
                 os.remove(f)
         D.barrier()
-        np_dtype = {"float16": np.float16, "float32": np.float32, "bfloat16": np.float32}
         written = skipped = part = 0
         keys: list[str] = []
         chunks: list[np.ndarray] = []
@@ -173,14 +173,10 @@ def cache_features(
             if not good:
                 continue
             feats = encoder.features(torch.stack([x for _, x in good]).to(info.device))  # (b, N, D)
-            store = feats.dtype if dtype == "tower" else getattr(torch, dtype)
-            arr = (
-                feats.to(store).float().cpu().numpy()
-                if store == torch.bfloat16
-                else feats.to(store).cpu().numpy()
-            )
-            if dtype != "tower":
-                arr = arr.astype(np_dtype[dtype])
+            feats = feats if dtype == "tower" else feats.to(torch_dtype(dtype))
+            if feats.dtype == torch.bfloat16:  # NumPy has no bfloat16
+                feats = feats.float()
+            arr = feats.cpu().numpy()
             chunks.append(arr)
             keys.extend(k for k, _ in good)
             written += len(good)
