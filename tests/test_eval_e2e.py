@@ -124,11 +124,12 @@ def test_vqa_official_files_score_the_official_accuracy(models, tmp_path, prefix
     expected = pipe.ask(images, QUESTIONS)  # the model's template, 5 beams, 10 tokens, OPT length penalty 0
     assert all(expected)
     other = "zebra"
+    human = [normalize_answer(e) for e in expected]  # human answers come normalized (lowercase words)
     answers = [
-        [expected[0]] * 10,  # 100
-        [expected[1]] * 2 + [other] * 8,  # 60
+        [human[0]] * 10,  # 100
+        [human[1]] * 2 + [other] * 8,  # 60
         [other] * 10,  # 0
-        [expected[2].upper() + "."] * 3 + [other] * 7,  # 90 once normalized
+        [human[2] + "."] * 3 + [other] * 7,  # 90 once the answers' punctuation is normalized
     ]
     expected[3] = expected[2]  # question 3 is scored against question 2's answer text (see below)
     q_file, a_file = fx.vqav2(tmp_path, QUESTIONS[:3] + [QUESTIONS[2]], answers, prefix=prefix)
