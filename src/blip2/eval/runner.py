@@ -355,18 +355,21 @@ def evaluate_retrieval(
             for i in range(0, len(ids), batch_size)
         ]
     )  # (Nt, E)
+    # ln_vision outputs are kept for ITM on the CPU in the tower's dtype (COCO 5k at 364 px: ~10 GB in
+    # fp16), and only each ITM batch's images go to the device (as LAVIS's compute_sim_matrix)
+    tower_dtype = next(model.visual.tower.parameters()).dtype
     image_feats, image_embeds = [], []
     for images in _images(data.images, batch_size, workers):
         emb = model.embed_image(pipe.pixels(images))
         image_feats.append(emb.image_feats)
-        image_embeds.append(emb.image_embeds)
-    embeds = torch.cat(image_embeds)  # (Ni, N, Dv) ln_vision outputs, kept for ITM
+        image_embeds.append(emb.image_embeds.to("cpu", tower_dtype))
+    embeds = torch.cat(image_embeds)  # (Ni, N, Dv) on the CPU
     sims = model.itc_scores(torch.cat(image_feats), text_feats).float()  # (Ni, Nt)
     log(f"encoded {len(data.images)} images and {len(data.texts)} texts")
 
     def itm(image_idx: Tensor, text_idx: Tensor) -> Tensor:
         uniq, inv = image_idx.unique(return_inverse=True)
-        kv = model.qformer.image_kv(embeds[uniq])  # projected once per distinct image
+        kv = model.qformer.image_kv(embeds[uniq.cpu()].to(dev))  # projected once per distinct image
         kv = [None if x is None else (x[0][inv], x[1][inv]) for x in kv]
         return model.itm_logits(ids[text_idx], mask[text_idx], image_kv=kv)[:, 1]
 
