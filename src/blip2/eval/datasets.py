@@ -16,13 +16,13 @@ Layouts (see docs/evaluation.md):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from blip2.data.annotations import _read_json as read_json  # one reader, one message for annotation files
 from blip2.data.annotations import load_records
 from blip2.errors import UserError
 
@@ -75,17 +75,6 @@ class RetrievalSet:
     texts: list[str]
     img2txt: list[list[int]]
     txt2img: list[int]
-
-
-def read_json(path: str | os.PathLike[str]) -> Any:
-    """Read a JSON annotation file; a clear `UserError` when it is missing or broken."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"annotation file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); check the file") from None
 
 
 def detect_layout(data: Any, path: str) -> str:
