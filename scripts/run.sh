@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh), then run the main job on the built-in default.
+# Set up (scripts/setup.sh), then run the main job: `blip2 demo` (pass --quick, --out DIR, --seed N).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python examples/quickstart.py "$@"
+.venv/bin/blip2 demo "$@"

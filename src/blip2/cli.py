@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "serve": ("blip2.commands.serve", "HTTP API and web page for caption, ask, match and search"),
     "eval": ("blip2.eval.cli", "benchmarks: captioning, VQA and retrieval from their standard files"),
+    "demo": ("blip2.cli_demo", "train a small BLIP-2 from nothing on CPU and show it works (no download)"),
 }
 
 

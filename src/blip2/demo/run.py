@@ -1,0 +1,539 @@
+"""`blip2 demo`: train a small BLIP-2 from nothing on CPU and show that it works on unseen images.
+
+Phases (each timed, each with a progress bar):
+
+1. data: render the world (`blip2.demo.world`) to PNG files, JSON lists and webdataset shards;
+2. unimodal pre-training (`blip2.demo.pretrain`): a ResNet on images alone, a GPT-2 on text alone;
+   both are then frozen;
+3. a stage-1 model around the pre-trained ResNet with a new Q-Former, saved as the training engine's
+   starting point (`model.init_from`), and the frozen features of every training image cached;
+4. stage 1 (ITC + ITM + ITG) with the training engine (`blip2.train.loop.train`): captions from the
+   JSON list, images that show the same scene share an id (ITC positives, never ITM negatives);
+5. stage 2 (the frozen GPT-2's LM loss through the soft visual prompt) with the training engine, on
+   the webdataset shards; and the paper's ablation, the same stage 2 from a Q-Former that had no
+   stage 1;
+6. evaluation on held-out images (`blip2.eval.metrics`): retrieval (ITC, ITC + ITM re-ranking),
+   zero-shot captioning (CIDEr, attribute accuracy), zero-shot VQA, chance levels;
+7. the report: `report.json`, `report.md`, `figure.png`, `model/` and `model_stage1/`.
+
+Everything after the data goes through the library's own code: the models of `blip2.models`, the
+training engine, `blip2.load` and the pipeline's `caption` / `ask` / `similarity` / `match`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from blip2.demo import pretrain as P
+from blip2.demo import world as W
+
+VQA_TEMPLATE = "Question: {} Answer:"
+CAPTION_PROMPT = "Caption:"  # the stage-2 caption prompt; the LM saw it before paraphrases
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of everything a run does (the full demo and `--quick`)."""
+
+    n_train: int = 4000
+    n_test: int = 240
+    encoder_steps: int = 100
+    encoder_batch: int = 64
+    lm_docs: int = 20000
+    lm_steps: int = 1200
+    lm_batch: int = 64
+    stage1_steps: int = 600
+    stage2_steps: int = 400
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    itm_k: int = 16
+    num_beams: int = 3
+    figure_samples: int = 8
+
+    @classmethod
+    def quick(cls) -> Budget:
+        return cls(
+            n_train=1500,
+            n_test=200,
+            encoder_steps=60,
+            lm_docs=8000,
+            lm_steps=300,
+            stage1_steps=100,
+            stage2_steps=60,
+            warmup_steps=10,
+            itm_k=8,
+            num_beams=1,
+        )
+
+
+@dataclass
+class Timer:
+    """Wall and process-CPU seconds of each phase."""
+
+    wall: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str, echo: Callable[[str], None] = print) -> Iterator[None]:
+        echo(f"== {name}")
+        w, c = time.perf_counter(), time.process_time()
+        yield
+        self.wall[name] = time.perf_counter() - w
+        self.cpu[name] = time.process_time() - c
+        echo(f"   {name}: {self.wall[name]:.1f} s wall, {self.cpu[name]:.1f} s CPU")
+
+
+def _bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True)
+
+
+def _progress(bar) -> Callable[[int, float], None]:
+    def update(step: int, loss: float) -> None:
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+    return update
+
+
+# ------------------------------------------------------------------------------------------- model configs
+
+
+def demo_config(qtok: Any, encoder_dir: str) -> Any:
+    """The stage-1 `Blip2Config`: the pre-trained ResNet's grid, a 2-layer 128-wide Q-Former, 8 queries."""
+    from blip2.config import Blip2Config, QFormerConfig, VisionConfig
+
+    return Blip2Config(
+        vision=VisionConfig(
+            hf_config=P.resnet_config(), image_size=64, image_mean=(0.5,) * 3, image_std=(0.5,) * 3
+        ),
+        qformer=QFormerConfig(
+            hidden_size=128,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=256,
+            cross_attention_freq=1,
+            num_query_tokens=8,
+            vocab_size=len(qtok),
+            max_position_embeddings=32,
+            dropout=0.0,
+            attention_dropout=0.0,
+            pad_token_id=qtok.pad_token_id,
+            cls_token_id=qtok.cls_token_id,
+            sep_token_id=qtok.sep_token_id,
+            dec_token_id=qtok.bos_token_id,
+        ),
+        embed_dim=64,
+        max_txt_len=16,
+        tokenizer="",
+        name="demo-stage1",
+    )
+
+
+def train_config(task: str, model: dict, data: dict, out: str, steps: int, b: Budget, seed: int, **eval_data):
+    """A training-engine job (`blip2.train.config.TrainConfig`) for the demo's CPU budget."""
+    from blip2.train.config import TrainConfig
+
+    return TrainConfig.from_dict(
+        {
+            "task": task,
+            "model": model,
+            "data": {"num_workers": 0, "max_len": 16, **data},
+            "eval_data": eval_data.get("eval_data"),
+            "optim": {
+                "lr": b.lr,
+                "min_lr": b.lr / 10,
+                "warmup_lr": b.lr / 100,
+                "warmup_steps": b.warmup_steps,
+                "weight_decay": 0.05,
+                "betas": [0.9, 0.98],
+            },
+            "train": {
+                "output_dir": out,
+                "batch_size": b.batch_size,
+                "max_steps": steps,
+                "precision": "fp32",
+                "log_every": max(1, steps // 50),
+                "save_every": 0,
+                "keep_checkpoints": 1,
+                "eval_every": max(1, steps // 5),
+                "eval_batches": 1,
+                "device": "cpu",
+                "seed": seed,
+            },
+        }
+    )
+
+
+def _losses(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """Loss curves from a training run's `metrics.jsonl`."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            for k, v in rec.items():
+                if (k.startswith("loss") or k == "eval_loss") and isinstance(v, (int, float)):
+                    curves.setdefault(k, []).append((int(rec["step"]), float(v)))
+    return curves
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def _images(root: str, keys: Sequence[str]) -> list:
+    from PIL import Image
+
+    return [Image.open(os.path.join(root, k + ".png")).convert("RGB") for k in keys]
+
+
+@torch.no_grad()
+def evaluate_retrieval(pipe: Any, images: list, captions: list[str], k: int) -> dict[str, float]:
+    """R@1 both ways over the gallery, ITC alone and ITC top-k + ITM re-ranking.
+
+    One canonical caption per image; a retrieved item is a hit when its canonical caption equals the
+    query's (several images may show the same scene).
+    """
+    from blip2.eval.metrics import itm_rerank, retrieval_recall
+
+    model = pipe.model
+    pixels = pipe.pixels(images)
+    emb = model.embed_image(pixels)
+    ids, mask = pipe._text(captions)
+    text_feats = model.embed_text(ids, mask)
+    sims = model.itc_scores(emb.image_feats, text_feats).float()  # (N, N)
+
+    def itm(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        logits = model.itm_logits(ids[txt], mask[txt], image_embeds=emb.image_embeds[img])
+        return logits[:, 1].float()
+
+    i2t_itm, t2i_itm = itm_rerank(sims, itm, k=k)
+    same = [[j for j, c in enumerate(captions) if c == ci] for ci in captions]
+    out = {}
+    for name, (i2t, t2i) in {"_itc": (sims, sims.T), "": (i2t_itm, t2i_itm)}.items():
+        # each direction as "rows retrieve columns; any column with the row's caption is right"
+        out[f"retrieval_i2t_r1{name}"] = (
+            retrieval_recall(i2t, same, list(range(len(captions))))["txt_r1"] / 100
+        )
+        out[f"retrieval_t2i_r1{name}"] = (
+            retrieval_recall(t2i, same, list(range(len(captions))))["txt_r1"] / 100
+        )
+    return out
+
+
+def evaluate_generation(
+    pipe: Any, images: list, scenes: list[W.Scene], refs: list[list[str]], vqa: list[dict], beams: int
+) -> tuple[dict[str, float], list[str], list[str]]:
+    """Zero-shot captions (CIDEr-D, attribute accuracy, exact) and VQA accuracy (exact match)."""
+    caps = []
+    for i in range(0, len(images), 64):
+        caps += pipe.caption(images[i : i + 64], num_beams=beams, max_new_tokens=12)
+    answers = []
+    for i in range(0, len(vqa), 64):
+        chunk = vqa[i : i + 64]
+        answers += pipe.ask(
+            [images[q["index"]] for q in chunk], [q["question"] for q in chunk], num_beams=beams
+        )
+    metrics = caption_scores(caps, scenes, refs)
+    metrics["vqa_accuracy"] = sum(a.strip() == q["answer"] for a, q in zip(answers, vqa, strict=True)) / len(
+        vqa
+    )
+    return metrics, caps, answers
+
+
+def caption_scores(caps: list[str], scenes: list[W.Scene], refs: list[list[str]]) -> dict[str, float]:
+    """CIDEr-D (pure-Python path), attribute accuracy and exact-caption rate of captions."""
+    from blip2.eval.metrics import caption_metrics
+
+    cider = caption_metrics(
+        {i: c for i, c in enumerate(caps)}, {i: r for i, r in enumerate(refs)}, java=False
+    )["CIDEr"]
+    facts = [W.caption_facts(c, s) for c, s in zip(caps, scenes, strict=True)]
+    return {
+        "caption_cider": cider,
+        "caption_attribute_accuracy": sum(r for r, _ in facts) / sum(n for _, n in facts),
+        "caption_exact": sum(W.caption_exact(c, s) for c, s in zip(caps, scenes, strict=True)) / len(caps),
+    }
+
+
+def chance_levels(
+    captions: list[str], scenes: list[W.Scene], refs: list[list[str]], vqa: list[dict], seed: int
+):
+    """Chance: random ranking (expected R@1), a random grammar caption per image, a random answer of
+    the question's kind."""
+    n = len(captions)
+    r1 = sum(captions.count(c) for c in captions) / n / n
+    rng = random.Random(seed)
+    world = W.World()
+    random_caps = [rng.choice(W.captions(rng.choice(world.scenes))) for _ in scenes]
+    caps = caption_scores(random_caps, scenes, refs)
+    vqa_chance = sum(1 / len(W.ANSWERS[q["kind"]]) for q in vqa) / len(vqa)
+    return {
+        "retrieval_i2t_r1": r1,
+        "retrieval_t2i_r1": r1,
+        "retrieval_i2t_r1_itc": r1,
+        "retrieval_t2i_r1_itc": r1,
+        **caps,
+        "vqa_accuracy": vqa_chance,
+    }
+
+
+# ------------------------------------------------------------------------------------------- the demo
+
+
+def run_demo(out: str, quick: bool = False, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
+    """Run every phase and write the report into `out`; returns the report."""
+    import transformers
+
+    from blip2.models import Stage1Model
+    from blip2.pipeline import Pipeline, load
+    from blip2.processing import ImageProcessor
+    from blip2.train.feature_cache import cache_features
+    from blip2.train.loop import train
+
+    b = Budget.quick() if quick else Budget()
+    timer = Timer()
+    torch.manual_seed(seed)
+    work = os.path.join(out, "work")
+    os.makedirs(work, exist_ok=True)
+    world = W.World()
+    curves: dict[str, dict[str, list]] = {}
+
+    with timer.phase("data", echo):
+        data_dir = os.path.join(work, "data")
+        paths, train_ex, test_ex = W.write_dataset(data_dir, world, b.n_train, b.n_test, seed)
+        echo(
+            f"   {len(train_ex)} training images, {len(test_ex)} held-out test images; "
+            f"{world.distinct_captions} distinct captions"
+        )
+
+    with timer.phase("pretrain_image_encoder", echo):
+        processor = ImageProcessor(64, (0.5,) * 3, (0.5,) * 3)
+        pixels = processor(_images(data_dir, [e.key for e in train_ex]))
+        labels = {k: torch.tensor([e.scene.labels()[k] for e in train_ex]) for k in W.LABEL_CLASSES}
+        with _bar(b.encoder_steps, "image encoder (images only)") as bar:
+            enc = P.pretrain_image_encoder(
+                pixels,
+                labels,
+                os.path.join(out, "encoder"),
+                b.encoder_steps,
+                b.encoder_batch,
+                seed=seed,
+                progress=_progress(bar),
+            )
+        curves["image_encoder"] = {"loss": list(enumerate(enc.losses))}
+        del pixels
+
+    with timer.phase("pretrain_lm", echo):
+        tok = P.lm_tokenizer(P.grammar_texts(VQA_TEMPLATE, CAPTION_PROMPT))
+        docs = P.lm_corpus(b.lm_docs, VQA_TEMPLATE, CAPTION_PROMPT, seed)
+        with _bar(b.lm_steps, "language model (text only)") as bar:
+            lm = P.pretrain_lm(
+                tok, docs, os.path.join(out, "lm"), b.lm_steps, b.lm_batch, seed=seed, progress=_progress(bar)
+            )
+        curves["language_model"] = {"loss": list(enumerate(lm.losses))}
+
+    with timer.phase("feature_cache", echo):
+        qtok = P.qformer_tokenizer([c for s in world.scenes for c in W.captions(s)])
+        config = demo_config(qtok, enc.path)
+        tower = transformers.ResNetModel.from_pretrained(enc.path)
+        init = Stage1Model(config, vision_tower=tower)
+        init_dir = os.path.join(work, "init")
+        Pipeline(init, ImageProcessor(64, (0.5,) * 3, (0.5,) * 3), qformer_tokenizer=qtok).save_pretrained(
+            init_dir
+        )
+        stage1_data = {"kind": "retrieval", "path": paths.train_json, "images": data_dir}
+        shards = {
+            "kind": "webdataset",
+            "path": paths.train_shards,
+            "shuffle_shards": 4,
+            "prompt": CAPTION_PROMPT,
+        }
+        feats1, feats2 = os.path.join(work, "features_json"), os.path.join(work, "features_shards")
+        model1 = {"init_from": init_dir, "tokenizer": init_dir}
+        cache_features(
+            train_config("retrieval", model1, stage1_data, work, 1, b, seed), feats1, 256, num_workers=0
+        )
+        model2 = {"init_from": init_dir, "llm": lm.path, "llm_tokenizer": lm.path}
+        cache_features(train_config("stage2", model2, shards, work, 1, b, seed), feats2, 256, num_workers=0)
+
+        feats_test = os.path.join(work, "features_test")
+        test_eval = {
+            "kind": "retrieval",
+            "path": paths.test_json,
+            "images": data_dir,
+            "num_workers": 0,
+            "max_len": 16,
+            "shuffle": False,
+        }
+        cache_features(
+            train_config("retrieval", model1, test_eval, work, 1, b, seed), feats_test, 256, num_workers=0
+        )
+        test_eval["features"] = feats_test
+    with timer.phase("stage1", echo):
+        run1 = os.path.join(work, "stage1")
+        cfg1 = train_config(
+            "retrieval",
+            model1,
+            {**stage1_data, "features": feats1},
+            run1,
+            b.stage1_steps,
+            b,
+            seed,
+            eval_data=test_eval,
+        )
+        res1 = train(cfg1)
+        curves["stage1"] = _losses(run1)
+
+    def stage2(name: str, init_from: str) -> str:
+        run = os.path.join(work, name)
+        model = {"init_from": init_from, "llm": lm.path, "llm_tokenizer": lm.path}
+        cfg = train_config(
+            "stage2",
+            model,
+            {**shards, "features": feats2},
+            run,
+            b.stage2_steps,
+            b,
+            seed,
+            eval_data={**test_eval, "kind": "captions", "prompt": CAPTION_PROMPT},
+        )
+        train(cfg)
+        curves[name] = _losses(run)
+        # the model captions with the prompt it was trained with (its config's default prompt)
+        final = os.path.join(run, "final")
+        pipe = load(final)
+        config = pipe.model.config
+        pipe.model.config = dataclasses.replace(
+            config, llm=dataclasses.replace(config.llm, prompt=CAPTION_PROMPT)
+        )
+        pipe.save_pretrained(final)
+        return final
+
+    with timer.phase("stage2", echo):
+        final2 = stage2("stage2", res1.final_dir)
+    with timer.phase("stage2_without_stage1", echo):
+        final_ablation = stage2("stage2_without_stage1", init_dir)
+
+    with timer.phase("evaluate", echo):
+        for src, dst in ((res1.final_dir, "model_stage1"), (final2, "model")):
+            shutil.rmtree(os.path.join(out, dst), ignore_errors=True)
+            shutil.copytree(src, os.path.join(out, dst))
+        images = _images(data_dir, [e.key for e in test_ex])
+        scenes = [e.scene for e in test_ex]
+        refs = [e.captions for e in test_ex]
+        canon = [e.captions[0] for e in test_ex]
+        vqa = [
+            {"index": i, "kind": kind, "question": q, "answer": a}
+            for i, e in enumerate(test_ex)
+            for kind, q, a in e.questions
+        ]
+        stage1 = load(os.path.join(out, "model_stage1"))
+        stage1.model.eval()
+        metrics = evaluate_retrieval(stage1, images, canon, b.itm_k)
+        model = load(os.path.join(out, "model"))
+        model.model.eval()
+        gen, caps, answers = evaluate_generation(model, images, scenes, refs, vqa, b.num_beams)
+        metrics.update(gen)
+        ablation_model = load(final_ablation)
+        ablation_model.model.eval()
+        ablation, _, _ = evaluate_generation(ablation_model, images, scenes, refs, vqa, b.num_beams)
+        chance = chance_levels(canon, scenes, refs, vqa, seed)
+        unseen = [i for i, e in enumerate(test_ex) if e.heldout]
+        metrics_unseen = caption_scores(
+            [caps[i] for i in unseen], [scenes[i] for i in unseen], [refs[i] for i in unseen]
+        )
+        qs_unseen = [j for j, q in enumerate(vqa) if test_ex[q["index"]].heldout]
+        metrics_unseen["vqa_accuracy"] = sum(answers[j] == vqa[j]["answer"] for j in qs_unseen) / max(
+            1, len(qs_unseen)
+        )
+
+    report = {
+        "metrics": metrics,
+        "chance": chance,
+        "ablation_no_stage1": ablation,
+        "heldout_scenes_only": metrics_unseen,
+        "seconds": {
+            **{k: round(v, 2) for k, v in timer.wall.items()},
+            "total": round(sum(timer.wall.values()), 2),
+        },
+        "cpu_seconds": {
+            **{k: round(v, 2) for k, v in timer.cpu.items()},
+            "total": round(sum(timer.cpu.values()), 2),
+        },
+        "dataset": {
+            **world.describe(),
+            "train_images": len(train_ex),
+            "test_images": len(test_ex),
+            "test_images_of_heldout_scenes": len(unseen),
+            "test_questions": len(vqa),
+        },
+        "pretraining": {"image_encoder": enc.extra},
+        "budget": dataclasses.asdict(b),
+        "quick": quick,
+        "seed": seed,
+        "versions": _versions(),
+        "losses": curves,
+        "samples": [
+            {
+                "image": test_ex[i].key,
+                "caption": caps[i],
+                "truth": canon[i],
+                "qa": [
+                    (vqa[j]["question"], answers[j], vqa[j]["answer"])
+                    for j in range(len(vqa))
+                    if vqa[j]["index"] == i
+                ],
+            }
+            for i in _sample_indices(test_ex, b.figure_samples)
+        ],
+    }
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    from blip2.demo.report import write_figure, write_markdown
+
+    write_figure(report, data_dir, os.path.join(out, "figure.png"))
+    text = write_markdown(report, os.path.join(out, "report.md"))
+    echo(text)
+    return report
+
+
+def _sample_indices(test_ex: list[W.Example], n: int) -> list[int]:
+    seen = [i for i, e in enumerate(test_ex) if not e.heldout][: n - n // 2]
+    unseen = [i for i, e in enumerate(test_ex) if e.heldout][: n // 2]
+    return seen + unseen
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import tokenizers
+    import transformers
+
+    try:
+        blip2_version = version("blip2")
+    except PackageNotFoundError:
+        blip2_version = "unknown"
+    return {
+        "blip2": blip2_version,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "platform": platform.platform(),
+        "cpu_threads": str(torch.get_num_threads()),
+    }

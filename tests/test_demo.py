@@ -1,0 +1,133 @@
+"""`blip2 demo --quick` end to end: every phase runs, every loss falls, held-out retrieval beats chance,
+and the saved models load and work through `blip2.load`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from blip2.demo import world as W
+
+PHASES = (
+    "data",
+    "pretrain_image_encoder",
+    "pretrain_lm",
+    "feature_cache",
+    "stage1",
+    "stage2",
+    "stage2_without_stage1",
+    "evaluate",
+)
+METRICS = (
+    "retrieval_i2t_r1",
+    "retrieval_t2i_r1",
+    "retrieval_i2t_r1_itc",
+    "retrieval_t2i_r1_itc",
+    "caption_cider",
+    "caption_attribute_accuracy",
+    "vqa_accuracy",
+)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[str, dict]:
+    from blip2.cli import main
+
+    out = str(tmp_path_factory.mktemp("demo"))
+    assert main(["demo", "--quick", "--out", out, "--seed", "0"]) == 0
+    with open(os.path.join(out, "report.json")) as f:
+        return out, json.load(f)
+
+
+def test_report_has_every_phase_metric_and_chance_level(demo):
+    out, report = demo
+    for key in ("metrics", "chance", "ablation_no_stage1", "seconds", "dataset"):
+        assert key in report
+    for phase in PHASES:
+        assert report["seconds"][phase] > 0
+    for name in METRICS:
+        assert 0.0 <= report["chance"][name] <= 1.0
+        assert name in report["metrics"]
+    for name in ("caption_cider", "caption_attribute_accuracy", "vqa_accuracy"):
+        assert name in report["ablation_no_stage1"]
+    assert report["dataset"]["distinct_captions"] >= 60
+    assert report["dataset"]["test_images"] >= 200
+    for name in ("report.md", "figure.png", "model/blip2_config.json", "model_stage1/blip2_config.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+
+
+def test_every_loss_falls(demo):
+    _, report = demo
+    curves = {f"{run}/{name}": c for run, parts in report["losses"].items() for name, c in parts.items()}
+    expected = {
+        "image_encoder/loss",
+        "language_model/loss",
+        "stage1/loss_itc",
+        "stage1/loss_itm",
+        "stage1/loss_itg",
+        "stage2/loss",
+        "stage2_without_stage1/loss",
+    }
+    assert expected <= set(curves)
+    for name in expected:
+        values = [v for _, v in curves[name]]
+        k = max(1, len(values) // 5)
+        first, last = sum(values[:k]) / k, sum(values[-k:]) / k
+        assert last < first, f"{name} did not fall: {first:.4f} -> {last:.4f}"
+
+
+def test_heldout_retrieval_is_clearly_above_chance(demo):
+    _, report = demo
+    for name in ("retrieval_i2t_r1_itc", "retrieval_t2i_r1_itc"):
+        chance = report["chance"][name]
+        assert report["metrics"][name] > max(3 * chance, chance + 0.1), (
+            name,
+            report["metrics"][name],
+            chance,
+        )
+
+
+def test_saved_models_load_and_work(demo):
+    import blip2
+
+    out, _ = demo
+    image = os.path.join(out, "work", "data", "test", "000000.png")
+    model = blip2.load(os.path.join(out, "model"))
+    caption = model.caption(image, num_beams=1, max_new_tokens=12)
+    assert isinstance(caption, str) and caption
+    answer = model.ask(image, "what colour is the circle?", num_beams=1)
+    assert isinstance(answer, str)
+    stage1 = blip2.load(os.path.join(out, "model_stage1"))
+    scores = stage1.similarity(
+        [image], ["a large red circle on the left", "a small blue square on the right"]
+    )
+    assert tuple(scores.shape) == (1, 2)
+
+
+def test_parser_reads_every_paraphrase_of_every_scene():
+    world = W.World()
+    for scene in world.scenes:
+        for caption in W.captions(scene):
+            assert W.caption_exact(caption, scene), caption
+            assert W.caption_facts(caption, scene) == (3, 3)
+    scene = world.scenes[0]
+    other = next(s for s in world.scenes if s.colour != scene.colour and s.shape != scene.shape)
+    assert W.caption_facts(W.canonical_caption(other), scene) == (1, 3)  # only the count is right
+
+
+def test_world_holds_out_scenes_made_of_seen_parts():
+    world = W.World()
+    assert world.distinct_captions == len(world.scenes) >= 60
+    held = world.heldout_scenes
+    assert 0 < len(held) < len(world.scenes) // 5
+    train = world.train_scenes
+    assert not set(held) & set(train)
+    attrs = ("shape", "colour", "size", "position")
+    for scene in held:  # every pair of its attribute values occurs in some training scene
+        for a in attrs:
+            for b in attrs:
+                assert any(
+                    getattr(t, a) == getattr(scene, a) and getattr(t, b) == getattr(scene, b) for t in train
+                )
