@@ -52,8 +52,9 @@ class Budget:
     encoder_steps: int = 100
     encoder_batch: int = 64
     lm_docs: int = 20000
-    lm_steps: int = 1200
-    lm_batch: int = 64
+    lm_steps: int = 600
+    lm_batch: int = 128
+    lm_lr: float = 2e-3
     stage1_steps: int = 600
     stage2_steps: int = 400
     batch_size: int = 128
@@ -70,7 +71,7 @@ class Budget:
             n_test=200,
             encoder_steps=60,
             lm_docs=8000,
-            lm_steps=300,
+            lm_steps=150,
             stage1_steps=100,
             stage2_steps=60,
             warmup_steps=10,
@@ -343,7 +344,14 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, echo: Callable[[str],
         docs = P.lm_corpus(b.lm_docs, VQA_TEMPLATE, CAPTION_PROMPT, seed)
         with _bar(b.lm_steps, "language model (text only)") as bar:
             lm = P.pretrain_lm(
-                tok, docs, os.path.join(out, "lm"), b.lm_steps, b.lm_batch, seed=seed, progress=_progress(bar)
+                tok,
+                docs,
+                os.path.join(out, "lm"),
+                b.lm_steps,
+                b.lm_batch,
+                b.lm_lr,
+                seed=seed,
+                progress=_progress(bar),
             )
         curves["language_model"] = {"loss": list(enumerate(lm.losses))}
 
