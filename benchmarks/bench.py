@@ -171,9 +171,30 @@ def interleaved(
             times[name].append(dt)
             if peak is not None:
                 peaks[name] = max(peaks[name] or 0.0, peak)
+    if PROFILE_FILE:
+        profile(clock, fns["ours"])
     return {
         k: {"median_s": statistics.median(v), "times_s": v, "peak_gib": peaks[k]} for k, v in times.items()
     }
+
+
+PROFILE_FILE: str | None = None  # --profile: one profiled call of ours per row, appended here
+PROFILE_ROW = ""
+
+
+def profile(clock: Clock, fn: Callable[[], Any]) -> None:
+    """The operators of one call of `fn`, by device time (CUDA) or CPU time, to a text file."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if clock.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        fn()
+        clock.sync()
+    key = "cuda_time_total" if clock.device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+    with open(PROFILE_FILE, "a") as f:
+        f.write(f"\n# {PROFILE_ROW}\n{table}\n")
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -210,7 +231,12 @@ def build_theirs(ours: nn.Module, device: torch.device) -> nn.Module:
     extra = hf_map.extra_keys(config)
     state = {k: v for k, v in unique_state_dict(ours).items() if not extra.match(k)}
     theirs_state = convert(state, hf_map.rules(), to="theirs")
-    if config.stage == 2:  # transformers keeps only the Q-Former and queries in fp32 (its fp16 load)
+    # transformers keeps only the Q-Former and queries in fp32 (its fp16 load): its vision tower's last
+    # LayerNorm (our fp32 `ln_vision`) and the projection are in the towers' dtype
+    vision_dtype = next(ours.visual.tower.parameters()).dtype
+    for key in ("vision_model.post_layernorm.weight", "vision_model.post_layernorm.bias"):
+        theirs_state[key] = theirs_state[key].to(vision_dtype)
+    if config.stage == 2:
         dtype = ours.llm.get_input_embeddings().weight.dtype
         for key in ("language_projection.weight", "language_projection.bias"):
             theirs_state[key] = theirs_state[key].to(dtype)
@@ -554,10 +580,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per side (default 5; quick 3)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument(
+        "--decode",
         "--cpu-decode",
         default="compiled",
         choices=["fast", "compiled", "static", "transformers"],
-        help="our greedy decode mode on CPU (compiled: torch.compile'd static-cache step; compile time excluded)",
+        help="our greedy decode mode (compiled: a torch.compile'd static-cache step, CUDA graphs on CUDA; "
+        "compile time excluded)",
     )
     p.add_argument("--out", default=None, help="write the rows and environment as JSON here")
     p.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE, help="for the fraction of peak")
@@ -567,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--autocast", choices=("none", "bfloat16"), default=None, help="our Q-Former compute (cuda: bf16)"
     )
+    p.add_argument("--profile", default=None, help="append one profiled call of ours per row to this file")
     p.add_argument("--rows", default="caption,beam,stage2,qformer,stage1,itm", help="comma-separated rows")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -586,32 +615,55 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     wanted = set(args.rows.split(","))
+    global PROFILE_FILE, PROFILE_ROW
+    PROFILE_FILE = args.profile
     env = environment(device)
     print(json.dumps(env), file=sys.stderr)
     rows: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
+
+    def save() -> None:
+        if args.out:  # after every row: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump({"environment": env, "rows": rows, "errors": errors}, f, indent=1)
 
     def report(r: dict[str, Any]) -> None:
         rows.append(r)
         print(fmt_table([r]).splitlines()[-1], file=sys.stderr, flush=True)
+        save()
+
+    def attempt(name: str, fn: Callable[..., dict[str, Any]], *fn_args: Any) -> None:
+        """One row; a row that fails is recorded with its error and the others still run."""
+        global PROFILE_ROW
+        PROFILE_ROW, t = name, time.perf_counter()
+        try:
+            r = fn(*fn_args)
+        except Exception as e:  # a benchmark reports a broken row rather than losing the others
+            import traceback
+
+            traceback.print_exc()
+            errors.append({"row": name, "error": f"{type(e).__name__}: {e}"})
+            print(f"{name}: FAILED ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+            save()
+            return
+        r["wall_s"] = time.perf_counter() - t
+        report(r)
 
     if wanted & {"caption", "beam", "stage2", "qformer"}:
         ours = build_ours(sizes.stage2, device, seed=0)
         ours.autocast_dtype = args.autocast
         theirs = build_theirs(ours, device)
-        fast = "static" if device.type == "cuda" else args.cpu_decode
+        mode = args.decode
         if "caption" in wanted:
-            report(
-                run_caption(args, clock := Clock(device), ours, theirs, 1, 1, "caption greedy, batch 1", fast)
-            )
-            report(run_caption(args, clock, ours, theirs, sizes.caption_batch, 1, "caption greedy", fast))
+            for batch, name in ((1, "caption greedy, batch 1"), (sizes.caption_batch, "caption greedy")):
+                attempt(name, run_caption, args, Clock(device), ours, theirs, batch, 1, name, mode)
         if "beam" in wanted:
-            report(
-                run_caption(args, Clock(device), ours, theirs, sizes.beam_batch, 5, "caption 5 beams", fast)
-            )
+            name = "caption 5 beams"
+            attempt(name, run_caption, args, Clock(device), ours, theirs, sizes.beam_batch, 5, name, mode)
         if "stage2" in wanted:
-            report(run_stage2_train(args, Clock(device), ours, theirs, sizes.stage2_batch))
+            attempt("stage-2", run_stage2_train, args, Clock(device), ours, theirs, sizes.stage2_batch)
         if "qformer" in wanted:
-            report(run_qformer(args, Clock(device), ours, theirs, sizes.qformer_batch))
+            attempt("qformer", run_qformer, args, Clock(device), ours, theirs, sizes.qformer_batch)
         del ours, theirs
         if device.type == "cuda":
             torch._dynamo.reset()  # drop the compiled decode step and its CUDA-graph memory pool
@@ -619,16 +671,16 @@ def main(argv: list[str] | None = None) -> int:
     if wanted & {"stage1", "itm"}:
         s1 = build_ours(sizes.stage1, device, seed=1)
         if "itm" in wanted:
-            report(run_itm(args, Clock(device), s1, build_theirs(s1, device)))
+            attempt("itm", lambda: run_itm(args, Clock(device), s1, build_theirs(s1, device)))
         if "stage1" in wanted:
-            report(run_stage1(args, Clock(device), s1, sizes.stage1_batch))
+            attempt("stage-1", run_stage1, args, Clock(device), s1, sizes.stage1_batch)
 
     print(fmt_table(rows))
+    for e in errors:
+        print(f"{e['row']}: FAILED ({e['error']})")
     print(json.dumps(env))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1)
-    return 0
+    save()
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -52,6 +52,11 @@ def test_fast_greedy_gives_the_tokens_of_transformers_generate(lively, options, 
     for mode in modes:
         fast = model.generate(px, ids, mask, decode_mode=mode, **options)
         assert fast.tolist() == plain.tolist(), mode
+    # looking whether every row has ended only every 3rd step (as on CUDA, every 8th): same tokens
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(decode.CHECK_EVERY, "cpu", 3)
+        for mode in modes:
+            assert model.generate(px, ids, mask, decode_mode=mode, **options).tolist() == plain.tolist()
     # the comparison means something: rows differ, and with no min_new_tokens some row ends early
     assert len({tuple(r) for r in plain.tolist()}) > 1
     if "min_new_tokens" not in options:
@@ -84,6 +89,11 @@ def test_eos_first_and_zero_tokens(lively):
         model.eos_token_id = token
         for mode in ("fast", "transformers"):
             assert model.generate(px, max_new_tokens=5, decode_mode=mode).tolist() == [[token]]
+        with pytest.MonkeyPatch.context() as mp:  # looking every 3rd step: the steps past the end are cut
+            mp.setitem(decode.CHECK_EVERY, "cpu", 3)
+            modes = ["fast"] if model.is_encoder_decoder else ["fast", "static"]
+            for mode in modes:
+                assert model.generate(px, max_new_tokens=5, decode_mode=mode).tolist() == [[token]], mode
         held = model.generate(px, max_new_tokens=5, min_new_tokens=3)
         assert (
             held.tolist()

@@ -74,6 +74,9 @@ _CONFIG_NEUTRAL: dict[str, Any] = {
     "max_time": None,
     "cache_implementation": None,
 }
+# how often (in steps) the loop looks whether every row has ended, per device type: looking waits for
+# the device, so on CUDA the host queues a few steps ahead instead (the tokens are the same)
+CHECK_EVERY = {"cuda": 8}
 _CONFIG_DEFAULTS = {"min_new_tokens": None, "repetition_penalty": 1.0, "max_length": 20}
 
 
@@ -135,6 +138,7 @@ class _Selector:
         min_new_tokens: int,
         repetition_penalty: float,
         history: Tensor | None,
+        check_every: int | None = None,
     ):
         eos = (
             [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
@@ -147,7 +151,10 @@ class _Selector:
             history if history is not None else torch.empty(batch, 0, dtype=torch.long, device=device)
         )
         self.unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        self.finished_at = torch.full((batch,), -1, dtype=torch.long, device=device)  # step of the EOS
         self.count = 0
+        # `trim` cuts the steps that ran past the end between two looks
+        self.check_every = check_every or CHECK_EVERY.get(device.type, 1)
 
     def __call__(self, logits: Tensor) -> Tensor:
         """`(B, V)` logits of the next position -> `(B,)` tokens."""
@@ -162,14 +169,27 @@ class _Selector:
         if self.pad is not None:
             token = torch.where(self.unfinished, token, self.pad)
         if self.eos.numel():
-            self.unfinished &= ~torch.isin(token, self.eos)
+            ended = self.unfinished & torch.isin(token, self.eos)
+            self.finished_at = torch.where(ended, self.count, self.finished_at)
+            self.unfinished &= ~ended
         if self.penalty != 1.0:
             self.history = torch.cat([self.history, token[:, None]], dim=1)
         self.count += 1
         return token
 
     def done(self) -> bool:
+        """Whether every row has ended (checked only every `check_every` steps)."""
+        if self.count % self.check_every:
+            return False
         return self.eos.numel() > 0 and not bool(self.unfinished.any())
+
+    def trim(self, tokens: Tensor) -> Tensor:
+        """`(B, T)` tokens cut where greedy search stops: after the step where the last row ended."""
+        if not self.eos.numel() or self.check_every == 1:
+            return tokens
+        if bool(self.unfinished.any()):
+            return tokens
+        return tokens[:, : int(self.finished_at.max()) + 1]
 
 
 @torch.no_grad()
@@ -185,6 +205,7 @@ def greedy(
     pad_token_id: int | None = None,
     static: bool = False,
     compile: bool = False,
+    check_every: int | None = None,
     **inert: Any,
 ) -> Tensor:
     """Greedy decoding from `inputs_embeds`; the new tokens `(B, T)`, `T <= max_new_tokens`.
@@ -199,6 +220,8 @@ def greedy(
         static: decoder-only: a preallocated `StaticCache` (fixed shapes per step).
         compile: with `static`, compile the decode step with `torch.compile` (CUDA graphs on CUDA, the
             inductor's C++ kernels on CPU). The first call per batch shape pays the compilation.
+        check_every: look whether every row has ended every this many steps (default `CHECK_EVERY` of
+            the device type, else 1). The tokens are the same either way.
         inert: sampling-only options (temperature, top_p, ...) that greedy search ignores.
     """
     del inert
@@ -210,7 +233,14 @@ def greedy(
         start = llm.config.decoder_start_token_id
         history = torch.full((b, 1), start, dtype=torch.long, device=device)  # the decoder's inputs so far
     select = _Selector(
-        b, device, eos_token_id, pad_token_id, min_new_tokens or 0, repetition_penalty or 1.0, history
+        b,
+        device,
+        eos_token_id,
+        pad_token_id,
+        min_new_tokens or 0,
+        repetition_penalty or 1.0,
+        history,
+        check_every,
     )
     if max_new_tokens <= 0:
         return torch.empty(b, 0, dtype=torch.long, device=device)
@@ -244,7 +274,7 @@ def _greedy_decoder(llm: nn.Module, embeds: Tensor, mask: Tensor, steps: int, se
         )
         cache, next_pos = _out_cache(out), next_pos + 1
         tokens.append(select(out.logits[:, -1]))
-    return torch.stack(tokens, dim=1)
+    return select.trim(torch.stack(tokens, dim=1))
 
 
 def _greedy_encoder_decoder(
@@ -268,7 +298,7 @@ def _greedy_encoder_decoder(
         tokens.append(token)
         if select.done():
             break
-    return torch.stack(tokens, dim=1)
+    return select.trim(torch.stack(tokens, dim=1))
 
 
 def _greedy_static(
@@ -310,7 +340,7 @@ def _greedy_static(
         logits = step(tokens[-1][:, None], full, next_pos, cache_position, cache)
         tokens.append(select(logits))
         next_pos = next_pos + 1
-    return torch.stack(tokens, dim=1)
+    return select.trim(torch.stack(tokens, dim=1))
 
 
 def _static_cache(llm: nn.Module, batch: int, length: int, cls: type) -> Any:
