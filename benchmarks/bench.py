@@ -379,14 +379,15 @@ def run_stage2_train(
 
     p_ours = trainable_like_training(ours, theirs=False)
     p_theirs = trainable_like_training(theirs, theirs=True)
-    opt_ours = torch.optim.AdamW(p_ours, lr=1e-9)
-    opt_theirs = torch.optim.AdamW(p_theirs, lr=1e-9)
+    fused = device.type == "cuda" or None  # the same optimizer both sides: fused AdamW on CUDA
+    opt_ours = torch.optim.AdamW(p_ours, lr=1e-9, fused=fused)
+    opt_theirs = torch.optim.AdamW(p_theirs, lr=1e-9, fused=fused)
     ours.train()
     theirs.train()
     ours.visual.tower.eval()
 
-    def mine() -> None:
-        loss = ours(pixels, text, mask, prompt_lengths=1).loss
+    def mine() -> None:  # as our training loop calls it: the loss only (no logits over the queries)
+        loss = ours(pixels, text, mask, prompt_lengths=1, return_logits=False).loss
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
@@ -476,7 +477,7 @@ def run_stage1(args: argparse.Namespace, clock: Clock, model: Stage1Model, batch
     model.train()
     model.autocast_dtype = args.autocast
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-9)
+    opt = torch.optim.AdamW(params, lr=1e-9, fused=device.type == "cuda" or None)  # as blip2.train
 
     def step() -> None:
         out = model(ids, mask, image_features=feats)

@@ -194,6 +194,40 @@ def test_loss_does_not_depend_on_padding_side(name):
         torch.testing.assert_close(losses[0], losses[1])
 
 
+@pytest.mark.parametrize("name", KINDS)
+def test_loss_only_gives_the_same_loss_and_gradients(name):
+    """`return_logits=False` (training): the output layer runs only where a counted token is predicted;
+    loss and gradients equal the full call's, for prompts of different lengths and either padding."""
+    model = make(name, lively=True).eval()
+    model.requires_grad_(False).qformer.requires_grad_(True)
+    px = images(2)
+    if model.is_encoder_decoder:
+        ids, mask = pad([[5, 6, 7, 1], [7, 1]], "right", 0)
+        labels, dmask = pad([[11, 12, 1], [14, 1]], "right", 0)
+        calls = [((px, ids, mask), {"labels": labels, "decoder_attention_mask": dmask})]
+    else:
+        rows = [[2, 5, 6, 11, 12, 13, 50], [2, 14, 15, 16, 50]]
+        calls = [
+            ((px, *pad(rows, side, 1)), {"prompt_lengths": prompt})
+            for side in ("right", "left")
+            for prompt in (torch.tensor([4, 2]), 3, None)
+        ]
+    for args, kwargs in calls:
+        full = model(*args, **kwargs)
+        full.loss.backward()
+        grads = [p.grad.clone() for p in model.qformer.parameters() if p.grad is not None]
+        model.zero_grad(set_to_none=True)
+        lean = model(*args, **kwargs, return_logits=False)
+        assert lean.logits is None
+        lean.loss.backward()
+        torch.testing.assert_close(lean.loss, full.loss)
+        lean_grads = [p.grad for p in model.qformer.parameters() if p.grad is not None]
+        assert len(grads) == len(lean_grads) > 0
+        for a, b in zip(grads, lean_grads, strict=True):
+            torch.testing.assert_close(a, b)
+        model.zero_grad(set_to_none=True)
+
+
 def test_encoder_decoder_loss_is_the_decoder_cross_entropy():
     model = make("tiny-t5").eval()
     px = images(2)

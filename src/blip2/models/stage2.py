@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,13 +39,20 @@ from blip2 import losses
 from blip2.config import Blip2Config, LLMConfig
 from blip2.models import decode, language
 from blip2.models.encoders import ImageEncoder
+from blip2.models.graphs import GraphCache
 from blip2.models.qformer import QFormer, autocast
 
 
 @dataclass
 class Stage2Output:
     loss: Tensor | None  # scalar LM loss (None for an encoder-decoder LM called without labels)
-    logits: Tensor  # decoder-only: (B, Q + L, V) over [queries; text]; encoder-decoder: (B, T, V) decoder
+    # decoder-only: (B, Q + L, V) over [queries; text]; encoder-decoder: (B, T, V) decoder; None when
+    # the call asked for the loss only (`return_logits=False`)
+    logits: Tensor | None
+
+
+# per model: CUDA graphs of the image side used by `generate` (kept outside the module: not state)
+_PREFIX_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Stage2Model(nn.Module):
@@ -65,7 +74,9 @@ class Stage2Model(nn.Module):
             on CUDA the decode step is compiled into a CUDA graph), "compiled" (the static cache with the
             step compiled by `torch.compile` on any device: inductor kernels on CPU; the first call of
             each batch shape compiles, so it pays off over many batches) or "transformers" (always the LM's
-            own `generate`). Other options (beams, sampling, scores, ...) always use `generate`.
+            own `generate`). Other options (beams, sampling, scores, ...) always use `generate`. On
+            CUDA, "static" and "compiled" also replay the image side (tower, Q-Former, projection) from
+            a CUDA graph captured once per batch shape (`blip2.models.graphs`).
         autocast_dtype: compute dtype of the Q-Former and projection under `torch.autocast` (e.g.
             `torch.bfloat16`); None (default) computes in the weights' dtype (fp32).
     """
@@ -106,6 +117,7 @@ class Stage2Model(nn.Module):
         eos = getattr(getattr(self.llm, "generation_config", None), "eos_token_id", None)
         self.eos_token_id: int | list[int] | None = eos if eos is not None else self.llm.config.eos_token_id
         self._pass_position_ids = not self.is_encoder_decoder and language.accepts_position_ids(self.llm)
+        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(self.llm.forward).parameters
         self.decode_mode = "fast"
         self.autocast_dtype: torch.dtype | None = None
 
@@ -219,6 +231,7 @@ class Stage2Model(nn.Module):
         labels: Tensor | None = None,
         prompt_lengths: Tensor | int | None = None,
         decoder_attention_mask: Tensor | None = None,
+        return_logits: bool = True,
     ) -> Stage2Output:
         """The stage-2 language-modeling loss.
 
@@ -241,11 +254,14 @@ class Stage2Model(nn.Module):
             prompt_lengths: decoder-only: leading real tokens per row (BOS included) excluded from the
                 loss; an int or `(B,)`.
             decoder_attention_mask: encoder-decoder: `(B, T)` padding mask of `labels`.
+            return_logits: False: the loss only (what training needs); a decoder-only LM then applies
+                its output layer only from the first position that predicts a counted token on (not
+                to the queries and prompt), which saves time and memory. The loss is the same.
         """
         prefix = self.prefix(pixel_values, image_features)  # (B, Q, E)
         if self.is_encoder_decoder:
             return self._forward_encoder_decoder(
-                prefix, input_ids, attention_mask, labels, decoder_attention_mask
+                prefix, input_ids, attention_mask, labels, decoder_attention_mask, return_logits
             )
         if input_ids is None:
             raise ValueError("a decoder-only LM needs input_ids (the text to learn)")
@@ -267,8 +283,19 @@ class Stage2Model(nn.Module):
         extra: dict[str, Any] = {}
         if self._pass_position_ids:
             extra["position_ids"] = language.position_ids(mask)
+        if not return_logits and self._takes_logits_to_keep:
+            # positions before `first` predict only ignored labels: no logits needed there
+            counted = (full_labels[:, 1:] != -100).any(0)  # (Q + L - 1,) position t predicts t + 1
+            first = int(counted.int().argmax()) if bool(counted.any()) else 0
+            keep = full_labels.shape[1] - first
+            out = self.llm(
+                inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=keep, **extra
+            )
+            return Stage2Output(loss=losses.lm_loss(out.logits, full_labels[:, first:]), logits=None)
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **extra)
         loss = losses.lm_loss(out.logits, full_labels)
+        if not return_logits:
+            return Stage2Output(loss=loss, logits=None)
         back = order.argsort(1)[..., None].expand(-1, -1, out.logits.shape[-1])  # the caller's padding
         logits = torch.cat([out.logits[:, :q], out.logits[:, q:].gather(1, back)], dim=1)
         return Stage2Output(loss=loss, logits=logits)
@@ -280,6 +307,7 @@ class Stage2Model(nn.Module):
         attention_mask: Tensor | None,
         labels: Tensor | None,
         decoder_attention_mask: Tensor | None,
+        return_logits: bool = True,
     ) -> Stage2Output:
         if labels is None:
             raise ValueError("an encoder-decoder LM needs labels: the decoder's target ids")
@@ -296,7 +324,7 @@ class Stage2Model(nn.Module):
         )
         # token t of the decoder predicts label t (the inputs are already shifted)
         loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return Stage2Output(loss=loss, logits=out.logits)
+        return Stage2Output(loss=loss, logits=out.logits if return_logits else None)
 
     def _encoder_inputs(
         self, prefix: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None
@@ -313,6 +341,22 @@ class Stage2Model(nn.Module):
         return embeds, torch.cat([ones, attention_mask.to(ones.dtype)], dim=1)
 
     # ---------------------------------------------------------------------------------- generation
+
+    def _generation_prefix(self, pixel_values: Tensor | None, image_features: Tensor | None, graphed: bool):
+        """`prefix` for `generate`; with `graphed` on CUDA, replayed from a CUDA graph per batch shape
+        (at small batches the host launching the tower's and Q-Former's kernels is the bottleneck)."""
+        x = pixel_values if pixel_values is not None else image_features
+        if not graphed or x is None or x.device.type != "cuda":
+            return self.prefix(pixel_values, image_features)
+
+        def run(t: Tensor) -> Tensor:
+            return self.prefix(t) if pixel_values is not None else self.prefix(image_features=t)
+
+        parts = (self.visual, self.qformer, self.language_projection)
+        tensors = [self.query_tokens, *(t for m in parts for t in (*m.parameters(), *m.buffers()))]
+        cache = _PREFIX_GRAPHS.setdefault(self, GraphCache())
+        extra = (pixel_values is None, self.autocast_dtype, torch.is_autocast_enabled())
+        return cache(run, x, tensors, extra)
 
     @torch.no_grad()
     def generate(
@@ -348,7 +392,11 @@ class Stage2Model(nn.Module):
             pad id after their EOS. With `return_dict_in_generate=True`, transformers' output object
             (scores and all) with these `sequences`.
         """
-        prefix = self.prefix(pixel_values, image_features)  # (B, Q, E), once per image
+        mode = decode_mode or self.decode_mode
+        if mode not in self.DECODE_MODES:
+            raise ValueError(f"unknown decode_mode {mode!r}: use one of {self.DECODE_MODES}")
+        graphed = mode in ("static", "compiled")
+        prefix = self._generation_prefix(pixel_values, image_features, graphed)  # (B, Q, E), once per image
         b, q = prefix.shape[:2]
         if input_ids is None:
             bos = self.llm.config.bos_token_id
@@ -380,9 +428,6 @@ class Stage2Model(nn.Module):
             input_ids, attention_mask = language.move_padding(input_ids, attention_mask, "left")
             embeds = torch.cat([prefix, self.embed_tokens(input_ids)], dim=1)  # (B, Q + L, E)
             mask = torch.cat([attention_mask.new_ones(b, q), attention_mask], dim=1)
-        mode = decode_mode or self.decode_mode
-        if mode not in self.DECODE_MODES:
-            raise ValueError(f"unknown decode_mode {mode!r}: use one of {self.DECODE_MODES}")
         if mode != "transformers" and decode.supports(self.llm, kwargs):
             static = mode in ("static", "compiled") and not self.is_encoder_decoder
             compile = static and (mode == "compiled" or embeds.device.type == "cuda")

@@ -323,7 +323,7 @@ def forward_loss(
         "prompt_lengths",
         "decoder_attention_mask",
     )
-    out = model(**{k: inputs[k] for k in keys if k in inputs})
+    out = model(**{k: inputs[k] for k in keys if k in inputs}, return_logits=False)  # the loss only
     return out.loss, {}
 
 

@@ -25,9 +25,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
-    )
+    """AdamW; its fused (one kernel per step) implementation when every trainable tensor is on CUDA."""
+    groups = param_groups(model, cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def lr_at(step: int, total: int, cfg: OptimSection) -> float:
