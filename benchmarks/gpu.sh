@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU mode in one command, from a source checkout with no install step:
 #   bash benchmarks/gpu.sh [OUT_DIR] [extra bench.py options]
-# writes OUT_DIR/gpu.json (rows and environment), OUT_DIR/gpu.log and OUT_DIR/profile.txt (one profiled
-# call of ours per row).
+# writes OUT_DIR/gpu.json (rows and environment), OUT_DIR/gpu.log and OUT_DIR/profile.txt (one
+# profiled call of ours per row).
 set -uo pipefail
-out=${1:-gpu-results}
+mkdir -p "${1:-gpu-results}"
+out=$(cd "${1:-gpu-results}" && pwd)
 shift || true
-mkdir -p "$out"
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

@@ -104,6 +104,25 @@ def test_eos_first_and_zero_tokens(lively):
         model.eos_token_id = model_eos
 
 
+@pytest.mark.parametrize("mode", ["fast", "static"])
+def test_rows_ending_at_different_steps_are_cut_where_greedy_search_stops(lively, mode):
+    """An EOS list that ends each row at a different step (1, 3, 4): looking only every 3rd step runs
+    past the end, and the extra steps are cut so the tokens equal transformers' (fewer than the max)."""
+    model, _ = lively
+    if model.is_encoder_decoder and mode == "static":
+        pytest.skip("the static cache is for decoder-only LMs")
+    px = images(3)
+    free = model.generate(px, max_new_tokens=7, decode_mode="transformers", eos_token_id=None)
+    eos = sorted({int(free[0, 1]), int(free[1, 3]), int(free[2, 4])})
+    plain = model.generate(px, max_new_tokens=7, decode_mode="transformers", eos_token_id=eos)
+    assert plain.shape[1] < 7  # every row ended: greedy search stopped early
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(decode.CHECK_EVERY, "cpu", 3)
+        assert model.generate(px, max_new_tokens=7, decode_mode=mode, eos_token_id=eos).tolist() == (
+            plain.tolist()
+        )
+
+
 def test_options_the_loop_does_not_cover_go_to_transformers():
     model = make("tiny-opt", lively=True).eval()
     base = {"max_new_tokens": 4, "eos_token_id": 2, "pad_token_id": 1}
@@ -221,3 +240,24 @@ def test_cuda_graphed_prefix_and_compiled_decode_give_the_plain_results():
         torch.testing.assert_close(
             model._generation_prefix(px, None, graphed=True), model.prefix(px), rtol=1e-5, atol=1e-5
         )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_cache_sees_in_place_updates_and_falls_back_when_capture_fails():
+    from blip2.models.graphs import GraphCache
+
+    cache, w = GraphCache(), torch.ones(4, device="cuda")
+    with torch.no_grad():
+        assert torch.equal(cache(lambda t: t * w, torch.full((4,), 2.0, device="cuda"), [w]), w * 2)
+        w.add_(1)  # an in-place update (an optimizer step) is what the replay reads
+        assert torch.equal(cache(lambda t: t * w, torch.full((4,), 3.0, device="cuda"), [w]), w * 3)
+        assert len(cache.graphs) == 1
+
+        def syncs(t):  # waits for the host: cannot be captured
+            return t * float(t.sum().item())
+
+        with pytest.warns(UserWarning, match="without a CUDA graph"):
+            out = cache(syncs, torch.ones(3, device="cuda"), [])
+        assert torch.equal(out, torch.full((3,), 3.0, device="cuda"))
+        assert torch.equal(cache(syncs, torch.ones(3, device="cuda"), []), out)  # plainly, no new warning
+        assert torch.cuda.current_stream() == torch.cuda.default_stream()

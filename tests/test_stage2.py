@@ -212,6 +212,9 @@ def test_loss_only_gives_the_same_loss_and_gradients(name):
             for side in ("right", "left")
             for prompt in (torch.tensor([4, 2]), 3, None)
         ]
+    head = model.llm.get_output_embeddings()
+    positions: list[int] = []
+    hook = head.register_forward_hook(lambda _m, inputs, _o: positions.append(inputs[0].shape[1]))
     for args, kwargs in calls:
         full = model(*args, **kwargs)
         full.loss.backward()
@@ -226,6 +229,10 @@ def test_loss_only_gives_the_same_loss_and_gradients(name):
         for a, b in zip(grads, lean_grads, strict=True):
             torch.testing.assert_close(a, b)
         model.zero_grad(set_to_none=True)
+    hook.remove()
+    if not model.is_encoder_decoder:  # the output layer really ran on fewer positions (not the queries)
+        full_len, lean_len = positions[0::2], positions[1::2]
+        assert all(lean < full for full, lean in zip(full_len, lean_len, strict=True)), positions
 
 
 def test_encoder_decoder_loss_is_the_decoder_cross_entropy():

@@ -9,7 +9,9 @@ replayed after copying the input into the graph's own buffer.
 A graph reads the weights where they were when it was captured. Weights changed in place (an optimizer
 step) are seen; weights replaced (`load_state_dict(assign=True)`, `.to(...)`) change the key, so a new
 graph is captured. A capture that fails (an operation that cannot be recorded) is remembered and the
-plain call is used from then on for that key: same results, only slower.
+plain call is used from then on for that key: same results, only slower. Calls under the caller's own
+`torch.autocast`, or with autograd on, always run plainly (autocast's cached weight casts would outlive
+the graph's view of them). One caller at a time: replays share the graph's input and output buffers.
 """
 
 from __future__ import annotations
@@ -25,15 +27,16 @@ from torch import Tensor
 
 class GraphCache:
     """Calls `fn(x)` replayed from CUDA graphs, one per input shape/dtype, weight layout and `extra` key
-    (inference only: with autograd on, or off CUDA, `fn` simply runs).
+    (inference only: with autograd or autocast on, or off CUDA, `fn` simply runs).
 
     Args:
-        max_graphs: graphs kept (each holds its own memory pool); the oldest is dropped first.
+        max_graphs: graphs kept (each holds its own memory pool); the least recently used goes first.
     """
 
     def __init__(self, max_graphs: int = 4):
         self.max_graphs = max_graphs
-        self.graphs: OrderedDict[Any, tuple[torch.cuda.CUDAGraph, Tensor, Tensor] | None] = OrderedDict()
+        self.graphs: OrderedDict[Any, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = OrderedDict()
+        self.failed: set = set()  # keys whose capture failed: run plainly
 
     def __call__(
         self, fn: Callable[[Tensor], Tensor], x: Tensor, tensors: Iterable[Tensor], extra: tuple = ()
@@ -41,16 +44,21 @@ class GraphCache:
         """`fn(x)`. `fn`: one CUDA tensor in, one out, no host synchronisation inside; `tensors`: what
         it reads besides `x` (weights, buffers), whose addresses are part of the key; `extra`: anything
         else that changes what `fn` computes."""
-        if x.device.type != "cuda" or torch.is_grad_enabled():
+        if x.device.type != "cuda" or torch.is_grad_enabled() or torch.is_autocast_enabled("cuda"):
             return fn(x)
         key = (tuple(x.shape), x.dtype, x.device, extra, *(t.data_ptr() for t in tensors))
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(fn, x)
+        if key in self.failed:
+            return fn(x)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(fn, x)
+            if entry is None:
+                self.failed.add(key)
+                return fn(x)
+            self.graphs[key] = entry
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
-        entry = self.graphs[key]
-        if entry is None:  # this call cannot be captured: run it as is
-            return fn(x)
+        self.graphs.move_to_end(key)
         graph, static_in, static_out = entry
         static_in.copy_(x)
         graph.replay()
@@ -58,22 +66,28 @@ class GraphCache:
 
     @staticmethod
     def _capture(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple | None:
-        static_in = x.clone()
-        current = torch.cuda.current_stream(x.device)
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(current)
-        try:
-            with torch.cuda.stream(side):  # warm-up: library handles, workspaces, lazy initialisation
-                for _ in range(2):
-                    fn(static_in)
-            current.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = fn(static_in)
-        except Exception as e:  # e.g. an operation that synchronises with the host
-            torch.cuda.synchronize(x.device)
-            warnings.warn(
-                f"running without a CUDA graph: capturing it failed ({type(e).__name__}: {e})", stacklevel=3
-            )
-            return None
+        with torch.cuda.device(x.device):
+            current = torch.cuda.current_stream()
+            static_in = x.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(current)
+            try:
+                with torch.cuda.stream(side):  # warm-up: library handles, workspaces, lazy initialisation
+                    for _ in range(2):
+                        fn(static_in)
+                current.wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static_out = fn(static_in)
+            except torch.OutOfMemoryError:
+                torch.cuda.set_stream(current)
+                raise
+            except Exception as e:  # e.g. an operation that waits for the host: not recordable
+                torch.cuda.set_stream(current)  # a failed capture can leave its stream current
+                torch.cuda.synchronize()
+                warnings.warn(
+                    f"running without a CUDA graph: capturing it failed ({type(e).__name__}: {e})",
+                    stacklevel=3,
+                )
+                return None
         return graph, static_in, static_out

@@ -286,7 +286,7 @@ class Stage2Model(nn.Module):
         if not return_logits and self._takes_logits_to_keep:
             # positions before `first` predict only ignored labels: no logits needed there
             counted = (full_labels[:, 1:] != -100).any(0)  # (Q + L - 1,) position t predicts t + 1
-            first = int(counted.int().argmax()) if bool(counted.any()) else 0
+            first = int(counted.int().argmax())  # one wait for the device; 0 when nothing counts
             keep = full_labels.shape[1] - first
             out = self.llm(
                 inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=keep, **extra
@@ -345,18 +345,18 @@ class Stage2Model(nn.Module):
     def _generation_prefix(self, pixel_values: Tensor | None, image_features: Tensor | None, graphed: bool):
         """`prefix` for `generate`; with `graphed` on CUDA, replayed from a CUDA graph per batch shape
         (at small batches the host launching the tower's and Q-Former's kernels is the bottleneck)."""
-        x = pixel_values if pixel_values is not None else image_features
-        if not graphed or x is None or x.device.type != "cuda":
+        x = image_features if image_features is not None else pixel_values  # as `encode_image` picks
+        parts = (self.visual, self.qformer, self.language_projection)
+        training = any(m.training for p in parts for m in p.modules())  # dropout: run it as is
+        if not graphed or x is None or x.device.type != "cuda" or training:
             return self.prefix(pixel_values, image_features)
 
         def run(t: Tensor) -> Tensor:
-            return self.prefix(t) if pixel_values is not None else self.prefix(image_features=t)
+            return self.prefix(image_features=t) if image_features is not None else self.prefix(t)
 
-        parts = (self.visual, self.qformer, self.language_projection)
         tensors = [self.query_tokens, *(t for m in parts for t in (*m.parameters(), *m.buffers()))]
         cache = _PREFIX_GRAPHS.setdefault(self, GraphCache())
-        extra = (pixel_values is None, self.autocast_dtype, torch.is_autocast_enabled())
-        return cache(run, x, tensors, extra)
+        return cache(run, x, tensors, extra=(image_features is not None, self.autocast_dtype))
 
     @torch.no_grad()
     def generate(

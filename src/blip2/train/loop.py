@@ -436,7 +436,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: str | None, hooks, stop_a
     if source is not None:
         trainable, state = checkpoint.load(source)
         checkpoint.load_trainable(model, trainable)
+        fused = [g.get("fused") for g in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
+        for g, f in zip(optimizer.param_groups, fused, strict=True):  # this machine's choice, not the saved
+            g["fused"] = f
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
