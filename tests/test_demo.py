@@ -131,3 +131,18 @@ def test_world_holds_out_scenes_made_of_seen_parts():
                 assert any(
                     getattr(t, a) == getattr(scene, a) and getattr(t, b) == getattr(scene, b) for t in train
                 )
+
+
+def test_every_description_has_one_token_per_query():
+    """The soft prompt stands in exactly for the LM's description: `<s>` after it sits where the LM
+    always saw it (a tiny LM reads the description by position)."""
+    from blip2.demo import pretrain as P
+    from blip2.demo import run as R
+
+    tok = P.lm_tokenizer(P.grammar_texts(R.VQA_TEMPLATE, R.CAPTION_PROMPT))
+    for scene in W.World().scenes:
+        ids = tok(P.description(scene), add_special_tokens=False).input_ids
+        assert len(ids) == R.NUM_QUERIES
+        assert tok.unk_token_id not in ids
+    doc = P.encode_documents(tok, P.lm_corpus(1, R.VQA_TEMPLATE, R.CAPTION_PROMPT, seed=0))[0][0]
+    assert doc[R.NUM_QUERIES].item() == tok.bos_token_id

@@ -6,11 +6,16 @@
   heads are thrown away; the tower is saved with `save_pretrained`.
 * The language model is a 4-layer, 128-wide transformers `GPT2LMHeadModel` with a word-level tokenizer
   built with the `tokenizers` library. It learns from text alone: documents of the grammar made of a
-  scene's canonical description and a second part that the first determines (a paraphrase after the
-  caption prompt, or a question in the model's VQA template with its answer), joined by the BOS token:
-  `a large red circle on the left <s> caption : there is a large red circle on the left </s>` or
-  `... <s> question : what colour is the circle ? answer : red </s>`. In stage 2 the Q-Former's soft
-  prompt takes the place of the first sentence.
+  scene's description and a second part that the first determines (a paraphrase after the caption
+  prompt, or a question in the model's VQA template with its answer), joined by the BOS token:
+  `a large red circle on the left . <s> caption : there is a large red circle on the left </s>` or
+  `... . <s> question : what colour is the circle ? answer : red </s>`. In stage 2 the Q-Former's soft
+  prompt takes the place of the description, exactly: the description has as many tokens as the
+  Q-Former has queries (`description`), so `<s>` and the text prompt after the soft prompt sit where
+  the LM always saw them. A tiny LM reads the description by position (shifted by one token, its
+  answers fall to near chance), so this alignment is what lets a soft prompt learned on captions
+  alone also answer questions. The text prompt after `<s>` then picks the mode: `caption :` in stage 2,
+  `question : ... answer :` for zero-shot VQA.
 
 Both are ordinary checkpoints (`from_pretrained` folders) that BLIP-2's loaders take like any other
 tower or LLM.
@@ -196,24 +201,35 @@ def qformer_tokenizer(texts: Sequence[str]):
     )
 
 
-def lm_corpus(n_docs: int, vqa_template: str, caption_prompt: str, seed: int) -> list[tuple[str, str]]:
-    """Text-only documents `(first, rest)`: a scene's canonical description, then a paraphrase after
-    the caption prompt, or a question in the VQA template with its answer (the first part determines the rest, so a soft prompt
-    standing in its place steers what follows). Scenes are drawn from the whole grammar (a language model knows
-    the language), not from the image training set."""
+DESCRIPTION_END = "."  # ends a description: 8 tokens, one per query of the demo's Q-Former
+
+
+def description(scene: W.Scene) -> str:
+    """The first part of the LM's documents, the part the soft prompt stands in for: the canonical
+    caption and a full stop (`a large red circle on the left .`, 8 tokens)."""
+    return f"{W.canonical_caption(scene)} {DESCRIPTION_END}"
+
+
+def lm_corpus(
+    n_docs: int, vqa_template: str, caption_prompt: str, seed: int, p_caption: float = 0.5
+) -> list[tuple[str, str]]:
+    """Text-only documents `(first, rest)`: a scene's `description`, then a paraphrase after the
+    caption prompt (probability `p_caption`), or a question in the VQA template with its answer. The
+    first part determines the rest, so a soft prompt standing in its place steers what follows.
+    Scenes are drawn from the whole grammar (a language model knows the language), not from the image
+    training set."""
     rng = random.Random(seed)
     scenes = W.World().scenes
     kinds = list(W.QUESTIONS)
     docs = []
     for _ in range(n_docs):
         scene = rng.choice(scenes)
-        first = W.canonical_caption(scene)
-        if rng.random() < 0.5:
+        if rng.random() < p_caption:
             rest = f"{caption_prompt} {rng.choice(W.captions(scene))}"
         else:
             q, a = W.question(scene, rng.choice(kinds), rng)
             rest = W.vqa_text(vqa_template, q, a)
-        docs.append((first, rest))
+        docs.append((description(scene), rest))
     return docs
 
 
@@ -222,6 +238,7 @@ def grammar_texts(vqa_template: str, caption_prompt: str) -> list[str]:
     rng = random.Random(0)
     texts = [caption_prompt]
     for scene in W.World().scenes:
+        texts.append(description(scene))
         texts.extend(W.captions(scene))
         for kind in W.QUESTIONS:
             for _ in range(6):

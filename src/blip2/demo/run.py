@@ -41,6 +41,7 @@ from blip2.demo import world as W
 
 VQA_TEMPLATE = "Question: {} Answer:"
 CAPTION_PROMPT = "Caption:"  # the stage-2 caption prompt; the LM saw it before paraphrases
+NUM_QUERIES = 8  # the Q-Former's queries: as many as the LM's description has tokens
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Budget:
     lm_batch: int = 128
     lm_lr: float = 2e-3
     stage1_steps: int = 600
-    stage2_steps: int = 400
+    stage2_steps: int = 600
     batch_size: int = 128
     lr: float = 1e-3
     warmup_steps: int = 50
@@ -129,7 +130,7 @@ def demo_config(qtok: Any, encoder_dir: str) -> Any:
             num_heads=4,
             intermediate_size=256,
             cross_attention_freq=1,
-            num_query_tokens=8,
+            num_query_tokens=NUM_QUERIES,
             vocab_size=len(qtok),
             max_position_embeddings=32,
             dropout=0.0,
@@ -341,6 +342,8 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, echo: Callable[[str],
 
     with timer.phase("pretrain_lm", echo):
         tok = P.lm_tokenizer(P.grammar_texts(VQA_TEMPLATE, CAPTION_PROMPT))
+        lengths = {len(tok(P.description(s), add_special_tokens=False).input_ids) for s in world.scenes}
+        assert lengths == {NUM_QUERIES}, f"descriptions of {lengths} tokens for {NUM_QUERIES} queries"
         docs = P.lm_corpus(b.lm_docs, VQA_TEMPLATE, CAPTION_PROMPT, seed)
         with _bar(b.lm_steps, "language model (text only)") as bar:
             lm = P.pretrain_lm(
