@@ -50,13 +50,13 @@ class Budget:
 
     n_train: int = 4000
     n_test: int = 240
-    encoder_steps: int = 100
+    encoder_steps: int = 250
     encoder_batch: int = 64
     lm_docs: int = 20000
-    lm_steps: int = 600
+    lm_steps: int = 1000
     lm_batch: int = 128
     lm_lr: float = 2e-3
-    stage1_steps: int = 600
+    stage1_steps: int = 900
     stage2_steps: int = 600
     batch_size: int = 128
     lr: float = 1e-3
