@@ -86,9 +86,10 @@ def llm_dtype(llm: nn.Module) -> torch.dtype:
     return llm.get_input_embeddings().weight.dtype
 
 
-def accepts_position_ids(llm: nn.Module) -> bool:
-    """Whether the LM's forward takes `position_ids` (decoder-only models derive them from the mask here)."""
-    return "position_ids" in inspect.signature(llm.forward).parameters
+def forward_accepts(llm: nn.Module, name: str) -> bool:
+    """Whether the LM's forward takes the argument `name` (e.g. `position_ids`, which decoder-only
+    models get derived from the mask here, or `logits_to_keep`)."""
+    return name in inspect.signature(llm.forward).parameters
 
 
 def llm_config_from_model(llm: nn.Module, **fields: Any) -> LLMConfig:

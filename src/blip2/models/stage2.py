@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -116,8 +115,10 @@ class Stage2Model(nn.Module):
         self.language_projection = nn.Linear(q.hidden_size, language.embedding_width(self.llm))
         eos = getattr(getattr(self.llm, "generation_config", None), "eos_token_id", None)
         self.eos_token_id: int | list[int] | None = eos if eos is not None else self.llm.config.eos_token_id
-        self._pass_position_ids = not self.is_encoder_decoder and language.accepts_position_ids(self.llm)
-        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(self.llm.forward).parameters
+        self._pass_position_ids = not self.is_encoder_decoder and language.forward_accepts(
+            self.llm, "position_ids"
+        )
+        self._takes_logits_to_keep = language.forward_accepts(self.llm, "logits_to_keep")
         self.decode_mode = "fast"
         self.autocast_dtype: torch.dtype | None = None
 
@@ -283,17 +284,13 @@ class Stage2Model(nn.Module):
         extra: dict[str, Any] = {}
         if self._pass_position_ids:
             extra["position_ids"] = language.position_ids(mask)
-        if not return_logits and self._takes_logits_to_keep:
-            # positions before `first` predict only ignored labels: no logits needed there
+        first = 0  # positions before `first` predict only ignored labels
+        if not return_logits and self._takes_logits_to_keep:  # the loss only: no logits needed there
             counted = (full_labels[:, 1:] != -100).any(0)  # (Q + L - 1,) position t predicts t + 1
             first = int(counted.int().argmax())  # one wait for the device; 0 when nothing counts
-            keep = full_labels.shape[1] - first
-            out = self.llm(
-                inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=keep, **extra
-            )
-            return Stage2Output(loss=losses.lm_loss(out.logits, full_labels[:, first:]), logits=None)
+            extra["logits_to_keep"] = full_labels.shape[1] - first
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **extra)
-        loss = losses.lm_loss(out.logits, full_labels)
+        loss = losses.lm_loss(out.logits, full_labels[:, first:])
         if not return_logits:
             return Stage2Output(loss=loss, logits=None)
         back = order.argsort(1)[..., None].expand(-1, -1, out.logits.shape[-1])  # the caller's padding
