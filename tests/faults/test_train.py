@@ -7,14 +7,17 @@ stage 1 with no possible ITM negative, SIGTERM/SIGINT in the middle of `blip2 tr
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
 import torch
-from train_utils import blip2_cli
+from train_utils import blip2_cli, caption, image_bytes, make_caption_json
 
+from blip2 import losses
 from blip2.errors import UserError
 from blip2.train.config import load_config
+from blip2.train.loop import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY1 = os.path.join(ROOT, "configs", "tiny-stage1.yaml")
@@ -82,6 +85,92 @@ def test_config_numbers_out_of_range_get_one_sentence(override, message):
 
 
 def test_numbers_written_the_yaml_way_are_accepted():
-    cfg = load_config(TINY1, ["train.max_steps=1e3", "optim.lr=3e-4", "train.save_every=8.0", "data.path=2024"])
+    cfg = load_config(
+        TINY1, ["train.max_steps=1e3", "optim.lr=3e-4", "train.save_every=8.0", "data.path=2024"]
+    )
     assert cfg.train.max_steps == 1000 and isinstance(cfg.train.max_steps, int)
     assert cfg.optim.lr == 3e-4 and cfg.train.save_every == 8 and cfg.data.path == "2024"
+
+
+# ------------------------------------------------------------------ item 6: no possible ITM negative
+
+
+def _captions_cfg(tmp_path, out: str, *extra: str):
+    ann, root = make_caption_json(str(tmp_path / "data"), n=8)
+    return load_config(
+        TINY1,
+        [
+            "data.kind=captions",
+            f"data.path={ann}",
+            f"data.images={root}",
+            f"train.output_dir={tmp_path / out}",
+            "train.save_every=0",
+            "train.save_final=false",
+            "train.log_every=1",
+            *extra,
+        ],
+    )
+
+
+def _metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_stage1_trains_with_a_global_batch_of_one(tmp_path):
+    """One item: no negative exists, so ITM has nothing to learn (loss 0) and nothing crashes."""
+    result = train(_captions_cfg(tmp_path, "run", "train.batch_size=1", "train.max_steps=3"))
+    assert result.steps == 3
+    steps = [m for m in _metrics(tmp_path / "run") if "loss" in m]
+    assert len(steps) == 3
+    assert all(m["loss_itm"] == 0.0 and math.isfinite(m["loss"]) and m["loss_itg"] > 0 for m in steps)
+
+
+def test_a_batch_of_captions_of_one_image_never_draws_a_positive_as_negative(tmp_path):
+    """Retrieval fine-tuning: every caption of the batch describes the same image, so none is a
+    negative of another. Before, the ITM loss was trained on positives labelled as non-matching."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "one.jpg").write_bytes(image_bytes(0))
+    ann = data / "one.json"
+    ann.write_text(json.dumps([{"image": "one.jpg", "caption": [caption(i) for i in range(8)]}]))
+    cfg = load_config(
+        TINY1,
+        ["task=retrieval", "data.kind=captions", f"data.path={ann}", f"data.images={data}"]
+        + [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.log_every=1"]
+        + ["train.save_every=0", "train.save_final=false"],
+    )
+    assert train(cfg).steps == 2
+    steps = [m for m in _metrics(tmp_path / "run") if "loss" in m]
+    assert [m["loss_itm"] for m in steps] == [0.0, 0.0]
+
+
+def test_hard_negatives_are_never_positives_and_rows_without_one_get_minus_one():
+    for ids in ([4], [4, 4, 4], [1, 1, 1, 2], [3, 3, 5, 5, 5, 7]):
+        ids = torch.tensor(ids)
+        pos = ids[:, None] == ids[None, :]
+        sim = torch.randn(len(ids), len(ids))
+        for seed in range(30):
+            for neg in losses.sample_hard_negatives(sim, pos, torch.Generator().manual_seed(seed)):
+                none = pos.all(dim=1)
+                assert (neg[none] == -1).all()
+                rows = torch.arange(len(ids))[~none]
+                assert (neg[~none] >= 0).all() and not pos[rows, neg[~none]].any()
+
+
+def test_itm_leaves_out_rows_without_a_negative_and_keeps_the_graph():
+    from blip2.config import preset
+    from blip2.models.blip2 import Stage1Model
+
+    torch.manual_seed(0)
+    model = Stage1Model(preset("tiny-stage1")).eval()
+    ids = torch.randint(1000, 2000, (3, 6))
+    ids[:, 0] = 101
+    mask = torch.ones_like(ids)
+    pixels = torch.randn(3, 3, 16, 16)
+    out = model(ids, mask, pixel_values=pixels, image_ids=torch.tensor([8, 8, 8]))
+    assert out.loss_itm.item() == 0.0 and out.loss_itm.requires_grad
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    two = model(ids, mask, pixel_values=pixels, image_ids=torch.tensor([8, 8, 9]))
+    assert two.loss_itm.item() > 0  # the same batch with a negative still trains ITM
