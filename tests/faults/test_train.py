@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from train_utils import blip2_cli, caption, image_bytes, make_caption_json
+from train_utils import blip2_cli, caption, image_bytes, make_caption_json, torchrun
 
 from blip2 import losses
 from blip2.errors import UserError
@@ -174,3 +174,29 @@ def test_itm_leaves_out_rows_without_a_negative_and_keeps_the_graph():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     two = model(ids, mask, pixel_values=pixels, image_ids=torch.tensor([8, 8, 9]))
     assert two.loss_itm.item() > 0  # the same batch with a negative still trains ITM
+
+
+# ------------------------------------------------------- item 1: ranks that skip different samples
+
+
+@pytest.mark.slow
+def test_two_ranks_train_on_when_only_one_rank_meets_unreadable_images(tmp_path):
+    """Rows 2 and 7 are not images; with 2 ranks x batch 2 in file order they both fall to rank 1
+    (rows 2-3 of step 1, 6-7 of step 2), so only rank 1 has `skipped_image` in its metrics."""
+    ann, root = make_caption_json(str(tmp_path / "data"), n=16)
+    for bad in (2, 7):
+        with open(os.path.join(root, f"im{bad:03d}.jpg"), "wb") as f:
+            f.write(b"\xff\xd8\xff\xe0 truncated, not a jpeg")
+    out = tmp_path / "run"
+    p = torchrun(
+        ["-m", "blip2.cli", "train", TINY1, "data.kind=captions", f"data.path={ann}", f"data.images={root}"]
+        + ["data.shuffle=false", "train.batch_size=2", "train.max_steps=3", "train.log_every=1"]
+        + ["train.save_every=0", "train.save_final=false", f"train.output_dir={out}"],
+        nproc=2,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = _metrics(out)
+    assert [m.get("skipped_image", 0) for m in lines[:-1]] == [1, 1, 0]
+    assert [m["skipped_total"] for m in lines[:-1]] == [1, 2, 2]
+    assert lines[-1]["event"] == "end" and lines[-1]["skipped"] == {"image": 2}
+    assert "skipped 2 unusable samples" in p.stdout

@@ -601,8 +601,12 @@ def _all_gather_object(obj: Any) -> list[Any]:
 def _reduce_window(
     window: Counter, steps: int, samples: int, start: float, info: D.DistInfo
 ) -> dict[str, float]:
-    """Average the window's losses over steps and ranks, sum its sample and skip counts over ranks."""
-    keys = sorted(window)
+    """Average the window's losses over steps and ranks, sum its sample and skip counts over ranks.
+
+    Ranks may hold different keys (`skipped_<reason>` only where a sample was skipped): the union of
+    every rank's keys is agreed first, so all ranks all-reduce the same vector.
+    """
+    keys = sorted(set().union(*_all_gather_object(sorted(window))))
     sums = D.all_reduce_sum([float(window[k]) for k in keys] + [float(samples)], info.device)
     elapsed = max(time.perf_counter() - start, 1e-9)
     out: dict[str, float] = {}
