@@ -200,3 +200,57 @@ def test_two_ranks_train_on_when_only_one_rank_meets_unreadable_images(tmp_path)
     assert [m["skipped_total"] for m in lines[:-1]] == [1, 2, 2]
     assert lines[-1]["event"] == "end" and lines[-1]["skipped"] == {"image": 2}
     assert "skipped 2 unusable samples" in p.stdout
+
+
+# --------------------------------------------------- item 5: buffers of a trainable tower on resume
+
+
+def _resnet_stage1(tmp_path) -> str:
+    """tiny-stage1 around a small unfrozen transformers ResNet (BatchNorm: running statistics)."""
+    from blip2.config import preset
+
+    d = preset("tiny-stage1").to_dict()
+    d["vision"].update(
+        hf_config={
+            "model_type": "resnet",
+            "num_channels": 3,
+            "embedding_size": 8,
+            "hidden_sizes": [16, 48],
+            "depths": [1, 1],
+            "layer_type": "basic",
+            "hidden_act": "relu",
+            "downsample_in_first_stage": False,
+        },
+        image_size=32,
+        freeze=False,
+    )
+    path = tmp_path / "resnet-stage1.json"
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+def test_a_resumed_batchnorm_tower_ends_with_the_statistics_of_an_uninterrupted_run(tmp_path):
+    from blip2.pipeline import load
+
+    model_json = _resnet_stage1(tmp_path)
+    ann, root = make_caption_json(str(tmp_path / "data"), n=8)
+
+    def cfg(out):
+        return load_config(
+            TINY1,
+            ["model.preset=null", f"model.config={model_json}"]
+            + ["data.kind=captions", f"data.path={ann}", f"data.images={root}"]
+            + [f"train.output_dir={tmp_path / out}", "train.max_steps=4", "train.save_every=0"],
+        )
+
+    train(cfg("full"))
+    train(cfg("split"), stop_after=2)
+    train(cfg("split"), resume="auto")
+    a = load(str(tmp_path / "full" / "final")).model.state_dict()
+    b = load(str(tmp_path / "split" / "final")).model.state_dict()
+    stats = [k for k in a if k.startswith("visual.tower.") and k.endswith(("running_mean", "running_var"))]
+    assert len(stats) >= 6
+    assert all(not torch.equal(a[k], torch.zeros_like(a[k])) for k in stats if k.endswith("mean"))  # moved
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
