@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ from train_utils import blip2_cli, caption, image_bytes, make_caption_json, torc
 
 from blip2 import losses
 from blip2.errors import UserError
+from blip2.train import checkpoint
 from blip2.train.config import load_config
 from blip2.train.loop import train
 
@@ -252,5 +257,74 @@ def test_a_resumed_batchnorm_tower_ends_with_the_statistics_of_an_uninterrupted_
     assert len(stats) >= 6
     assert all(not torch.equal(a[k], torch.zeros_like(a[k])) for k in stats if k.endswith("mean"))  # moved
     assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------- item 7: SIGTERM / Ctrl-C mid-training
+
+
+def _start_cli_training(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "blip2.cli", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group, signalled whole as SLURM and Ctrl-C do
+    )
+
+
+def _wait_for_steps(proc: subprocess.Popen, run_dir, steps: int, timeout: float = 120) -> None:
+    """Until `metrics.jsonl` (log_every=1) shows `steps` optimizer steps done."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        if os.path.exists(path):
+            with open(path) as f:
+                if sum(1 for line in f if line.endswith("\n")) >= steps:
+                    return
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"no {steps} steps within {timeout} s")
+
+
+SIGNAL_ARGS = ["train.max_steps=12", "train.log_every=1", "train.save_every=0", "data.num_workers=1"]
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGINT"]
+)
+def test_a_signal_mid_training_checkpoints_and_resume_ends_with_the_uninterrupted_weights(tmp_path, sig):
+    ann, root = make_caption_json(str(tmp_path / "data"), n=16)
+    data = ["data.kind=captions", f"data.path={ann}", f"data.images={root}", "train.save_final=false"]
+    reference = train(load_config(TINY1, [*data, *SIGNAL_ARGS, f"train.output_dir={tmp_path / 'full'}"]))
+    assert reference.steps == 12
+
+    run = tmp_path / "stopped"
+    args = [TINY1, *data, *SIGNAL_ARGS, f"train.output_dir={run}"]
+    proc = _start_cli_training(args)
+    _wait_for_steps(proc, run, 2)
+    os.killpg(proc.pid, sig)  # the whole group: the DataLoader worker too
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    name = signal.Signals(sig).name
+    said = [line for line in err.splitlines() if line.startswith(f"stopped by {name}")]
+    assert len(said) == 1 and "--resume auto" in said[0], err[-3000:]
+    state = checkpoint.load(checkpoint.find(str(run)))[1]
+    assert 2 <= state["step"] < 12  # stopped at a step boundary, well before the end
+    assert f"after step {state['step']}:" in said[0]
+    end = _metrics(run)[-1]
+    assert end["event"] == "end" and end["stopped_by"] == name
+
+    p = blip2_cli(["train", *args, "--resume", "auto"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = checkpoint.load(checkpoint.find(str(tmp_path / "full")))[0]
+    b = checkpoint.load(checkpoint.find(str(run)))[0]
+    assert checkpoint.load(checkpoint.find(str(run)))[1]["step"] == 12
+    assert a.keys() == b.keys() and len(a) > 10
     for k in a:
         assert torch.equal(a[k], b[k]), k
