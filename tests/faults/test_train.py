@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from train_utils import blip2_cli, caption, image_bytes, make_caption_json, torchrun
+from train_utils import blip2_cli, caption, free_port, image_bytes, make_caption_json, torchrun
 
 from blip2 import losses
 from blip2.errors import UserError
@@ -328,3 +328,62 @@ def test_a_signal_mid_training_checkpoints_and_resume_ends_with_the_uninterrupte
     assert a.keys() == b.keys() and len(a) > 10
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def _rank_pid(launcher: int, rank: int, timeout: float = 60) -> int:
+    """The pid of torchrun's worker process with `RANK=rank` (a child of the launcher)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{launcher}/task/{launcher}/children") as f:
+            for pid in f.read().split():
+                try:
+                    with open(f"/proc/{pid}/environ", "rb") as e:
+                        env = dict(kv.split(b"=", 1) for kv in e.read().split(b"\0") if b"=" in kv)
+                except OSError:
+                    continue
+                if env.get(b"RANK") == str(rank).encode():
+                    return int(pid)
+        time.sleep(0.1)
+    raise AssertionError(f"no rank {rank} under torchrun {launcher}")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_resume_finishes(tmp_path):
+    """A signal reaching one rank only: both ranks agree to stop at one step boundary, write one
+    checkpoint holding both ranks' positions, and a `--resume auto` run on 2 ranks finishes."""
+    ann, root = make_caption_json(str(tmp_path / "data"), n=16)
+    run = tmp_path / "run"
+    args = [
+        "-m",
+        "blip2.cli",
+        "train",
+        TINY1,
+        "data.kind=captions",
+        f"data.path={ann}",
+        f"data.images={root}",
+    ]
+    args += ["train.batch_size=2", "train.max_steps=12", "train.log_every=1", "train.save_every=0"]
+    args += ["train.save_final=false", f"train.output_dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+    ]
+    proc = subprocess.Popen(cmd + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for_steps(proc, run, 2)
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM after step" in err, err[-3000:]
+    state = checkpoint.load(checkpoint.find(str(run)))[1]
+    assert 2 <= state["step"] < 12 and state["world_size"] == 2
+    # each rank saved the position it really reached: the same step on both
+    assert [p["micro_step"] for p in state["positions"]] == [state["step"], state["step"]]
+    assert _metrics(run)[-1]["stopped_by"] == "SIGTERM"
+
+    p = torchrun([*args, "--resume", "auto"], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert checkpoint.load(checkpoint.find(str(run)))[1]["step"] == 12
