@@ -3,6 +3,10 @@
 Examples:
     blip2 train configs/tiny-stage1.yaml train.max_steps=20
     torchrun --nproc_per_node=8 -m blip2.cli train configs/stage1-vit-g.yaml --resume auto
+
+Exit status: 0 when the run ended (or `--stop-after` stopped it with a checkpoint); 2 for a config or
+input error (one sentence); 128 + the signal number (143 SIGTERM, 130 SIGINT) when a signal stopped it
+at a step boundary with a checkpoint (resume with `--resume auto`).
 """
 
 from __future__ import annotations
