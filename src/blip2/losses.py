@@ -91,8 +91,9 @@ def sample_hard_negatives(
     """Draw one hard negative text per image and one hard negative image per text.
 
     Each is sampled from the softmax of the similarities with the positives excluded (vectorized:
-    one `torch.multinomial` per direction, no per-sample loop). Rows with no possible negative
-    (all items positive) fall back to a uniform draw over the others.
+    one `torch.multinomial` per direction, no per-sample loop). A positive is never drawn: a row with
+    no possible negative (every item shares its image, or the global batch holds one item) gets -1,
+    and the ITM loss leaves that row out (see `itm_loss`).
 
     Args:
         sim: `(N, N)` image-to-text similarities / temperature over the global batch.
@@ -100,26 +101,32 @@ def sample_hard_negatives(
         generator: makes the draw reproducible (seed it the same on every rank).
 
     Returns:
-        `(neg_text_for_image, neg_image_for_text)`, each `(N,)` indices into the global batch.
+        `(neg_text_for_image, neg_image_for_text)`, each `(N,)` indices into the global batch, -1 where
+        a row has no negative.
     """
 
     def draw(s: Tensor, p: Tensor) -> Tensor:
-        w = torch.softmax(s.float().masked_fill(p, float("-inf")), dim=1)
         empty = p.all(dim=1)
-        if empty.any():  # nothing to choose from but positives: any other item
-            other = ~torch.eye(s.shape[0], s.shape[1], dtype=torch.bool, device=s.device)
-            w[empty] = other[empty].float()
+        w = torch.softmax(s.float().masked_fill(p, float("-inf")), dim=1)
         w = torch.nan_to_num(w, nan=0.0)
-        return torch.multinomial(w, 1, generator=generator).squeeze(1)
+        w[empty] = 1.0  # a placeholder draw for rows without a negative (replaced by -1 below)
+        return torch.multinomial(w, 1, generator=generator).squeeze(1).masked_fill(empty, -1)
 
     return draw(sim, pos), draw(sim.t(), pos.t())
 
 
-def itm_loss(logits: Tensor, num_positive: int) -> Tensor:
-    """Image-text matching: 2-way cross-entropy, the first `num_positive` rows matched, the rest not."""
+def itm_loss(logits: Tensor, num_positive: int, keep: Tensor | None = None) -> Tensor:
+    """Image-text matching: 2-way cross-entropy, the first `num_positive` rows matched, the rest not.
+
+    `keep` (bool, one per row) averages over the kept rows only; with none kept the loss is 0 (still
+    connected to the graph, so every rank's backward reaches the ITM head).
+    """
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     labels[:num_positive] = 1
-    return F.cross_entropy(logits.float(), labels)
+    if keep is None:
+        return F.cross_entropy(logits.float(), labels)
+    per_row = F.cross_entropy(logits.float(), labels, reduction="none")
+    return (per_row * keep).sum() / keep.sum().clamp_min(1)
 
 
 def itg_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.1) -> Tensor:

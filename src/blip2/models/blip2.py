@@ -187,6 +187,15 @@ class Stage1Model(nn.Module):
             pos_all = losses.positives(n_all, n_all, 0, image_ids_all, image_ids_all, input_ids.device)
             neg_text, neg_image = losses.sample_hard_negatives(sim_all, pos_all, generator)
             neg_text, neg_image = neg_text[offset : offset + b], neg_image[offset : offset + b]
+            # a row with no negative (all of the global batch shares its image id, or the global batch
+            # is one item) is left out of the ITM loss: its pairs are computed on the row's own index
+            # (fixed shapes) and not counted
+            has_text, has_image = neg_text >= 0, neg_image >= 0
+            keep = None
+            if not (has_text.all() and has_image.all()):
+                own = torch.arange(offset, offset + b, device=neg_text.device)
+                neg_text, neg_image = neg_text.where(has_text, own), neg_image.where(has_image, own)
+                keep = torch.cat([has_text | has_image, has_image, has_text]).float()
         input_ids_all, mask_all = gather(input_ids), gather(attention_mask)
         if gather.world_size == 1:  # negatives are local: reuse the projected image keys/values
             neg_kv = [None if kv is None else (kv[0][neg_image], kv[1][neg_image]) for kv in image_kv]
@@ -199,7 +208,7 @@ class Stage1Model(nn.Module):
         itm_ids = torch.cat([input_ids, input_ids, input_ids_all[neg_text]])
         itm_mask = torch.cat([attention_mask, attention_mask, mask_all[neg_text]])
         logits = self.itm_logits(itm_ids, itm_mask, image_kv=itm_kv)  # (3B, 2)
-        loss_itm = losses.itm_loss(logits, num_positive=b)
+        loss_itm = losses.itm_loss(logits, num_positive=b, keep=keep)
 
         # ITG: [DEC] first, causal text that sees the cached query keys/values
         dec_ids = input_ids.clone()

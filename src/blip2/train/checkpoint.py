@@ -2,8 +2,9 @@
 
 A checkpoint is a folder `output_dir/checkpoints/step-00001000/` with
 
-* `trainable.pt`: the trainable parameters (Q-Former, queries, heads, projection, `ln_vision`); frozen
-  towers are not saved (they come from the starting model);
+* `trainable.pt`: the trainable parameters (Q-Former, queries, heads, projection, `ln_vision`, an
+  unfrozen tower) and the persistent buffers of the modules that train (e.g. BatchNorm running
+  statistics of an unfrozen tower); frozen towers are not saved (they come from the starting model);
 * `state.pt`: optimizer, schedule, GradScaler, step, the data position of every rank, the RNG states of
   every rank, and the job config; tensors and plain values only, read with `weights_only=True` (a
   checkpoint from elsewhere cannot run code).
@@ -33,14 +34,43 @@ from blip2.errors import UserError
 LATEST = "latest"
 
 
+def _frozen_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Names (with a trailing dot) of the submodules whose parameters are all frozen (frozen towers, the
+    LLM): their buffers never change in training (a frozen tower stays in eval mode)."""
+    out = []
+    for name, module in model.named_modules():
+        params = list(module.parameters())
+        if name and params and not any(p.requires_grad for p in params):
+            out.append(name + ".")
+    return tuple(out)
+
+
+def trainable_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The persistent buffers outside frozen submodules (e.g. BatchNorm running statistics of an
+    unfrozen image tower), by name."""
+    frozen = _frozen_prefixes(model)
+    out = {}
+    for mname, module in model.named_modules():
+        for bname, buf in module.named_buffers(recurse=False):
+            name = f"{mname}.{bname}" if mname else bname
+            if buf is None or bname in module._non_persistent_buffers_set or name.startswith(frozen):
+                continue
+            out[name] = buf
+    return out
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name (detached CPU copies)."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters and the buffers of the trainable modules (`trainable_buffers`) by name
+    (detached CPU copies)."""
+    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b.detach().cpu().clone() for n, b in trainable_buffers(model).items()})
+    return state
 
 
 def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy saved trainable parameters into `model`; every trainable parameter must be there."""
+    """Copy saved trainable parameters and buffers into `model`; every one of them must be there."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params.update(trainable_buffers(model))
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unexpected:
         raise UserError(

@@ -24,6 +24,8 @@ Every field is documented on its dataclass below; `blip2 train --help` lists the
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,8 +214,40 @@ class TrainConfig:
             raise UserError("set exactly one of model.preset, model.config, model.init_from")
         if self.train.precision not in ("fp32", "bf16", "fp16"):
             raise UserError(f"train.precision must be fp32, bf16 or fp16, not {self.train.precision!r}")
-        if self.train.batch_size < 1 or self.train.grad_accum < 1:
-            raise UserError("train.batch_size and train.grad_accum must be at least 1")
+        t, o, d = self.train, self.optim, self.data
+        at_least = {
+            "train.batch_size": (t.batch_size, 1),
+            "train.grad_accum": (t.grad_accum, 1),
+            "train.max_steps": (t.max_steps, 0),
+            "train.epochs": (t.epochs, 0),
+            "train.seed": (t.seed, 0),
+            "train.log_every": (t.log_every, 1),
+            "train.save_every": (t.save_every, 0),
+            "train.keep_checkpoints": (t.keep_checkpoints, 1),
+            "train.eval_every": (t.eval_every, 0),
+            "train.eval_batches": (t.eval_batches, 1),
+            "optim.warmup_steps": (o.warmup_steps, 0),
+            "optim.min_lr": (o.min_lr, 0),
+            "optim.warmup_lr": (o.warmup_lr, 0),
+            "optim.weight_decay": (o.weight_decay, 0),
+            "optim.grad_clip": (o.grad_clip, 0),
+        }
+        for section in (d, self.eval_data):
+            if section is not None:
+                name = "data" if section is d else "eval_data"
+                at_least[f"{name}.num_workers"] = (section.num_workers, 0)
+                at_least[f"{name}.shuffle_shards"] = (section.shuffle_shards, 0)
+                at_least[f"{name}.max_len"] = (section.max_len, 2)
+        for key, (value, low) in at_least.items():
+            if value < low:
+                raise UserError(f"{key} must be at least {low}, not {value}")
+        for key, value in (("optim.lr", o.lr), ("optim.eps", o.eps)):
+            if value <= 0:
+                raise UserError(f"{key} must be greater than 0, not {value}")
+        if not all(0 <= b < 1 for b in o.betas):
+            raise UserError(f"optim.betas must both lie in [0, 1), not {list(o.betas)}")
+        if t.max_steps == 0 and t.epochs == 0:
+            raise UserError("set train.max_steps or train.epochs: both are 0, so there is nothing to train")
         if not self.data.path:
             raise UserError("set data.path (shard pattern or annotation file)")
         if self.data.kind == "webdataset" and self.train.max_steps <= 0:
@@ -229,17 +263,49 @@ def _section(cls, value: dict[str, Any], name: str):
         raise UserError(
             f"unknown field(s) in {name}: {', '.join(sorted(unknown))}; known: {', '.join(known)}"
         )
-    kw = dict(value)
-    if "betas" in kw:
-        kw["betas"] = tuple(float(b) for b in kw["betas"])
-    for k, v in kw.items():  # YAML reads 3e-4 (no dot) as a string: accept it as the number it means
-        kind = str(known[k].type)
-        if kind in ("float", "int") and isinstance(v, str):
-            try:
-                kw[k] = float(v) if kind == "float" else int(v)
-            except ValueError:
-                raise UserError(f"{name}.{k} must be a number, not {v!r}") from None
+    kw = {k: _typed(f"{name}.{k}", str(known[k].type), v) for k, v in value.items()}
     return cls(**kw)
+
+
+def _typed(where: str, kind: str, v: Any) -> Any:
+    """`v` as the field's type, or one sentence on what is wrong. YAML reads `3e-4` (no dot) as a string
+    and `1e4` too: such strings count as the numbers they spell; `8.0` is the integer 8, `8.5` no
+    integer."""
+    if v is None and (kind.endswith("| None") or kind.startswith("dict")):
+        return None if kind.endswith("| None") else {}
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise UserError(f"{where} must be true or false, not {v!r}")
+        return v
+    if kind in ("int", "float"):
+        number = v
+        if isinstance(v, str):
+            try:
+                number = float(v.strip())
+            except ValueError:
+                raise UserError(f"{where} must be a number, not {v!r}") from None
+        if isinstance(number, bool) or not isinstance(number, numbers.Real):
+            raise UserError(f"{where} must be a number, not {v!r}")
+        if not math.isfinite(float(number)):
+            raise UserError(f"{where} must be a finite number, not {v!r}")
+        if kind == "float":
+            return float(number)
+        if float(number) != int(number):
+            raise UserError(f"{where} must be a whole number, not {v!r}")
+        return int(number)
+    if kind.startswith("tuple[float"):
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise UserError(f"{where} must be a pair of numbers like [0.9, 0.98], not {v!r}")
+        return tuple(_typed(where, "float", x) for x in v)
+    if kind.startswith("str"):
+        if isinstance(v, numbers.Real) and not isinstance(v, bool):  # `output_dir=2024` read by YAML
+            return str(v)
+        if not isinstance(v, str):
+            raise UserError(f"{where} must be a text (quote it in YAML), not {v!r}")
+        return v
+    if kind.startswith("dict") and not isinstance(v, dict):
+        raise UserError(f"{where} must be a mapping, not {v!r}")
+    return v
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

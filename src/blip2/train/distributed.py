@@ -88,6 +88,14 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """The largest of one number over ranks (a stop flag every rank must agree on)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def broadcast_object(obj, src: int = 0):
     """Send a picklable object from `src` to all ranks."""
     if not dist.is_initialized():

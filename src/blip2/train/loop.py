@@ -18,6 +18,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -245,7 +247,7 @@ def make_loader(
     seed = t.seed if train else t.seed + 1
     common = dict(
         num_workers=section.num_workers,
-        worker_init_fn=worker_init,
+        worker_init_fn=_worker_init,
         generator=torch.Generator().manual_seed(seed),  # keeps the global RNG untouched
         persistent_workers=False,
         prefetch_factor=4 if section.num_workers else None,
@@ -270,6 +272,14 @@ def make_loader(
         len(ds), t.batch_size, info.rank, info.world_size, seed, section.shuffle, start.micro_step
     )
     return iter(DataLoader(ds, batch_sampler=sampler, collate_fn=ds.collate, **common))
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops at a step boundary
+    with a checkpoint (Ctrl-C and SLURM signal the whole process group); workers end with the loader."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    worker_init(worker_id)
 
 
 def steps_per_epoch(cfg: TrainConfig, world_size: int) -> int:
@@ -374,10 +384,47 @@ class TrainResult:
     last_loss: float
     final_dir: str | None
     checkpoint: str | None
+    stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal stopped the run early
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (Ctrl-C) while training: remembered, and acted on at the next step boundary
+    (checkpoint, then end), instead of killing the process mid-step. Preemption (SLURM, Kubernetes)
+    sends SIGTERM. Under torchrun a signal may reach the ranks at different steps, so `agreed()`
+    all-reduces the flag every step and all ranks stop at the same one."""
+
+    def __init__(self, enabled: bool):
+        self.signum = 0
+        self.previous: dict[int, Any] = {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.previous)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = self.signum or signum  # only a flag: the loop acts on it between steps
+
+    def agreed(self, info: D.DistInfo) -> int:
+        """The signal to stop for (0: none), the same on every rank."""
+        if not self.enabled:
+            return 0
+        return int(D.all_reduce_max(self.signum, info.device)) if info.distributed else self.signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 def train(
-    cfg: TrainConfig, resume: str | None = None, hooks: list[Hook] = (), stop_after: int = 0
+    cfg: TrainConfig,
+    resume: str | None = None,
+    hooks: list[Hook] = (),
+    stop_after: int = 0,
+    handle_signals: bool = False,
 ) -> TrainResult:
     """Run a training job.
 
@@ -389,16 +436,25 @@ def train(
             logged (evaluation hooks).
         stop_after: end after this many optimizer steps of this session (a checkpoint is written), as a
             preempted job would; 0 = run to the end.
+        handle_signals: SIGTERM/SIGINT end the run at the next step boundary with a checkpoint
+            (`TrainResult.stopped_by` names the signal) instead of killing it; `blip2 train` sets it.
+            Only from the main thread; every rank must pass the same value.
     """
     t = cfg.train
-    info = D.setup(t.device)
+    stop = StopSignals(handle_signals)
     try:
-        return _train(cfg, info, resume, hooks, stop_after)
+        info = D.setup(t.device)
+        try:
+            return _train(cfg, info, resume, hooks, stop_after, stop)
+        finally:
+            D.teardown()
     finally:
-        D.teardown()
+        stop.restore()
 
 
-def _train(cfg: TrainConfig, info: D.DistInfo, resume: str | None, hooks, stop_after: int) -> TrainResult:
+def _train(
+    cfg: TrainConfig, info: D.DistInfo, resume: str | None, hooks, stop_after: int, stop: StopSignals
+) -> TrainResult:
     t = cfg.train
     torch.manual_seed(t.seed)
     model = build_model(cfg)
@@ -475,6 +531,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: str | None, hooks, stop_a
     run_samples, run_start = 0, time.perf_counter()
     skipped_total: Counter[str] = Counter()
     last_loss, last_ckpt, steps_this_session = math.nan, source, 0
+    stop_signal = 0
 
     def save_checkpoint() -> str | None:
         positions = _all_gather_object(
@@ -560,7 +617,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: str | None, hooks, stop_a
             extra = hook(StepInfo(step, total, model, metrics, info))
             if extra:
                 log.write({"step": step, **extra})
-        done = step == total or (stop_after and steps_this_session >= stop_after)
+        stop_signal = stop.agreed(info)
+        done = step == total or (stop_after and steps_this_session >= stop_after) or stop_signal
         if (t.save_every and step % t.save_every == 0) or done:
             last_ckpt = save_checkpoint()
         if done:
@@ -575,17 +633,22 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: str | None, hooks, stop_a
         if info.is_main:
             save_final(model, final_dir, cfg, pre)
         D.barrier()
+    stopped_by = signal.Signals(stop_signal).name if step < total and stop_signal else None
     summary = {
         "event": "end",
         "step": step,
         "samples_per_s": run_samples / max(elapsed, 1e-9),
         "skipped": dict(skipped_total),
     }
+    if stopped_by:
+        summary["stopped_by"] = stopped_by
     log.write(summary)
     log.close()
     if info.is_main and sum(skipped_total.values()):
         print(f"skipped {sum(skipped_total.values())} unusable samples: {dict(skipped_total)}")
-    return TrainResult(step, summary["samples_per_s"], dict(skipped_total), last_loss, final_dir, last_ckpt)
+    return TrainResult(
+        step, summary["samples_per_s"], dict(skipped_total), last_loss, final_dir, last_ckpt, stopped_by
+    )
 
 
 def _all_gather_object(obj: Any) -> list[Any]:
@@ -601,8 +664,12 @@ def _all_gather_object(obj: Any) -> list[Any]:
 def _reduce_window(
     window: Counter, steps: int, samples: int, start: float, info: D.DistInfo
 ) -> dict[str, float]:
-    """Average the window's losses over steps and ranks, sum its sample and skip counts over ranks."""
-    keys = sorted(window)
+    """Average the window's losses over steps and ranks, sum its sample and skip counts over ranks.
+
+    Ranks may hold different keys (`skipped_<reason>` only where a sample was skipped): the union of
+    every rank's keys is agreed first, so all ranks all-reduce the same vector.
+    """
+    keys = sorted(set().union(*_all_gather_object(sorted(window))))
     sums = D.all_reduce_sum([float(window[k]) for k in keys] + [float(samples)], info.device)
     elapsed = max(time.perf_counter() - start, 1e-9)
     out: dict[str, float] = {}
