@@ -23,8 +23,9 @@ already waiting with 503, and requests that take longer than `timeout_s` (decodi
 included) with 504 (their job is cancelled: it never runs). User errors are one sentence in
 `{"detail": ...}`, never a traceback.
 
-The event loop only receives and answers: images are decoded, and /ask's conversation tokenized, in a
-small thread pool, so a large image never holds up `/health` or the other requests.
+The event loop only receives and answers: images are decoded in a small thread pool, and /ask's
+conversation is tokenized in the batcher thread, so a large image or a long conversation never holds
+up `/health` or the other requests.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime,
@@ -58,7 +59,7 @@ class ServerSettings:
         max_request_pixels: most pixels of all the images of one request together (400 above), so
             that the memory a request decodes into is bounded (about 3 bytes a pixel), whatever
             number of images it sends; checked from the image headers before decoding.
-        timeout_s: a request waiting longer than this gets 504.
+        timeout_s: a request taking longer than this (decoding its images included) gets 504.
         max_batch: most jobs run together.
         batch_wait_ms: how long the batcher waits for more jobs after the first.
         max_queue: most jobs waiting for the batcher (503 above; 0: no limit).
@@ -67,7 +68,7 @@ class ServerSettings:
         max_history_turns: most earlier turns in an /ask conversation.
         max_text_chars: most characters of text in one request: the question and its history
             together (/ask), the prompt (/caption), the query (/search), the texts (/match).
-        decode_threads: threads that decode images (and tokenize conversations) off the event loop.
+        decode_threads: threads that decode images off the event loop.
     """
 
     max_upload_mb: float = 20.0
