@@ -146,6 +146,32 @@ def test_vqa_official_files_score_the_official_accuracy(models, tmp_path, prefix
     assert record["settings"]["prompt"] == pipe.config.llm.vqa_template
 
 
+def test_vqa_plain_list_with_few_answers_scores_without_leave_one_out(models, tmp_path):
+    gen, _, pipe, _ = models
+    names = [fx.coco_name(i) for i in fx.COCO_IDS]
+    fx.write_images(tmp_path / "images", names)
+    expected = pipe.ask([str(tmp_path / "images" / n) for n in names], QUESTIONS, max_new_tokens=4)
+    human = [normalize_answer(e) for e in expected]
+    items = [
+        {"image": names[0], "question": QUESTIONS[0], "answer": human[0]},  # one answer, right: 1
+        {"image": names[1], "question": QUESTIONS[1], "answers": ["zebra"]},  # one answer, wrong: 0
+        {"image": names[2], "question": QUESTIONS[2], "answers": [human[2]] * 2 + ["zebra"] * 3},  # 2/3
+        {"image": names[3], "question": QUESTIONS[3], "answers": [human[3]] * 3 + ["zebra"] * 7},  # 0.9
+    ]
+    ann = tmp_path / "vqa.json"
+    ann.write_text(json.dumps(items))
+    out = tmp_path / "out"
+    args = ["--model", str(gen), "--dataset", str(ann), "--images", str(tmp_path / "images")]
+    assert _eval("vqa", *args, "--out", str(out), "--max-new-tokens", "4") == 0
+    assert [p["answer"] for p in _read(out / "predictions.json")] == expected
+    record = _read(out / "metrics.json")
+    assert record["metrics"] == {"accuracy": round(100 * (1 + 0 + 2 / 3 + 0.9) / 4, 2), "questions": 4.0}
+    assert record["scoring"] == {"exact match": 2, "min(1, matches/3)": 1, "leave-one-out": 1}
+    assert any(
+        "without leave-one-out: 2 by exact match, 1 by min(1, matches/3)" in n for n in record["notes"]
+    )
+
+
 def test_vqa_test_dev_without_answers_writes_predictions_only(models, tmp_path):
     gen, _, _, _ = models
     q_file, _ = fx.vqav2(tmp_path, QUESTIONS[:2], [["x"] * 10] * 2)

@@ -19,6 +19,8 @@ from blip2.eval.metrics import (
     retrieval_recall,
     simple_tokenize,
     vqa_accuracy,
+    vqa_rule,
+    vqa_rules,
     vqa_scores,
 )
 from blip2.eval.vqa_normalize import normalize_answer, normalize_punctuation, normalize_words
@@ -103,6 +105,38 @@ def test_full_normalization_chains_the_rules():
 )
 def test_vqa_accuracy(prediction, answers, expected):
     assert vqa_accuracy(prediction, answers) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answers", "expected", "rule"),
+    [
+        # one answer per question: leave-one-out would leave nothing and score every answer 0
+        ("dog", ["dog"], 1.0, "exact match"),
+        ("Two.", ["2"], 1.0, "exact match"),
+        ("two", ["Two"], 1.0, "exact match"),  # the fallbacks normalize the answers as the prediction
+        ("cat", ["dog"], 0.0, "exact match"),
+        ("cat", ["dog", "cat"], 1.0, "exact match"),
+        ("cat", ["dog"] * 4 + ["cat"], 1 / 3, "min(1, matches/3)"),
+        ("cat", ["dog"] * 4 + ["cat"] * 2, 2 / 3, "min(1, matches/3)"),
+        ("cat", ["cat"] * 3, 1.0, "min(1, matches/3)"),
+        ("cat", ["cat"] * 9, 1.0, "min(1, matches/3)"),
+        ("cat", ["cat"] + ["dog"] * 9, 0.3, "leave-one-out"),
+        ("cat", ["cat"] * 12, 1.0, "leave-one-out"),
+    ],
+)
+def test_vqa_accuracy_with_fewer_than_ten_answers_uses_a_fallback(prediction, answers, expected, rule):
+    assert vqa_accuracy(prediction, answers) == pytest.approx(expected)
+    assert vqa_rule(len(answers)) == rule
+
+
+def test_vqa_rules_counts_the_rule_of_each_question():
+    assert vqa_rules([["a"], ["a"] * 10, ["a", "b"], ["a"] * 5]) == {
+        "exact match": 2,
+        "leave-one-out": 1,
+        "min(1, matches/3)": 1,
+    }
+    with pytest.raises(ValueError, match="at least one"):
+        vqa_accuracy("a", [])
 
 
 def test_vqa_scores_overall_and_per_answer_type():

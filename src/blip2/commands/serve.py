@@ -30,6 +30,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (default 20 MB)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image in pixels")
     parser.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=100_000_000,
+        help="most pixels of all the images of one request together (default 100 million: about 300 MB)",
+    )
+    parser.add_argument(
+        "--max-text-chars",
+        type=int,
+        default=10_000,
+        help="most characters of text in one request, e.g. a question and its history (default 10000)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds before a request gets 504 (default 60)"
     )
     parser.add_argument("--max-batch", type=int, default=8, help="most requests run together (default 8)")
@@ -52,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         max_upload_mb=args.max_upload_mb,
         max_pixels=args.max_pixels,
+        max_request_pixels=args.max_request_pixels,
+        max_text_chars=args.max_text_chars,
         timeout_s=args.timeout,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,

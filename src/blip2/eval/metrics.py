@@ -2,7 +2,8 @@
 
 - `vqa_accuracy` / `vqa_scores`: VQA accuracy (VQAv2, OK-VQA) as LAVIS's version of the official
   script computes it: normalized prediction, then the mean over the ten leave-one-out subsets of the
-  human answers of min(1, matches / 3).
+  human answers of min(1, matches / 3); questions with fewer than ten human answers use the
+  fallbacks of `vqa_rule` (`vqa_rules` counts which rule scored how many questions).
 - `gqa_accuracy`: exact match of the normalized prediction with GQA's short answer (as LAVIS).
 - `caption_metrics`: BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when its models are installed)
   through pycocoevalcap with its Java PTB tokenizer; or, with `java=False`, BLEU, ROUGE-L and CIDEr-D
@@ -40,10 +41,45 @@ __all__ = [
     "simple_tokenize",
     "spice_status",
     "vqa_accuracy",
+    "vqa_rule",
+    "vqa_rules",
     "vqa_scores",
 ]
 
 # ------------------------------------------------------------------------------------------- VQA
+
+
+VQA_OFFICIAL = "leave-one-out"  # ten or more answers: the official accuracy
+VQA_CONSENSUS = "min(1, matches/3)"  # three to nine answers: no leave-one-out
+VQA_EXACT = "exact match"  # one or two answers
+
+
+def vqa_rule(num_answers: int) -> str:
+    """The rule `vqa_accuracy` scores a question with, by its number of human answers.
+
+    The official accuracy averages min(1, matches / 3) over the leave-one-out subsets of ten human
+    answers; with fewer answers that undercounts (with one answer, a correct prediction scores 0), so:
+
+    - ten or more answers: `VQA_OFFICIAL`, the official leave-one-out accuracy;
+    - three to nine: `VQA_CONSENSUS`, min(1, matches / 3) over all the answers (no leave-one-out);
+    - one or two: `VQA_EXACT`, 1 if the prediction equals one of the answers, else 0.
+
+    In both fallbacks the answers get the prediction's full normalization (`normalize_answer`).
+    """
+    if num_answers < 1:
+        raise ValueError("a VQA question needs at least one human answer")
+    if num_answers >= 10:
+        return VQA_OFFICIAL
+    return VQA_CONSENSUS if num_answers >= 3 else VQA_EXACT
+
+
+def vqa_rules(answers: Iterable[Sequence[str]]) -> dict[str, int]:
+    """How many of these questions (their human answers) each `vqa_rule` scores."""
+    counts: dict[str, int] = {}
+    for ans in answers:
+        rule = vqa_rule(len(ans))
+        counts[rule] = counts.get(rule, 0) + 1
+    return counts
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
@@ -63,12 +99,17 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     answers, fully) only when the human answers disagree, so there "Yes" or "two" against ten "yes"
     or "2" scores 0; under LAVIS's rules they score 1.
 
+    With fewer than ten human answers the leave-one-out mean undercounts (one answer: always 0), so
+    those questions are scored by the fallbacks of `vqa_rule`.
+
     Returns:
         Accuracy in [0, 1].
     """
-    if not answers:
-        raise ValueError("a VQA question needs at least one human answer")
+    rule = vqa_rule(len(answers))
     pred = normalize_answer(prediction)
+    if rule != VQA_OFFICIAL:
+        matches = sum(1 for a in answers if normalize_answer(a) == pred)
+        return min(1.0, matches / 3.0) if rule == VQA_CONSENSUS else float(matches > 0)
     gts = list(answers)
     if len(set(gts)) > 1:
         gts = [normalize_punctuation(a) for a in gts]

@@ -284,12 +284,20 @@ def evaluate_vqa(
     if len(scored) < len(samples):
         notes.append(f"{len(samples) - len(scored)} questions have no public answers: not scored")
     scores: dict[str, float] = {}
+    rules: dict[str, int] = {}
     if scored and metric == "gqa":
         scores = metrics.gqa_accuracy(
             {s.id: preds[s.id] for s in scored}, {s.id: s.answers[0] for s in scored}
         )
     elif scored:
         types = {s.id: s.answer_type for s in scored if s.answer_type}
+        rules = metrics.vqa_rules(s.answers for s in scored)
+        fallback = {rule: n for rule, n in rules.items() if rule != metrics.VQA_OFFICIAL}
+        if fallback:
+            notes.append(
+                "questions with fewer than ten human answers are scored without leave-one-out: "
+                + ", ".join(f"{n} by {rule}" for rule, n in sorted(fallback.items()))
+            )
         scores = metrics.vqa_scores(
             {s.id: preds[s.id] for s in scored}, {s.id: s.answers for s in scored}, types or None
         )
@@ -300,6 +308,8 @@ def evaluate_vqa(
         "settings": {"prompt": template, **opts},
     }
     record |= {"metrics": scores, "notes": notes}
+    if rules:
+        record["scoring"] = rules  # which VQA accuracy rule scored how many questions
     _write_json(out / "metrics.json", record)
     return record
 

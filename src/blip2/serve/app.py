@@ -15,22 +15,30 @@ Batching: requests go to one `Batcher` thread that owns the models. It takes the
 waits up to `batch_wait_ms` for more jobs of the same kind (and the same generation options), and runs
 them as one batch: concurrent users share a forward pass, and each gets exactly the answer a lone
 request would. Limits: request bodies over `max_upload_mb` are refused with 413 (counted as they
-arrive when there is no Content-Length), images over `max_pixels` with 400, more than `max_items`
-images or texts in one request and more than `max_history_turns` turns with 400, a request finding
-`max_queue` requests already waiting with 503, and requests that take longer than `timeout_s` with
-504 (their job is cancelled: it never runs). User errors are one sentence in `{"detail": ...}`, never
-a traceback.
+arrive when there is no Content-Length), images over `max_pixels` with 400, the images of one
+request over `max_request_pixels` together with 400 (read from the image headers, before anything is
+decoded), more than `max_items` images or texts in one request, more than `max_history_turns` turns
+and more than `max_text_chars` characters of text with 400, a request finding `max_queue` requests
+already waiting with 503, and requests that take longer than `timeout_s` (decoding their images
+included) with 504 (their job is cancelled: it never runs). User errors are one sentence in
+`{"detail": ...}`, never a traceback.
+
+The event loop only receives and answers: images are decoded in a small thread pool, and /ask's
+conversation is tokenized in the batcher thread, so a large image or a long conversation never holds
+up `/health` or the other requests.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime,
 # and their types are imported inside `create_app`
 import asyncio
+import io
 import json
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Annotated, Any
@@ -48,13 +56,19 @@ class ServerSettings:
     Attributes:
         max_upload_mb: largest request body accepted (413 above).
         max_pixels: largest image accepted, in pixels (decompression bombs; 400 above).
-        timeout_s: a request waiting longer than this gets 504.
+        max_request_pixels: most pixels of all the images of one request together (400 above), so
+            that the memory a request decodes into is bounded (about 3 bytes a pixel), whatever
+            number of images it sends; checked from the image headers before decoding.
+        timeout_s: a request taking longer than this (decoding its images included) gets 504.
         max_batch: most jobs run together.
         batch_wait_ms: how long the batcher waits for more jobs after the first.
         max_queue: most jobs waiting for the batcher (503 above; 0: no limit).
         max_items: most images per /search and texts per /match; also the largest `top_k` and
             `rerank` of /search.
         max_history_turns: most earlier turns in an /ask conversation.
+        max_text_chars: most characters of text in one request: the question and its history
+            together (/ask), the prompt (/caption), the query (/search), the texts (/match).
+        decode_threads: threads that decode images off the event loop.
     """
 
     max_upload_mb: float = 20.0
@@ -65,6 +79,9 @@ class ServerSettings:
     max_queue: int = 256
     max_items: int = 64
     max_history_turns: int = 20
+    max_request_pixels: int = 100_000_000
+    max_text_chars: int = 10_000
+    decode_threads: int = 4
 
 
 @dataclass
@@ -211,10 +228,11 @@ class Models:
     def run_group(self, group: tuple[Any, ...], payloads: list[Any]) -> list[Any]:
         task, options = group[0], dict(group[1])
         pipe = self.pipe(task)
-        if task in ("caption", "ask"):
-            images = [p[0] for p in payloads]
-            prompts = [p[1] for p in payloads]
-            return pipe.generate(images, prompts, **options)
+        if task == "caption":
+            return pipe.generate([p[0] for p in payloads], [p[1] for p in payloads], **options)
+        if task == "ask":  # the conversation is tokenized here: the tokenizer is the batcher's too
+            prompts = [pipe.conversation_prompt(question, turns) for _, question, turns in payloads]
+            return pipe.generate([p[0] for p in payloads], prompts, **options)
         if task == "match":
             itm, itc = pipe.pair_scores([p[0] for p in payloads], [p[1] for p in payloads])
             return list(zip(itm.tolist(), itc.tolist(), strict=True))
@@ -225,6 +243,32 @@ class Models:
 
 class _TooLarge(Exception):
     pass
+
+
+def _header_size(data: bytes) -> tuple[int, int]:
+    """An image's (width, height) read from its header, without decoding it; (0, 0) when PIL cannot
+    read it (`load_image` then says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except (Image.DecompressionBombError, Image.UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return 0, 0
+
+
+def _invalid_field(errors: Sequence[Any]) -> str:
+    """One sentence for the first of FastAPI's validation errors (a missing or mistyped form field)."""
+    error = errors[0] if errors else {}
+    name = str((error.get("loc") or ["the request"])[-1])
+    kind, given = str(error.get("type", "")), error.get("input")
+    if kind == "missing":
+        return f"{name} is missing: send it in the form"
+    if kind.startswith("int"):
+        return f"{name} must be a whole number, not {given!r}"
+    if kind.startswith("float"):
+        return f"{name} must be a number, not {given!r}"
+    return f"{name} is not valid ({error.get('msg', 'unexpected value')}): see /docs"
 
 
 class BodyLimit:
@@ -282,6 +326,7 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, File, Form, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
 
     from blip2.pipeline import ASK_DEFAULTS, CAPTION_DEFAULTS, check_generation_options
@@ -289,12 +334,14 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
     settings = settings or ServerSettings()
     models = Models(pipelines)
     batcher = Batcher(models.run_group, settings.max_batch, settings.batch_wait_ms / 1000, settings.max_queue)
+    decoder = ThreadPoolExecutor(max(1, settings.decode_threads), thread_name_prefix="blip2-decode")
     max_bytes = int(settings.max_upload_mb * 1024 * 1024)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
         yield
         batcher.close()
+        decoder.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="BLIP-2",
@@ -317,6 +364,10 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
     async def _user_error(request: Request, exc: UserError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _invalid_field(exc.errors())}, status_code=400)
+
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error in %s", request.url.path)
@@ -324,7 +375,11 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
             {"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500
         )
 
-    async def read_image(upload: UploadFile) -> Any:
+    def too_slow() -> HTTPProblem:
+        return HTTPProblem(504, f"the request took longer than {settings.timeout_s:g} s; try again later")
+
+    async def read_upload(upload: UploadFile) -> tuple[str, bytes]:
+        """The name and bytes of one uploaded file (not decoded)."""
         data = await upload.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise HTTPProblem(
@@ -332,14 +387,49 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
             )
         if not data:
             raise HTTPProblem(400, f"{upload.filename or 'the upload'} is empty: choose an image file")
-        try:
-            return load_image(data, settings.max_pixels)
-        except UserError as e:
-            raise HTTPProblem(
-                400, str(e).replace("image ", f"{upload.filename or 'the image'} ", 1)
-            ) from None
+        return upload.filename or "the image", data
 
-    async def submit(group: tuple[Any, ...], payload: Any) -> Any:
+    def decode(files: list[tuple[str, bytes]], stop: threading.Event) -> list[Any]:
+        """The images of one request, within the pixel limits: the sizes come from the headers first,
+        so that images over a limit are refused before any memory is spent on them. Runs in the
+        decode pool; stops between images once `stop` is set (the request has timed out)."""
+        per_image = min(settings.max_pixels, settings.max_request_pixels)
+        sizes = [_header_size(data) for _, data in files]
+        for (name, _), (w, h) in zip(files, sizes, strict=True):
+            if w * h > per_image:
+                raise HTTPProblem(
+                    400, f"{name} has {w}x{h} pixels, more than the limit of {per_image}; resize it first"
+                )
+        total = sum(w * h for w, h in sizes)
+        if total > settings.max_request_pixels:
+            raise HTTPProblem(
+                400,
+                f"the {len(files)} images have {total} pixels together, more than the limit of "
+                f"{settings.max_request_pixels} per request: send fewer or smaller images",
+            )
+        images = []
+        for name, data in files:
+            if stop.is_set():
+                raise too_slow()
+            try:
+                images.append(load_image(data, settings.max_pixels))
+            except UserError as e:
+                raise HTTPProblem(400, str(e).replace("image ", f"{name} ", 1)) from None
+        return images
+
+    async def read_images(uploads: list[UploadFile], deadline: float) -> list[Any]:
+        """Read and decode the uploaded images off the event loop, within the request's time."""
+        files = [await read_upload(u) for u in uploads]
+        stop = threading.Event()
+        work = asyncio.get_running_loop().run_in_executor(decoder, decode, files, stop)
+        try:
+            return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise too_slow() from None
+        finally:
+            stop.set()  # timed out or the client went away: decode no further
+
+    async def submit(group: tuple[Any, ...], payload: Any, deadline: float) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
 
@@ -360,17 +450,20 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
         except QueueFull as e:
             raise HTTPProblem(503, f"the server is busy ({e}); try again in a moment") from None
         try:
-            return await asyncio.wait_for(future, settings.timeout_s)
+            return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            raise HTTPProblem(
-                504, f"the request took longer than {settings.timeout_s:g} s; try again later"
-            ) from None
+            raise too_slow() from None
         finally:
             batcher.cancel(job)  # timed out or the client went away: never run it (no-op once started)
 
-    def at_most(what: str, n: int, limit: int) -> None:
+    def at_most(what: str, n: int, limit: int, fix: str = "send fewer") -> None:
         if n > limit:
-            raise HTTPProblem(400, f"{what} is {n}, more than the limit of {limit}: send fewer")
+            raise HTTPProblem(400, f"{what} is {n}, more than the limit of {limit}: {fix}")
+
+    def text_at_most(what: str, texts: Sequence[str], fix: str) -> None:
+        n, limit = sum(len(t) for t in texts), settings.max_text_chars
+        if n > limit:
+            raise HTTPProblem(400, f"{what} is {n} characters long, more than the limit of {limit}: {fix}")
 
     def options(defaults: dict[str, Any], given: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
         merged = {**defaults, **{k: v for k, v in given.items() if v is not None}}
@@ -407,8 +500,10 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
         length_penalty: Annotated[float | None, Form()] = None,
     ) -> dict[str, str]:
         """Caption an image."""
+        deadline = time.monotonic() + settings.timeout_s
         pipe = models.pipe("caption")
-        pil = await read_image(image)
+        text = pipe.config.llm.prompt if prompt is None else prompt
+        text_at_most("the prompt", [text], "shorten it")
         given = dict(
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
@@ -417,13 +512,13 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
             length_penalty=length_penalty,
         )
         group = ("caption", options(CAPTION_DEFAULTS, given))
-        text = pipe.config.llm.prompt if prompt is None else prompt
-        return {"caption": await submit(group, (pil, text))}
+        [pil] = await read_images([image], deadline)
+        return {"caption": await submit(group, (pil, text), deadline)}
 
     @app.post("/ask")
     async def ask(
         image: Annotated[UploadFile, File(description="the image")],
-        question: Annotated[str, Form(description="the question")],
+        question: Annotated[str | None, Form(description="the question")] = None,
         history: Annotated[
             str | None, Form(description='earlier turns as JSON: [["question", "answer"], ...]')
         ] = None,
@@ -431,22 +526,25 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
         max_new_tokens: Annotated[int | None, Form()] = None,
     ) -> dict[str, str]:
         """Answer a question about an image, given the earlier turns of the conversation."""
+        deadline = time.monotonic() + settings.timeout_s
         pipe = models.pipe("ask")
+        if not question or not question.strip():
+            raise HTTPProblem(400, "the question is empty: type one")
         turns: list[tuple[str, str]] = []
         if history:
+            text_at_most("the history", [history], "leave out earlier turns")  # before parsing it
             try:
                 turns = [(str(q), str(a)) for q, a in json.loads(history)]
             except (ValueError, TypeError):
                 raise HTTPProblem(400, 'history must be JSON like [["question", "answer"], ...]') from None
         at_most("the number of history turns", len(turns), settings.max_history_turns)
-        if not question.strip():
-            raise HTTPProblem(400, "the question is empty: type one")
-        pil = await read_image(image)
-        prompt = pipe.conversation_prompt(question, turns)
+        texts = [question, *(t for turn in turns for t in turn)]
+        text_at_most("the question with its history", texts, "leave out earlier turns")
         is_t5 = pipe.model.is_encoder_decoder
         defaults = {**ASK_DEFAULTS, "length_penalty": -1.0 if is_t5 else 0.0}
         group = ("ask", options(defaults, dict(num_beams=num_beams, max_new_tokens=max_new_tokens)))
-        return {"answer": await submit(group, (pil, prompt))}
+        [pil] = await read_images([image], deadline)
+        return {"answer": await submit(group, (pil, question, turns), deadline)}
 
     @app.post("/match")
     async def match(
@@ -454,34 +552,38 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
         text: Annotated[list[str], Form(description="one or more texts")],
     ) -> dict[str, list[float]]:
         """ITM match probability and ITC similarity of the image with each text."""
+        deadline = time.monotonic() + settings.timeout_s
         models.pipe("match")
         at_most("the number of texts", len(text), settings.max_items)
-        pil = await read_image(image)
         if not text or any(not t.strip() for t in text):
             raise HTTPProblem(400, "a text is empty: give some words")
-        pairs = await asyncio.gather(*(submit(("match", ()), (pil, t)) for t in text))
+        text_at_most("the texts together", text, "send fewer or shorter texts")
+        [pil] = await read_images([image], deadline)
+        pairs = await asyncio.gather(*(submit(("match", ()), (pil, t), deadline) for t in text))
         return {"itm": [p[0] for p in pairs], "itc": [p[1] for p in pairs]}
 
     @app.post("/search")
     async def search(
         images: Annotated[list[UploadFile], File(description="the images to rank")],
-        query: Annotated[str, Form(description="the text to search for")],
+        query: Annotated[str | None, Form(description="the text to search for")] = None,
         top_k: Annotated[int, Form()] = 10,
         rerank: Annotated[int, Form()] = 16,
     ) -> dict[str, Any]:
         """Rank the uploaded images for a text query (ITC, then ITM re-ranking of the best)."""
+        deadline = time.monotonic() + settings.timeout_s
         models.pipe("search")
-        if not query.strip():
+        if not query or not query.strip():
             raise HTTPProblem(400, "the query is empty: type some words")
+        text_at_most("the query", [query], "shorten it")
         at_most("the number of images", len(images), settings.max_items)
         if not 1 <= top_k <= settings.max_items or not 0 <= rerank <= settings.max_items:
             raise HTTPProblem(
                 400,
                 f"top_k must be between 1 and {settings.max_items} and rerank between 0 and {settings.max_items}",
             )
-        pils = [await read_image(im) for im in images]
+        pils = await read_images(images, deadline)
         hits = await submit(
-            ("search", (("request", id(pils)),)), (pils, query, top_k, rerank)
+            ("search", (("request", id(pils)),)), (pils, query, top_k, rerank), deadline
         )  # never batched
         return {
             "results": [
