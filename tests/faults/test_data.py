@@ -287,6 +287,7 @@ def _remote(server, folder) -> str:
     return f"{server.url}/{{00000..00001}}.tar::pipe:cat {folder}/{{00002..00003}}.tar"
 
 
+@pytest.mark.slow
 def test_url_and_pipe_shards_train_like_local_files_and_resume(tmp_path, server):
     local = make_shards(str(tmp_path / "shards"), shards=4, per_shard=8)
     folder = str(tmp_path / "shards")

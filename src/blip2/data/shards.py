@@ -199,18 +199,25 @@ class _Source:
             except OSError as e:
                 raise UserError(f"cannot open shard {path} ({e.strerror})") from None
 
-    def finish(self) -> str | None:
+    def finish(self, how: str) -> str | None:
+        """Close the source. `how`: "drain" (the tar ended: read the rest, its end padding, so that a
+        command ends on its own), "close" (the data broke off: close and wait for the command's own
+        exit status) or "stop" (the reader stopped early: a command still running is killed)."""
         if self.proc is None:
             self.stream.close()
             return None
-        if self.proc.poll() is None:  # the reader stopped early: the command is not needed any more
+        if how == "drain":
+            while self.stream.read(1 << 16):
+                pass
+        elif how == "stop" and self.proc.poll() is None:  # not needed any more
             self.proc.kill()
-        self.stream.close()
+        self.stream.close()  # a command still writing now ends by SIGPIPE
         code = self.proc.wait()
         self.errors.seek(0)
         err = self.errors.read().decode("utf-8", errors="replace").strip()
         self.errors.close()
-        if code in (0, -signal.SIGKILL, -signal.SIGPIPE):
+        stopped = [-getattr(signal, n) for n in ("SIGKILL", "SIGPIPE") if hasattr(signal, n)]
+        if code == 0 or code in stopped or code == 128 + 13:  # done, or stopped by us (a shell: 141)
             return None
         last = err.splitlines()[-1] if err else "no message"
         return f"the command exited with status {code} ({last})"
@@ -229,7 +236,7 @@ class ShardReader:
     def __iter__(self) -> Iterator[tuple[str, dict[str, bytes]]]:
         self.lost = 0
         source = _Source(self.path)
-        yielded, failure = 0, None
+        yielded, failure, how = 0, None, "stop"
         key, members = None, {}
         try:
             try:
@@ -251,14 +258,15 @@ class ShardReader:
                             members = {}
                         key = k
                         members[ext.lower()] = data
+                how = "drain"
             except (tarfile.TarError, OSError, EOFError, http.client.HTTPException) as e:
-                failure = str(e) or type(e).__name__
+                failure, how = str(e) or type(e).__name__, "close"
                 members = {}  # the sample being read when the data broke off may be incomplete
             if members:
                 yield key, members
                 yielded += 1
         finally:
-            failure = source.finish() or failure
+            failure = source.finish(how) or failure
         if failure and not yielded:
             raise UserError(f"shard {self.path} gave no sample: {failure}")
         if failure:

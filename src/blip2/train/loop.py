@@ -276,7 +276,7 @@ def make_loader(
     ds = JsonDataset(records, pre, seed=seed)
     cursor = start.sample or (0, 0)
     if start.sample is None and start.micro_step:  # an older checkpoint: its step count as a cursor
-        epoch, s = divmod(start.micro_step, len(ds) // start.legacy_global_batch)
+        epoch, s = divmod(start.micro_step, max(1, len(ds) // start.legacy_global_batch))
         cursor = (epoch, s * start.legacy_global_batch)
     sampler = GlobalBatchSampler(
         len(ds), t.batch_size, info.rank, info.world_size, seed, section.shuffle, start=cursor
