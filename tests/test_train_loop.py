@@ -154,40 +154,13 @@ def test_training_from_cached_features_gives_the_loss_of_training_from_images(tm
     torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-5)
 
 
-def test_a_feature_cache_is_rewritten_whole_and_bound_to_the_tower_weights(tmp_path, monkeypatch):
-    import numpy as np
-
-    from blip2.data.features import FeatureStore
+def test_a_feature_cache_is_bound_to_the_tower_weights(tmp_path):
     from blip2.errors import UserError
-    from blip2.train import distributed as D
 
     cfg = _json_cfg(tmp_path, "images", "data.augment=false", "train.max_steps=1")
     out = tmp_path / "cache"
-    out.mkdir()
-    np.save(out / "part-r005-00000.npy", np.zeros((1, 2, 3), np.float32))  # an earlier run's part
-    (out / "part-r005-00000.json").write_text('["stale"]')
-    # rank 0 writes nothing (all its images unreadable); "rank 1" writes the one part
-    images = tmp_path / "data" / "images"
-    for f in images.iterdir():
-        f.write_bytes(b"not an image")
-
-    def other_rank_wrote(values, device):
-        np.save(out / "part-r001-00000.npy", np.ones((1, 5, 8), np.float16))
-        (out / "part-r001-00000.json").write_text('["im000.jpg"]')
-        return [values[0] + 1, values[1]]
-
-    monkeypatch.setattr(D, "all_reduce_sum", other_rank_wrote)
-    stats = cache_features(cfg, str(out), batch_size=4, num_workers=0)
-    monkeypatch.undo()
-    assert stats == {"images": 1, "skipped": 16}
-    store = FeatureStore(str(out))
-    assert "stale" not in store and len(store) == 1
-    assert (store.meta["tokens"], store.meta["width"], store.meta["dtype"]) == (5, 8, "float16")
-
-    # the cache remembers the tower's weights: a tower with other weights (another seed) is refused
-    for i in range(16):
-        (images / f"im{i:03d}.jpg").write_bytes(image_bytes(i))
     cache_features(cfg, str(out), batch_size=8, num_workers=0)
+    # the cache remembers the tower's weights: a tower with other weights (another seed) is refused
     other = _json_cfg(tmp_path, "other", f"data.features={out}", "train.max_steps=1", "train.seed=1")
     with pytest.raises(UserError, match="weights"):
         train(other)

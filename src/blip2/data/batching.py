@@ -2,7 +2,7 @@
 
 A `Preprocessor` turns one `Record` into a sample (`load`) and a list of samples into a batch of
 tensors (`collate`). A sample that cannot be used (an image that does not decode, a missing caption or
-answer, an image missing from the feature cache) raises `BadSample` with a reason; the datasets skip it
+answer) raises `BadSample` with a reason; the datasets skip it
 and count it under that reason, and the training loop reports the counts.
 
 Text, per objective:
@@ -30,14 +30,15 @@ from typing import Any
 import torch
 
 from blip2.data.annotations import Record
-from blip2.data.features import FeatureStore
+from blip2.data.features import FeatureStore, image_digest
+from blip2.errors import UserError
 from blip2.processing import ImageError, ImageProcessor, clean_caption, clean_question
 
 MODES = ("stage1", "causal", "seq2seq")
 
 
 class BadSample(Exception):
-    """A sample to skip; `reason` is the counter it is reported under ("image", "text", "features")."""
+    """A sample to skip; `reason` is the counter it is reported under ("image", "text", "shard")."""
 
     def __init__(self, reason: str, message: str = ""):
         super().__init__(message or reason)
@@ -112,10 +113,7 @@ class Preprocessor:
         sample: dict[str, Any] = {"image_id": rec.image_id, "key": rec.key}
         sample.update(self._texts(rec, gen))
         if self.features is not None:
-            try:
-                sample["image_features"] = self.features.get(rec.key)
-            except KeyError:
-                raise BadSample("features", f"{rec.key} is not in the feature cache") from None
+            sample["image_features"] = self._cached(rec)
         else:
             if rec.image is None:
                 raise BadSample("image", f"{rec.key} has no image")
@@ -127,6 +125,27 @@ class Preprocessor:
             except ImageError as e:
                 raise BadSample("image", str(e)) from None
         return sample
+
+    def _cached(self, rec: Record) -> torch.Tensor:
+        """The record's features from the cache, found by the digest of its image bytes: an image that
+        did not decode when the cache was made is skipped as when decoding; one the cache lacks stops
+        training (the cache was made from other data)."""
+        if rec.image is None:
+            raise BadSample("image", f"{rec.key} has no image")
+        try:
+            digest = image_digest(rec.image)
+        except OSError:
+            raise BadSample("image", f"{rec.key}: cannot read {rec.image}") from None
+        if digest in self.features.unusable:
+            raise BadSample("image", f"{rec.key} is not a usable image")
+        try:
+            return self.features.get(digest)
+        except KeyError:
+            raise UserError(
+                f"the feature cache {self.features.path} has no features for image {rec.key}, so it was "
+                "made from other data (or another data.path); re-run `blip2 cache-features` with this "
+                "training config"
+            ) from None
 
     def _texts(self, rec: Record, gen: torch.Generator) -> dict[str, str]:
         t = self.text

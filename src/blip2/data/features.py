@@ -1,30 +1,46 @@
 """Reading the frozen-feature cache (written by `blip2 cache-features`, see `blip2.train.feature_cache`).
 
+Features are indexed by the image's content: `image_digest` of its encoded bytes (a 128-bit BLAKE2b).
+So two shard folders that both hold `00000.tar` with keys `000000000...` never share an entry, the same
+image under two paths shares one (its features are the same), and training checks that the image it
+reads is the one that was encoded.
+
 Layout of a cache folder:
 
-* `meta.json`: `{"format": "blip2-features/1", "vision": <VisionConfig>, "tower_sha256": <hex>,
-  "tokens": N, "width": D, "dtype": "float16"}` (`tower_sha256`: `tower_fingerprint` of the weights);
+* `meta.json`: `{"format": "blip2-features/2", "vision": <VisionConfig>, "tower_sha256": <hex>,
+  "tokens": N, "width": D, "dtype": "float16", "parts": [part names], "unusable": [digests]}`
+  (`tower_sha256`: `tower_fingerprint` of the weights; `unusable`: images that did not decode, which
+  training skips as it would skip them when decoding);
 * `part-rRRR-IIIII.npy`: `(n, N, D)` arrays of frozen image-encoder outputs *before* `ln_vision`, one
   row per image, in NumPy's `.npy` format (memory-mapped when read);
-* `part-rRRR-IIIII.json`: the image keys of that part's rows, in order (written after its `.npy`, so a
-  part without its key list is an unfinished write and is ignored).
+* `part-rRRR-IIIII.json`: the image digests of that part's rows, in order;
+* `manifest.json`: every file the command wrote (see `blip2.train.feature_cache`).
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import IterableDataset, get_worker_info
 
 from blip2.errors import UserError
 
-FORMAT = "blip2-features/1"
+FORMAT = "blip2-features/2"
 SAMPLES_PER_TENSOR = 4096
+
+
+def image_digest(image: str | bytes) -> str:
+    """The cache key of an encoded image (bytes, or a file path whose bytes are read; raises OSError)."""
+    if isinstance(image, str):
+        with open(image, "rb") as f:
+            image = f.read()
+    return hashlib.blake2b(bytes(image), digest_size=16).hexdigest()
 
 
 def tower_fingerprint(tower: nn.Module) -> str:
@@ -41,8 +57,9 @@ def tower_fingerprint(tower: nn.Module) -> str:
 
 
 class FeatureStore:
-    """Image key -> cached features `(N, D)`; the arrays are opened memory-mapped, lazily, per process
-    (so a store can be sent to DataLoader workers)."""
+    """Image digest -> cached features `(N, D)`; the arrays are opened memory-mapped, lazily, per process
+    (so a store can be sent to DataLoader workers). `unusable` holds the digests of images that did not
+    decode when the cache was made."""
 
     def __init__(self, path: str):
         meta_path = os.path.join(path, "meta.json")
@@ -51,15 +68,19 @@ class FeatureStore:
         with open(meta_path) as f:
             self.meta = json.load(f)
         if self.meta.get("format") != FORMAT:
-            raise UserError(f"{path} holds features of an unknown format {self.meta.get('format')!r}")
+            raise UserError(
+                f"{path} holds features of another format ({self.meta.get('format')!r}, this version reads "
+                f"{FORMAT!r}); re-run `blip2 cache-features` into a new folder"
+            )
         self.path = path
         self.index: dict[str, tuple[str, int]] = {}
-        for keys_file in sorted(glob.glob(os.path.join(path, "part-*.json"))):
-            npy = keys_file[: -len(".json")] + ".npy"
-            with open(keys_file) as f:
+        for part in self.meta.get("parts", []):
+            npy = os.path.join(path, part + ".npy")
+            with open(os.path.join(path, part + ".json")) as f:
                 keys = json.load(f)
             for row, key in enumerate(keys):
                 self.index[key] = (npy, row)
+        self.unusable = frozenset(self.meta.get("unusable", []))
         self._arrays: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -72,7 +93,7 @@ class FeatureStore:
         return {**self.__dict__, "_arrays": {}}
 
     def get(self, key: str) -> torch.Tensor:
-        """The cached features of one image, `(N, D)`; raises KeyError for an image not in the cache."""
+        """The cached features of one image (by `image_digest`), `(N, D)`; KeyError when not cached."""
         npy, row = self.index[key]
         arr = self._arrays.get(npy)
         if arr is None:
@@ -93,3 +114,44 @@ class FeatureStore:
                 f"the feature cache at {self.path} was made with another image encoder ({differs[0]} "
                 "differs); re-run `blip2 cache-features` with this model"
             )
+
+
+class EncodedImages(IterableDataset):
+    """`(digest, pixel_values | None)` of every image of this rank's records or shards (split over
+    DataLoader workers); None for an image that does not decode. Images without bytes (a missing file,
+    a shard sample without an image member) are left out: training skips them without the cache."""
+
+    def __init__(self, items: list, processor):
+        self.items, self.processor = items, processor
+
+    def _encoded(self, items: list) -> Iterator[bytes]:
+        from blip2.data.shards import IMAGE_EXTS, ShardReader
+
+        for item in items:
+            if isinstance(item, str):  # a shard
+                for _, members in ShardReader(item):
+                    ext = next((e for e in IMAGE_EXTS if e in members), None)
+                    if ext is not None:
+                        yield members[ext]
+            else:
+                try:
+                    with open(item.image, "rb") as f:
+                        yield f.read()
+                except OSError:
+                    continue
+
+    def __iter__(self):
+        from blip2.processing import ImageError
+
+        info = get_worker_info()
+        items = self.items[info.id :: info.num_workers] if info else self.items
+        seen: set[str] = set()
+        for data in self._encoded(items):
+            digest = image_digest(data)
+            if digest in seen:
+                continue
+            seen.add(digest)
+            try:
+                yield digest, self.processor.preprocess(data)
+            except ImageError:
+                yield digest, None

@@ -2,9 +2,10 @@
 
 `GlobalBatchSampler` draws one permutation per epoch (seeded), cuts it into global batches of
 `world_size x batch_size` and gives rank `r` rows `[r*B, (r+1)*B)` of each. So N ranks of B see exactly
-the batch one process of N x B sees, in the same order, and the position in the data is just the
-optimizer step: resuming at step `k` regenerates the same batches from `k` on. The last incomplete
-global batch of an epoch is dropped (as LAVIS's `drop_last=True`).
+the batch one process of N x B sees, in the same order. The position in the data is a global cursor
+`(epoch, offset in the permutation)`, the same on every rank and meaningful on any world size: a run
+resumed on M ranks instead of N continues at the same sample. The last incomplete global batch of an
+epoch is dropped (as LAVIS's `drop_last=True`).
 
 A bad sample (see `batching.BadSample`) is replaced by the next usable record of the dataset, so
 batches stay full and equal over ranks (the all-gather of the stage-1 losses needs equal shapes); the
@@ -62,7 +63,13 @@ class JsonDataset(Dataset):
 
 
 class GlobalBatchSampler(Sampler):
-    """Yields this rank's `(epoch, index)` lists, step after step, from `start_step` on, forever.
+    """Yields this rank's `(epoch, index)` lists, global batch after global batch, forever.
+
+    The position in the data is a cursor `(epoch, offset)`: the next global batch is rows `offset ..
+    offset + world_size x batch_size` of the epoch's permutation. The permutation depends on the seed
+    and the epoch only, so a cursor means the same samples on any number of ranks: a run resumed on
+    another world size continues where it stopped (no sample of the epoch twice, none missed; the
+    epoch's incomplete last global batch is dropped).
 
     Args:
         size: number of records.
@@ -70,7 +77,7 @@ class GlobalBatchSampler(Sampler):
         rank, world_size: this process in the job.
         seed: permutation seed (the same on every rank).
         shuffle: permute each epoch (else the file order).
-        start_step: first global batch to give (resume).
+        start: the cursor to start at (resume).
     """
 
     def __init__(
@@ -81,17 +88,29 @@ class GlobalBatchSampler(Sampler):
         world_size: int = 1,
         seed: int = 0,
         shuffle: bool = True,
-        start_step: int = 0,
+        start: tuple[int, int] = (0, 0),
     ):
         self.size, self.batch_size = size, batch_size
         self.rank, self.world_size = rank, world_size
-        self.seed, self.shuffle, self.start_step = seed, shuffle, start_step
-        self.steps_per_epoch = size // (batch_size * world_size)
+        self.seed, self.shuffle = seed, shuffle
+        self.global_batch = batch_size * world_size
+        self.steps_per_epoch = size // self.global_batch
         if self.steps_per_epoch == 0:
             raise UserError(
                 f"the dataset has {size} examples, fewer than one global batch "
                 f"({batch_size} x {world_size} ranks); lower train.batch_size"
             )
+        self.start = self.fit(start)
+
+    def fit(self, cursor: tuple[int, int]) -> tuple[int, int]:
+        """The cursor of the next full global batch: the start of the next epoch when fewer than a
+        global batch of the epoch is left."""
+        epoch, offset = (int(x) for x in cursor)
+        return (epoch, offset) if offset + self.global_batch <= self.size else (epoch + 1, 0)
+
+    def advance(self, cursor: tuple[int, int]) -> tuple[int, int]:
+        """The cursor after the global batch at `cursor`."""
+        return self.fit((cursor[0], cursor[1] + self.global_batch))
 
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
@@ -101,15 +120,13 @@ class GlobalBatchSampler(Sampler):
         )
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        step = self.start_step
-        epoch, perm = -1, None
+        cursor, epoch, perm = self.start, -1, None
         while True:
-            e, s = divmod(step, self.steps_per_epoch)
-            if e != epoch:
-                epoch, perm = e, self.order(e)
-            first = s * self.batch_size * self.world_size + self.rank * self.batch_size
+            if cursor[0] != epoch:
+                epoch, perm = cursor[0], self.order(cursor[0])
+            first = cursor[1] + self.rank * self.batch_size
             yield [(epoch, int(i)) for i in perm[first : first + self.batch_size]]
-            step += 1
+            cursor = self.advance(cursor)
 
     def __len__(self) -> int:  # one epoch; iteration itself does not stop
         return self.steps_per_epoch

@@ -6,18 +6,28 @@ change, so its outputs can be computed once. The features are the tower's output
 `blip2.data.features`). Training with `data.features=<folder>` reads them instead of images. Images go
 through the eval transform (resize, no crop or flip): cached features mean no augmentation.
 
-Each image is encoded once even when it has several captions. Under torchrun each rank encodes its
-share of the images and writes its own parts; nothing needs merging. Parts of an earlier run in the
-same folder are removed first; `meta.json` records a fingerprint of the tower's weights, which training
-checks.
+Each image is encoded once even when it has several captions (features are indexed by the digest of
+the image's bytes, see `blip2.data.features`). Under torchrun each rank encodes its share of the images
+(annotation data) or of the shards (webdataset: local files, URLs or `pipe:` commands, each read once
+front to back) and writes its own parts; nothing needs merging. `meta.json` records a fingerprint of
+the tower's weights, which training checks.
+
+The output folder: `manifest.json` lists every file the command wrote. A rerun into the same folder
+removes exactly those (and, after an interrupted run, the part and temporary files it was writing) and
+nothing else; a folder that holds any other file (a dataset's own `part-00000.tar`, say) is refused
+with one sentence, untouched.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
+import re
+
+MANIFEST = "manifest.json"
+WRITER = "blip2 cache-features"
+OWN_NAMES = r"(part-r\d{3}-\d{5}\.(npy|json)|meta\.json|manifest\.json)(\.tmp)?"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,63 +62,68 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unique_images(cfg) -> list:
-    """One record per image of the training data (annotation files or shards)."""
+def _work(cfg, rank: int, world_size: int) -> list:
+    """This rank's share of the data: annotation records (one per image path), or shards."""
     from blip2.data.annotations import load_records
-    from blip2.data.shards import expand_braces, index_shard, read_record
+    from blip2.data.shards import expand_braces
 
     d = cfg.data
-    if d.kind != "webdataset":
-        seen, out = set(), []
-        for rec in load_records(d.kind, d.path, d.images, d.split, d.questions):
-            if rec.key not in seen:
-                seen.add(rec.key)
-                out.append(rec)
-        return out
-
-    class Lazy:  # a shard sample, read when the worker decodes it
-        def __init__(self, path, key, members):
-            self.path, self.key_, self.members = path, key, members
-
-        def read(self):
-            with open(self.path, "rb") as f:
-                return read_record(self.path, self.key_, self.members, f)
-
-    out = []
-    for path in expand_braces(d.path):
-        samples, _ = index_shard(path)
-        out.extend(Lazy(path, key, members) for key, members in samples)
-    return out
-
-
-class _Images:
-    """Dataset of (key, pixel_values | None) for the encoder (bad images give None and are counted)."""
-
-    def __init__(self, items: list, processor):
-        self.items, self.processor = items, processor
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        from blip2.processing import ImageError
-
-        item = self.items[i]
-        try:
-            rec = item.read() if hasattr(item, "read") else item
-            if rec.image is None:
-                return rec.key, None
-            return rec.key, self.processor.preprocess(rec.image)
-        except (ImageError, Exception) as e:  # noqa: B014 (any unreadable sample is skipped, never fatal)
-            from blip2.data.batching import BadSample
-
-            if isinstance(e, (ImageError, BadSample)):
-                return getattr(item, "key", str(i)), None
-            raise
+    if d.kind == "webdataset":
+        return expand_braces(d.path)[rank::world_size]
+    seen, out = set(), []
+    for rec in load_records(d.kind, d.path, d.images, d.split, d.questions):
+        if rec.key not in seen:
+            seen.add(rec.key)
+            out.append(rec)
+    return out[rank::world_size]
 
 
 def _collate(items):
     return items
+
+
+def _prepare(out: str) -> str | None:
+    """Make `out` ready for a new cache: remove what an earlier `cache-features` wrote there (the files
+    its manifest lists, and for an unfinished run the files it was writing) and start a new manifest.
+    Returns why not (one sentence) when the folder holds anything else; then nothing is touched."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out} is a file; give a folder for the feature cache"
+    os.makedirs(out, exist_ok=True)
+    present = set(os.listdir(out))
+    ours = _owned(out) if MANIFEST in present else set()
+    foreign = sorted(present if ours is None else present - ours - {MANIFEST})
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        return (
+            f"{out} holds files that `blip2 cache-features` did not write ({shown}); write the cache to "
+            "an empty or new folder (it never deletes what it did not write)"
+        )
+    for name in sorted(present & ours):
+        os.remove(os.path.join(out, name))
+    _write_manifest(out, [], complete=False)
+    return None
+
+
+def _owned(out: str) -> set[str] | None:
+    """The files a manifest in `out` says an earlier run wrote (None: the manifest is not ours)."""
+    try:
+        with open(os.path.join(out, MANIFEST)) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict) or m.get("written_by") != WRITER:
+        return None
+    owned = set(m.get("files", []))
+    if not m.get("complete"):  # an unfinished run: also the parts and temporary files it was writing
+        owned |= {n for n in os.listdir(out) if re.fullmatch(OWN_NAMES, n)}
+    return owned
+
+
+def _write_manifest(out: str, files: list[str], complete: bool) -> None:
+    tmp = os.path.join(out, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"written_by": WRITER, "complete": complete, "files": sorted(files)}, f, indent=1)
+    os.replace(tmp, os.path.join(out, MANIFEST))
 
 
 def cache_features(
@@ -122,8 +137,9 @@ def cache_features(
     import torch
     from torch.utils.data import DataLoader
 
-    from blip2.data.features import FORMAT, tower_fingerprint
+    from blip2.data.features import FORMAT, EncodedImages, tower_fingerprint
     from blip2.data.shards import worker_init
+    from blip2.errors import UserError
     from blip2.models.encoders import torch_dtype
     from blip2.processing import ImageProcessor
     from blip2.train import distributed as D
@@ -131,77 +147,100 @@ def cache_features(
 
     info = D.setup(cfg.train.device)
     try:
+        refusal = _prepare(out) if info.is_main else None
+        refusal = D.broadcast_object(refusal)
+        if refusal:
+            raise UserError(refusal)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg)
         encoder = model.visual.to(info.device).eval()
         v = model.config.vision
-        items = _unique_images(cfg)[info.rank :: info.world_size]
         processor = ImageProcessor(v.image_size, v.image_mean, v.image_std)
+        work = _work(cfg, info.rank, info.world_size)
         loader = DataLoader(
-            _Images(items, processor),
+            EncodedImages(work, processor),
             batch_size=batch_size,
-            num_workers=num_workers,
+            num_workers=min(num_workers, len(work)),
             collate_fn=_collate,
             worker_init_fn=worker_init,
         )
-        if info.is_main:  # a fresh cache: no part or meta.json of an earlier run is indexed with it
-            os.makedirs(out, exist_ok=True)
-            for f in glob.glob(os.path.join(out, "part-*")) + glob.glob(os.path.join(out, "meta.json*")):
-                os.remove(f)
-        D.barrier()
-        written = skipped = part = 0
+        written = part = 0
         keys: list[str] = []
         chunks: list[np.ndarray] = []
+        parts: list[str] = []
+        seen: set[str] = set()
+        unusable: set[str] = set()
 
         def flush() -> None:
             nonlocal part, keys, chunks
             if not keys:
                 return
-            name = os.path.join(out, f"part-r{info.rank:03d}-{part:05d}")
+            name = f"part-r{info.rank:03d}-{part:05d}"
+            path = os.path.join(out, name)
             arr = np.concatenate(chunks)
-            with open(name + ".npy.tmp", "wb") as f:
+            with open(path + ".npy.tmp", "wb") as f:
                 np.save(f, arr)
-            os.replace(name + ".npy.tmp", name + ".npy")
-            with open(name + ".json.tmp", "w") as f:
+            os.replace(path + ".npy.tmp", path + ".npy")
+            with open(path + ".json.tmp", "w") as f:
                 json.dump(keys, f)
-            os.replace(name + ".json.tmp", name + ".json")  # the key list marks the part complete
+            os.replace(path + ".json.tmp", path + ".json")
+            parts.append(name)
             part, keys, chunks = part + 1, [], []
 
+        shape = None
         for batch in loader:
-            good = [(k, x) for k, x in batch if x is not None]
-            skipped += len(batch) - len(good)
+            good = [(k, x) for k, x in batch if x is not None and k not in seen]
+            unusable.update(k for k, x in batch if x is None)
             if not good:
                 continue
+            seen.update(k for k, _ in good)
             feats = encoder.features(torch.stack([x for _, x in good]).to(info.device))  # (b, N, D)
             feats = feats if dtype == "tower" else feats.to(torch_dtype(dtype))
             if feats.dtype == torch.bfloat16:  # NumPy has no bfloat16
                 feats = feats.float()
             arr = feats.cpu().numpy()
+            shape = shape or (int(arr.shape[1]), int(arr.shape[2]), str(arr.dtype))
             chunks.append(arr)
             keys.extend(k for k, _ in good)
             written += len(good)
             if len(keys) >= part_size:
                 flush()
         flush()
-        written, skipped = (int(x) for x in D.all_reduce_sum([written, skipped], info.device))
-        D.barrier()  # every rank's parts are complete
+        mine = {"parts": parts, "unusable": sorted(unusable), "shape": shape, "written": written}
+        everyone = _all_gather_object(mine)
+        written = sum(r["written"] for r in everyone)
+        skipped = len(set().union(*(r["unusable"] for r in everyone)))
         if info.is_main:
-            parts = sorted(glob.glob(os.path.join(out, "part-*.npy")))  # rank 0 may have written none
-            first = np.load(parts[0], mmap_mode="r") if parts else None
+            all_parts = [p for r in everyone for p in r["parts"]]
+            tokens, width, kind = next((r["shape"] for r in everyone if r["shape"]), (0, 0, ""))
             meta = {
                 "format": FORMAT,
                 "vision": json.loads(json.dumps(model.config.to_dict()["vision"])),
                 "tower_sha256": tower_fingerprint(encoder.tower),
-                "tokens": int(first.shape[1]) if first is not None else 0,
-                "width": int(first.shape[2]) if first is not None else 0,
-                "dtype": str(first.dtype) if first is not None else "",
+                "tokens": tokens,
+                "width": width,
+                "dtype": kind,
                 "images": written,
                 "skipped": skipped,
+                "parts": all_parts,
+                "unusable": sorted(set().union(*(r["unusable"] for r in everyone))),
             }
             with open(os.path.join(out, "meta.json.tmp"), "w") as f:
                 json.dump(meta, f, indent=2)
             os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))
+            files = [p + ext for p in all_parts for ext in (".npy", ".json")] + ["meta.json"]
+            _write_manifest(out, files, complete=True)
         D.barrier()
         return {"images": written, "skipped": skipped}
     finally:
         D.teardown()
+
+
+def _all_gather_object(obj) -> list:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [obj]
+    box: list = [None] * dist.get_world_size()
+    dist.all_gather_object(box, obj)
+    return box

@@ -219,17 +219,25 @@ def preprocessor(
 
 @dataclass
 class DataPosition:
-    """Where this rank is in its data: micro-batches consumed (annotation data) or each stream's
-    `(epoch, group, offset)` (shards)."""
+    """Where this rank is in its data: micro-batches consumed; for annotation data the global cursor
+    `(epoch, offset)` of the next global batch (the same on every rank, valid on any world size, see
+    `GlobalBatchSampler`); for shards each stream's `(epoch, group, offset)`.
+
+    `legacy_global_batch`: a checkpoint written before cursors were saved: its global batch, to turn
+    `micro_step` into a cursor."""
 
     micro_step: int = 0
     streams: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    sample: tuple[int, int] | None = None
+    legacy_global_batch: int = 0
 
     def update(self, batch: dict[str, Any]) -> None:
         self.micro_step += 1
         if "position" in batch:
             stream, *pos = batch["position"]
             self.streams[int(stream)] = tuple(pos)
+        if "cursor" in batch:
+            self.sample = tuple(batch["cursor"])
 
 
 def make_loader(
@@ -265,13 +273,43 @@ def make_loader(
             need_image=pre.features is None,
         )
         stream.check(section.num_workers)
-        return iter(DataLoader(stream, batch_size=None, **common))
+        return _worker_errors(iter(DataLoader(stream, batch_size=None, **common)))
     records = load_records(section.kind, section.path, section.images, section.split, section.questions)
     ds = JsonDataset(records, pre, seed=seed)
+    cursor = start.sample or (0, 0)
+    if start.sample is None and start.micro_step:  # an older checkpoint: its step count as a cursor
+        epoch, s = divmod(start.micro_step, max(1, len(ds) // start.legacy_global_batch))
+        cursor = (epoch, s * start.legacy_global_batch)
     sampler = GlobalBatchSampler(
-        len(ds), t.batch_size, info.rank, info.world_size, seed, section.shuffle, start.micro_step
+        len(ds), t.batch_size, info.rank, info.world_size, seed, section.shuffle, start=cursor
     )
-    return iter(DataLoader(ds, batch_sampler=sampler, collate_fn=ds.collate, **common))
+    loader = _worker_errors(iter(DataLoader(ds, batch_sampler=sampler, collate_fn=ds.collate, **common)))
+
+    def with_cursor() -> Iterator[dict[str, Any]]:
+        at = sampler.start
+        for batch in loader:
+            at = sampler.advance(at)
+            batch["cursor"] = at  # where the next global batch starts
+            yield batch
+
+    return with_cursor()
+
+
+def _worker_errors(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Batches, with a `UserError` raised in a DataLoader worker (which arrives wrapped in the worker's
+    traceback text) turned back into its own one sentence."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except UserError as e:
+            text = str(e).strip()
+            if not text.startswith("Caught "):
+                raise
+            last = text.splitlines()[-1]
+            raise UserError(last.split(": ", 1)[1] if ": " in last else last) from None
+        yield batch
 
 
 def _worker_init(worker_id: int) -> None:
@@ -300,6 +338,7 @@ class StepInfo:
     model: nn.Module
     metrics: dict[str, float]
     dist: D.DistInfo
+    keys: list[str] = field(default_factory=list)  # the samples this rank trained on in the step
 
 
 Hook = Callable[[StepInfo], dict[str, float] | None]
@@ -503,10 +542,16 @@ def _train(
             if cfg.data.kind == "webdataset":
                 raise UserError(
                     f"this checkpoint was written by {state['world_size']} ranks x {state['num_workers']} "
-                    "workers; resume webdataset training with the same world size and data.num_workers"
+                    "workers and shard positions belong to those streams; resume webdataset training "
+                    "with the same world size and data.num_workers"
                 )
         pos = state["positions"][min(info.rank, len(state["positions"]) - 1)]
-        position = DataPosition(pos["micro_step"], {int(k): tuple(v) for k, v in pos["streams"].items()})
+        position = DataPosition(
+            pos["micro_step"],
+            {int(k): tuple(v) for k, v in pos["streams"].items()},
+            sample=tuple(pos["sample"]) if pos.get("sample") is not None else None,
+            legacy_global_batch=int(state["config"]["train"]["batch_size"]) * int(state["world_size"]),
+        )
         rng = state["rng"][min(info.rank, len(state["rng"]) - 1)]
 
     pre = preprocessor(cfg, cfg.data, config, train=True, tower=model.visual.tower)
@@ -538,6 +583,7 @@ def _train(
             {
                 "micro_step": position.micro_step,
                 "streams": {str(k): list(v) for k, v in position.streams.items()},
+                "sample": list(position.sample) if position.sample is not None else None,
             }
         )
         rngs = _all_gather_object(checkpoint.rng_state())
@@ -563,9 +609,11 @@ def _train(
 
     while step < total:
         optimizer.zero_grad(set_to_none=True)
+        step_keys: list[str] = []
         for micro in range(t.grad_accum):
             batch = next(batches)
             position.update(batch)
+            step_keys.extend(batch.get("keys", []))
             window.update({f"skipped_{k}": v for k, v in batch.get("skipped", {}).items()})
             inputs = _to_device(batch, info.device)
             gen = torch.Generator(device=info.device).manual_seed(sample_seed(t.seed, "itm", step, micro))
@@ -614,7 +662,7 @@ def _train(
             result = evaluate(ddp, gather)
             log.write({"step": step, **result})
         for hook in hooks:
-            extra = hook(StepInfo(step, total, model, metrics, info))
+            extra = hook(StepInfo(step, total, model, metrics, info, step_keys))
             if extra:
                 log.write({"step": step, **extra})
         stop_signal = stop.agreed(info)
