@@ -756,7 +756,9 @@ def _pipeline(
     if source is None:
         source = _tokenizer_source(None, config.llm.name, hub)
     if source is None:
-        raise UserError("no tokenizer found for the LLM: pass tokenizer= a folder or hub id")
+        raise UserError(
+            "no tokenizer found for the LLM: pass --tokenizer (tokenizer= in blip2.load) a folder or hub id"
+        )
     return Pipeline(model, image_processor, llm_tokenizer=tokenizers.llm_tokenizer(source))
 
 
@@ -772,8 +774,8 @@ def _load_lavis(
     preset_name = preset_name or lavis.FILES.get(path.name)
     if preset_name is None:
         raise UserError(
-            f"{path.name} is a checkpoint file: say which model it is with preset= "
-            "(for example 'blip2-opt-2.7b'; `blip2 presets` lists them)"
+            f"{path.name} is a checkpoint file: say which model it is with --preset NAME on the command "
+            "line or preset=NAME in blip2.load (for example blip2-opt-2.7b; `blip2 presets` lists them)"
         )
     if preset_name not in PRESETS:
         raise UserError(f"unknown preset {preset_name!r}; `blip2 presets` lists them")
@@ -787,7 +789,9 @@ def _load_lavis(
     if config.stage == 2:
         llm_source = llm or config.llm.name
         if not llm_source:
-            raise UserError(f"preset {preset_name!r} names no LLM: pass llm= a folder or hub id")
+            raise UserError(
+                f"preset {preset_name!r} names no LLM: pass --llm (llm= in blip2.load) a folder or hub id"
+            )
         llm_path = resolve(llm_source, **hub)
     model = checkpoint.load_lavis(path, config, vision_path, llm_path)
     pipe = _pipeline(model, None, tokenizer, hub, llm_folder=llm_path)

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-    pipe = common.load_pipeline(args.model, device, args.dtype, task="caption")
+    pipe = common.load_pipeline(args.model, device, args.dtype, task="caption", **common.load_options(args))
     try:
         stats = batch.caption_items(
             pipe,

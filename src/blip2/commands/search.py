@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
     items = batch.expand_inputs(args.inputs)
     if not items:
         raise UserError("the inputs hold no images (folders and globs count .jpg, .png, ... files only)")
-    pipe = common.load_pipeline(args.model, args.device, args.dtype, task="search")
+    pipe = common.load_pipeline(
+        args.model, args.device, args.dtype, task="search", **common.load_options(args)
+    )
     keys: list[str] = []
     feats: list[torch.Tensor] = []
     skipped = 0
