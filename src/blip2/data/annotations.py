@@ -165,8 +165,6 @@ def load_records(
     """
     if kind not in KINDS:
         raise UserError(f"unknown dataset kind {kind!r}; use one of {', '.join(KINDS)}")
-    if images and not os.path.isdir(images):
-        raise UserError(f"the image folder {images} does not exist: check data.images (or --images)")
     data = _read_json(path)
     if kind in ("captions", "retrieval"):
         recs = _caption_list(data, path, images)

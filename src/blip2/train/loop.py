@@ -292,6 +292,8 @@ def make_loader(
         )
         stream.check(section.num_workers)
         return iter(DataLoader(stream, batch_size=None, **common))
+    if section.images and not os.path.isdir(section.images) and pre.features is None:
+        raise UserError(f"the image folder {section.images} does not exist: check data.images")
     records = load_records(section.kind, section.path, section.images, section.split, section.questions)
     ds = JsonDataset(records, pre, seed=seed)
     sampler = GlobalBatchSampler(
