@@ -11,6 +11,16 @@ Resuming: every line is one complete JSON object written with a single `write` a
 `fsync`ed) after each batch. A run killed mid-line leaves a partial last line; `ResultsFile` cuts it
 off when it opens the file, so a rerun skips exactly the images with a line and appends the rest.
 
+File names that are not valid UTF-8 (any bytes are legal in a Linux name) are kept losslessly: a key
+is the name as `os.fsdecode` gives it, where each undecodable byte 0xXY becomes the lone surrogate
+U+DCXY, and such a line is written with JSON's `\\uXXXX` escapes (ASCII only), e.g. the file
+`caf\\xe9.jpg` (Latin-1) is `{"image": "caf\\udce9.jpg", ...}`. `json.loads` gives the key back and
+`os.fsencode(key)` the exact bytes of the name.
+
+The generation settings of a results file (prompt and `generate` options) are kept beside it in
+`<results>.settings.json`; resuming with other settings is refused (`overwrite=True` starts again).
+`retry_errors=True` drops the error lines first, so their images are captioned again.
+
 Under `torchrun` each rank captions its share of what is left into `captions.jsonl.part-<rank>`;
 rank 0 merges the parts into the results file (in input order, skipping what is there already) and
 deletes them. A crash at any point leaves nothing lost and nothing twice: parts left behind are read
@@ -77,7 +87,7 @@ def _shard_items(path: str) -> list[Item]:
 def _list_items(path: str) -> list[Item]:
     base = Path(path).parent
     items = []
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in Path(path).read_text(encoding="utf-8", errors="surrogateescape").splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -234,6 +244,17 @@ def _read_lines(path: Path, repair: bool) -> list[dict[str, Any]]:
     return records
 
 
+def json_line(record: dict[str, Any]) -> str:
+    """One results line: UTF-8 JSON, or ASCII JSON with `\\uXXXX` escapes when the record holds a
+    name that is not valid UTF-8 (lone surrogates from `os.fsdecode`, which UTF-8 cannot encode)."""
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(record, ensure_ascii=True)
+    return line + "\n"
+
+
 def _not_results(path: Path, why: str) -> UserError:
     return UserError(
         f"{path} exists and is not a blip2 results file ({why}): give --out a new file name "
@@ -247,7 +268,7 @@ class StdoutResults:
     done: set[str] = set()
 
     def write(self, record: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        sys.stdout.write(json_line(record))
 
     def flush(self) -> None:
         sys.stdout.flush()
@@ -275,7 +296,7 @@ class ResultsFile:
     def write(self, record: dict[str, Any]) -> None:
         if self._file is None:
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.write(json_line(record))
         self.done.add(record["image"])
 
     def flush(self) -> None:
@@ -317,6 +338,70 @@ def merge_parts(out: Path, items: Sequence[Item]) -> int:
     return added
 
 
+def settings_path(out: Path) -> Path:
+    """Where the generation settings of the results file `out` are kept."""
+    return out.with_name(out.name + ".settings.json")
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume `out` if it was written with other generation settings."""
+    side = settings_path(out)
+    if not side.is_file():
+        return  # a new results file, or one written before settings were kept
+    try:
+        old = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    new = json.loads(json.dumps(settings))
+    if old == new:
+        return
+    if not isinstance(old, dict):
+        diff = f"{side} is unreadable"
+    else:
+        names = sorted(set(old) | set(new), key=lambda n: (n != "prompt", n))
+        diff = ", ".join(
+            f"{n} {old.get(n)!r} then, {new.get(n)!r} now" for n in names if old.get(n) != new.get(n)
+        )
+    raise UserError(
+        f"{out} was written with other generation settings ({diff}): rerun with those settings to resume, "
+        "add --overwrite to caption everything again, or give another --out"
+    )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _drop_errors(out: Path) -> int:
+    """Rewrite `out` without its error lines (atomically); returns how many were dropped."""
+    records = _read_lines(out, repair=False)
+    keep = [r for r in records if "error" not in r]
+    if len(keep) < len(records):
+        _write_atomic(out, "".join(json_line(r) for r in keep))
+    return len(records) - len(keep)
+
+
+def _prepare(
+    out: Path, items: Sequence[Item], settings: dict[str, Any], overwrite: bool, retry: bool
+) -> None:
+    """Rank 0, before anyone reads `out`: start again (`overwrite`), cut a torn last line, keep the
+    settings, and with `retry` merge leftover parts and drop the error lines."""
+    if overwrite:
+        ResultsFile(out)  # refuses a file that is not a results file, which is then left alone
+        for p in [out, settings_path(out), *part_paths(out)]:
+            p.unlink(missing_ok=True)
+    ResultsFile(out)  # cut a partial last line before anyone reads it
+    _write_atomic(settings_path(out), json.dumps(settings, indent=1) + "\n")
+    if retry:
+        merge_parts(out, items)
+        _drop_errors(out)
+
+
 # ------------------------------------------------------------------------------------------- running
 
 
@@ -329,6 +414,7 @@ class RunStats:
     captioned: int
     errors: int
     seconds: float
+    earlier_errors: int = 0  # of the skipped, those with an error line
 
     @property
     def images_per_second(self) -> float:
@@ -358,6 +444,8 @@ def caption_items(
     rank: int = 0,
     world_size: int = 1,
     barrier: Any = None,
+    overwrite: bool = False,
+    retry_errors: bool = False,
     **generate_options: Any,
 ) -> RunStats:
     """Caption `items` into the results file `out`, skipping those already there.
@@ -374,7 +462,13 @@ def caption_items(
         rank, world_size, barrier: this process's place under torchrun and a function that waits for
             every rank (e.g. `torch.distributed.barrier`); rank r captions every world_size-th
             remaining item into a part file, rank 0 merges.
+        overwrite: discard the results file (its settings and parts) and caption everything again.
+        retry_errors: caption again the images with an error line (the error lines are dropped).
         generate_options: transformers `generate` options (default: the pipeline's caption defaults).
+
+    Raises:
+        UserError: `out` was written with other generation settings (prompt or options) and
+            `overwrite` is not set, or `out` is not a results file.
     """
     from blip2.pipeline import CAPTION_DEFAULTS, check_generation_options
 
@@ -382,15 +476,22 @@ def caption_items(
     check_generation_options(options)  # before any file is touched
     start = time.perf_counter()
     wait = barrier or (lambda: None)
+    prompt = pipe.config.llm.prompt if prompt is None else prompt
     done: set[str] = set()
+    failed: set[str] = set()
     if out is not None:
         out = Path(out)
+        settings = {"prompt": prompt, **options}
+        if not overwrite:
+            _check_settings(out, settings)  # on every rank: all of them stop with the same sentence
         if rank == 0:
-            ResultsFile(out)  # cut a partial last line before anyone reads it
+            _prepare(out, items, settings, overwrite, retry_errors)
         wait()
-        done = {r["image"] for r in _read_lines(out, repair=False)}
+        records = _read_lines(out, repair=False)
         for p in part_paths(out):
-            done |= {r["image"] for r in _read_lines(p, repair=False)}
+            records += _read_lines(p, repair=False)
+        done = {r["image"] for r in records}
+        failed = {r["image"] for r in records if "error" in r}
         wait()  # every rank has the same `done` before anyone appends
     pending = [it for it in items if it.key not in done]
     mine = pending[rank::world_size]
@@ -399,8 +500,8 @@ def caption_items(
         results = StdoutResults()
     else:
         results = ResultsFile(out if world_size == 1 else out.with_name(f"{out.name}{PART}{rank}"))
-    prompt = pipe.config.llm.prompt if prompt is None else prompt
     stats = RunStats(len(items), len(items) - len(pending), 0, 0, 0.0)
+    stats.earlier_errors = sum(1 for it in items if it.key in failed)
     desc = "caption" if world_size == 1 else f"caption (rank 0 of {world_size})"
     bar = _progress(len(mine), progress and rank == 0, desc)
     try:
@@ -441,5 +542,5 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
 def write_jsonl(records: Iterable[dict[str, Any]], stream: TextIO) -> None:
     """Records as JSON lines on a stream (stdout when no results file is given)."""
     for r in records:
-        stream.write(json.dumps(r, ensure_ascii=False) + "\n")
+        stream.write(json_line(r))
     stream.flush()

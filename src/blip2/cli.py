@@ -1,17 +1,29 @@
 """`blip2 <command>`: one entry point, one module per command.
 
 Each command module defines `add_arguments(parser)` and `run(args) -> int` and keeps heavy imports
-inside `run`, so `blip2 --help` stays fast. Errors a user can cause (`UserError`) print one sentence
-and exit with status 2, never a traceback.
+inside `run`. Only the module of the command given is imported, so `blip2 --help` and `blip2 --version`
+never load torch. Errors a user can cause (`UserError`) print one sentence and exit with status 2,
+never a traceback.
+
+Exit codes: 0 everything done; 1 the command ran but some inputs failed (e.g. `caption` wrote error
+lines); 2 a usage error (bad option, path, config or model: one sentence on stderr); 130 interrupted.
+
+Global options (before or after the command): `--threads N` sets torch's CPU threads; the OpenMP wait
+policy is made passive (`OMP_WAIT_POLICY=PASSIVE`) unless the environment sets it, so idle threads do
+not spin against other processes on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from collections.abc import Sequence
 
 from blip2.errors import UserError
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -40,30 +52,103 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("blip2.cli_demo", "train a small BLIP-2 from nothing on CPU and show it works (no download)"),
 }
 
+EPILOG = (
+    "exit codes: 0 all done; 1 some inputs failed (e.g. caption error lines); 2 usage error; 130 interrupted"
+)
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="blip2", description="BLIP-2: train, convert, caption, ask, search."
+
+def _global_options(suppress: bool) -> argparse.ArgumentParser:
+    """`--threads`, accepted before the command and after it (`blip2 --threads 2 demo`, `blip2 demo
+    --threads 2`); in a subcommand its default is suppressed so it does not hide the global value."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=argparse.SUPPRESS if suppress else None,
+        metavar="N",
+        help="CPU threads for torch (default: torch's, usually the number of cores)",
     )
+    return p
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command named in `argv` (the first word that is not an option or an option's value)."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--threads":
+            skip = True
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv`, only the module of the command it names is imported (the others'
+    options are not needed to parse it), without, every command's."""
+    from blip2 import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="blip2",
+        description="BLIP-2: train, convert, caption, ask, search.",
+        epilog=EPILOG,
+        parents=[_global_options(suppress=False)],
+    )
+    parser.add_argument("--version", action="version", version=f"blip2 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    wanted = None if argv is None else _command_in(argv)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(module)
-        mod.add_arguments(p)
-        p.set_defaults(_module=mod)
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, parents=[_global_options(suppress=True)]
+        )
+        if argv is None or name == wanted:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_module=mod)
     return parser
 
 
+def apply_threads(threads: int | None) -> None:
+    """Set the CPU thread count (`--threads`) for torch and for processes started from here."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads must be 1 or more, not {threads}")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _sentence(e: UserError) -> str:
+    """The error's one sentence; a `UserError` raised in a DataLoader worker comes back with the
+    worker's traceback in its message, which is cut down to the sentence at its end."""
+    text = str(e).strip()
+    if "Traceback (most recent call last)" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # before torch loads: idle OpenMP threads sleep instead of spinning against other processes
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
+        apply_threads(args.threads)
         return int(args._module.run(args) or 0)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {_sentence(e)}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `blip2 presets | head`: the reader has gone, nothing left to say
+        sys.stdout = None  # type: ignore[assignment]  # no flush error at exit
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ The folder loads with `blip2.load(out)` and, where transformers has the class, w
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,8 +24,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _same(output: str, source: str) -> bool:
+    return os.path.realpath(output) == os.path.realpath(source)
+
+
 def run(args: argparse.Namespace) -> int:
+    from blip2.errors import UserError
     from blip2.pipeline import load
+
+    if os.path.exists(args.source) and _same(args.output, args.source):
+        raise UserError(
+            f"the output {args.output} would overwrite the source {args.source}: give another output folder"
+        )
+    if os.path.isfile(args.output):
+        raise UserError(f"the output {args.output} is a file: give a folder to write the model into")
 
     pipe = load(
         args.source,

@@ -23,6 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from blip2.errors import UserError
+
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file: give a folder for the demo's report and models")
     from blip2.demo.run import run_demo
 
     report = run_demo(args.out, quick=args.quick, seed=args.seed)

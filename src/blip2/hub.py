@@ -45,7 +45,8 @@ def resolve(
     path = Path(name).expanduser()
     if path.exists():
         return path
-    if not looks_like_hub_id(name):
+    if not looks_like_hub_id(name) or Path(name).parent.is_dir():
+        # `runs/final` beside an existing `runs/` folder is a path that is missing, not a hub id
         raise UserError(f"{name} does not exist: pass an existing folder or checkpoint file, or a hub id")
     return _download(name, revision, cache_dir, local_files_only)
 
@@ -70,15 +71,16 @@ def _download(
         raise UserError(f"{repo_id} is neither an existing path nor a valid hub id") from None
     except (errors.RepositoryNotFoundError, errors.GatedRepoError):
         raise UserError(
-            f"{repo_id} is not a hub repository you can read: check the name, or log in if it is gated"
+            f"{repo_id} is neither an existing path nor a hub repository you can read: check the name, "
+            "or log in if it is gated"
         ) from None
     except errors.RevisionNotFoundError:
         raise UserError(f"{repo_id} has no revision {revision!r}: check the branch, tag or commit") from None
     except errors.LocalEntryNotFoundError:
         where = "offline mode is on" if offline else "the hub cannot be reached"
         raise UserError(
-            f"{repo_id} is not in the local Hugging Face cache and {where}: download it once while "
-            "online, or pass a local folder"
+            f"{repo_id} is not in the local Hugging Face cache and {where} (nor is it an existing path): "
+            "download it once while online, or pass a local folder"
         ) from None
     except (OSError, errors.HfHubHTTPError) as e:
         raise UserError(

@@ -42,7 +42,9 @@ import torch
 from torch import Tensor, nn
 
 from blip2.config import DTYPES, PRESETS, Blip2Config, preset
+from blip2.devices import check_device
 from blip2.errors import UserError
+from blip2.eval.metrics import rerank_score
 from blip2.hub import looks_like_hub_id, resolve
 from blip2.interop import checkpoint, hf, lavis
 from blip2.processing import ImageLike, ImageProcessor
@@ -117,6 +119,7 @@ class SearchHit:
     index: int  # position in the images searched
     itc: float  # ITC cosine similarity with the query
     itm: float | None  # ITM match probability (None when not re-ranked)
+    score: float | None = None  # what re-ranked hits are ordered by: `eval.metrics.rerank_score`
 
 
 class TruncationWarning(UserWarning):
@@ -504,7 +507,8 @@ class Pipeline:
         top_k: int = 10,
         rerank: int = 32,
     ) -> list[SearchHit]:
-        """Rank images for a text query: ITC similarity over all, then ITM on the best `rerank`.
+        """Rank images for a text query: ITC similarity over all, then ITM on the best `rerank`, which
+        are ordered by ITM positive logit + ITC cosine (`rerank_score`, as retrieval evaluation ranks).
 
         Args:
             images: images, or their `embed_images` output `(N, Q, E)` (an index built once; ranked
@@ -517,6 +521,9 @@ class Pipeline:
             `SearchHit`s, best first: ITM-reranked candidates, then the rest by ITC.
         """
         self._require(1, "search")
+        self._check_texts([query], "query")  # before any image is embedded
+        if top_k < 1 or rerank < 0:
+            raise UserError(f"top_k must be 1 or more and rerank 0 or more (got {top_k} and {rerank})")
         if isinstance(images, Tensor) and images.dim() == 3:
             feats, batch = images, None
         else:
@@ -527,11 +534,35 @@ class Pipeline:
         order = itc.argsort(descending=True).tolist()
         n_re = min(rerank, len(order)) if batch is not None else 0
         head = order[:n_re]
-        itm = self.match([batch[i] for i in head], query).tolist() if head else []
-        hits = [SearchHit(i, float(itc[i]), p) for i, p in zip(head, itm, strict=True)]
-        hits.sort(key=lambda h: -(h.itm or 0.0))
+        hits = []
+        for s in self._chunks(len(head)):
+            idx = head[s]
+            hits += self.rerank_pixels(self.pixels([batch[i] for i in idx]), query, idx, itc[idx])
+        hits.sort(key=lambda h: -(h.score or 0.0))
         hits += [SearchHit(i, float(itc[i]), None) for i in order[n_re:]]
         return hits[:top_k]
+
+    @torch.no_grad()
+    def rerank_pixels(
+        self, pixel_values: Tensor, query: str, indices: Sequence[int], itc: Tensor | Sequence[float]
+    ) -> list[SearchHit]:
+        """Re-rank candidates of a search: ITM of each of the `(N, 3, S, S)` pixels with the query, and
+        their `rerank_score` from the ITM positive logit and their ITC cosines `itc` (N,); one batch.
+
+        Returns:
+            N `SearchHit`s (`indices` as their index), in the order given.
+        """
+        self._require(1, "search")
+        image_embeds = self.model.encode_image(pixel_values.to(self.device))
+        ids, mask = self._text([query] * len(indices))
+        logits = self.model.itm_logits(ids, mask, image_embeds=image_embeds).float().cpu()  # (N, 2)
+        itc = torch.as_tensor(itc, dtype=torch.float32)
+        scores = rerank_score(logits[:, 1], itc).tolist()
+        probs = logits.softmax(dim=-1)[:, 1].tolist()
+        return [
+            SearchHit(int(i), float(c), p, s)
+            for i, c, p, s in zip(indices, itc.tolist(), probs, scores, strict=True)
+        ]
 
     @torch.no_grad()
     def embed_images(self, images: ImageLike | Sequence[ImageLike]) -> Tensor:
@@ -632,6 +663,8 @@ def load(
         UserError: a missing path, an unreachable hub id, a checkpoint that does not fit (naming the
             keys), an unknown dtype or preset.
     """
+    if device is not None:
+        device = check_device(device)  # a device this machine lacks: one sentence, before any loading
     dtype_name = _dtype_name(dtype)
     hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     name = os.fspath(name_or_path)
@@ -723,7 +756,9 @@ def _pipeline(
     if source is None:
         source = _tokenizer_source(None, config.llm.name, hub)
     if source is None:
-        raise UserError("no tokenizer found for the LLM: pass tokenizer= a folder or hub id")
+        raise UserError(
+            "no tokenizer found for the LLM: pass --tokenizer (tokenizer= in blip2.load) a folder or hub id"
+        )
     return Pipeline(model, image_processor, llm_tokenizer=tokenizers.llm_tokenizer(source))
 
 
@@ -739,8 +774,8 @@ def _load_lavis(
     preset_name = preset_name or lavis.FILES.get(path.name)
     if preset_name is None:
         raise UserError(
-            f"{path.name} is a checkpoint file: say which model it is with preset= "
-            "(for example 'blip2-opt-2.7b'; `blip2 presets` lists them)"
+            f"{path.name} is a checkpoint file: say which model it is with --preset NAME on the command "
+            "line or preset=NAME in blip2.load (for example blip2-opt-2.7b; `blip2 presets` lists them)"
         )
     if preset_name not in PRESETS:
         raise UserError(f"unknown preset {preset_name!r}; `blip2 presets` lists them")
@@ -754,7 +789,9 @@ def _load_lavis(
     if config.stage == 2:
         llm_source = llm or config.llm.name
         if not llm_source:
-            raise UserError(f"preset {preset_name!r} names no LLM: pass llm= a folder or hub id")
+            raise UserError(
+                f"preset {preset_name!r} names no LLM: pass --llm (llm= in blip2.load) a folder or hub id"
+            )
         llm_path = resolve(llm_source, **hub)
     model = checkpoint.load_lavis(path, config, vision_path, llm_path)
     pipe = _pipeline(model, None, tokenizer, hub, llm_folder=llm_path)

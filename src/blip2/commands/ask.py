@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     common.show_notices()
     options = common.generation_options(args)
-    pipe = common.load_pipeline(args.model, args.device, args.dtype, task="ask")
+    pipe = common.load_pipeline(args.model, args.device, args.dtype, task="ask", **common.load_options(args))
     image = load_image(args.image, args.max_pixels)
     history: list[tuple[str, str]] = []
     for question in args.questions:

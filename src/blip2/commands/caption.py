@@ -2,7 +2,9 @@
 
 INPUTS are image files, folders, globs, webdataset `.tar` shards and `.txt` files listing paths. One
 JSON line per image: `{"image": ..., "caption": ...}` or `{"image": ..., "error": ...}`. Rerun the same
-command after a crash or Ctrl-C and it carries on where it stopped. Under
+command after a crash or Ctrl-C and it carries on where it stopped; `--retry-errors` captions the error
+lines' images again, `--overwrite` starts from nothing, and a rerun with other generation settings is
+refused (they are kept in `<out>.settings.json`). Exit status 1 when some images have an error line. Under
 `torchrun --nproc-per-node N -m blip2.cli caption ...` each process captions its share and rank 0
 merges them into the one results file.
 """
@@ -15,6 +17,8 @@ import sys
 
 from blip2.commands import common
 from blip2.errors import UserError
+
+EXIT_SOME_FAILED = 1  # `blip2.cli.EXIT_SOME_FAILED`: some images have an error line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=min(4, max(0, (os.cpu_count() or 1) - 1)),
         help="processes decoding images while the model runs (0: none; default min(4, CPUs - 1))",
+    )
+    parser.add_argument(
+        "--retry-errors", action="store_true", help="caption again the images whose line is an error"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="discard the results in --out and caption everything"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     common.add_generation_arguments(parser)
@@ -69,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-    pipe = common.load_pipeline(args.model, device, args.dtype, task="caption")
+    pipe = common.load_pipeline(args.model, device, args.dtype, task="caption", **common.load_options(args))
     try:
         stats = batch.caption_items(
             pipe,
@@ -83,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
             rank=rank,
             world_size=world,
             barrier=barrier,
+            overwrite=args.overwrite,
+            retry_errors=args.retry_errors,
             **options,
         )
     finally:
@@ -90,13 +102,23 @@ def run(args: argparse.Namespace) -> int:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    if rank == 0:
-        done = stats.captioned + stats.errors
-        print(
-            f"{done} images in {stats.seconds:.1f} s ({stats.images_per_second:.1f} images/s"
-            + (f" on rank 0 of {world}" if world > 1 else "")
-            + f"): {stats.captioned} captioned, {stats.errors} errors, {stats.skipped} already done"
-            + (f"; results in {args.out}" if args.out else ""),
-            file=sys.stderr,
-        )
-    return 0
+    if rank != 0:
+        return 0
+    done = stats.captioned + stats.errors
+    failed = stats.errors + stats.earlier_errors
+    if world > 1:  # the other ranks' errors are in the merged file
+        keys = {it.key for it in items}
+        failed = sum(1 for r in batch.iter_jsonl(args.out) if "error" in r and r["image"] in keys)
+    earlier = (
+        f" ({stats.earlier_errors} of them errors: --retry-errors redoes them)"
+        if stats.earlier_errors
+        else ""
+    )
+    print(
+        f"{done} images in {stats.seconds:.1f} s ({stats.images_per_second:.1f} images/s"
+        + (f" on rank 0 of {world}" if world > 1 else "")
+        + f"): {stats.captioned} captioned, {stats.errors} errors, {stats.skipped} already done{earlier}"
+        + (f"; results in {args.out}" if args.out else ""),
+        file=sys.stderr,
+    )
+    return EXIT_SOME_FAILED if failed else 0

@@ -29,6 +29,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if there is one)"
     )
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 for the frozen towers")
+    loading = parser.add_argument_group("checkpoints that need more to load (LAVIS .pth files)")
+    loading.add_argument("--preset", help="which model a LAVIS checkpoint file is (`blip2 presets`)")
+    loading.add_argument("--vision-weights", help="LAVIS image-encoder file (eva_vit_g.pth, clip_vit_L.pth)")
+    loading.add_argument("--llm", help="LLM folder or hub id of a LAVIS stage-2 checkpoint")
+    loading.add_argument("--tokenizer", help="tokenizer folder or hub id when the model has none beside it")
     parser.add_argument(
         "--max-pixels",
         type=int,
@@ -61,19 +66,30 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`blip2.load`'s extra options given on the command line (`add_model_arguments`)."""
+    names = ("preset", "vision_weights", "llm", "tokenizer")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
 def load_pipeline(
-    model: str, device: str | None = None, dtype: str | None = None, task: str | None = None
+    model: str,
+    device: str | None = None,
+    dtype: str | None = None,
+    task: str | None = None,
+    **options: Any,
 ) -> Any:
     """`blip2.load` for a command: anything that goes wrong is one sentence (`UserError`).
 
     Args:
         task: the pipeline method the command needs; a checkpoint of the wrong stage is refused with a
             sentence naming the kind of checkpoint to use.
+        options: more `blip2.load` options (`load_options`).
     """
     import blip2
 
     try:
-        pipe = blip2.load(model, device=device or default_device(), dtype=dtype)
+        pipe = blip2.load(model, device=device or default_device(), dtype=dtype, **options)
     except UserError:
         raise
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:

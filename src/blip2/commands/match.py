@@ -23,7 +23,9 @@ def run(args: argparse.Namespace) -> int:
     from blip2.processing import load_image
 
     common.show_notices()
-    pipe = common.load_pipeline(args.model, args.device, args.dtype, task="match")
+    pipe = common.load_pipeline(
+        args.model, args.device, args.dtype, task="match", **common.load_options(args)
+    )
     image = load_image(args.image, args.max_pixels)
     itm = pipe.match(image, args.texts).tolist()
     itc = pipe.similarity(image, args.texts)[0].tolist()

@@ -1,17 +1,19 @@
 """`blip2 search --model M QUERY INPUTS...`: rank images (a folder, globs, shards, lists) for a text.
 
 Every image is embedded once (ITC, batched, decoded by loader workers); the best `--rerank` by ITC are
-re-scored with ITM and put first. Prints `rank  itm  itc  image` lines (`--json`: JSON lines).
-Images that cannot be read are reported on stderr and left out.
+re-scored with ITM and put first, ordered by ITM positive logit + ITC cosine (`rerank_score`, the score
+retrieval evaluation ranks by). Prints `rank  score  itm  itc  image` lines (`--json`: JSON lines).
+Images that cannot be read are reported on stderr and left out (exit status 1).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from blip2.commands import common
+
+EXIT_SOME_FAILED = 1  # some images could not be read (see `blip2.cli`)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rerank", type=int, default=32, help="ITC candidates re-ranked by ITM (default 32)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     parser.add_argument("--workers", type=int, default=0, help="processes decoding images (default 0)")
-    parser.add_argument("--json", action="store_true", help="JSON lines: {rank, image, itm, itc}")
+    parser.add_argument("--json", action="store_true", help="JSON lines: {rank, image, score, itm, itc}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,16 +34,26 @@ def run(args: argparse.Namespace) -> int:
     from blip2.errors import UserError
 
     common.show_notices()
+    if not args.query.strip():  # before the folder is embedded
+        raise UserError("the query is empty: give the text to search for")
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be 1 or more, not {args.top_k}")
+    if args.rerank < 0 or args.batch_size < 1 or args.workers < 0:
+        raise UserError("--rerank and --workers must be 0 or more and --batch-size 1 or more")
     items = batch.expand_inputs(args.inputs)
     if not items:
         raise UserError("the inputs hold no images (folders and globs count .jpg, .png, ... files only)")
-    pipe = common.load_pipeline(args.model, args.device, args.dtype, task="search")
+    pipe = common.load_pipeline(
+        args.model, args.device, args.dtype, task="search", **common.load_options(args)
+    )
     keys: list[str] = []
     feats: list[torch.Tensor] = []
+    skipped = 0
     for chunk in batch.loader(items, pipe.image_processor, args.batch_size, args.workers, args.max_pixels):
         good = [(k, px) for k, px, _ in chunk if px is not None]
         for _, _, err in chunk:
             if err is not None:
+                skipped += 1
                 print(f"skipped: {err}", file=sys.stderr)
         if good:
             keys += [k for k, _ in good]
@@ -54,17 +66,18 @@ def run(args: argparse.Namespace) -> int:
     dataset = batch.ImageItems(
         [by_key[keys[h.index]] for h in candidates], pipe.image_processor, args.max_pixels
     )
-    itm: dict[int, float] = {}
-    if candidates:
-        pixels = torch.stack([dataset[i][1] for i in range(len(candidates))])
-        probs = pipe.match_pixels(pixels, [args.query] * len(candidates)).tolist()
-        itm = {h.index: p for h, p in zip(candidates, probs, strict=True)}
-    ranked = sorted(candidates, key=lambda h: -itm[h.index]) + by_itc[len(candidates) :]
+    reranked = []
+    for start in range(0, len(candidates), args.batch_size):
+        part = candidates[start : start + args.batch_size]
+        pixels = torch.stack([dataset[start + i][1] for i in range(len(part))])
+        reranked += pipe.rerank_pixels(pixels, args.query, [h.index for h in part], [h.itc for h in part])
+    ranked = sorted(reranked, key=lambda h: -h.score) + by_itc[len(candidates) :]
     for rank, hit in enumerate(ranked[: args.top_k], 1):
-        p = itm.get(hit.index)
         if args.json:
-            rec = {"rank": rank, "image": keys[hit.index], "itm": p, "itc": round(hit.itc, 6)}
-            print(json.dumps(rec, ensure_ascii=False))
+            rec = {"rank": rank, "image": keys[hit.index], "score": hit.score, "itm": hit.itm}
+            print(batch.json_line({**rec, "itc": round(hit.itc, 6)}), end="")
         else:
-            print(f"{rank:3d}  {'  -   ' if p is None else f'{p:.4f}'}  {hit.itc:+.4f}  {keys[hit.index]}")
-    return 0
+            score, p = ("   -   ", "  -   ") if hit.itm is None else (f"{hit.score:+.4f}", f"{hit.itm:.4f}")
+            name = keys[hit.index].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            print(f"{rank:3d}  {score}  {p}  {hit.itc:+.4f}  {name}")  # --json keeps any name exactly
+    return EXIT_SOME_FAILED if skipped else 0

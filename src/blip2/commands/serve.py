@@ -53,6 +53,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, before any model loads, a port out of range or one another program listens on."""
+    import errno
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port must be between 1 and 65535, not {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host} is not an address of this machine ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(
+                    f"port {port} on {host} is already in use: stop what listens there or give another --port"
+                ) from None
+            raise UserError(
+                f"cannot listen on {host}:{port} ({e.strerror}): give another --host or --port"
+            ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -60,7 +86,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("the server needs its extras: pip install 'blip2[serve]'") from None
     from blip2.serve import ServerSettings, create_app
 
-    pipes = [common.load_pipeline(m, args.device, args.dtype) for m in args.model]
+    check_port(args.host, args.port)
+
+    pipes = [
+        common.load_pipeline(m, args.device, args.dtype, **common.load_options(args)) for m in args.model
+    ]
     settings = ServerSettings(
         max_upload_mb=args.max_upload_mb,
         max_pixels=args.max_pixels,

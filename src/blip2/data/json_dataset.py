@@ -41,18 +41,20 @@ class JsonDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         epoch, index = item
         skipped: Counter[str] = Counter()
+        first = ""
         for k in range(self.max_substitutes):
             j = (index + k) % len(self.records)
             try:
                 sample = self.pre.load(self.records[j], sample_seed(self.seed, epoch, j))
             except BadSample as e:
                 skipped[e.reason] += 1
+                first = first or str(e)
                 continue
             sample["skipped"] = dict(skipped)
             return sample
         raise UserError(
             f"{self.max_substitutes} records in a row after #{index} could not be used "
-            f"({dict(skipped)}); check the images and annotations"
+            f"({dict(skipped)}, the first: {first}); check the images (data.images) and annotations"
         )
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -355,6 +355,13 @@ ItmScorer = Callable[[Tensor, Tensor], Tensor]
 
 
 @torch.no_grad()
+def rerank_score(itm_logit: Tensor, itc: Tensor) -> Tensor:
+    """The score ITM re-ranking orders candidates by: the ITM head's positive logit plus the ITC cosine
+    (LAVIS's `compute_sim_matrix`). Retrieval evaluation and `Pipeline.search` / `blip2 search` both
+    rank by it."""
+    return itm_logit.float() + itc.float()
+
+
 def rerank_rows(
     sims: Tensor,
     itm_scores: Callable[[Tensor, Tensor], Tensor],
@@ -365,8 +372,8 @@ def rerank_rows(
 ) -> Tensor:
     """Re-score the ITC top-k candidates of some query rows with ITM.
 
-    For each row r the k candidates c with the highest `sims[r, c]` get `itm(r, c) + sims[r, c]`
-    (the ITM positive logit plus the ITC cosine, as LAVIS's `compute_sim_matrix`); the others keep
+    For each row r the k candidates c with the highest `sims[r, c]` get `rerank_score`: `itm(r, c) +
+    sims[r, c]` (the ITM positive logit plus the ITC cosine, as LAVIS's `compute_sim_matrix`); the others keep
     their ITC order below all of them (shifted down), so the ranking changes only inside the top k.
 
     Args:
@@ -393,7 +400,7 @@ def rerank_rows(
     for start in range(0, row_idx.numel(), batch_size):
         stop = start + batch_size
         itm[start:stop] = itm_scores(row_idx[start:stop], cand_idx[start:stop]).float().to(sims.device)
-    top_score = itm.view(n_rows, k) + top_sim  # (R, k)
+    top_score = rerank_score(itm.view(n_rows, k), top_sim)  # (R, k)
     out = sub.clone()
     if k < n_cand:  # push the rest below the re-ranked top k, keeping their ITC order
         inside = torch.zeros_like(sub, dtype=torch.bool).scatter_(1, top_idx, True)

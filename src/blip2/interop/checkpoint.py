@@ -213,7 +213,7 @@ def load_lavis(
     if not has_vision:
         if vision_weights is None:
             raise UserError(
-                f"{path.name} holds no image encoder: pass vision_weights= the LAVIS file "
+                f"{path.name} holds no image encoder: pass --vision-weights (vision_weights= in blip2.load) the LAVIS file "
                 f"{lavis.VISION_FILES.get(config.vision.model_type, 'of the image encoder')}"
             )
         base, _ = read_state_dict(vision_weights)
@@ -223,7 +223,9 @@ def load_lavis(
         if any(k.startswith(lavis.llm_prefixes(config)[1] + ".") for k in state):
             raise UserError(f"{path.name} holds LLM weights; this loader takes the LLM from its own folder")
         if llm_path is None:
-            raise UserError(f"{path.name} holds no LLM: pass llm= the transformers folder or hub id of it")
+            raise UserError(
+                f"{path.name} holds no LLM: pass --llm (llm= in blip2.load) the transformers folder or hub id of it"
+            )
         config = dataclasses.replace(config, llm=pretrained_llm_config(llm_path, config.llm))
         llm_state, _ = read_state_dict(llm_path)
     model = build_model(config)

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from blip2.devices import check_device
 from blip2.losses import Gather
 
 
@@ -57,6 +58,8 @@ def setup(device: str | None = None, timeout_s: int = 1800) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is not None:
+        check_device(device)  # `train.device=cuda` on a CPU machine: one sentence
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

@@ -80,7 +80,10 @@ def _load_saved(path: str) -> nn.Module:
         from blip2.pipeline import load
     except ImportError:
         raise UserError("model.init_from needs blip2.load, which this install lacks") from None
-    loaded = load(path)
+    try:
+        loaded = load(path)
+    except UserError as e:  # say which setting named it
+        raise UserError(f"model.init_from: {e}") from None
     return getattr(loaded, "model", loaded)
 
 
@@ -118,6 +121,11 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     from blip2.models.blip2 import Stage1Model
 
     m = cfg.model
+    bert = None
+    if m.qformer_init and m.init_from is None:  # fetch (or fail) before building a large model
+        from blip2.interop.bert import read_bert_state_dict
+
+        bert = read_bert_state_dict(m.qformer_init)
     if m.init_from is not None:
         model = _load_saved(m.init_from)
         if m.overrides:
@@ -163,7 +171,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     if m.qformer_init:
         from blip2.interop.bert import init_qformer_from_bert
 
-        init_qformer_from_bert(model.qformer, m.qformer_init)
+        init_qformer_from_bert(model.qformer, bert if bert is not None else m.qformer_init)
     return model
 
 
@@ -172,7 +180,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
 def text_spec(cfg: TrainConfig, section: DataSection, config: Blip2Config) -> TextSpec:
     """How the task's texts are tokenized (see `blip2.data.batching`)."""
-    from blip2.tokenizers import llm_tokenizer, qformer_tokenizer
+    from blip2.tokenizers import qformer_tokenizer
 
     if cfg.stage == 1:
         tok = qformer_tokenizer(cfg.model.tokenizer or config.tokenizer)
@@ -185,13 +193,33 @@ def text_spec(cfg: TrainConfig, section: DataSection, config: Blip2Config) -> Te
     prompt = section.prompt if section.prompt is not None else (llm.prompt if cfg.task == "caption" else "")
     return TextSpec(
         mode,
-        llm_tokenizer(name),
+        _llm_tokenizer(name, llm),
         max_len=section.max_len,
         prompt=prompt,
         eos_text=llm.eos_text,
         vqa_template=llm.vqa_template,
         prefix_split=cfg.task == "stage2" and mode == "seq2seq",
     )
+
+
+def _llm_tokenizer(name: str, llm: LLMConfig) -> Any:
+    """The LLM's tokenizer for training; anything missing is one sentence naming the setting."""
+    from blip2.tokenizers import llm_tokenizer
+
+    if name in PRESETS and not getattr(preset(name).llm, "name", ""):
+        vocab = llm.hf_config.get("vocab_size", "its")
+        raise UserError(
+            f"model.llm {name!r} is a small random LLM without a tokenizer: set model.llm_tokenizer to a "
+            f"tokenizer folder whose ids fit its {vocab}-token vocabulary"
+        )
+    try:
+        return llm_tokenizer(name)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"could not load the LLM tokenizer {name!r} ({reason}): set model.llm_tokenizer to a local "
+            "tokenizer folder, or connect to the Hugging Face hub"
+        ) from None
 
 
 def preprocessor(
@@ -274,6 +302,8 @@ def make_loader(
         )
         stream.check(section.num_workers)
         return _worker_errors(iter(DataLoader(stream, batch_size=None, **common)))
+    if section.images and not os.path.isdir(section.images) and pre.features is None:
+        raise UserError(f"the image folder {section.images} does not exist: check data.images")
     records = load_records(section.kind, section.path, section.images, section.split, section.questions)
     ds = JsonDataset(records, pre, seed=seed)
     cursor = start.sample or (0, 0)
