@@ -317,29 +317,49 @@ def make_loader(
 
     def with_cursor() -> Iterator[dict[str, Any]]:
         at = sampler.start
-        for batch in loader:
-            at = sampler.advance(at)
-            batch["cursor"] = at  # where the next global batch starts
-            yield batch
+        try:
+            for batch in loader:
+                at = sampler.advance(at)
+                batch["cursor"] = at  # where the next global batch starts
+                yield batch
+        finally:
+            loader.close()
 
     return with_cursor()
 
 
 def _worker_errors(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Batches, with a `UserError` raised in a DataLoader worker (which arrives wrapped in the worker's
-    traceback text) turned back into its own one sentence."""
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except UserError as e:
-            text = str(e).strip()
-            if not text.startswith("Caught "):
-                raise
-            last = text.splitlines()[-1]
-            raise UserError(last.split(": ", 1)[1] if ": " in last else last) from None
-        yield batch
+    traceback text) turned back into its own one sentence. Closing it stops the workers at once."""
+    try:
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except UserError as e:
+                text = str(e).strip()
+                if not text.startswith("Caught "):
+                    raise
+                last = text.splitlines()[-1]
+                raise UserError(last.split(": ", 1)[1] if ": " in last else last) from None
+            yield batch
+    finally:
+        _stop_workers(batches)
+
+
+def _stop_workers(batches: Iterator[dict[str, Any]]) -> None:
+    """Shut a DataLoader iterator's workers down now. Workers ignore SIGTERM (see `_worker_init`), so
+    one stuck in a read is killed: left to Python's exit, which terminates and then joins its daemon
+    processes, it would hang the process after an error."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is None:
+        return
+    shutdown()
+    for w in getattr(batches, "_workers", []):
+        if w.is_alive():
+            w.kill()
+            w.join()
 
 
 def _worker_init(worker_id: int) -> None:
@@ -637,70 +657,76 @@ def _train(
         D.barrier()
         return path
 
-    while step < total:
-        optimizer.zero_grad(set_to_none=True)
-        step_keys: list[str] = []
-        for micro in range(t.grad_accum):
-            batch = next(batches)
-            position.update(batch)
-            step_keys.extend(batch.get("keys", []))
-            window.update({f"skipped_{k}": v for k, v in batch.get("skipped", {}).items()})
-            inputs = _to_device(batch, info.device)
-            gen = torch.Generator(device=info.device).manual_seed(sample_seed(t.seed, "itm", step, micro))
-            sync = micro == t.grad_accum - 1 or not info.distributed
-            with ddp.no_sync() if not sync else contextlib.nullcontext():
-                loss, parts = forward_loss(ddp, inputs, cfg.stage, gather, gen)
-                scaler.scale(loss / t.grad_accum).backward()
-            window["loss"] += loss.item() / t.grad_accum
-            for k, v in parts.items():
-                window[k] += v.item() / t.grad_accum
-            window_samples += batch["size"]
-        scaler.unscale_(optimizer)
-        if cfg.optim.grad_clip > 0:
-            window["grad_norm"] += float(
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip
+    try:
+        while step < total:
+            optimizer.zero_grad(set_to_none=True)
+            step_keys: list[str] = []
+            for micro in range(t.grad_accum):
+                batch = next(batches)
+                position.update(batch)
+                step_keys.extend(batch.get("keys", []))
+                window.update({f"skipped_{k}": v for k, v in batch.get("skipped", {}).items()})
+                inputs = _to_device(batch, info.device)
+                gen = torch.Generator(device=info.device).manual_seed(sample_seed(t.seed, "itm", step, micro))
+                sync = micro == t.grad_accum - 1 or not info.distributed
+                with ddp.no_sync() if not sync else contextlib.nullcontext():
+                    loss, parts = forward_loss(ddp, inputs, cfg.stage, gather, gen)
+                    scaler.scale(loss / t.grad_accum).backward()
+                window["loss"] += loss.item() / t.grad_accum
+                for k, v in parts.items():
+                    window[k] += v.item() / t.grad_accum
+                window_samples += batch["size"]
+            scaler.unscale_(optimizer)
+            if cfg.optim.grad_clip > 0:
+                window["grad_norm"] += float(
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip
+                    )
                 )
-            )
-        lr = scheduler.lr
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        step += 1
-        steps_this_session += 1
-        window_steps += 1
+            lr = scheduler.lr
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            steps_this_session += 1
+            window_steps += 1
 
-        metrics: dict[str, float] = {}
-        if step % t.log_every == 0 or step == total:
-            metrics = _reduce_window(window, window_steps, window_samples, window_start, info)
-            for k in [k for k in metrics if k.startswith("skipped_")]:
-                skipped_total[k[len("skipped_") :]] += int(metrics[k])
-            run_samples += int(metrics.pop("_samples"))
-            metrics.update(step=step, lr=lr, skipped_total=sum(skipped_total.values()), progress=step / total)
-            last_loss = metrics["loss"]
-            log.write(metrics)
-            if bar is not None:
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.4f}",
-                    sps=f"{metrics['samples_per_s']:.1f}",
-                    skipped=metrics["skipped_total"],
+            metrics: dict[str, float] = {}
+            if step % t.log_every == 0 or step == total:
+                metrics = _reduce_window(window, window_steps, window_samples, window_start, info)
+                for k in [k for k in metrics if k.startswith("skipped_")]:
+                    skipped_total[k[len("skipped_") :]] += int(metrics[k])
+                run_samples += int(metrics.pop("_samples"))
+                metrics.update(
+                    step=step, lr=lr, skipped_total=sum(skipped_total.values()), progress=step / total
                 )
-            window, window_steps, window_samples, window_start = Counter(), 0, 0, time.perf_counter()
-        if bar is not None:
-            bar.update(1)
-        if evaluate is not None and (step % t.eval_every == 0 or step == total):
-            result = evaluate(ddp, gather)
-            log.write({"step": step, **result})
-        for hook in hooks:
-            extra = hook(StepInfo(step, total, model, metrics, info, step_keys))
-            if extra:
-                log.write({"step": step, **extra})
-        stop_signal = stop.agreed(info)
-        done = step == total or (stop_after and steps_this_session >= stop_after) or stop_signal
-        if (t.save_every and step % t.save_every == 0) or done:
-            last_ckpt = save_checkpoint()
-        if done:
-            break
+                last_loss = metrics["loss"]
+                log.write(metrics)
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{metrics['loss']:.4f}",
+                        sps=f"{metrics['samples_per_s']:.1f}",
+                        skipped=metrics["skipped_total"],
+                    )
+                window, window_steps, window_samples, window_start = Counter(), 0, 0, time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+            if evaluate is not None and (step % t.eval_every == 0 or step == total):
+                result = evaluate(ddp, gather)
+                log.write({"step": step, **result})
+            for hook in hooks:
+                extra = hook(StepInfo(step, total, model, metrics, info, step_keys))
+                if extra:
+                    log.write({"step": step, **extra})
+            stop_signal = stop.agreed(info)
+            done = step == total or (stop_after and steps_this_session >= stop_after) or stop_signal
+            if (t.save_every and step % t.save_every == 0) or done:
+                last_ckpt = save_checkpoint()
+            if done:
+                break
+
+    finally:
+        batches.close()  # its workers stop now, on an error too
 
     if bar is not None:
         bar.close()
@@ -773,6 +799,7 @@ def _evaluator(cfg: TrainConfig, config: Blip2Config, info: D.DistInfo, tower: n
                 gen = torch.Generator(device=info.device).manual_seed(sample_seed(cfg.train.seed, "eval", i))
                 loss, _ = forward_loss(model, inputs, cfg.stage, gather, gen)
                 total, n = total + loss.item(), n + 1
+        batches.close()
         model.train()
         s = D.all_reduce_sum([total, float(n)], info.device)
         return {"eval_loss": s[0] / max(s[1], 1)}
