@@ -86,6 +86,30 @@ def llm_dtype(llm: nn.Module) -> torch.dtype:
     return llm.get_input_embeddings().weight.dtype
 
 
+def start_token_id(llm: nn.Module) -> int | None:
+    """The token generation starts from when there is no prompt (None: the queries alone).
+
+    The LM's BOS (`config.bos_token_id`, else its generation config's), as transformers' BLIP-2 and
+    LAVIS's empty prompt give. transformers 5.x configs no longer carry a default BOS: a T5/FlanT5
+    config has none at all, and an encoder-decoder LM then starts from its EOS, the one token its
+    tokenizer makes of an empty prompt (LAVIS's `t5_tokenizer("")`; the BLIP-2 conversion sets
+    `bos_token_id` to that same id).
+    """
+    generation = getattr(llm, "generation_config", None)
+    for source in (llm.config, generation):
+        bos = getattr(source, "bos_token_id", None)
+        if bos is not None:
+            return int(bos)
+    if not is_encoder_decoder(llm):
+        return None
+    eos = getattr(llm.config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(generation, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return None if eos is None else int(eos)
+
+
 def forward_accepts(llm: nn.Module, name: str) -> bool:
     """Whether the LM's forward takes the argument `name` (e.g. `position_ids`, which decoder-only
     models get derived from the mask here, or `logits_to_keep`)."""

@@ -369,7 +369,8 @@ class Stage2Model(nn.Module):
         """Generate text for images, optionally continuing a prompt; returns the new token ids only.
 
         The prompt (decoder-only: after the queries; encoder-decoder: in the encoder after the queries)
-        defaults to the LM's BOS, as LAVIS's empty prompt and transformers' BLIP-2 give. Batched prompts
+        defaults to the LM's BOS, as LAVIS's empty prompt and transformers' BLIP-2 give (an encoder-decoder
+        LM without one, e.g. FlanT5: its EOS; see `language.start_token_id`). Batched prompts
         may be padded on either side (the padding is moved where each LM kind needs it). All other
         arguments go to the LM's `generate` under transformers' names: `num_beams`, `do_sample`,
         `temperature`, `top_p`, `max_new_tokens` (default 30), `min_new_tokens`, `length_penalty`,
@@ -396,7 +397,7 @@ class Stage2Model(nn.Module):
         prefix = self._generation_prefix(pixel_values, image_features, graphed)  # (B, Q, E), once per image
         b, q = prefix.shape[:2]
         if input_ids is None:
-            bos = self.llm.config.bos_token_id
+            bos = language.start_token_id(self.llm)
             input_ids = torch.full(
                 (b, 0 if bos is None else 1),
                 0 if bos is None else bos,
