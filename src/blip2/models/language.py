@@ -110,6 +110,17 @@ def start_token_id(llm: nn.Module) -> int | None:
     return None if eos is None else int(eos)
 
 
+def position_limit(llm: nn.Module) -> int | None:
+    """The most positions the LM reads: its `max_position_embeddings` (GPT-2's `n_positions`), the size
+    of a learned position table (OPT, GPT-2) or the context a rotary model was made for (Llama, Qwen);
+    None for relative position buckets, which have no limit (T5/FlanT5)."""
+    config = llm.config
+    if getattr(config, "relative_attention_num_buckets", None) is not None:
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
 def forward_accepts(llm: nn.Module, name: str) -> bool:
     """Whether the LM's forward takes the argument `name` (e.g. `position_ids`, which decoder-only
     models get derived from the mask here, or `logits_to_keep`)."""

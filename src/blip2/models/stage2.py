@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from blip2 import losses
 from blip2.config import Blip2Config, LLMConfig
+from blip2.errors import UserError
 from blip2.models import decode, language
 from blip2.models.encoders import ImageEncoder
 from blip2.models.graphs import GraphCache
@@ -355,6 +356,36 @@ class Stage2Model(nn.Module):
         cache = _PREFIX_GRAPHS.setdefault(self, GraphCache())
         return cache(run, x, tensors, extra=(image_features is not None, self.autocast_dtype))
 
+    def check_generation_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse (`UserError`, one sentence) a generation longer than the LLM reads: the soft prompt
+        (one position per query), `prompt_tokens` of text and `max_new_tokens` against the LLM's
+        position limit (`language.position_limit`; an encoder-decoder LM reads the first two in its
+        encoder and writes the new tokens, after its start token, in its decoder)."""
+        limit = language.position_limit(self.llm)
+        if limit is None:
+            return
+        q = self.config.qformer.num_query_tokens
+        inputs = q + prompt_tokens
+        need = inputs if self.is_encoder_decoder else inputs + max_new_tokens
+        if need > limit:
+            what = f"the {q} image queries and the {prompt_tokens}-token prompt"
+            room = limit - (0 if self.is_encoder_decoder else inputs)
+            if self.is_encoder_decoder or room < 1:
+                raise UserError(
+                    f"the language model reads at most {limit} positions, but {what} take {inputs}: "
+                    "shorten the prompt"
+                )
+            raise UserError(
+                f"the language model reads at most {limit} positions, but {what} with "
+                f"max_new_tokens={max_new_tokens} need {need}: ask for at most {room} new tokens "
+                "or shorten the prompt"
+            )
+        if self.is_encoder_decoder and 1 + max_new_tokens > limit:
+            raise UserError(
+                f"the language model's decoder reads at most {limit} positions: ask for at most "
+                f"{limit - 1} new tokens, not {max_new_tokens}"
+            )
+
     @torch.no_grad()
     def generate(
         self,
@@ -384,6 +415,10 @@ class Stage2Model(nn.Module):
             input_ids: `(B, L)` prompt ids, or `(1, L)` for one prompt shared by all images.
             attention_mask: `(B, L)` prompt padding mask.
             decode_mode: overrides `self.decode_mode` for this call.
+
+        Raises:
+            UserError: the queries, the prompt and `max_new_tokens` need more positions than the LLM
+                reads (`check_generation_length`).
 
         Returns:
             `(B * num_return_sequences, T)` new token ids; rows that end early are padded with the
@@ -420,6 +455,8 @@ class Stage2Model(nn.Module):
         if "max_new_tokens" not in kwargs and "max_length" not in kwargs:
             kwargs["max_new_tokens"] = 30
 
+        if "max_new_tokens" in kwargs:  # before the LM fails on a position past its table
+            self.check_generation_length(input_ids.shape[1], int(kwargs["max_new_tokens"]))
         if self.is_encoder_decoder:
             embeds, mask = self._encoder_inputs(prefix, input_ids, attention_mask)
         else:
