@@ -58,7 +58,12 @@ def build_llm(cfg: LLMConfig) -> nn.Module:
     `from_pretrained`, passed to the model instead.
     """
     hf_cfg = transformers_config(cfg)
-    return auto_class(hf_cfg).from_config(hf_cfg, attn_implementation="sdpa")
+    llm = auto_class(hf_cfg).from_config(hf_cfg, attn_implementation="sdpa")
+    if hf_cfg.is_encoder_decoder:
+        # one input table for encoder and decoder, as T5/FlanT5 checkpoints hold it: in transformers 5.x
+        # `tie_word_embeddings=False` unties the encoder's and decoder's tables too, not only the LM head
+        llm.set_input_embeddings(llm.get_input_embeddings())
+    return llm
 
 
 def freeze(llm: nn.Module, dtype: str | torch.dtype | None = None) -> nn.Module:
