@@ -111,3 +111,26 @@ def test_static_caches_are_bounded_and_freed_with_the_model():
     del model
     gc.collect()
     assert llm() is None and _live_static_caches() == before
+
+
+# ------------------------------------------------------- a FlanT5 folder as transformers saves it
+
+
+def test_a_t5_folder_saved_by_transformers_loads_for_stage2_training_with_its_input_table(tmp_path):
+    """transformers 5.x saves a T5's one input table as `shared.weight` only; the encoder and decoder
+    must read it (not freshly initialized tables of their own)."""
+    from transformers import T5ForConditionalGeneration
+
+    from blip2.train.loop import _llm_for_stage2
+
+    hf = tiny_hf.randomize(T5ForConditionalGeneration(tiny_hf.text_config("t5")), seed=4).eval()
+    hf.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.lm_head.weight))  # FlanT5's own head
+    hf.config.tie_word_embeddings = False
+    hf.save_pretrained(tmp_path / "flan")
+    _, llm = _llm_for_stage2(str(tmp_path / "flan"), None)
+    ids = torch.tensor([[5, 6, 7, 1]])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, decoder_input_ids=torch.tensor([[0, 8, 9]])).logits
+        got = llm.eval()(input_ids=ids, decoder_input_ids=torch.tensor([[0, 8, 9]])).logits
+    assert torch.equal(llm.encoder.embed_tokens.weight, hf.shared.weight)
+    assert torch.allclose(got, ref, atol=1e-5)

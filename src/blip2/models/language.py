@@ -58,10 +58,17 @@ def build_llm(cfg: LLMConfig) -> nn.Module:
     `from_pretrained`, passed to the model instead.
     """
     hf_cfg = transformers_config(cfg)
-    llm = auto_class(hf_cfg).from_config(hf_cfg, attn_implementation="sdpa")
-    if hf_cfg.is_encoder_decoder:
-        # one input table for encoder and decoder, as T5/FlanT5 checkpoints hold it: in transformers 5.x
-        # `tie_word_embeddings=False` unties the encoder's and decoder's tables too, not only the LM head
+    return tie_input_embeddings(auto_class(hf_cfg).from_config(hf_cfg, attn_implementation="sdpa"))
+
+
+def tie_input_embeddings(llm: nn.Module) -> nn.Module:
+    """An encoder-decoder LM's encoder and decoder read its one shared input table (T5/FlanT5).
+
+    transformers 5.x unties them along with the LM head when `tie_word_embeddings=False` (FlanT5's
+    separate head), and a folder transformers saved holds `shared.weight` only: loaded untied, the
+    encoder's and decoder's tables would stay random. Decoder-only LMs are returned as they are.
+    """
+    if is_encoder_decoder(llm):
         llm.set_input_embeddings(llm.get_input_embeddings())
     return llm
 
