@@ -33,7 +33,6 @@ def short_captioner(tmp_path_factory) -> str:
 # ------------------------------------------------------------------------------ item 11: position limit
 
 
-@pytest.mark.slow  # a subprocess that imports torch and transformers: about 30 s on a loaded machine
 def test_cli_refuses_more_new_tokens_than_the_lm_has_positions_with_one_sentence(short_captioner, tmp_path):
     image = uh.make_images(tmp_path, 1)[0]
     out = tmp_path / "captions.jsonl"
