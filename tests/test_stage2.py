@@ -296,8 +296,10 @@ def test_batched_greedy_scores_equal_one_by_one():
         for i, r in enumerate(prompts):
             single = model.generate(px[i : i + 1], torch.tensor([r]), **kw)
             assert torch.equal(batched.sequences[i, : single.sequences.shape[1]], single.sequences[0])
+            # float32 rounding of a padded batch, amplified by the lively weights (scores about 10; T5's
+            # unscaled attention differs by up to 3e-4 over seeds); a pad leaking in changes them by O(1)
             for step, scores in enumerate(single.scores):
-                torch.testing.assert_close(batched.scores[step][i], scores[0], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(batched.scores[step][i], scores[0], atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", KINDS)

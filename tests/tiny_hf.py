@@ -124,9 +124,12 @@ def text_config(kind: str) -> OPTConfig | T5Config:
 
 
 def generation_model(
-    kind: str, shape: str = "a", seed: int = 0
+    kind: str, shape: str = "a", seed: int = 0, text: transformers.PretrainedConfig | None = None
 ) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
-    """A random `Blip2ForConditionalGeneration` (OPT or T5 LM) and its processor."""
+    """A random `Blip2ForConditionalGeneration` (OPT or T5 LM) and its processor.
+
+    `text`: another LM config (GPT-2, Llama, a T5 without BOS, ...) instead of `text_config(kind)`;
+    `kind` still picks the tokenizer ("opt": BOS first, "t5": EOS appended) and the T5 LM head."""
     tok = word_tokenizer(kind)
     image_processor = BlipImageProcessorPil(
         size={"height": SHAPES[shape]["image"], "width": SHAPES[shape]["image"]}
@@ -139,7 +142,7 @@ def generation_model(
     config = Blip2Config(
         vision_config=vision,
         qformer_config=qformer,
-        text_config=text_config(kind),
+        text_config=text if text is not None else text_config(kind),
         num_query_tokens=SHAPES[shape]["queries"],
         image_token_index=image_token,
     )

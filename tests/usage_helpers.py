@@ -36,9 +36,10 @@ def full_word_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def save_captioner(path: Path, seed: int = CAPTIONER_SEED) -> Path:
-    """A tiny random OPT captioner (16 px images, 8 queries) saved in transformers' layout."""
-    model, processor = tiny_hf.generation_model("opt", "a", seed=seed)
+def save_captioner(path: Path, seed: int = CAPTIONER_SEED, text: object | None = None) -> Path:
+    """A tiny random OPT captioner (16 px images, 8 queries) saved in transformers' layout; `text`: another
+    decoder-only LM config (e.g. fewer positions) with the same vocabulary and special ids."""
+    model, processor = tiny_hf.generation_model("opt", "a", seed=seed, text=text)
     size = tiny_hf.SHAPES["a"]["image"]
     processor = Blip2Processor(
         image_processor=BlipImageProcessorPil(size={"height": size, "width": size}),

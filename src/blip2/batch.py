@@ -474,6 +474,7 @@ def caption_items(
 
     options = {**CAPTION_DEFAULTS, **generate_options}
     check_generation_options(options)  # before any file is touched
+    pipe.check_generation_length([pipe.config.llm.prompt if prompt is None else prompt], options)
     start = time.perf_counter()
     wait = barrier or (lambda: None)
     prompt = pipe.config.llm.prompt if prompt is None else prompt

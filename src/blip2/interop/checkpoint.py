@@ -269,12 +269,13 @@ def load_pretrained_llm(llm_path: Path, llm_config: LLMConfig) -> nn.Module:
     from blip2.models import language
 
     hf_cfg = language.transformers_config(llm_config)
-    return language.auto_class(hf_cfg).from_pretrained(
+    llm = language.auto_class(hf_cfg).from_pretrained(
         str(llm_path),
         config=hf_cfg,
         dtype=language.torch_dtype(llm_config.dtype),
         attn_implementation="sdpa",
     )
+    return language.tie_input_embeddings(llm)  # the saved `shared.weight` for T5's encoder and decoder
 
 
 def save_lavis(model: nn.Module) -> dict[str, Tensor]:

@@ -17,7 +17,8 @@ GPT-2 and T5 LMs, batched with left padding). `supports` says which `generate` o
 anything else (beams, sampling, scores, streamers, ...) goes to transformers.
 
 Static cache (decoder-only LMs): with `static=True` the cache is a transformers `StaticCache` sized to
-the prompt plus `max_new_tokens`, and every decode step has the same shapes; with `compile=True` (CUDA
+the prompt plus `max_new_tokens` (kept per LM, batch, length, dtype and device, at most `STATIC_CACHES`
+of them), and every decode step has the same shapes; with `compile=True` (CUDA
 only) that step is compiled with `torch.compile(mode="reduce-overhead")`, i.e. replayed as a CUDA graph.
 """
 
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -82,6 +85,9 @@ CHECK_EVERY = {"cuda": 8}
 # about a sixth of a small LM's step on one CPU thread (None: every guard, as torch.compile does)
 GUARD_FILTER = getattr(torch.compiler, "keep_tensor_guards_unsafe", None)
 _CONFIG_DEFAULTS = {"min_new_tokens": None, "repetition_penalty": 1.0, "max_length": 20}
+# static caches kept per LM (each holds the keys and values of `batch x length` positions per layer)
+STATIC_CACHES = 4
+_STATIC_CACHES: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, Any]] = weakref.WeakKeyDictionary()
 
 
 def supports(llm: nn.Module, options: dict[str, Any]) -> bool:
@@ -309,14 +315,12 @@ def _greedy_static(
     llm: nn.Module, embeds: Tensor, mask: Tensor, steps: int, select: _Selector, compile: bool
 ) -> Tensor:
     """Decoder-only decoding over a `StaticCache`: fixed-shape steps (a full-length mask buffer)."""
-    from transformers import StaticCache
-
     b, p = mask.shape
     total = p + steps
     cache_key, extra = _cache_key(llm), _lm_kwargs(llm)
     takes_positions = "position_ids" in _forward_params(type(llm))
     total = -(-total // 32) * 32  # rounded up: fewer distinct shapes to compile
-    cache = _static_cache(llm, b, total, StaticCache)
+    cache = _static_cache(llm, b, total, embeds.dtype, embeds.device)
     full = torch.zeros(b, total, dtype=mask.dtype, device=mask.device)  # filled in place, never reshaped
     full[:, :p] = mask
     pos = position_ids(mask)
@@ -347,16 +351,33 @@ def _greedy_static(
     return select.trim(torch.stack(tokens, dim=1))
 
 
-def _static_cache(llm: nn.Module, batch: int, length: int, cls: type) -> Any:
-    """One `StaticCache` per LM, batch and length, reset and reused: a compiled step then sees the same
-    (static-address) cache tensors on every call instead of recording a new graph."""
-    caches = llm.__dict__.setdefault("_blip2_static_caches", {})
-    cache = caches.get((batch, length))
+def _static_cache(llm: nn.Module, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> Any:
+    """A `StaticCache` per LM, batch, length, dtype and device, reset and reused: a compiled step then
+    sees the same (static-address) cache tensors on every call instead of recording a new graph.
+
+    The caches of an LM are kept outside it (weakly keyed: they go when the LM goes, and never travel in
+    its state or its copies), at most `STATIC_CACHES` of them, the least recently used dropped first.
+    Their tensors take the dtype and device of the first call, hence the key: after `model.to(...)` the
+    LM gets new ones.
+    """
+    from transformers import StaticCache
+
+    caches = _STATIC_CACHES.setdefault(llm, OrderedDict())
+    key = (batch, length, dtype, torch.device(device))
+    cache = caches.pop(key, None)
     if cache is None:
-        cache = caches[(batch, length)] = cls(config=llm.config, max_cache_len=length)
+        cache = StaticCache(config=llm.config, max_cache_len=length)
     else:
         cache.reset()
+    caches[key] = cache  # now the most recently used
+    while len(caches) > STATIC_CACHES:
+        caches.popitem(last=False)
     return cache
+
+
+def static_cache_keys(llm: nn.Module) -> list[tuple]:
+    """The `(batch, length, dtype, device)` of the static caches kept for `llm`, oldest first."""
+    return list(_STATIC_CACHES.get(llm, ()))
 
 
 def _decode_step(

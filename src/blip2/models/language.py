@@ -58,7 +58,19 @@ def build_llm(cfg: LLMConfig) -> nn.Module:
     `from_pretrained`, passed to the model instead.
     """
     hf_cfg = transformers_config(cfg)
-    return auto_class(hf_cfg).from_config(hf_cfg, attn_implementation="sdpa")
+    return tie_input_embeddings(auto_class(hf_cfg).from_config(hf_cfg, attn_implementation="sdpa"))
+
+
+def tie_input_embeddings(llm: nn.Module) -> nn.Module:
+    """An encoder-decoder LM's encoder and decoder read its one shared input table (T5/FlanT5).
+
+    transformers 5.x unties them along with the LM head when `tie_word_embeddings=False` (FlanT5's
+    separate head), and a folder transformers saved holds `shared.weight` only: loaded untied, the
+    encoder's and decoder's tables would stay random. Decoder-only LMs are returned as they are.
+    """
+    if is_encoder_decoder(llm):
+        llm.set_input_embeddings(llm.get_input_embeddings())
+    return llm
 
 
 def freeze(llm: nn.Module, dtype: str | torch.dtype | None = None) -> nn.Module:
@@ -84,6 +96,41 @@ def embedding_width(llm: nn.Module) -> int:
 
 def llm_dtype(llm: nn.Module) -> torch.dtype:
     return llm.get_input_embeddings().weight.dtype
+
+
+def start_token_id(llm: nn.Module) -> int | None:
+    """The token generation starts from when there is no prompt (None: the queries alone).
+
+    The LM's BOS (`config.bos_token_id`, else its generation config's), as transformers' BLIP-2 and
+    LAVIS's empty prompt give. transformers 5.x configs no longer carry a default BOS: a T5/FlanT5
+    config has none at all, and an encoder-decoder LM then starts from its EOS, the one token its
+    tokenizer makes of an empty prompt (LAVIS's `t5_tokenizer("")`; the BLIP-2 conversion sets
+    `bos_token_id` to that same id).
+    """
+    generation = getattr(llm, "generation_config", None)
+    for source in (llm.config, generation):
+        bos = getattr(source, "bos_token_id", None)
+        if bos is not None:
+            return int(bos)
+    if not is_encoder_decoder(llm):
+        return None
+    eos = getattr(llm.config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(generation, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return None if eos is None else int(eos)
+
+
+def position_limit(llm: nn.Module) -> int | None:
+    """The most positions the LM reads: its `max_position_embeddings` (GPT-2's `n_positions`), the size
+    of a learned position table (OPT, GPT-2) or the context a rotary model was made for (Llama, Qwen);
+    None for relative position buckets, which have no limit (T5/FlanT5)."""
+    config = llm.config
+    if getattr(config, "relative_attention_num_buckets", None) is not None:
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
 
 
 def forward_accepts(llm: nn.Module, name: str) -> bool:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from blip2 import losses
 from blip2.config import Blip2Config, LLMConfig
+from blip2.errors import UserError
 from blip2.models import decode, language
 from blip2.models.encoders import ImageEncoder
 from blip2.models.graphs import GraphCache
@@ -355,6 +356,36 @@ class Stage2Model(nn.Module):
         cache = _PREFIX_GRAPHS.setdefault(self, GraphCache())
         return cache(run, x, tensors, extra=(image_features is not None, self.autocast_dtype))
 
+    def check_generation_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse (`UserError`, one sentence) a generation longer than the LLM reads: the soft prompt
+        (one position per query), `prompt_tokens` of text and `max_new_tokens` against the LLM's
+        position limit (`language.position_limit`; an encoder-decoder LM reads the first two in its
+        encoder and writes the new tokens, after its start token, in its decoder)."""
+        limit = language.position_limit(self.llm)
+        if limit is None:
+            return
+        q = self.config.qformer.num_query_tokens
+        inputs = q + prompt_tokens
+        need = inputs if self.is_encoder_decoder else inputs + max_new_tokens
+        if need > limit:
+            what = f"the {q} image queries and the {prompt_tokens}-token prompt"
+            room = limit - (0 if self.is_encoder_decoder else inputs)
+            if self.is_encoder_decoder or room < 1:
+                raise UserError(
+                    f"the language model reads at most {limit} positions, but {what} take {inputs}: "
+                    "shorten the prompt"
+                )
+            raise UserError(
+                f"the language model reads at most {limit} positions, but {what} with "
+                f"max_new_tokens={max_new_tokens} need {need}: ask for at most {room} new tokens "
+                "or shorten the prompt"
+            )
+        if self.is_encoder_decoder and 1 + max_new_tokens > limit:
+            raise UserError(
+                f"the language model's decoder reads at most {limit} positions: ask for at most "
+                f"{limit - 1} new tokens, not {max_new_tokens}"
+            )
+
     @torch.no_grad()
     def generate(
         self,
@@ -369,7 +400,8 @@ class Stage2Model(nn.Module):
         """Generate text for images, optionally continuing a prompt; returns the new token ids only.
 
         The prompt (decoder-only: after the queries; encoder-decoder: in the encoder after the queries)
-        defaults to the LM's BOS, as LAVIS's empty prompt and transformers' BLIP-2 give. Batched prompts
+        defaults to the LM's BOS, as LAVIS's empty prompt and transformers' BLIP-2 give (an encoder-decoder
+        LM without one, e.g. FlanT5: its EOS; see `language.start_token_id`). Batched prompts
         may be padded on either side (the padding is moved where each LM kind needs it). All other
         arguments go to the LM's `generate` under transformers' names: `num_beams`, `do_sample`,
         `temperature`, `top_p`, `max_new_tokens` (default 30), `min_new_tokens`, `length_penalty`,
@@ -384,6 +416,10 @@ class Stage2Model(nn.Module):
             attention_mask: `(B, L)` prompt padding mask.
             decode_mode: overrides `self.decode_mode` for this call.
 
+        Raises:
+            UserError: the queries, the prompt and `max_new_tokens` need more positions than the LLM
+                reads (`check_generation_length`).
+
         Returns:
             `(B * num_return_sequences, T)` new token ids; rows that end early are padded with the
             pad id after their EOS. With `return_dict_in_generate=True`, transformers' output object
@@ -396,7 +432,7 @@ class Stage2Model(nn.Module):
         prefix = self._generation_prefix(pixel_values, image_features, graphed)  # (B, Q, E), once per image
         b, q = prefix.shape[:2]
         if input_ids is None:
-            bos = self.llm.config.bos_token_id
+            bos = language.start_token_id(self.llm)
             input_ids = torch.full(
                 (b, 0 if bos is None else 1),
                 0 if bos is None else bos,
@@ -419,6 +455,8 @@ class Stage2Model(nn.Module):
         if "max_new_tokens" not in kwargs and "max_length" not in kwargs:
             kwargs["max_new_tokens"] = 30
 
+        if "max_new_tokens" in kwargs:  # before the LM fails on a position past its table
+            self.check_generation_length(input_ids.shape[1], int(kwargs["max_new_tokens"]))
         if self.is_encoder_decoder:
             embeds, mask = self._encoder_inputs(prefix, input_ids, attention_mask)
         else:
