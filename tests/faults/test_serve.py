@@ -199,6 +199,7 @@ def test_empty_questions_and_bad_generation_lengths_get_one_sentence(served, sma
         ("caption", {"min_new_tokens": -1}, "min_new_tokens must be 0 or more (got -1)"),
         ("caption", {"max_new_tokens": "3.5"}, "max_new_tokens must be a whole number, not '3.5'"),
         ("caption", {"repetition_penalty": "x"}, "repetition_penalty must be a number, not 'x'"),
+        ("caption", {"max_new_tokens": 200}, "the language model reads at most 128 positions"),
     ]
     for endpoint, data, words in cases:
         status, detail = post(endpoint, data)
