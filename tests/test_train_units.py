@@ -146,7 +146,7 @@ def test_two_ranks_split_each_global_batch_of_one_process():
     r1 = iter(GlobalBatchSampler(20, 4, rank=1, world_size=2, seed=3))
     for _ in range(5):  # crosses epochs (2 global batches each)
         assert next(one) == next(r0) + next(r1)
-    resumed = iter(GlobalBatchSampler(20, 8, seed=3, start_step=3))
+    resumed = iter(GlobalBatchSampler(20, 8, seed=3, start=(1, 8)))  # step 3: epoch 1, sample 8
     fresh = iter(GlobalBatchSampler(20, 8, seed=3))
     batches = [next(fresh) for _ in range(4)]
     assert next(resumed) == batches[3]
