@@ -3,6 +3,8 @@ and the saved models load and work through `blip2.load`."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 
@@ -32,13 +34,20 @@ METRICS = (
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> tuple[str, dict]:
+def demo_run(tmp_path_factory) -> tuple[str, dict, str]:
     from blip2.cli import main
 
     out = str(tmp_path_factory.mktemp("demo"))
-    assert main(["demo", "--quick", "--out", out, "--seed", "0"]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--quick", "--out", out, "--seed", "0"]) == 0
     with open(os.path.join(out, "report.json")) as f:
-        return out, json.load(f)
+        return out, json.load(f), printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run) -> tuple[str, dict]:
+    return demo_run[:2]
 
 
 def test_report_has_every_phase_metric_and_chance_level(demo):
@@ -56,6 +65,53 @@ def test_report_has_every_phase_metric_and_chance_level(demo):
     assert report["dataset"]["test_images"] >= 200
     for name in ("report.md", "figure.png", "model/blip2_config.json", "model_stage1/blip2_config.json"):
         assert os.path.isfile(os.path.join(out, name)), name
+
+
+def test_time_per_phase_and_threads_are_printed_and_reported(demo_run):
+    """A slow phase is visible as it happens (wall and CPU seconds printed after each phase) and in the
+    report, with the threads the run used."""
+    import torch
+
+    out, report, printed = demo_run
+    assert report["threads"]["torch_threads"] == torch.get_num_threads()
+    assert "omp_wait_policy" in report["threads"]
+    assert f"{torch.get_num_threads()} CPU threads" in printed.splitlines()[0]
+    for phase in PHASES:
+        assert report["cpu_seconds"][phase] >= 0
+        line = next(x for x in printed.splitlines() if x.strip().startswith(f"{phase}:"))
+        assert f"{report['seconds'][phase]:.1f} s wall" in line and "s CPU" in line, line
+    with open(os.path.join(out, "report.md")) as f:
+        md = f.read()
+    assert f"{torch.get_num_threads()} CPU threads" in md
+    assert f"| stage1 | {report['seconds']['stage1']:.1f} | {report['cpu_seconds']['stage1']:.1f} |" in md
+
+
+def test_vqa_is_scored_per_question_kind_beside_the_language_models_ceiling(demo):
+    """Where the VQA errors are: accuracy per question kind, its chance level, and what the frozen LM
+    answers from each test image's true description (the most a soft prompt can get out of it)."""
+    _, report = demo
+    n = report["dataset"]["test_questions"]
+    for part in ("metrics", "ablation_no_stage1", "lm_from_true_description"):
+        scores = report[part]
+        per_kind = {k: scores[f"vqa_accuracy_{k}"] for k in W.QUESTIONS if f"vqa_accuracy_{k}" in scores}
+        assert set(per_kind) == set(W.QUESTIONS), (part, per_kind)
+        assert all(0.0 <= v <= 1.0 for v in per_kind.values())
+        # the overall accuracy is the per-kind accuracies weighted by how many questions of each kind
+        assert min(per_kind.values()) <= scores["vqa_accuracy"] <= max(per_kind.values())
+    for kind, answers in W.ANSWERS.items():
+        assert report["chance"][f"vqa_accuracy_{kind}"] == pytest.approx(1 / len(answers))
+    assert n >= 400
+
+
+def test_quick_report_and_figure_say_only_the_full_run_captions(demo):
+    """--quick trains too little to caption: its report says so plainly instead of showing wrong captions
+    as if they were the result."""
+    from blip2.demo.report import QUICK_NOTE
+
+    out, report = demo
+    assert report["quick"] is True
+    with open(os.path.join(out, "report.md")) as f:
+        assert QUICK_NOTE in f.read()
 
 
 def test_every_loss_falls(demo):

@@ -246,8 +246,16 @@ def grammar_texts(vqa_template: str, caption_prompt: str) -> list[str]:
     return texts
 
 
-def encode_documents(tokenizer, docs: Sequence[tuple[str, str]]) -> tuple[Tensor, Tensor]:
-    """`first <s> rest </s>` ids, right padded: `(N, L)` ids and mask."""
+def encode_documents(tokenizer, docs: Sequence[tuple[str, str]]) -> tuple[Tensor, Tensor, Tensor]:
+    """`first <s> rest </s>` ids, right padded: `(N, L)` ids, mask and labels.
+
+    The labels (-100 = no loss) cover `<s> rest </s>` only: the LM learns to continue a description,
+    not to predict one. The soft prompt takes the description's place, so predicting it buys nothing,
+    and it costs: after `on the` the description goes on with `left` or `right` equally often, and
+    with tied input/output embeddings that loss pulls such interchangeable words together until the
+    tiny LM cannot tell them apart (trained on every token, it answered "left" for every object on
+    the right, in questions and captions alike).
+    """
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     firsts = tokenizer([f for f, _ in docs], add_special_tokens=False)["input_ids"]
     rests = tokenizer([r for _, r in docs], add_special_tokens=False)["input_ids"]
@@ -255,10 +263,12 @@ def encode_documents(tokenizer, docs: Sequence[tuple[str, str]]) -> tuple[Tensor
     length = max(map(len, seqs))
     ids = torch.full((len(seqs), length), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
+    labels = torch.full_like(ids, -100)
+    for i, (s, first) in enumerate(zip(seqs, firsts, strict=True)):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    return ids, mask
+        labels[i, len(first) : len(s)] = ids[i, len(first) : len(s)]
+    return ids, mask, labels
 
 
 def gpt2_config(tokenizer, layers: int = 4, width: int = 128, heads: int = 4) -> dict:
@@ -297,8 +307,7 @@ def pretrain_lm(
     cfg = gpt2_config(tokenizer)
     cfg.pop("model_type")
     lm = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
-    ids, mask = encode_documents(tokenizer, docs)
-    labels = ids.masked_fill(mask == 0, -100)
+    ids, mask, labels = encode_documents(tokenizer, docs)
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = _warmup_cosine(opt, steps, warmup=max(1, steps // 20))
     gen = torch.Generator().manual_seed(seed)
@@ -322,6 +331,40 @@ def pretrain_lm(
     lm.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return PretrainResult(out_dir, losses, time.perf_counter() - start, {})
+
+
+@torch.no_grad()
+def lm_answers(lm, tokenizer, firsts: Sequence[str], prompts: Sequence[str], num_beams: int = 1) -> list[str]:
+    """What the language model alone answers after `first <s> prompt` (the true description in place of
+    the soft prompt): the ceiling of what a soft prompt can get out of it. Generated as the pipeline
+    does (beams, at most 10 new tokens), in groups of equal length (no padding)."""
+    bos = tokenizer.bos_token_id
+    seqs = [
+        tokenizer(f, add_special_tokens=False).input_ids
+        + [bos]
+        + tokenizer(p, add_special_tokens=False).input_ids
+        for f, p in zip(firsts, prompts, strict=True)
+    ]
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(seqs):
+        groups.setdefault(len(s), []).append(i)
+    out = [""] * len(seqs)
+    lm.eval()
+    for length, idx in groups.items():
+        ids = torch.tensor([seqs[i] for i in idx])
+        new = lm.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            num_beams=num_beams,
+            max_new_tokens=10,
+            min_new_tokens=1,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )[:, length:]
+        for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
+            out[i] = text.strip()
+    return out
 
 
 def _warmup_cosine(opt: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
