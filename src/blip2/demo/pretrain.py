@@ -9,7 +9,8 @@
   scene's description and a second part that the first determines (a paraphrase after the caption
   prompt, or a question in the model's VQA template with its answer), joined by the BOS token:
   `a large red circle on the left . <s> caption : there is a large red circle on the left </s>` or
-  `... . <s> question : what colour is the circle ? answer : red </s>`. In stage 2 the Q-Former's soft
+  `... . <s> question : what colour is the circle ? answer : red </s>`, with the loss on the part
+  after the description only (`encode_documents` says why). In stage 2 the Q-Former's soft
   prompt takes the place of the description, exactly: the description has as many tokens as the
   Q-Former has queries (`description`), so `<s>` and the text prompt after the soft prompt sit where
   the LM always saw them. A tiny LM reads the description by position (shifted by one token, its
@@ -211,7 +212,12 @@ def description(scene: W.Scene) -> str:
 
 
 def lm_corpus(
-    n_docs: int, vqa_template: str, caption_prompt: str, seed: int, p_caption: float = 0.5
+    n_docs: int,
+    vqa_template: str,
+    caption_prompt: str,
+    seed: int,
+    p_caption: float = 0.5,
+    question_weights: dict[str, float] | None = None,
 ) -> list[tuple[str, str]]:
     """Text-only documents `(first, rest)`: a scene's `description`, then a paraphrase after the
     caption prompt (probability `p_caption`), or a question in the VQA template with its answer. The
@@ -221,13 +227,15 @@ def lm_corpus(
     rng = random.Random(seed)
     scenes = W.World().scenes
     kinds = list(W.QUESTIONS)
+    question_weights = question_weights or {}
     docs = []
     for _ in range(n_docs):
         scene = rng.choice(scenes)
         if rng.random() < p_caption:
             rest = f"{caption_prompt} {rng.choice(W.captions(scene))}"
         else:
-            q, a = W.question(scene, rng.choice(kinds), rng)
+            kind = rng.choices(kinds, weights=[question_weights.get(k, 1.0) for k in kinds])[0]
+            q, a = W.question(scene, kind, rng)
             rest = W.vqa_text(vqa_template, q, a)
         docs.append((description(scene), rest))
     return docs
