@@ -3,6 +3,8 @@ and the saved models load and work through `blip2.load`."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 
@@ -32,13 +34,20 @@ METRICS = (
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> tuple[str, dict]:
+def demo_run(tmp_path_factory) -> tuple[str, dict, str]:
     from blip2.cli import main
 
     out = str(tmp_path_factory.mktemp("demo"))
-    assert main(["demo", "--quick", "--out", out, "--seed", "0"]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--quick", "--out", out, "--seed", "0"]) == 0
     with open(os.path.join(out, "report.json")) as f:
-        return out, json.load(f)
+        return out, json.load(f), printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run) -> tuple[str, dict]:
+    return demo_run[:2]
 
 
 def test_report_has_every_phase_metric_and_chance_level(demo):
@@ -56,6 +65,53 @@ def test_report_has_every_phase_metric_and_chance_level(demo):
     assert report["dataset"]["test_images"] >= 200
     for name in ("report.md", "figure.png", "model/blip2_config.json", "model_stage1/blip2_config.json"):
         assert os.path.isfile(os.path.join(out, name)), name
+
+
+def test_time_per_phase_and_threads_are_printed_and_reported(demo_run):
+    """A slow phase is visible as it happens (wall and CPU seconds printed after each phase) and in the
+    report, with the threads the run used."""
+    import torch
+
+    out, report, printed = demo_run
+    assert report["threads"]["torch_threads"] == torch.get_num_threads()
+    assert "omp_wait_policy" in report["threads"]
+    assert f"{torch.get_num_threads()} CPU threads" in printed.splitlines()[0]
+    for phase in PHASES:
+        assert report["cpu_seconds"][phase] >= 0
+        line = next(x for x in printed.splitlines() if x.strip().startswith(f"{phase}:"))
+        assert f"{report['seconds'][phase]:.1f} s wall" in line and "s CPU" in line, line
+    with open(os.path.join(out, "report.md")) as f:
+        md = f.read()
+    assert f"{torch.get_num_threads()} CPU threads" in md
+    assert f"| stage1 | {report['seconds']['stage1']:.1f} | {report['cpu_seconds']['stage1']:.1f} |" in md
+
+
+def test_vqa_is_scored_per_question_kind_beside_the_language_models_ceiling(demo):
+    """Where the VQA errors are: accuracy per question kind, its chance level, and what the frozen LM
+    answers from each test image's true description (the most a soft prompt can get out of it)."""
+    _, report = demo
+    n = report["dataset"]["test_questions"]
+    for part in ("metrics", "ablation_no_stage1", "lm_from_true_description"):
+        scores = report[part]
+        per_kind = {k: scores[f"vqa_accuracy_{k}"] for k in W.QUESTIONS if f"vqa_accuracy_{k}" in scores}
+        assert set(per_kind) == set(W.QUESTIONS), (part, per_kind)
+        assert all(0.0 <= v <= 1.0 for v in per_kind.values())
+        # the overall accuracy is the per-kind accuracies weighted by how many questions of each kind
+        assert min(per_kind.values()) <= scores["vqa_accuracy"] <= max(per_kind.values())
+    for kind, answers in W.ANSWERS.items():
+        assert report["chance"][f"vqa_accuracy_{kind}"] == pytest.approx(1 / len(answers))
+    assert n >= 400
+
+
+def test_quick_report_and_figure_say_only_the_full_run_captions(demo):
+    """--quick trains too little to caption: its report says so plainly instead of showing wrong captions
+    as if they were the result."""
+    from blip2.demo.report import QUICK_NOTE
+
+    out, report = demo
+    assert report["quick"] is True
+    with open(os.path.join(out, "report.md")) as f:
+        assert QUICK_NOTE in f.read()
 
 
 def test_every_loss_falls(demo):
@@ -146,3 +202,43 @@ def test_every_description_has_one_token_per_query():
         assert tok.unk_token_id not in ids
     doc = P.encode_documents(tok, P.lm_corpus(1, R.VQA_TEMPLATE, R.CAPTION_PROMPT, seed=0))[0][0]
     assert doc[R.NUM_QUERIES].item() == tok.bos_token_id
+
+
+def test_language_model_learns_only_what_follows_the_description():
+    """The LM's loss starts at `<s>`: predicting the description (which the soft prompt replaces) pulled
+    interchangeable words such as `left` / `right` together."""
+    from blip2.demo import pretrain as P
+    from blip2.demo import run as R
+
+    tok = P.lm_tokenizer(P.grammar_texts(R.VQA_TEMPLATE, R.CAPTION_PROMPT))
+    docs = P.lm_corpus(8, R.VQA_TEMPLATE, R.CAPTION_PROMPT, seed=0)
+    ids, mask, labels = P.encode_documents(tok, docs)
+    for i in range(len(docs)):
+        n = int(mask[i].sum())
+        assert (labels[i, : R.NUM_QUERIES] == -100).all()
+        assert labels[i, R.NUM_QUERIES].item() == tok.bos_token_id
+        assert labels[i, R.NUM_QUERIES : n].tolist() == ids[i, R.NUM_QUERIES : n].tolist()
+        assert (labels[i, n:] == -100).all()
+
+
+@pytest.mark.slow
+def test_language_model_tells_left_from_right(tmp_path):
+    """Pre-trained on text alone with the demo's corpus, the LM answers where the object is and captions
+    it on the right side from the true description (trained on every token, it answered `left` for
+    every object on the right)."""
+    import transformers
+
+    from blip2.demo import pretrain as P
+    from blip2.demo import run as R
+
+    b = R.Budget()
+    tok = P.lm_tokenizer(P.grammar_texts(R.VQA_TEMPLATE, R.CAPTION_PROMPT))
+    docs = P.lm_corpus(b.lm_docs, R.VQA_TEMPLATE, R.CAPTION_PROMPT, seed=0, p_caption=b.lm_p_caption)
+    res = P.pretrain_lm(tok, docs, str(tmp_path), b.lm_steps, b.lm_batch, b.lm_lr, seed=0)
+    lm = transformers.GPT2LMHeadModel.from_pretrained(res.path)
+    scenes = [s for s in W.World().scenes if s.position != "middle" and s.size == "large"]
+    firsts = [P.description(s) for s in scenes]
+    where = [W.vqa_text(R.VQA_TEMPLATE, f"where is the {s.shape}?") for s in scenes]
+    assert P.lm_answers(lm, tok, firsts, where) == [s.position for s in scenes]
+    captions = P.lm_answers(lm, tok, firsts, [R.CAPTION_PROMPT] * len(scenes))
+    assert [W.parse_caption(c).objects[0].get("position") for c in captions] == [s.position for s in scenes]

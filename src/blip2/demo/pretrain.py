@@ -9,7 +9,8 @@
   scene's description and a second part that the first determines (a paraphrase after the caption
   prompt, or a question in the model's VQA template with its answer), joined by the BOS token:
   `a large red circle on the left . <s> caption : there is a large red circle on the left </s>` or
-  `... . <s> question : what colour is the circle ? answer : red </s>`. In stage 2 the Q-Former's soft
+  `... . <s> question : what colour is the circle ? answer : red </s>`, with the loss on the part
+  after the description only (`encode_documents` says why). In stage 2 the Q-Former's soft
   prompt takes the place of the description, exactly: the description has as many tokens as the
   Q-Former has queries (`description`), so `<s>` and the text prompt after the soft prompt sit where
   the LM always saw them. A tiny LM reads the description by position (shifted by one token, its
@@ -211,7 +212,12 @@ def description(scene: W.Scene) -> str:
 
 
 def lm_corpus(
-    n_docs: int, vqa_template: str, caption_prompt: str, seed: int, p_caption: float = 0.5
+    n_docs: int,
+    vqa_template: str,
+    caption_prompt: str,
+    seed: int,
+    p_caption: float = 0.5,
+    question_weights: dict[str, float] | None = None,
 ) -> list[tuple[str, str]]:
     """Text-only documents `(first, rest)`: a scene's `description`, then a paraphrase after the
     caption prompt (probability `p_caption`), or a question in the VQA template with its answer. The
@@ -221,13 +227,15 @@ def lm_corpus(
     rng = random.Random(seed)
     scenes = W.World().scenes
     kinds = list(W.QUESTIONS)
+    question_weights = question_weights or {}
     docs = []
     for _ in range(n_docs):
         scene = rng.choice(scenes)
         if rng.random() < p_caption:
             rest = f"{caption_prompt} {rng.choice(W.captions(scene))}"
         else:
-            q, a = W.question(scene, rng.choice(kinds), rng)
+            kind = rng.choices(kinds, weights=[question_weights.get(k, 1.0) for k in kinds])[0]
+            q, a = W.question(scene, kind, rng)
             rest = W.vqa_text(vqa_template, q, a)
         docs.append((description(scene), rest))
     return docs
@@ -246,8 +254,16 @@ def grammar_texts(vqa_template: str, caption_prompt: str) -> list[str]:
     return texts
 
 
-def encode_documents(tokenizer, docs: Sequence[tuple[str, str]]) -> tuple[Tensor, Tensor]:
-    """`first <s> rest </s>` ids, right padded: `(N, L)` ids and mask."""
+def encode_documents(tokenizer, docs: Sequence[tuple[str, str]]) -> tuple[Tensor, Tensor, Tensor]:
+    """`first <s> rest </s>` ids, right padded: `(N, L)` ids, mask and labels.
+
+    The labels (-100 = no loss) cover `<s> rest </s>` only: the LM learns to continue a description,
+    not to predict one. The soft prompt takes the description's place, so predicting it buys nothing,
+    and it costs: after `on the` the description goes on with `left` or `right` equally often, and
+    with tied input/output embeddings that loss pulls such interchangeable words together until the
+    tiny LM cannot tell them apart (trained on every token, it answered "left" for every object on
+    the right, in questions and captions alike).
+    """
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     firsts = tokenizer([f for f, _ in docs], add_special_tokens=False)["input_ids"]
     rests = tokenizer([r for _, r in docs], add_special_tokens=False)["input_ids"]
@@ -255,10 +271,12 @@ def encode_documents(tokenizer, docs: Sequence[tuple[str, str]]) -> tuple[Tensor
     length = max(map(len, seqs))
     ids = torch.full((len(seqs), length), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
+    labels = torch.full_like(ids, -100)
+    for i, (s, first) in enumerate(zip(seqs, firsts, strict=True)):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    return ids, mask
+        labels[i, len(first) : len(s)] = ids[i, len(first) : len(s)]
+    return ids, mask, labels
 
 
 def gpt2_config(tokenizer, layers: int = 4, width: int = 128, heads: int = 4) -> dict:
@@ -297,8 +315,7 @@ def pretrain_lm(
     cfg = gpt2_config(tokenizer)
     cfg.pop("model_type")
     lm = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
-    ids, mask = encode_documents(tokenizer, docs)
-    labels = ids.masked_fill(mask == 0, -100)
+    ids, mask, labels = encode_documents(tokenizer, docs)
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = _warmup_cosine(opt, steps, warmup=max(1, steps // 20))
     gen = torch.Generator().manual_seed(seed)
@@ -322,6 +339,40 @@ def pretrain_lm(
     lm.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return PretrainResult(out_dir, losses, time.perf_counter() - start, {})
+
+
+@torch.no_grad()
+def lm_answers(lm, tokenizer, firsts: Sequence[str], prompts: Sequence[str], num_beams: int = 1) -> list[str]:
+    """What the language model alone answers after `first <s> prompt` (the true description in place of
+    the soft prompt): the ceiling of what a soft prompt can get out of it. Generated as the pipeline
+    does (beams, at most 10 new tokens), in groups of equal length (no padding)."""
+    bos = tokenizer.bos_token_id
+    seqs = [
+        tokenizer(f, add_special_tokens=False).input_ids
+        + [bos]
+        + tokenizer(p, add_special_tokens=False).input_ids
+        for f, p in zip(firsts, prompts, strict=True)
+    ]
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(seqs):
+        groups.setdefault(len(s), []).append(i)
+    out = [""] * len(seqs)
+    lm.eval()
+    for length, idx in groups.items():
+        ids = torch.tensor([seqs[i] for i in idx])
+        new = lm.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            num_beams=num_beams,
+            max_new_tokens=10,
+            min_new_tokens=1,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )[:, length:]
+        for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
+            out[i] = text.strip()
+    return out
 
 
 def _warmup_cosine(opt: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
