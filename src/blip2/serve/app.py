@@ -14,7 +14,7 @@ POST /search      images (several files), query, top_k? -> {"results": [{index, 
 Batching: requests go to one `Batcher` thread that owns the models. It takes the first waiting job,
 waits up to `batch_wait_ms` for more jobs of the same kind (and the same generation options), and runs
 them as one batch: concurrent users share a forward pass, and each gets exactly the answer a lone
-request would. Limits: request bodies over `max_upload_mb` are refused with 413 (counted as they
+request would (each request is checked on its own first, so one bad request fails alone). Limits: request bodies over `max_upload_mb` are refused with 413 (counted as they
 arrive when there is no Content-Length), images over `max_pixels` with 400, the images of one
 request over `max_request_pixels` together with 400 (read from the image headers, before anything is
 decoded), more than `max_items` images or texts in one request, more than `max_history_turns` turns
@@ -105,9 +105,12 @@ class Batcher:
     """A thread that runs jobs in batches. `run_group(group, payloads) -> results` does the work.
 
     Jobs of the same `group` waiting together (up to `max_batch`, collected for up to `wait_s` after
-    the first) run in one call; results go back through each job's `done` callback. A failing batch
-    fails each of its jobs with the error. At most `max_queue` jobs wait (0: no limit); cancelled jobs
-    do not count and are skipped.
+    the first) run in one call; results go back through each job's `done` callback. Each job is
+    first checked on its own by `prepare(group, payload) -> payload` (when given, in this thread): a
+    job it refuses gets that error alone, and the others run. A batch failing with a `UserError` (the
+    fault of one request, not of the server) runs again one job at a time, so that each job gets its
+    own answer or its own error; a batch failing otherwise fails each of its jobs with the error. At
+    most `max_queue` jobs wait (0: no limit); cancelled jobs do not count and are skipped.
     """
 
     def __init__(
@@ -116,8 +119,10 @@ class Batcher:
         max_batch: int,
         wait_s: float,
         max_queue: int = 0,
+        prepare: Callable[[tuple[Any, ...], Any], Any] | None = None,
     ):
         self.run_group = run_group
+        self.prepare = prepare
         self.max_batch = max(1, max_batch)
         self.wait_s = wait_s
         self.max_queue = max_queue
@@ -193,17 +198,34 @@ class Batcher:
             for j in jobs:
                 j.started = True
             self.waiting -= len(jobs)
-        if not jobs:
-            return
         self.requests += len(jobs)
+        ready = []
+        for j in jobs:  # each job checked on its own: a bad request must not fail the others
+            try:
+                j.payload = j.payload if self.prepare is None else self.prepare(j.group, j.payload)
+            except Exception as e:
+                j.done(None, e)
+                continue
+            ready.append(j)
+        if not ready:
+            return
+        try:
+            self._batch(ready)
+        except UserError:  # one job's fault: each job alone gets its own answer or its own error
+            for j in ready:
+                try:
+                    self._batch([j])
+                except BaseException as e:
+                    j.done(None, e)
+        except BaseException as e:  # each waiting request gets the error
+            for j in ready:
+                j.done(None, e)
+
+    def _batch(self, jobs: list[Job]) -> None:
+        """Run `jobs` as one batch and answer each; raises what the batch raised (nobody answered)."""
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(jobs))
-        try:
-            results = self.run_group(jobs[0].group, [j.payload for j in jobs])
-        except BaseException as e:  # each waiting request gets the error
-            for j in jobs:
-                j.done(None, e)
-            return
+        results = self.run_group(jobs[0].group, [j.payload for j in jobs])
         for j, r in zip(jobs, results, strict=True):
             j.done(r, None)
 
@@ -225,14 +247,27 @@ class Models:
             raise UserError(f"{task} needs {use}: start the server with --model pointing at one")
         return self.by_task[task]
 
+    def prepare(self, group: tuple[Any, ...], payload: Any) -> Any:
+        """Check one job on its own before it is batched (a `UserError` fails it alone): a generation
+        must fit the LLM's positions after its own prompt; /ask's conversation becomes its prompt here
+        (fitted to the pipeline's `max_txt_len` tokens: the tokenizer is this thread's)."""
+        task, options = group[0], dict(group[1])
+        if task == "caption":
+            self.pipe(task).check_generation_length([payload[1]], options)
+        elif task == "ask":
+            image, question, turns = payload
+            prompt = self.pipe(task).conversation_prompt(question, turns)
+            self.pipe(task).check_generation_length([prompt], options)
+            return image, prompt
+        return payload
+
     def run_group(self, group: tuple[Any, ...], payloads: list[Any]) -> list[Any]:
         task, options = group[0], dict(group[1])
         pipe = self.pipe(task)
         if task == "caption":
             return pipe.generate([p[0] for p in payloads], [p[1] for p in payloads], **options)
-        if task == "ask":  # the conversation is tokenized here: the tokenizer is the batcher's too
-            prompts = [pipe.conversation_prompt(question, turns) for _, question, turns in payloads]
-            return pipe.generate([p[0] for p in payloads], prompts, **options)
+        if task == "ask":  # (image, prompt): `prepare` made the conversation a prompt
+            return pipe.generate([p[0] for p in payloads], [p[1] for p in payloads], **options)
         if task == "match":
             itm, itc = pipe.pair_scores([p[0] for p in payloads], [p[1] for p in payloads])
             return list(zip(itm.tolist(), itc.tolist(), strict=True))
@@ -333,7 +368,13 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
 
     settings = settings or ServerSettings()
     models = Models(pipelines)
-    batcher = Batcher(models.run_group, settings.max_batch, settings.batch_wait_ms / 1000, settings.max_queue)
+    batcher = Batcher(
+        models.run_group,
+        settings.max_batch,
+        settings.batch_wait_ms / 1000,
+        settings.max_queue,
+        models.prepare,
+    )
     decoder = ThreadPoolExecutor(max(1, settings.decode_threads), thread_name_prefix="blip2-decode")
     max_bytes = int(settings.max_upload_mb * 1024 * 1024)
 
