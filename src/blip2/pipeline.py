@@ -258,18 +258,22 @@ class Pipeline:
     # ------------------------------------------------------------------------------------- stage 2
 
     def check_generation_length(self, prompts: Sequence[str], generate_options: Mapping[str, Any]) -> None:
-        """Refuse (`UserError`) generation options that, after the longest of `prompts`, need more
-        positions than the LLM reads (`Stage2Model.check_generation_length`), before any image is read."""
+        """Refuse (`UserError`) generation options (`max_new_tokens`, or else `max_length`) that, after
+        the longest of `prompts`, need more positions than the LLM reads
+        (`Stage2Model.check_generation_length`), before any image is read."""
         self._require(2, "generate")
-        most = generate_options.get("max_new_tokens")
-        if most is None or not prompts:
+        if not prompts or all(generate_options.get(k) is None for k in ("max_new_tokens", "max_length")):
             return
         from blip2.models import language
 
         longest = max(len(ids) for ids in self.llm_tokenizer(list(prompts))["input_ids"])
         if longest == 0:  # no prompt: generation starts from the LM's start token, if it has one
             longest = int(language.start_token_id(self.model.llm) is not None)
-        self.model.check_generation_length(min(longest, self.config.llm.max_txt_len), int(most))
+        self.model.check_generation_length(
+            min(longest, self.config.llm.max_txt_len),
+            generate_options.get("max_new_tokens"),
+            generate_options.get("max_length"),
+        )
 
     @torch.no_grad()
     def generate(
