@@ -4,7 +4,7 @@ Endpoints (OpenAPI schema at `/openapi.json`, interactive docs at `/docs`):
 
 ```
 GET  /            the web page: upload an image, get a caption, ask questions
-GET  /health      {"status": "ok", "tasks": [...], "requests": n, "batches": m}
+GET  /health      {"status": "ok", "tasks": [...], "requests": n, "batches": m, "pixels_in_flight": p}
 POST /caption     image (file), prompt?, generation options -> {"caption": str}
 POST /ask         image, question, history? (JSON [[q, a], ...]) -> {"answer": str}
 POST /match       image, text (one or more) -> {"itm": [...], "itc": [...]}
@@ -17,7 +17,8 @@ them as one batch: concurrent users share a forward pass, and each gets exactly 
 request would (each request is checked on its own first, so one bad request fails alone). Limits: request bodies over `max_upload_mb` are refused with 413 (counted as they
 arrive when there is no Content-Length), images over `max_pixels` with 400, the images of one
 request over `max_request_pixels` together with 400 (read from the image headers, before anything is
-decoded), more than `max_items` images or texts in one request, more than `max_history_turns` turns
+decoded), a request finding `max_server_pixels` already decoded or decoding for the requests in
+flight with 503 (before decoding; its pixels count until it is answered), more than `max_items` images or texts in one request, more than `max_history_turns` turns
 and more than `max_text_chars` characters of text with 400, a request finding `max_queue` requests
 already waiting with 503, and requests that take longer than `timeout_s` (decoding their images
 included) with 504 (their job is cancelled: it never runs). User errors are one sentence in
@@ -59,6 +60,9 @@ class ServerSettings:
         max_request_pixels: most pixels of all the images of one request together (400 above), so
             that the memory a request decodes into is bounded (about 3 bytes a pixel), whatever
             number of images it sends; checked from the image headers before decoding.
+        max_server_pixels: most pixels decoded for all the requests in flight together (their images
+            wait in the queue and in the batch): a request that would go beyond gets 503 before its
+            images are decoded; its pixels count from then until it is answered (or times out).
         timeout_s: a request taking longer than this (decoding its images included) gets 504.
         max_batch: most jobs run together.
         batch_wait_ms: how long the batcher waits for more jobs after the first.
@@ -80,6 +84,7 @@ class ServerSettings:
     max_items: int = 64
     max_history_turns: int = 20
     max_request_pixels: int = 100_000_000
+    max_server_pixels: int = 400_000_000
     max_text_chars: int = 10_000
     decode_threads: int = 4
 
@@ -276,6 +281,42 @@ class Models:
         raise UserError(f"unknown task {task}")
 
 
+class PixelBudget:
+    """The pixels decoded for the requests in flight, at most `limit` together (thread-safe)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, pixels: int) -> bool:
+        """Count `pixels` in; False (nothing taken) when that would go beyond the limit."""
+        with self._lock:
+            if self.used + pixels > self.limit:
+                return False
+            self.used += pixels
+            return True
+
+    def give(self, pixels: int) -> None:
+        with self._lock:
+            self.used -= pixels
+
+
+class _Hold:
+    """The pixels one request took from the budget: given back once both its decoding (in the pool)
+    and the request itself (answered, failed or timed out) are over."""
+
+    def __init__(self, budget: PixelBudget):
+        self.budget, self.pixels, self.owners = budget, 0, 2
+        self._lock = threading.Lock()
+
+    def end(self) -> None:
+        with self._lock:
+            self.owners -= 1
+            last = self.owners == 0
+        if last and self.pixels:
+            self.budget.give(self.pixels)
+
+
 class _TooLarge(Exception):
     pass
 
@@ -376,6 +417,7 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
         models.prepare,
     )
     decoder = ThreadPoolExecutor(max(1, settings.decode_threads), thread_name_prefix="blip2-decode")
+    budget = PixelBudget(settings.max_server_pixels)
     max_bytes = int(settings.max_upload_mb * 1024 * 1024)
 
     @asynccontextmanager
@@ -390,6 +432,7 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
         lifespan=lifespan,
     )
     app.state.batcher = batcher
+    app.state.pixel_budget = budget
     app.state.settings = settings
     app.add_middleware(BodyLimit, max_bytes=max_bytes, limit_mb=settings.max_upload_mb)
 
@@ -430,10 +473,17 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
             raise HTTPProblem(400, f"{upload.filename or 'the upload'} is empty: choose an image file")
         return upload.filename or "the image", data
 
-    def decode(files: list[tuple[str, bytes]], stop: threading.Event) -> list[Any]:
+    def decode(files: list[tuple[str, bytes]], stop: threading.Event, hold: _Hold) -> list[Any]:
         """The images of one request, within the pixel limits: the sizes come from the headers first,
-        so that images over a limit are refused before any memory is spent on them. Runs in the
-        decode pool; stops between images once `stop` is set (the request has timed out)."""
+        so that images over a limit are refused before any memory is spent on them, and the pixels are
+        taken from the server's budget (into `hold`) before decoding. Runs in the decode pool; stops
+        between images once `stop` is set (the request has timed out)."""
+        try:
+            return decode_within(files, stop, hold)
+        finally:
+            hold.end()
+
+    def decode_within(files: list[tuple[str, bytes]], stop: threading.Event, hold: _Hold) -> list[Any]:
         per_image = min(settings.max_pixels, settings.max_request_pixels)
         sizes = [_header_size(data) for _, data in files]
         for (name, _), (w, h) in zip(files, sizes, strict=True):
@@ -448,6 +498,19 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
                 f"the {len(files)} images have {total} pixels together, more than the limit of "
                 f"{settings.max_request_pixels} per request: send fewer or smaller images",
             )
+        if total > settings.max_server_pixels:
+            raise HTTPProblem(
+                400,
+                f"the {len(files)} image(s) have {total} pixels together, more than the server's limit of "
+                f"{settings.max_server_pixels}: send fewer or smaller images",
+            )
+        if stop.is_set():
+            raise too_slow()
+        if not budget.take(total):
+            raise HTTPProblem(
+                503, "the server is decoding as many images as it can hold; try again in a moment"
+            )
+        hold.pixels = total
         images = []
         for name, data in files:
             if stop.is_set():
@@ -458,17 +521,32 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
                 raise HTTPProblem(400, str(e).replace("image ", f"{name} ", 1)) from None
         return images
 
-    async def read_images(uploads: list[UploadFile], deadline: float) -> list[Any]:
-        """Read and decode the uploaded images off the event loop, within the request's time."""
+    async def read_images(uploads: list[UploadFile], deadline: float, hold: _Hold) -> list[Any]:
+        """Read and decode the uploaded images off the event loop, within the request's time; their
+        pixels are held in the server's budget until `hold.end()` (the request's)."""
         files = [await read_upload(u) for u in uploads]
         stop = threading.Event()
-        work = asyncio.get_running_loop().run_in_executor(decoder, decode, files, stop)
+        try:
+            work = asyncio.get_running_loop().run_in_executor(decoder, decode, files, stop, hold)
+        except RuntimeError:  # the pool is shut down: the server is stopping
+            hold.end()
+            raise
         try:
             return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             raise too_slow() from None
         finally:
             stop.set()  # timed out or the client went away: decode no further
+
+    @asynccontextmanager
+    async def decoded(uploads: list[UploadFile], deadline: float):  # noqa: ANN202
+        """The request's decoded images, their pixels held in the server's budget until the block ends
+        (the request is answered, fails or times out)."""
+        hold = _Hold(budget)
+        try:
+            yield await read_images(uploads, deadline, hold)
+        finally:
+            hold.end()
 
     async def submit(group: tuple[Any, ...], payload: Any, deadline: float) -> Any:
         loop = asyncio.get_running_loop()
@@ -521,13 +599,15 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        """Liveness and what the server does; `requests` / `batches` count the work batched so far."""
+        """Liveness and what the server does; `requests` / `batches` count the work batched so far,
+        `pixels_in_flight` the decoded pixels the requests in flight hold (`max_server_pixels`)."""
         return {
             "status": "ok",
             "tasks": sorted(models.by_task),
             "requests": batcher.requests,
             "batches": batcher.batches,
             "largest_batch": batcher.largest_batch,
+            "pixels_in_flight": budget.used,
         }
 
     @app.post("/caption")
@@ -553,8 +633,8 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
             length_penalty=length_penalty,
         )
         group = ("caption", options(CAPTION_DEFAULTS, given))
-        [pil] = await read_images([image], deadline)
-        return {"caption": await submit(group, (pil, text), deadline)}
+        async with decoded([image], deadline) as [pil]:
+            return {"caption": await submit(group, (pil, text), deadline)}
 
     @app.post("/ask")
     async def ask(
@@ -584,8 +664,8 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
         is_t5 = pipe.model.is_encoder_decoder
         defaults = {**ASK_DEFAULTS, "length_penalty": -1.0 if is_t5 else 0.0}
         group = ("ask", options(defaults, dict(num_beams=num_beams, max_new_tokens=max_new_tokens)))
-        [pil] = await read_images([image], deadline)
-        return {"answer": await submit(group, (pil, question, turns), deadline)}
+        async with decoded([image], deadline) as [pil]:
+            return {"answer": await submit(group, (pil, question, turns), deadline)}
 
     @app.post("/match")
     async def match(
@@ -599,8 +679,8 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
         if not text or any(not t.strip() for t in text):
             raise HTTPProblem(400, "a text is empty: give some words")
         text_at_most("the texts together", text, "send fewer or shorter texts")
-        [pil] = await read_images([image], deadline)
-        pairs = await asyncio.gather(*(submit(("match", ()), (pil, t), deadline) for t in text))
+        async with decoded([image], deadline) as [pil]:
+            pairs = await asyncio.gather(*(submit(("match", ()), (pil, t), deadline) for t in text))
         return {"itm": [p[0] for p in pairs], "itc": [p[1] for p in pairs]}
 
     @app.post("/search")
@@ -622,10 +702,10 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
                 400,
                 f"top_k must be between 1 and {settings.max_items} and rerank between 0 and {settings.max_items}",
             )
-        pils = await read_images(images, deadline)
-        hits = await submit(
-            ("search", (("request", id(pils)),)), (pils, query, top_k, rerank), deadline
-        )  # never batched
+        async with decoded(images, deadline) as pils:
+            hits = await submit(
+                ("search", (("request", id(pils)),)), (pils, query, top_k, rerank), deadline
+            )  # never batched
         return {
             "results": [
                 {"index": h.index, "filename": images[h.index].filename, "itc": h.itc, "itm": h.itm}
