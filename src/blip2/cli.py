@@ -21,9 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from blip2.errors import InputFailed, UserError
-
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+from blip2.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, InputFailed, UserError
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

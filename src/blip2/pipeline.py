@@ -34,7 +34,7 @@ import json
 import os
 import threading
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -524,16 +524,20 @@ class Pipeline:
         query: str,
         top_k: int = 10,
         rerank: int = 32,
+        pixels: Callable[[list[int]], Tensor] | None = None,
     ) -> list[SearchHit]:
         """Rank images for a text query: ITC similarity over all, then ITM on the best `rerank`, which
         are ordered by ITM positive logit + ITC cosine (`rerank_score`, as retrieval evaluation ranks).
 
         Args:
             images: images, or their `embed_images` output `(N, Q, E)` (an index built once; ranked
-                by ITC alone, as ITM needs the images).
+                by ITC alone, as ITM needs the images, unless `pixels` is given).
             query: the text.
             top_k: hits returned.
             rerank: candidates (the best by ITC) re-scored with ITM; 0 ranks by ITC alone.
+            pixels: with an index for `images`, a function giving the processed `(n, 3, S, S)` pixels
+                of the images at the indices given (`batch_size` at a time, e.g. read again from disk,
+                as `blip2 search` does), so that the candidates are re-ranked by ITM too.
 
         Returns:
             `SearchHit`s, best first: ITM-reranked candidates, then the rest by ITC.
@@ -543,19 +547,23 @@ class Pipeline:
         if top_k < 1 or rerank < 0:
             raise UserError(f"top_k must be 1 or more and rerank 0 or more (got {top_k} and {rerank})")
         if isinstance(images, Tensor) and images.dim() == 3:
-            feats, batch = images, None
+            feats, load = images, pixels
         else:
             batch = self._images(images)
             feats = self.embed_images(batch)
+
+            def load(indices: list[int]) -> Tensor:
+                return self.pixels([batch[i] for i in indices])
+
         itc = self.model.itc_scores(feats.to(self.device), self.embed_texts([query]).to(self.device))
         itc = itc[:, 0].float().cpu()  # (N,)
         order = itc.argsort(descending=True).tolist()
-        n_re = min(rerank, len(order)) if batch is not None else 0
+        n_re = min(rerank, len(order)) if load is not None else 0
         head = order[:n_re]
         hits = []
         for s in self._chunks(len(head)):
             idx = head[s]
-            hits += self.rerank_pixels(self.pixels([batch[i] for i in idx]), query, idx, itc[idx])
+            hits += self.rerank_pixels(load(idx), query, idx, itc[idx])
         hits.sort(key=lambda h: -(h.score or 0.0))
         hits += [SearchHit(i, float(itc[i]), None) for i in order[n_re:]]
         return hits[:top_k]
