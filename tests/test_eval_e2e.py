@@ -251,3 +251,25 @@ def test_eval_refuses_a_model_of_the_wrong_stage(models, tmp_path, capsys):
     ann = fx.coco_karpathy_test(tmp_path)
     assert _eval("caption", "--model", str(itm), "--dataset", str(ann), "--out", str(tmp_path / "o")) == 2
     assert "needs a stage-2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_an_unreadable_image_stops_eval_with_exit_1_naming_it(models, tmp_path, capsys, workers):
+    """Exit 1 (some inputs failed) with one sentence naming the image, in the process or in a loader
+    worker; a missing image stays a usage error (2)."""
+    gen, _, _, _ = models
+    ann = fx.coco_karpathy_test(tmp_path)
+    broken = tmp_path / "coco" / "val2014" / fx.coco_name(fx.COCO_IDS[1])
+    broken.write_bytes(b"not an image")
+    args = ["--model", str(gen), "--dataset", str(ann), "--images", str(tmp_path / "coco"), "--no-java"]
+    capsys.readouterr()
+    code = main(["eval", "caption", *args, "--out", str(tmp_path / "o"), "--workers", workers])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [
+        f"error: cannot evaluate: {broken} is not an image file PIL can read (replace or remove that image "
+        "and rerun)"
+    ]
+    broken.unlink()
+    assert main(["eval", "caption", *args, "--out", str(tmp_path / "o2"), "--workers", workers]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {broken} does not exist: check --images and the annotation file"]

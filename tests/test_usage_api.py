@@ -163,6 +163,23 @@ def test_search_ranks_by_itm_after_itc(retriever, images):
     assert all(abs(h.itm - probs[h.index].item()) < 1e-5 for h in hits[:3])
 
 
+def test_search_over_an_index_re_ranks_with_the_pixels_given(retriever, images):
+    """`blip2 search`'s path: an index of features, the candidates' pixels read again on demand."""
+    index = retriever.embed_images(images)
+    asked: list[list[int]] = []
+
+    def pixels(indices: list[int]):
+        asked.append(list(indices))
+        return retriever.pixels([images[i] for i in indices])
+
+    hits = retriever.search(index, "a dog on a couch", top_k=5, rerank=3, pixels=pixels)
+    expected = retriever.search(images, "a dog on a couch", top_k=5, rerank=3)
+    assert [(h.index, h.score is None) for h in hits] == [(h.index, h.score is None) for h in expected]
+    assert [h.score for h in hits[:3]] == pytest.approx([h.score for h in expected[:3]], abs=1e-5)
+    assert sorted(i for part in asked for i in part) == sorted(h.index for h in hits[:3])
+    assert all(h.itm is None for h in retriever.search(index, "a dog on a couch", top_k=5, rerank=3))
+
+
 def test_text_limits_on_retrieval(retriever, images):
     with pytest.raises(UserError, match="empty"):
         retriever.embed_texts(["a dog", ""])

@@ -143,6 +143,38 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, im
     assert after["largest_batch"] > 1
 
 
+def test_a_bad_request_batched_with_good_ones_fails_alone(server, images):
+    """A request that is refused (its prompt or conversation leaves too few of the LM's 128 positions
+    for 100 new tokens) gets its own 400; the valid requests batched with it get their answers."""
+    options = {"max_new_tokens": 100, "num_beams": 1}
+    long_prompt = " ".join(["w5"] * 25)  # 8 queries + 26 tokens + 100 new > 128 positions
+    long_history = json.dumps([["what is the sky ?", "blue"]] * 2)  # about 28 tokens with the question
+
+    def call(job: tuple[str, Path, dict]) -> tuple[int, str]:
+        endpoint, path, data = job
+        r = httpx.post(
+            f"{server.url}/{endpoint}", files=upload(path), data={**options, **data}, timeout=TIMEOUT
+        )
+        body = r.json()
+        return r.status_code, body.get("detail") or body.get("caption") or body.get("answer")
+
+    good = [("caption", p, {}) for p in images[:3]] + [
+        ("ask", p, {"question": "what ?"}) for p in images[3:5]
+    ]
+    bad = [("caption", images[5], {"prompt": long_prompt})]
+    bad += [("ask", images[5], {"question": "what ?", "history": long_history})]
+    alone = [call(j) for j in good]
+    assert all(status == 200 for status, _ in alone), alone
+    before = httpx.get(server.url + "/health", timeout=TIMEOUT).json()
+    with ThreadPoolExecutor(len(good) + len(bad)) as pool:
+        together = list(pool.map(call, good + bad))
+    after = httpx.get(server.url + "/health", timeout=TIMEOUT).json()
+    assert after["batches"] - before["batches"] < len(good) + len(bad)  # some requests shared a batch
+    assert together[: len(good)] == alone
+    for status, detail in together[len(good) :]:
+        assert status == 400 and detail.startswith("the language model reads at most 128 positions"), detail
+
+
 def test_limits_and_bad_input_get_clear_statuses(server, images, tmp_path):
     big = tmp_path / "big.png"
     big.write_bytes(os.urandom(80_000))  # over the 0.05 MB limit
@@ -217,6 +249,9 @@ class BlockingCaptioner:
         self.release = threading.Event()
         self.ran: list[str] = []
 
+    def check_generation_length(self, prompts, options):
+        pass
+
     def generate(self, images, prompts, **options):
         self.ran += prompts
         self.release.wait(TIMEOUT)
@@ -250,6 +285,30 @@ def test_batcher_skips_cancelled_jobs_and_bounds_its_queue():
     finally:
         fake.release.set()
         batcher.close()
+
+
+def test_a_batch_failing_with_a_user_error_runs_again_one_job_at_a_time():
+    from blip2.errors import UserError
+
+    calls: list[list[str]] = []
+
+    def run_group(group, payloads):
+        calls.append(list(payloads))
+        if "bad" in payloads:
+            raise UserError("bad is not allowed")
+        return [p.upper() for p in payloads]
+
+    answers: dict[str, tuple] = {}
+    batcher = Batcher(run_group, 8, 0.5)
+    try:
+        for p in ["a", "bad", "b"]:
+            batcher.submit(Job(("caption",), p, lambda r, e, p=p: answers.__setitem__(p, (r, e))))
+        wait_until(lambda: len(answers) == 3)
+    finally:
+        batcher.close()
+    assert calls[0] == ["a", "bad", "b"]  # batched, then each alone
+    assert answers["a"] == ("A", None) and answers["b"] == ("B", None)
+    assert answers["bad"][0] is None and str(answers["bad"][1]) == "bad is not allowed"
 
 
 def test_a_timed_out_request_never_runs_and_a_full_queue_gives_503(images):

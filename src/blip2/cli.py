@@ -21,9 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from blip2.errors import UserError
-
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+from blip2.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, InputFailed, UserError
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -127,8 +125,9 @@ def _sentence(e: UserError) -> str:
     worker's traceback in its message, which is cut down to the sentence at its end."""
     text = str(e).strip()
     if "Traceback (most recent call last)" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
+        last = text.splitlines()[-1]  # "module.ExceptionType: sentence"
+        kind, _, rest = last.partition(": ")
+        text = rest if rest and kind.replace(".", "").replace("_", "").isalnum() else last
     return text
 
 
@@ -140,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         apply_threads(args.threads)
         return int(args._module.run(args) or 0)
+    except InputFailed as e:  # the run stopped at an input it cannot use
+        print(f"error: {_sentence(e)}", file=sys.stderr)
+        return EXIT_SOME_FAILED
     except UserError as e:
         print(f"error: {_sentence(e)}", file=sys.stderr)
         return EXIT_USAGE

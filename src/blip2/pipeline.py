@@ -34,7 +34,7 @@ import json
 import os
 import threading
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -258,18 +258,22 @@ class Pipeline:
     # ------------------------------------------------------------------------------------- stage 2
 
     def check_generation_length(self, prompts: Sequence[str], generate_options: Mapping[str, Any]) -> None:
-        """Refuse (`UserError`) generation options that, after the longest of `prompts`, need more
-        positions than the LLM reads (`Stage2Model.check_generation_length`), before any image is read."""
+        """Refuse (`UserError`) generation options (`max_new_tokens`, or else `max_length`) that, after
+        the longest of `prompts`, need more positions than the LLM reads
+        (`Stage2Model.check_generation_length`), before any image is read."""
         self._require(2, "generate")
-        most = generate_options.get("max_new_tokens")
-        if most is None or not prompts:
+        if not prompts or all(generate_options.get(k) is None for k in ("max_new_tokens", "max_length")):
             return
         from blip2.models import language
 
         longest = max(len(ids) for ids in self.llm_tokenizer(list(prompts))["input_ids"])
         if longest == 0:  # no prompt: generation starts from the LM's start token, if it has one
             longest = int(language.start_token_id(self.model.llm) is not None)
-        self.model.check_generation_length(min(longest, self.config.llm.max_txt_len), int(most))
+        self.model.check_generation_length(
+            min(longest, self.config.llm.max_txt_len),
+            generate_options.get("max_new_tokens"),
+            generate_options.get("max_length"),
+        )
 
     @torch.no_grad()
     def generate(
@@ -520,16 +524,20 @@ class Pipeline:
         query: str,
         top_k: int = 10,
         rerank: int = 32,
+        pixels: Callable[[list[int]], Tensor] | None = None,
     ) -> list[SearchHit]:
         """Rank images for a text query: ITC similarity over all, then ITM on the best `rerank`, which
         are ordered by ITM positive logit + ITC cosine (`rerank_score`, as retrieval evaluation ranks).
 
         Args:
             images: images, or their `embed_images` output `(N, Q, E)` (an index built once; ranked
-                by ITC alone, as ITM needs the images).
+                by ITC alone, as ITM needs the images, unless `pixels` is given).
             query: the text.
             top_k: hits returned.
             rerank: candidates (the best by ITC) re-scored with ITM; 0 ranks by ITC alone.
+            pixels: with an index for `images`, a function giving the processed `(n, 3, S, S)` pixels
+                of the images at the indices given (`batch_size` at a time, e.g. read again from disk,
+                as `blip2 search` does), so that the candidates are re-ranked by ITM too.
 
         Returns:
             `SearchHit`s, best first: ITM-reranked candidates, then the rest by ITC.
@@ -539,19 +547,23 @@ class Pipeline:
         if top_k < 1 or rerank < 0:
             raise UserError(f"top_k must be 1 or more and rerank 0 or more (got {top_k} and {rerank})")
         if isinstance(images, Tensor) and images.dim() == 3:
-            feats, batch = images, None
+            feats, load = images, pixels
         else:
             batch = self._images(images)
             feats = self.embed_images(batch)
+
+            def load(indices: list[int]) -> Tensor:
+                return self.pixels([batch[i] for i in indices])
+
         itc = self.model.itc_scores(feats.to(self.device), self.embed_texts([query]).to(self.device))
         itc = itc[:, 0].float().cpu()  # (N,)
         order = itc.argsort(descending=True).tolist()
-        n_re = min(rerank, len(order)) if batch is not None else 0
+        n_re = min(rerank, len(order)) if load is not None else 0
         head = order[:n_re]
         hits = []
         for s in self._chunks(len(head)):
             idx = head[s]
-            hits += self.rerank_pixels(self.pixels([batch[i] for i in idx]), query, idx, itc[idx])
+            hits += self.rerank_pixels(load(idx), query, idx, itc[idx])
         hits.sort(key=lambda h: -(h.score or 0.0))
         hits += [SearchHit(i, float(itc[i]), None) for i in order[n_re:]]
         return hits[:top_k]

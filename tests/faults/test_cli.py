@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -290,6 +291,35 @@ def test_small_usage_errors_are_one_sentence(captioner, retriever, tmp_path, cap
     wrong.mkdir()
     result = blip2_run("train", str(cfg))
     assert result.returncode == 2 and str(wrong / "im00") in one_sentence(result.stderr)
+
+
+def test_a_hub_id_beside_a_folder_named_like_its_owner_still_reaches_the_hub(captioner, tmp_path):
+    """`acme/captioner` (as `Salesforce/blip2-opt-2.7b`) run from a folder that holds an `acme/` folder:
+    still the hub id (served here offline from a hub cache holding the tiny captioner under that id; a
+    Salesforce id would bring that model's conventions); `runs/final` beside `runs/`, in no cache, is a
+    missing path; `./acme/captioner` is a path, never a hub id."""
+    hf = tmp_path / "hf"
+    repo, commit = hf / "hub" / "models--acme--captioner", "0123456789" * 4
+    shutil.copytree(captioner, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    work = tmp_path / "work"
+    (work / "acme").mkdir(parents=True)
+    (work / "runs").mkdir()
+    image = str(uh.make_images(work / "images", 1)[0])
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf)}
+    run = blip2_run("caption", "--model", "acme/captioner", image, cwd=work, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip(), run.stderr[-3000:]
+    run = blip2_run("caption", "--model", "runs/final", image, cwd=work, env=env)
+    assert run.returncode == 2 and one_sentence(run.stderr) == (
+        "error: runs/final does not exist (runs/ holds no final), nor is it in the local Hugging Face cache "
+        "(offline mode is on): check the path, or download the model once while online"
+    )
+    run = blip2_run("caption", "--model", "./acme/captioner", image, cwd=work, env=env)
+    assert run.returncode == 2 and one_sentence(run.stderr) == (
+        "error: ./acme/captioner does not exist: pass an existing folder or checkpoint file, or a hub id"
+    )
 
 
 # ------------------------------------------------------------------------------ item 19: configs

@@ -65,6 +65,22 @@ def test_api_generates_up_to_the_limit_and_refuses_one_token_more(short_captione
     assert isinstance(pipe.caption(image, prompt="a photo", max_new_tokens=53, num_beams=1), str)
 
 
+def test_max_length_instead_of_max_new_tokens_is_checked_against_the_limit_too(short_captioner):
+    pipe = blip2.load(short_captioner)
+    image = tiny_hf.images(1)[0]
+    # transformers' max_length counts the 8 queries and the </s> prompt: 64 leaves 55 new tokens
+    options = {"num_beams": 1, "max_length": POSITIONS, "min_length": POSITIONS}
+    ids = pipe.model.generate(pipe.pixels([image]), **options)
+    assert ids.shape == (1, POSITIONS - QUERIES - 1)
+    pipe.check_generation_length([""], {"max_length": POSITIONS})
+    words = "at most {} positions, .* max_length={} need {}: ask for a max_length of at most {}"
+    with pytest.raises(UserError, match=words.format(POSITIONS, *[POSITIONS + 1] * 2, POSITIONS)):
+        pipe.check_generation_length([""], {"max_length": POSITIONS + 1})
+    too_long = {"num_beams": 1, "max_length": 80, "min_length": 80}  # was an IndexError
+    with pytest.raises(UserError, match=words.format(POSITIONS, 80, 80, POSITIONS)):
+        pipe.generate([image], [""], **too_long)
+
+
 def test_gpt2_limit_is_its_n_positions_and_t5_has_none():
     gpt2 = make("tiny-gpt2").eval()  # n_positions 128
     with pytest.raises(UserError, match="at most 128 positions"):

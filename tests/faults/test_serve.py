@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ pytest.importorskip("uvicorn")
 
 TIMEOUT = 120  # seconds; the machine is shared and loaded
 BUDGET = 30_000_000  # --max-request-pixels of the server under test
+SERVER_BUDGET = 40_000_000  # its --max-server-pixels: one 5000 x 5000 image in flight fits, two do not
 SIDE = 5000  # a 5000 x 5000 image: 25 million pixels, within the budget alone; six are not
 MB = 2**20
 
@@ -51,14 +53,14 @@ def png(side: int, paeth: bool = False) -> bytes:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """`blip2 serve` with a captioner and a retriever, a 30-million-pixel request budget and a
-    2000-character text limit: yields (url, process)."""
+    """`blip2 serve` with a captioner and a retriever, a 30-million-pixel request budget, a 40-million
+    server budget and a 2000-character text limit: yields (url, process)."""
     root = tmp_path_factory.mktemp("served")
     captioner, retriever = uh.save_captioner(root / "captioner"), uh.save_retriever(root / "retriever")
     port = free_port()
     cmd = [sys.executable, "-m", "blip2.cli", "serve", "--model", str(captioner), "--model", str(retriever)]
     cmd += ["--port", str(port), "--max-request-pixels", str(BUDGET), "--max-text-chars", "2000"]
-    cmd += ["--timeout", str(TIMEOUT)]
+    cmd += ["--timeout", str(TIMEOUT), "--max-server-pixels", str(SERVER_BUDGET)]
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -151,6 +153,26 @@ def test_a_slow_decode_does_not_hold_up_health(served):
     assert result["response"].status_code == 200, result["response"].text
     assert len(waits) >= 3, f"the slow request took only {took:.1f} s: nothing to measure"
     assert max(waits) < 1.0, f"/health waited {max(waits):.1f} s while an image was decoded ({took:.1f} s)"
+
+
+def test_concurrent_uploads_beyond_the_server_budget_get_503_before_decoding(served):
+    url, _ = served
+    slow = png(SIDE, paeth=True)  # 25 million pixels, seconds to decode: the requests overlap
+
+    def caption(i: int) -> httpx.Response:
+        files = {"image": (f"slow{i}.png", slow, "image/png")}
+        return httpx.post(url + "/caption", files=files, timeout=TIMEOUT)
+
+    with ThreadPoolExecutor(3) as pool:
+        responses = list(pool.map(caption, range(3)))
+    codes = sorted(r.status_code for r in responses)
+    assert codes[0] == 200 and codes[-1] == 503, [r.text for r in responses]
+    for r in responses:
+        if r.status_code == 503:
+            detail = r.json()["detail"]
+            assert detail == "the server is decoding as many images as it can hold; try again in a moment"
+    assert httpx.get(url + "/health", timeout=TIMEOUT).json()["pixels_in_flight"] == 0  # all given back
+    assert caption(3).status_code == 200  # the budget is free again
 
 
 def test_conversation_length_is_bounded(served, small_image):

@@ -16,9 +16,7 @@ import os
 import sys
 
 from blip2.commands import common
-from blip2.errors import UserError
-
-EXIT_SOME_FAILED = 1  # `blip2.cli.EXIT_SOME_FAILED`: some images have an error line
+from blip2.errors import EXIT_OK, EXIT_SOME_FAILED, UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,4 +119,4 @@ def run(args: argparse.Namespace) -> int:
         + (f"; results in {args.out}" if args.out else ""),
         file=sys.stderr,
     )
-    return EXIT_SOME_FAILED if failed else 0
+    return EXIT_SOME_FAILED if failed else EXIT_OK

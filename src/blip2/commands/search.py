@@ -12,8 +12,7 @@ import argparse
 import sys
 
 from blip2.commands import common
-
-EXIT_SOME_FAILED = 1  # some images could not be read (see `blip2.cli`)
+from blip2.errors import EXIT_OK, EXIT_SOME_FAILED
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,19 +59,15 @@ def run(args: argparse.Namespace) -> int:
             feats.append(pipe.embed_pixels(torch.stack([px for _, px in good])))
     if not keys:
         raise UserError("none of the images could be read")
-    by_itc = pipe.search(torch.cat(feats), args.query, top_k=len(keys), rerank=0)
-    candidates = by_itc[: max(0, args.rerank)]
     by_key = {it.key: it for it in items}
-    dataset = batch.ImageItems(
-        [by_key[keys[h.index]] for h in candidates], pipe.image_processor, args.max_pixels
-    )
-    reranked = []
-    for start in range(0, len(candidates), args.batch_size):
-        part = candidates[start : start + args.batch_size]
-        pixels = torch.stack([dataset[start + i][1] for i in range(len(part))])
-        reranked += pipe.rerank_pixels(pixels, args.query, [h.index for h in part], [h.itc for h in part])
-    ranked = sorted(reranked, key=lambda h: -h.score) + by_itc[len(candidates) :]
-    for rank, hit in enumerate(ranked[: args.top_k], 1):
+
+    def pixels(indices: list[int]) -> torch.Tensor:  # the ITM candidates, read again
+        dataset = batch.ImageItems([by_key[keys[i]] for i in indices], pipe.image_processor, args.max_pixels)
+        return torch.stack([dataset[n][1] for n in range(len(indices))])
+
+    pipe.batch_size = args.batch_size
+    ranked = pipe.search(torch.cat(feats), args.query, top_k=args.top_k, rerank=args.rerank, pixels=pixels)
+    for rank, hit in enumerate(ranked, 1):
         if args.json:
             rec = {"rank": rank, "image": keys[hit.index], "score": hit.score, "itm": hit.itm}
             print(batch.json_line({**rec, "itc": round(hit.itc, 6)}), end="")
@@ -80,4 +75,4 @@ def run(args: argparse.Namespace) -> int:
             score, p = ("   -   ", "  -   ") if hit.itm is None else (f"{hit.score:+.4f}", f"{hit.itm:.4f}")
             name = keys[hit.index].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             print(f"{rank:3d}  {score}  {p}  {hit.itc:+.4f}  {name}")  # --json keeps any name exactly
-    return EXIT_SOME_FAILED if skipped else 0
+    return EXIT_SOME_FAILED if skipped else EXIT_OK

@@ -36,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="most pixels of all the images of one request together (default 100 million: about 300 MB)",
     )
     parser.add_argument(
+        "--max-server-pixels",
+        type=int,
+        default=400_000_000,
+        help="most pixels decoded for all the requests in flight together; beyond it a request gets 503 "
+        "(default 400 million: about 1.2 GB)",
+    )
+    parser.add_argument(
         "--max-text-chars",
         type=int,
         default=10_000,
@@ -95,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb,
         max_pixels=args.max_pixels,
         max_request_pixels=args.max_request_pixels,
+        max_server_pixels=args.max_server_pixels,
         max_text_chars=args.max_text_chars,
         timeout_s=args.timeout,
         max_batch=args.max_batch,

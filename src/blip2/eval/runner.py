@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from blip2.errors import UserError
+from blip2.errors import InputFailed, UserError
 from blip2.eval import metrics
 from blip2.eval.datasets import CaptionSample, RetrievalSet, VqaSample
 from blip2.processing import clean_caption, clean_question, load_image
@@ -96,15 +96,26 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
         yield list(items[start : start + size])
 
 
+def _load_image(path: str) -> Any:
+    """The decoded image; one that cannot be read stops the run with `InputFailed` (exit status 1), a
+    missing one with a `UserError` (exit status 2: `--images` or the annotation file is wrong)."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist: check --images and the annotation file")
+    try:
+        return load_image(path)
+    except UserError as e:
+        raise InputFailed(f"cannot evaluate: {e} (replace or remove that image and rerun)") from None
+
+
 def _load_images(paths: list[str]) -> list[Any]:
-    return [load_image(p) for p in paths]
+    return [_load_image(p) for p in paths]
 
 
 def _images(paths: Sequence[str], batch_size: int, workers: int) -> Iterator[list[Any]]:
     """Decoded images in batches; decoding runs in `workers` background processes when > 0."""
     if workers <= 0:
         for batch in _batches(paths, batch_size):
-            yield [load_image(p) for p in batch]
+            yield _load_images(batch)
         return
     loader = torch.utils.data.DataLoader(
         list(paths), batch_size=batch_size, num_workers=workers, collate_fn=_load_images

@@ -356,16 +356,25 @@ class Stage2Model(nn.Module):
         cache = _PREFIX_GRAPHS.setdefault(self, GraphCache())
         return cache(run, x, tensors, extra=(image_features is not None, self.autocast_dtype))
 
-    def check_generation_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+    def check_generation_length(
+        self, prompt_tokens: int, max_new_tokens: int | None = None, max_length: int | None = None
+    ) -> None:
         """Refuse (`UserError`, one sentence) a generation longer than the LLM reads: the soft prompt
         (one position per query), `prompt_tokens` of text and `max_new_tokens` against the LLM's
         position limit (`language.position_limit`; an encoder-decoder LM reads the first two in its
-        encoder and writes the new tokens, after its start token, in its decoder)."""
+        encoder and writes the new tokens, after its start token, in its decoder). Without
+        `max_new_tokens`, the new tokens are what transformers' `max_length` leaves: it counts the
+        queries and the prompt of a decoder-only LM, and the start token of an encoder-decoder's decoder.
+        """
         limit = language.position_limit(self.llm)
-        if limit is None:
+        if limit is None or (max_new_tokens is None and max_length is None):
             return
         q = self.config.qformer.num_query_tokens
         inputs = q + prompt_tokens
+        by_length = max_new_tokens is None
+        if by_length:
+            max_new_tokens = int(max_length) - (1 if self.is_encoder_decoder else inputs)
+        asked = f"max_length={max_length}" if by_length else f"max_new_tokens={max_new_tokens}"
         need = inputs if self.is_encoder_decoder else inputs + max_new_tokens
         if need > limit:
             what = f"the {q} image queries and the {prompt_tokens}-token prompt"
@@ -375,15 +384,15 @@ class Stage2Model(nn.Module):
                     f"the language model reads at most {limit} positions, but {what} take {inputs}: "
                     "shorten the prompt"
                 )
+            fix = f"a max_length of at most {limit}" if by_length else f"at most {room} new tokens"
             raise UserError(
-                f"the language model reads at most {limit} positions, but {what} with "
-                f"max_new_tokens={max_new_tokens} need {need}: ask for at most {room} new tokens "
-                "or shorten the prompt"
+                f"the language model reads at most {limit} positions, but {what} with {asked} "
+                f"need {need}: ask for {fix} or shorten the prompt"
             )
         if self.is_encoder_decoder and 1 + max_new_tokens > limit:
+            fix = f"a max_length of at most {limit}" if by_length else f"at most {limit - 1} new tokens"
             raise UserError(
-                f"the language model's decoder reads at most {limit} positions: ask for at most "
-                f"{limit - 1} new tokens, not {max_new_tokens}"
+                f"the language model's decoder reads at most {limit} positions: ask for {fix}, not {asked}"
             )
 
     @torch.no_grad()
@@ -417,8 +426,8 @@ class Stage2Model(nn.Module):
             decode_mode: overrides `self.decode_mode` for this call.
 
         Raises:
-            UserError: the queries, the prompt and `max_new_tokens` need more positions than the LLM
-                reads (`check_generation_length`).
+            UserError: the queries, the prompt and `max_new_tokens` (or `max_length`) need more
+                positions than the LLM reads (`check_generation_length`).
 
         Returns:
             `(B * num_return_sequences, T)` new token ids; rows that end early are padded with the
@@ -455,8 +464,10 @@ class Stage2Model(nn.Module):
         if "max_new_tokens" not in kwargs and "max_length" not in kwargs:
             kwargs["max_new_tokens"] = 30
 
-        if "max_new_tokens" in kwargs:  # before the LM fails on a position past its table
-            self.check_generation_length(input_ids.shape[1], int(kwargs["max_new_tokens"]))
+        # before the LM fails on a position past its table
+        self.check_generation_length(
+            input_ids.shape[1], kwargs.get("max_new_tokens"), kwargs.get("max_length")
+        )
         if self.is_encoder_decoder:
             embeds, mask = self._encoder_inputs(prefix, input_ids, attention_mask)
         else:

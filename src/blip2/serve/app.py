@@ -4,7 +4,7 @@ Endpoints (OpenAPI schema at `/openapi.json`, interactive docs at `/docs`):
 
 ```
 GET  /            the web page: upload an image, get a caption, ask questions
-GET  /health      {"status": "ok", "tasks": [...], "requests": n, "batches": m}
+GET  /health      {"status": "ok", "tasks": [...], "requests": n, "batches": m, "pixels_in_flight": p}
 POST /caption     image (file), prompt?, generation options -> {"caption": str}
 POST /ask         image, question, history? (JSON [[q, a], ...]) -> {"answer": str}
 POST /match       image, text (one or more) -> {"itm": [...], "itc": [...]}
@@ -14,10 +14,11 @@ POST /search      images (several files), query, top_k? -> {"results": [{index, 
 Batching: requests go to one `Batcher` thread that owns the models. It takes the first waiting job,
 waits up to `batch_wait_ms` for more jobs of the same kind (and the same generation options), and runs
 them as one batch: concurrent users share a forward pass, and each gets exactly the answer a lone
-request would. Limits: request bodies over `max_upload_mb` are refused with 413 (counted as they
+request would (each request is checked on its own first, so one bad request fails alone). Limits: request bodies over `max_upload_mb` are refused with 413 (counted as they
 arrive when there is no Content-Length), images over `max_pixels` with 400, the images of one
 request over `max_request_pixels` together with 400 (read from the image headers, before anything is
-decoded), more than `max_items` images or texts in one request, more than `max_history_turns` turns
+decoded), a request finding `max_server_pixels` already decoded or decoding for the requests in
+flight with 503 (before decoding; its pixels count until it is answered), more than `max_items` images or texts in one request, more than `max_history_turns` turns
 and more than `max_text_chars` characters of text with 400, a request finding `max_queue` requests
 already waiting with 503, and requests that take longer than `timeout_s` (decoding their images
 included) with 504 (their job is cancelled: it never runs). User errors are one sentence in
@@ -59,6 +60,9 @@ class ServerSettings:
         max_request_pixels: most pixels of all the images of one request together (400 above), so
             that the memory a request decodes into is bounded (about 3 bytes a pixel), whatever
             number of images it sends; checked from the image headers before decoding.
+        max_server_pixels: most pixels decoded for all the requests in flight together (their images
+            wait in the queue and in the batch): a request that would go beyond gets 503 before its
+            images are decoded; its pixels count from then until it is answered (or times out).
         timeout_s: a request taking longer than this (decoding its images included) gets 504.
         max_batch: most jobs run together.
         batch_wait_ms: how long the batcher waits for more jobs after the first.
@@ -80,6 +84,7 @@ class ServerSettings:
     max_items: int = 64
     max_history_turns: int = 20
     max_request_pixels: int = 100_000_000
+    max_server_pixels: int = 400_000_000
     max_text_chars: int = 10_000
     decode_threads: int = 4
 
@@ -105,9 +110,12 @@ class Batcher:
     """A thread that runs jobs in batches. `run_group(group, payloads) -> results` does the work.
 
     Jobs of the same `group` waiting together (up to `max_batch`, collected for up to `wait_s` after
-    the first) run in one call; results go back through each job's `done` callback. A failing batch
-    fails each of its jobs with the error. At most `max_queue` jobs wait (0: no limit); cancelled jobs
-    do not count and are skipped.
+    the first) run in one call; results go back through each job's `done` callback. Each job is
+    first checked on its own by `prepare(group, payload) -> payload` (when given, in this thread): a
+    job it refuses gets that error alone, and the others run. A batch failing with a `UserError` (the
+    fault of one request, not of the server) runs again one job at a time, so that each job gets its
+    own answer or its own error; a batch failing otherwise fails each of its jobs with the error. At
+    most `max_queue` jobs wait (0: no limit); cancelled jobs do not count and are skipped.
     """
 
     def __init__(
@@ -116,8 +124,10 @@ class Batcher:
         max_batch: int,
         wait_s: float,
         max_queue: int = 0,
+        prepare: Callable[[tuple[Any, ...], Any], Any] | None = None,
     ):
         self.run_group = run_group
+        self.prepare = prepare
         self.max_batch = max(1, max_batch)
         self.wait_s = wait_s
         self.max_queue = max_queue
@@ -193,17 +203,34 @@ class Batcher:
             for j in jobs:
                 j.started = True
             self.waiting -= len(jobs)
-        if not jobs:
-            return
         self.requests += len(jobs)
+        ready = []
+        for j in jobs:  # each job checked on its own: a bad request must not fail the others
+            try:
+                j.payload = j.payload if self.prepare is None else self.prepare(j.group, j.payload)
+            except Exception as e:
+                j.done(None, e)
+                continue
+            ready.append(j)
+        if not ready:
+            return
+        try:
+            self._batch(ready)
+        except UserError:  # one job's fault: each job alone gets its own answer or its own error
+            for j in ready:
+                try:
+                    self._batch([j])
+                except BaseException as e:
+                    j.done(None, e)
+        except BaseException as e:  # each waiting request gets the error
+            for j in ready:
+                j.done(None, e)
+
+    def _batch(self, jobs: list[Job]) -> None:
+        """Run `jobs` as one batch and answer each; raises what the batch raised (nobody answered)."""
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(jobs))
-        try:
-            results = self.run_group(jobs[0].group, [j.payload for j in jobs])
-        except BaseException as e:  # each waiting request gets the error
-            for j in jobs:
-                j.done(None, e)
-            return
+        results = self.run_group(jobs[0].group, [j.payload for j in jobs])
         for j, r in zip(jobs, results, strict=True):
             j.done(r, None)
 
@@ -225,20 +252,69 @@ class Models:
             raise UserError(f"{task} needs {use}: start the server with --model pointing at one")
         return self.by_task[task]
 
+    def prepare(self, group: tuple[Any, ...], payload: Any) -> Any:
+        """Check one job on its own before it is batched (a `UserError` fails it alone): a generation
+        must fit the LLM's positions after its own prompt; /ask's conversation becomes its prompt here
+        (fitted to the pipeline's `max_txt_len` tokens: the tokenizer is this thread's)."""
+        task, options = group[0], dict(group[1])
+        if task == "caption":
+            self.pipe(task).check_generation_length([payload[1]], options)
+        elif task == "ask":
+            image, question, turns = payload
+            prompt = self.pipe(task).conversation_prompt(question, turns)
+            self.pipe(task).check_generation_length([prompt], options)
+            return image, prompt
+        return payload
+
     def run_group(self, group: tuple[Any, ...], payloads: list[Any]) -> list[Any]:
         task, options = group[0], dict(group[1])
         pipe = self.pipe(task)
         if task == "caption":
             return pipe.generate([p[0] for p in payloads], [p[1] for p in payloads], **options)
-        if task == "ask":  # the conversation is tokenized here: the tokenizer is the batcher's too
-            prompts = [pipe.conversation_prompt(question, turns) for _, question, turns in payloads]
-            return pipe.generate([p[0] for p in payloads], prompts, **options)
+        if task == "ask":  # (image, prompt): `prepare` made the conversation a prompt
+            return pipe.generate([p[0] for p in payloads], [p[1] for p in payloads], **options)
         if task == "match":
             itm, itc = pipe.pair_scores([p[0] for p in payloads], [p[1] for p in payloads])
             return list(zip(itm.tolist(), itc.tolist(), strict=True))
         if task == "search":
             return [pipe.search(images, query, top_k=k, rerank=r) for images, query, k, r in payloads]
         raise UserError(f"unknown task {task}")
+
+
+class PixelBudget:
+    """The pixels decoded for the requests in flight, at most `limit` together (thread-safe)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, pixels: int) -> bool:
+        """Count `pixels` in; False (nothing taken) when that would go beyond the limit."""
+        with self._lock:
+            if self.used + pixels > self.limit:
+                return False
+            self.used += pixels
+            return True
+
+    def give(self, pixels: int) -> None:
+        with self._lock:
+            self.used -= pixels
+
+
+class _Hold:
+    """The pixels one request took from the budget: given back once both its decoding (in the pool)
+    and the request itself (answered, failed or timed out) are over."""
+
+    def __init__(self, budget: PixelBudget):
+        self.budget, self.pixels, self.owners = budget, 0, 2
+        self._lock = threading.Lock()
+
+    def end(self) -> None:
+        with self._lock:
+            self.owners -= 1
+            last = self.owners == 0
+        if last and self.pixels:
+            self.budget.give(self.pixels)
 
 
 class _TooLarge(Exception):
@@ -333,8 +409,15 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
 
     settings = settings or ServerSettings()
     models = Models(pipelines)
-    batcher = Batcher(models.run_group, settings.max_batch, settings.batch_wait_ms / 1000, settings.max_queue)
+    batcher = Batcher(
+        models.run_group,
+        settings.max_batch,
+        settings.batch_wait_ms / 1000,
+        settings.max_queue,
+        models.prepare,
+    )
     decoder = ThreadPoolExecutor(max(1, settings.decode_threads), thread_name_prefix="blip2-decode")
+    budget = PixelBudget(settings.max_server_pixels)
     max_bytes = int(settings.max_upload_mb * 1024 * 1024)
 
     @asynccontextmanager
@@ -349,6 +432,7 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
         lifespan=lifespan,
     )
     app.state.batcher = batcher
+    app.state.pixel_budget = budget
     app.state.settings = settings
     app.add_middleware(BodyLimit, max_bytes=max_bytes, limit_mb=settings.max_upload_mb)
 
@@ -389,10 +473,17 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
             raise HTTPProblem(400, f"{upload.filename or 'the upload'} is empty: choose an image file")
         return upload.filename or "the image", data
 
-    def decode(files: list[tuple[str, bytes]], stop: threading.Event) -> list[Any]:
+    def decode(files: list[tuple[str, bytes]], stop: threading.Event, hold: _Hold) -> list[Any]:
         """The images of one request, within the pixel limits: the sizes come from the headers first,
-        so that images over a limit are refused before any memory is spent on them. Runs in the
-        decode pool; stops between images once `stop` is set (the request has timed out)."""
+        so that images over a limit are refused before any memory is spent on them, and the pixels are
+        taken from the server's budget (into `hold`) before decoding. Runs in the decode pool; stops
+        between images once `stop` is set (the request has timed out)."""
+        try:
+            return decode_within(files, stop, hold)
+        finally:
+            hold.end()
+
+    def decode_within(files: list[tuple[str, bytes]], stop: threading.Event, hold: _Hold) -> list[Any]:
         per_image = min(settings.max_pixels, settings.max_request_pixels)
         sizes = [_header_size(data) for _, data in files]
         for (name, _), (w, h) in zip(files, sizes, strict=True):
@@ -407,6 +498,19 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
                 f"the {len(files)} images have {total} pixels together, more than the limit of "
                 f"{settings.max_request_pixels} per request: send fewer or smaller images",
             )
+        if total > settings.max_server_pixels:
+            raise HTTPProblem(
+                400,
+                f"the {len(files)} image(s) have {total} pixels together, more than the server's limit of "
+                f"{settings.max_server_pixels}: send fewer or smaller images",
+            )
+        if stop.is_set():
+            raise too_slow()
+        if not budget.take(total):
+            raise HTTPProblem(
+                503, "the server is decoding as many images as it can hold; try again in a moment"
+            )
+        hold.pixels = total
         images = []
         for name, data in files:
             if stop.is_set():
@@ -417,17 +521,32 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
                 raise HTTPProblem(400, str(e).replace("image ", f"{name} ", 1)) from None
         return images
 
-    async def read_images(uploads: list[UploadFile], deadline: float) -> list[Any]:
-        """Read and decode the uploaded images off the event loop, within the request's time."""
+    async def read_images(uploads: list[UploadFile], deadline: float, hold: _Hold) -> list[Any]:
+        """Read and decode the uploaded images off the event loop, within the request's time; their
+        pixels are held in the server's budget until `hold.end()` (the request's)."""
         files = [await read_upload(u) for u in uploads]
         stop = threading.Event()
-        work = asyncio.get_running_loop().run_in_executor(decoder, decode, files, stop)
+        try:
+            work = asyncio.get_running_loop().run_in_executor(decoder, decode, files, stop, hold)
+        except RuntimeError:  # the pool is shut down: the server is stopping
+            hold.end()
+            raise
         try:
             return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             raise too_slow() from None
         finally:
             stop.set()  # timed out or the client went away: decode no further
+
+    @asynccontextmanager
+    async def decoded(uploads: list[UploadFile], deadline: float):  # noqa: ANN202
+        """The request's decoded images, their pixels held in the server's budget until the block ends
+        (the request is answered, fails or times out)."""
+        hold = _Hold(budget)
+        try:
+            yield await read_images(uploads, deadline, hold)
+        finally:
+            hold.end()
 
     async def submit(group: tuple[Any, ...], payload: Any, deadline: float) -> Any:
         loop = asyncio.get_running_loop()
@@ -480,13 +599,15 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        """Liveness and what the server does; `requests` / `batches` count the work batched so far."""
+        """Liveness and what the server does; `requests` / `batches` count the work batched so far,
+        `pixels_in_flight` the decoded pixels the requests in flight hold (`max_server_pixels`)."""
         return {
             "status": "ok",
             "tasks": sorted(models.by_task),
             "requests": batcher.requests,
             "batches": batcher.batches,
             "largest_batch": batcher.largest_batch,
+            "pixels_in_flight": budget.used,
         }
 
     @app.post("/caption")
@@ -512,8 +633,8 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
             length_penalty=length_penalty,
         )
         group = ("caption", options(CAPTION_DEFAULTS, given))
-        [pil] = await read_images([image], deadline)
-        return {"caption": await submit(group, (pil, text), deadline)}
+        async with decoded([image], deadline) as [pil]:
+            return {"caption": await submit(group, (pil, text), deadline)}
 
     @app.post("/ask")
     async def ask(
@@ -543,8 +664,8 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
         is_t5 = pipe.model.is_encoder_decoder
         defaults = {**ASK_DEFAULTS, "length_penalty": -1.0 if is_t5 else 0.0}
         group = ("ask", options(defaults, dict(num_beams=num_beams, max_new_tokens=max_new_tokens)))
-        [pil] = await read_images([image], deadline)
-        return {"answer": await submit(group, (pil, question, turns), deadline)}
+        async with decoded([image], deadline) as [pil]:
+            return {"answer": await submit(group, (pil, question, turns), deadline)}
 
     @app.post("/match")
     async def match(
@@ -558,8 +679,8 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
         if not text or any(not t.strip() for t in text):
             raise HTTPProblem(400, "a text is empty: give some words")
         text_at_most("the texts together", text, "send fewer or shorter texts")
-        [pil] = await read_images([image], deadline)
-        pairs = await asyncio.gather(*(submit(("match", ()), (pil, t), deadline) for t in text))
+        async with decoded([image], deadline) as [pil]:
+            pairs = await asyncio.gather(*(submit(("match", ()), (pil, t), deadline) for t in text))
         return {"itm": [p[0] for p in pairs], "itc": [p[1] for p in pairs]}
 
     @app.post("/search")
@@ -581,10 +702,10 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
                 400,
                 f"top_k must be between 1 and {settings.max_items} and rerank between 0 and {settings.max_items}",
             )
-        pils = await read_images(images, deadline)
-        hits = await submit(
-            ("search", (("request", id(pils)),)), (pils, query, top_k, rerank), deadline
-        )  # never batched
+        async with decoded(images, deadline) as pils:
+            hits = await submit(
+                ("search", (("request", id(pils)),)), (pils, query, top_k, rerank), deadline
+            )  # never batched
         return {
             "results": [
                 {"index": h.index, "filename": images[h.index].filename, "itc": h.itc, "itm": h.itm}
