@@ -387,3 +387,28 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_resume_finish
     p = torchrun([*args, "--resume", "auto"], nproc=2)
     assert p.returncode == 0, p.stderr[-3000:]
     assert checkpoint.load(checkpoint.find(str(run)))[1]["step"] == 12
+
+
+# ------------------------------------------- review: the loader's workers stop on an early error
+
+
+@pytest.mark.slow
+def test_an_error_before_the_first_batch_stops_workers_stuck_in_a_read(tmp_path):
+    """The DataLoader worker starts with the loader and blocks reading a shard that never comes
+    (`pipe:sleep 60`); an error raised before the first batch is read (TensorBoard missing, found after
+    the eval data's tokenizer has loaded) must still stop it. Before, Python's exit waited on the worker
+    (which ignores SIGTERM) for the whole minute."""
+    try:
+        import tensorboard  # noqa: F401
+
+        pytest.skip("needs an install without tensorboard to fail after the loader starts")
+    except ImportError:
+        pass
+    start = time.monotonic()
+    p = blip2_cli(
+        ["train", TINY1, "data.path=pipe:sleep 60", "data.num_workers=1", "train.tensorboard=true"]
+        + ["eval_data.path=pipe:sleep 60", "train.eval_every=1", f"train.output_dir={tmp_path / 'run'}"],
+        timeout=45,
+    )
+    assert "train.tensorboard needs the tensorboard package" in _one_sentence_error(p)
+    assert time.monotonic() - start < 40
