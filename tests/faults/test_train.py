@@ -412,3 +412,33 @@ def test_an_error_before_the_first_batch_stops_workers_stuck_in_a_read(tmp_path)
     )
     assert "train.tensorboard needs the tensorboard package" in _one_sentence_error(p)
     assert time.monotonic() - start < 40
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGINT"]
+)
+def test_a_second_signal_ends_training_at_once(tmp_path, sig):
+    """The first signal says it will stop after the step; the step never ends (its shard never comes),
+    so only a second signal can end the run, and it must. Before, the second one was swallowed."""
+    log = tmp_path / "stderr.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = ["train", TINY1, "data.path=pipe:sleep 60", "data.num_workers=1", f"train.output_dir={tmp_path}"]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "blip2.cli", *args], stdout=subprocess.DEVNULL, stderr=err, env=env
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "%|" not in log.read_text():  # the progress bar: the training loop has started
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        while "send the signal again to quit now" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        code = proc.wait(timeout=20)
+    finally:
+        proc.kill()
+    assert code == (130 if sig == signal.SIGINT else -signal.SIGTERM), log.read_text()[-3000:]
+    assert log.read_text().count("stopping after this step with a checkpoint") == 1

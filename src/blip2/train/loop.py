@@ -19,6 +19,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -485,24 +486,34 @@ class TrainResult:
 
 
 class StopSignals:
-    """SIGTERM and SIGINT (Ctrl-C) while training: remembered, and acted on at the next step boundary
-    (checkpoint, then end), instead of killing the process mid-step. Preemption (SLURM, Kubernetes)
-    sends SIGTERM. Under torchrun a signal may reach the ranks at different steps, so `agreed()`
-    all-reduces the flag every step and all ranks stop at the same one."""
+    """SIGTERM and SIGINT (Ctrl-C) while the training loop runs: the first is remembered (one line on
+    stderr says so) and acted on at the next step boundary (checkpoint, then end), instead of killing
+    the process mid-step; preemption (SLURM, Kubernetes) sends SIGTERM. The first signal puts the
+    previous handlers back, so a second one acts as it normally would (Ctrl-C again quits now).
+
+    Under torchrun a signal may reach the ranks at different steps, so `agreed()` all-reduces the flag
+    every step and all ranks stop at the same one; whether a rank takes part depends on `enabled` only
+    (the same on every rank), not on whether its handler could be installed."""
+
+    MESSAGE = (
+        "stopping after this step with a checkpoint; press Ctrl-C again / send the signal again to quit now"
+    )
 
     def __init__(self, enabled: bool):
+        self.enabled = enabled
         self.signum = 0
         self.previous: dict[int, Any] = {}
-        if enabled and threading.current_thread() is threading.main_thread():
+
+    def install(self) -> None:
+        """Catch the signals (from the main thread only; elsewhere the flag simply never gets set)."""
+        if self.enabled and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.previous[sig] = signal.signal(sig, self._handle)
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.previous)
-
     def _handle(self, signum: int, frame) -> None:
-        self.signum = self.signum or signum  # only a flag: the loop acts on it between steps
+        self.signum = self.signum or signum  # a flag: the loop acts on it between steps
+        self.restore()
+        print(f"\n{self.MESSAGE}", file=sys.stderr, flush=True)
 
     def agreed(self, info: D.DistInfo) -> int:
         """The signal to stop for (0: none), the same on every rank."""
@@ -539,14 +550,12 @@ def train(
     """
     t = cfg.train
     stop = StopSignals(handle_signals)
+    info = D.setup(t.device)
     try:
-        info = D.setup(t.device)
-        try:
-            return _train(cfg, info, resume, hooks, stop_after, stop)
-        finally:
-            D.teardown()
+        return _train(cfg, info, resume, hooks, stop_after, stop)
     finally:
         stop.restore()
+        D.teardown()
 
 
 def _train(
@@ -625,6 +634,7 @@ def _train(
         if rng is not None:
             checkpoint.set_rng_state(rng)
 
+        stop.install()  # around the loop only: setup and model building stay interruptible
         bar = None
         if info.is_main:
             from tqdm import tqdm
@@ -734,6 +744,7 @@ def _train(
                 break
 
     finally:
+        stop.restore()
         batches.close()  # its workers stop now, on an error too
 
     if bar is not None:
