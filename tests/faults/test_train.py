@@ -442,3 +442,24 @@ def test_a_second_signal_ends_training_at_once(tmp_path, sig):
         proc.kill()
     assert code == (130 if sig == signal.SIGINT else -signal.SIGTERM), log.read_text()[-3000:]
     assert log.read_text().count("stopping after this step with a checkpoint") == 1
+
+
+# ------------------------------------------- review: an epoch-based run resumed on another world size
+
+
+@pytest.mark.slow
+def test_an_epoch_based_run_resumed_on_another_world_size_is_refused(tmp_path):
+    """Steps and the LR schedule of an epoch-based run are in units of its global batch: resuming 2
+    ranks x 2 on 1 rank x 2 would recount the epoch in other units and train the wrong amount."""
+    ann, root = make_caption_json(str(tmp_path / "data"), n=16)
+    out = tmp_path / "run"
+    args = [TINY1, "data.kind=captions", f"data.path={ann}", f"data.images={root}", "train.max_steps=0"]
+    args += ["train.epochs=2", "train.batch_size=2", "train.save_every=0", "train.save_final=false"]
+    args += [f"train.output_dir={out}"]
+    p = torchrun(["-m", "blip2.cli", "train", *args, "--stop-after", "1"], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert checkpoint.load(checkpoint.find(str(out)))[1]["step"] == 1
+    p = blip2_cli(["train", *args, "--resume", "auto"])
+    line = _one_sentence_error(p)
+    assert "global batch of 4 samples" in line and "this run's global batch is 2" in line, line
+    assert checkpoint.load(checkpoint.find(str(out)))[1]["step"] == 1  # nothing trained

@@ -558,6 +558,22 @@ def train(
         D.teardown()
 
 
+def _check_epoch_resume(cfg: TrainConfig, state: dict[str, Any], info: D.DistInfo) -> None:
+    """A run whose length is counted in epochs resumes only with the global batch it was written with:
+    its step count and learning-rate schedule are in steps of that batch."""
+    if cfg.train.max_steps:
+        return
+    saved = state["config"]["train"]
+    before = int(saved["batch_size"]) * int(saved.get("grad_accum", 1)) * int(state["world_size"])
+    now = cfg.train.batch_size * cfg.train.grad_accum * info.world_size
+    if before != now:
+        raise UserError(
+            f"this checkpoint counts train.epochs in steps of a global batch of {before} samples "
+            f"(batch_size x grad_accum x {state['world_size']} ranks) and this run's global batch is {now}: "
+            "resume an epoch-based run with the same global batch, or set train.max_steps"
+        )
+
+
 def _train(
     cfg: TrainConfig, info: D.DistInfo, resume: str | None, hooks, stop_after: int, stop: StopSignals
 ) -> TrainResult:
@@ -605,6 +621,7 @@ def _train(
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
+        _check_epoch_resume(cfg, state, info)
         if state["world_size"] != info.world_size or state["num_workers"] != cfg.data.num_workers:
             if cfg.data.kind == "webdataset":
                 raise UserError(
