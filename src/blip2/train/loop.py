@@ -303,7 +303,7 @@ def make_loader(
         )
         stream.check(section.num_workers)
         return Batches(iter(DataLoader(stream, batch_size=None, **common)))
-    if section.images and not os.path.isdir(section.images) and pre.features is None:
+    if section.images and not os.path.isdir(section.images):
         raise UserError(_missing_images(section))
     records = load_records(section.kind, section.path, section.images, section.split, section.questions)
     ds = JsonDataset(records, pre, seed=seed)
