@@ -147,7 +147,12 @@ def cache_features(
 
     info = D.setup(cfg.train.device)
     try:
-        refusal = _prepare(out) if info.is_main else None
+        refusal = None
+        if info.is_main:
+            try:
+                refusal = _prepare(out)
+            except OSError as e:  # said on every rank below, never a rank left waiting
+                refusal = f"cannot write the feature cache to {out} ({e.strerror or e}): check --out"
         refusal = D.broadcast_object(refusal)
         if refusal:
             raise UserError(refusal)
