@@ -21,7 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from blip2.errors import UserError
+from blip2.errors import UserError, worker_sentence
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -122,16 +122,6 @@ def apply_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def _sentence(e: UserError) -> str:
-    """The error's one sentence; a `UserError` raised in a DataLoader worker comes back with the
-    worker's traceback in its message, which is cut down to the sentence at its end."""
-    text = str(e).strip()
-    if "Traceback (most recent call last)" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     # before torch loads: idle OpenMP threads sleep instead of spinning against other processes
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -141,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         apply_threads(args.threads)
         return int(args._module.run(args) or 0)
     except UserError as e:
-        print(f"error: {_sentence(e)}", file=sys.stderr)
+        print(f"error: {worker_sentence(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -665,14 +665,14 @@ def _train(
         stop_signal = 0
 
         def save_checkpoint() -> str | None:
-            positions = _all_gather_object(
+            positions = D.all_gather_object(
                 {
                     "micro_step": position.micro_step,
                     "streams": {str(k): list(v) for k, v in position.streams.items()},
                     "sample": list(position.sample) if position.sample is not None else None,
                 }
             )
-            rngs = _all_gather_object(checkpoint.rng_state())
+            rngs = D.all_gather_object(checkpoint.rng_state())
             path = None
             if info.is_main:
                 state = {
@@ -791,16 +791,6 @@ def _train(
     )
 
 
-def _all_gather_object(obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _reduce_window(
     window: Counter, steps: int, samples: int, start: float, info: D.DistInfo
 ) -> dict[str, float]:
@@ -809,7 +799,7 @@ def _reduce_window(
     Ranks may hold different keys (`skipped_<reason>` only where a sample was skipped): the union of
     every rank's keys is agreed first, so all ranks all-reduce the same vector.
     """
-    keys = sorted(set().union(*_all_gather_object(sorted(window))))
+    keys = sorted(set().union(*D.all_gather_object(sorted(window))))
     sums = D.all_reduce_sum([float(window[k]) for k in keys] + [float(samples)], info.device)
     elapsed = max(time.perf_counter() - start, 1e-9)
     out: dict[str, float] = {}
