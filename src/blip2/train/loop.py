@@ -33,7 +33,7 @@ from torch import nn
 from blip2 import hub
 from blip2.config import PRESETS, Blip2Config, LLMConfig, preset
 from blip2.data.annotations import load_records
-from blip2.data.batching import Preprocessor, TextSpec, sample_seed
+from blip2.data.batching import SKIP_REASONS, Preprocessor, TextSpec, sample_seed
 from blip2.data.features import FeatureStore
 from blip2.data.json_dataset import GlobalBatchSampler, JsonDataset
 from blip2.data.shards import ShardStream, expand_braces, worker_init
@@ -796,15 +796,20 @@ def _reduce_window(
 ) -> dict[str, float]:
     """Average the window's losses over steps and ranks, sum its sample and skip counts over ranks.
 
-    Ranks may hold different keys (`skipped_<reason>` only where a sample was skipped): the union of
-    every rank's keys is agreed first, so all ranks all-reduce the same vector.
-    """
-    keys = sorted(set().union(*D.all_gather_object(sorted(window))))
+    Every rank all-reduces the same vector: the window's loss keys (the same on every rank: one task,
+    one model) and a count for every skip reason (`SKIP_REASONS`), zero where none was skipped; skip
+    counts of zero are left out of the result."""
+    skips = [f"skipped_{r}" for r in SKIP_REASONS]
+    keys = sorted(k for k in window if k not in skips) + skips
     sums = D.all_reduce_sum([float(window[k]) for k in keys] + [float(samples)], info.device)
     elapsed = max(time.perf_counter() - start, 1e-9)
     out: dict[str, float] = {}
     for k, v in zip(keys, sums[:-1], strict=True):
-        out[k] = v if k.startswith("skipped_") else v / (steps * info.world_size)
+        if k in skips:
+            if v:
+                out[k] = v
+        else:
+            out[k] = v / (steps * info.world_size)
     out["samples_per_s"] = sums[-1] / elapsed
     out["_samples"] = sums[-1]
     return out
