@@ -463,3 +463,31 @@ def test_an_epoch_based_run_resumed_on_another_world_size_is_refused(tmp_path):
     line = _one_sentence_error(p)
     assert "global batch of 4 samples" in line and "this run's global batch is 2" in line, line
     assert checkpoint.load(checkpoint.find(str(out)))[1]["step"] == 1  # nothing trained
+
+
+def test_a_checkpoint_written_before_buffers_were_saved_resumes_with_a_warning(tmp_path, capfd):
+    """A checkpoint of an unfrozen BatchNorm tower without its buffers (as written before they were
+    saved): resume goes on, the buffers keep their initial values, and a warning says so. Before, it
+    was refused as "does not fit this model"."""
+    model_json = _resnet_stage1(tmp_path)
+    ann, root = make_caption_json(str(tmp_path / "data"), n=8)
+    cfg = load_config(
+        TINY1,
+        ["model.preset=null", f"model.config={model_json}"]
+        + ["data.kind=captions", f"data.path={ann}", f"data.images={root}"]
+        + [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.save_every=0"]
+        + ["train.save_final=false"],
+    )
+    train(cfg, stop_after=1)
+    ckpt = checkpoint.find(str(tmp_path / "run"))
+    trainable = torch.load(os.path.join(ckpt, "trainable.pt"), weights_only=True)
+    old = {
+        k: v
+        for k, v in trainable.items()
+        if not k.endswith(("running_mean", "running_var", "batches_tracked"))
+    }
+    assert len(old) < len(trainable)
+    torch.save(old, os.path.join(ckpt, "trainable.pt"))
+    capfd.readouterr()
+    assert train(cfg, resume="auto").steps == 2
+    assert "warning: this checkpoint predates saved buffers" in capfd.readouterr().err
