@@ -254,3 +254,20 @@ def test_user_errors_are_one_sentence(captioner, retriever, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and words in err and "Traceback" not in err and "\n" not in err, err
     assert notes.read_text() == "keep\nthis last line"
+
+
+@pytest.mark.slow
+def test_torchrun_every_rank_says_rank_0s_refusal_of_the_results_file(captioner, tmp_path):
+    """Rank 0 alone prepares the results file; when it refuses it (here a folder), every rank must stop
+    with that sentence. Before, rank 0 exited and rank 1 waited for it in a barrier."""
+    uh.make_images(tmp_path / "images", 2)
+    out = tmp_path / "a-folder"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "blip2.cli", "caption", "--model", captioner, str(tmp_path / "images")]
+    cmd += ["--out", str(out), "--workers", "0", *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, timeout=SUBPROCESS_TIMEOUT, capture_output=True, text=True, env=env)
+    assert result.returncode != 0
+    sentence = f"error: {out} is a folder: give --out a file name such as captions.jsonl"
+    assert result.stderr.count(sentence) == 2, result.stderr[-3000:]  # (the ranks' lines may interleave)

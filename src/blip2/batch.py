@@ -402,6 +402,20 @@ def _prepare(
         _drop_errors(out)
 
 
+def _from_rank0(value: Any, world_size: int, wait: Any) -> Any:
+    """Rank 0's `value` on every rank (a collective, so also a barrier); under torchrun through the
+    default process group, else `wait()` and the value as it is."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            box = [value]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+    wait()
+    return value
+
+
 # ------------------------------------------------------------------------------------------- running
 
 
@@ -485,9 +499,17 @@ def caption_items(
         settings = {"prompt": prompt, **options}
         if not overwrite:
             _check_settings(out, settings)  # on every rank: all of them stop with the same sentence
+        refusal = None
         if rank == 0:
-            _prepare(out, items, settings, overwrite, retry_errors)
-        wait()
+            try:
+                _prepare(out, items, settings, overwrite, retry_errors)
+            except UserError as e:
+                refusal = str(e)
+            except OSError as e:
+                refusal = f"cannot prepare the results file {out} ({e.strerror or e}): check --out"
+        refusal = _from_rank0(refusal, world_size, wait)  # every rank stops with rank 0's sentence
+        if refusal:
+            raise UserError(refusal)
         records = _read_lines(out, repair=False)
         for p in part_paths(out):
             records += _read_lines(p, repair=False)

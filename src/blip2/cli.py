@@ -21,7 +21,15 @@ import os
 import sys
 from collections.abc import Sequence
 
-from blip2.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, InputFailed, UserError
+from blip2.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_USAGE,
+    InputFailed,
+    UserError,
+    worker_sentence,
+)
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -120,17 +128,6 @@ def apply_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def _sentence(e: UserError) -> str:
-    """The error's one sentence; a `UserError` raised in a DataLoader worker comes back with the
-    worker's traceback in its message, which is cut down to the sentence at its end."""
-    text = str(e).strip()
-    if "Traceback (most recent call last)" in text:
-        last = text.splitlines()[-1]  # "module.ExceptionType: sentence"
-        kind, _, rest = last.partition(": ")
-        text = rest if rest and kind.replace(".", "").replace("_", "").isalnum() else last
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     # before torch loads: idle OpenMP threads sleep instead of spinning against other processes
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -140,10 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         apply_threads(args.threads)
         return int(args._module.run(args) or 0)
     except InputFailed as e:  # the run stopped at an input it cannot use
-        print(f"error: {_sentence(e)}", file=sys.stderr)
+        print(f"error: {worker_sentence(e)}", file=sys.stderr)
         return EXIT_SOME_FAILED
     except UserError as e:
-        print(f"error: {_sentence(e)}", file=sys.stderr)
+        print(f"error: {worker_sentence(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

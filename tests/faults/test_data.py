@@ -367,3 +367,21 @@ def test_two_ranks_on_url_and_pipe_shards_and_no_shard_resume_on_another_world_s
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-x"]))
+
+
+def test_training_from_a_cache_whose_image_folder_moved_is_one_sentence(tmp_path):
+    """The cache is keyed by the images' bytes, so training from it still reads the images: a moved
+    image folder is refused up front. Before, every record was skipped as an unreadable image and the
+    run died with a misleading "records in a row could not be used"."""
+    ann, root = make_caption_json(str(tmp_path / "data"), n=8)
+    data = ["data.kind=captions", f"data.path={ann}", "data.augment=false"]
+    cfg = load_config(TINY1, [*data, f"data.images={root}", "train.max_steps=1"])
+    cache_features(cfg, str(tmp_path / "cache"), batch_size=8, num_workers=0)
+    shutil.move(root, str(tmp_path / "moved"))
+    p = blip2_cli(
+        ["train", TINY1, *data, f"data.images={root}", f"data.features={tmp_path / 'cache'}"]
+        + ["train.max_steps=1", f"train.output_dir={tmp_path / 'run'}"]
+    )
+    line = _one_sentence(p)
+    assert f"the image folder {root} does not exist" in line
+    assert "keyed by the images' bytes" in line and "data.images" in line

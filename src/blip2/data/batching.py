@@ -37,10 +37,15 @@ from blip2.processing import ImageError, ImageProcessor, clean_caption, clean_qu
 MODES = ("stage1", "causal", "seq2seq")
 
 
+SKIP_REASONS = ("image", "text", "shard")  # every counter a skipped sample is reported under
+
+
 class BadSample(Exception):
-    """A sample to skip; `reason` is the counter it is reported under ("image", "text", "shard")."""
+    """A sample to skip; `reason` is the counter it is reported under (one of `SKIP_REASONS`)."""
 
     def __init__(self, reason: str, message: str = ""):
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}")
         super().__init__(message or reason)
         self.reason = reason
 

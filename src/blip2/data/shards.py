@@ -36,6 +36,7 @@ sentence naming it.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import http.client
 import json
@@ -169,6 +170,13 @@ def is_remote(path: str) -> bool:
     return path.startswith(REMOTE)
 
 
+def _default_signals() -> None:
+    """In a `pipe:` command's process, before exec: SIGINT and SIGTERM back to their defaults (the
+    DataLoader worker that starts it ignores them, and ignored signals stay ignored across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class _Source:
     """A shard's bytes, front to back: an http(s) response, a command's stdout or a local file.
     `finish()` closes it and says why it failed (None when it did not)."""
@@ -177,8 +185,13 @@ class _Source:
         self.path, self.proc, self.stream = path, None, None
         if path.startswith("pipe:"):
             self.errors = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command never blocks
-            self.proc = subprocess.Popen(
-                path[len("pipe:") :], shell=True, stdout=subprocess.PIPE, stderr=self.errors
+            self.proc = subprocess.Popen(  # its own process group, killed whole in finish()
+                path[len("pipe:") :],
+                shell=True,
+                stdout=subprocess.PIPE,
+                stderr=self.errors,
+                start_new_session=True,
+                preexec_fn=_default_signals,
             )
             self.stream = self.proc.stdout
         elif path.startswith(("http://", "https://")):
@@ -209,8 +222,9 @@ class _Source:
         if how == "drain":
             while self.stream.read(1 << 16):
                 pass
-        elif how == "stop" and self.proc.poll() is None:  # not needed any more
-            self.proc.kill()
+        elif how == "stop" and self.proc.poll() is None:  # not needed any more: the shell and its children
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         self.stream.close()  # a command still writing now ends by SIGPIPE
         code = self.proc.wait()
         self.errors.seek(0)

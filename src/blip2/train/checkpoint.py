@@ -22,6 +22,7 @@ import os
 import pickle
 import random
 import shutil
+import sys
 import tempfile
 from typing import Any
 
@@ -68,10 +69,21 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy saved trainable parameters and buffers into `model`; every one of them must be there."""
+    """Copy saved trainable parameters and buffers into `model`; every one of them must be there, except
+    buffers in a checkpoint written before buffers were saved (a warning: they keep their values)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    params.update(trainable_buffers(model))
+    buffers = trainable_buffers(model)
+    params.update(buffers)
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing and not unexpected and set(missing) <= set(buffers):  # written before buffers were saved
+        print(
+            f"warning: this checkpoint predates saved buffers: {len(missing)} buffers of the trainable "
+            f"modules (e.g. {missing[0]}) start from their initial values; to avoid that, restart the run "
+            "or start it from a saved model with model.init_from",
+            file=sys.stderr,
+        )
+        params = {n: p for n, p in params.items() if n in state}
+        missing = []
     if missing or unexpected:
         raise UserError(
             f"the checkpoint does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]}); "

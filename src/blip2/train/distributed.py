@@ -99,6 +99,15 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     return t.item()
 
 
+def all_gather_object(obj) -> list:
+    """A picklable object from every rank, in rank order (`[obj]` in one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     """Send a picklable object from `src` to all ranks."""
     if not dist.is_initialized():

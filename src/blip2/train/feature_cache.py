@@ -147,7 +147,12 @@ def cache_features(
 
     info = D.setup(cfg.train.device)
     try:
-        refusal = _prepare(out) if info.is_main else None
+        refusal = None
+        if info.is_main:
+            try:
+                refusal = _prepare(out)
+            except OSError as e:  # said on every rank below, never a rank left waiting
+                refusal = f"cannot write the feature cache to {out} ({e.strerror or e}): check --out"
         refusal = D.broadcast_object(refusal)
         if refusal:
             raise UserError(refusal)
@@ -207,7 +212,7 @@ def cache_features(
                 flush()
         flush()
         mine = {"parts": parts, "unusable": sorted(unusable), "shape": shape, "written": written}
-        everyone = _all_gather_object(mine)
+        everyone = D.all_gather_object(mine)
         written = sum(r["written"] for r in everyone)
         skipped = len(set().union(*(r["unusable"] for r in everyone)))
         if info.is_main:
@@ -234,13 +239,3 @@ def cache_features(
         return {"images": written, "skipped": skipped}
     finally:
         D.teardown()
-
-
-def _all_gather_object(obj) -> list:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return [obj]
-    box: list = [None] * dist.get_world_size()
-    dist.all_gather_object(box, obj)
-    return box

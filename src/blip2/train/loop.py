@@ -19,6 +19,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -32,11 +33,11 @@ from torch import nn
 from blip2 import hub
 from blip2.config import PRESETS, Blip2Config, LLMConfig, preset
 from blip2.data.annotations import load_records
-from blip2.data.batching import Preprocessor, TextSpec, sample_seed
+from blip2.data.batching import SKIP_REASONS, Preprocessor, TextSpec, sample_seed
 from blip2.data.features import FeatureStore
 from blip2.data.json_dataset import GlobalBatchSampler, JsonDataset
 from blip2.data.shards import ShardStream, expand_braces, worker_init
-from blip2.errors import UserError
+from blip2.errors import UserError, worker_sentence
 from blip2.processing import ImageProcessor
 from blip2.train import checkpoint
 from blip2.train import distributed as D
@@ -301,9 +302,9 @@ def make_loader(
             need_image=pre.features is None,
         )
         stream.check(section.num_workers)
-        return _worker_errors(iter(DataLoader(stream, batch_size=None, **common)))
-    if section.images and not os.path.isdir(section.images) and pre.features is None:
-        raise UserError(f"the image folder {section.images} does not exist: check data.images")
+        return Batches(iter(DataLoader(stream, batch_size=None, **common)))
+    if section.images and not os.path.isdir(section.images):
+        raise UserError(_missing_images(section))
     records = load_records(section.kind, section.path, section.images, section.split, section.questions)
     ds = JsonDataset(records, pre, seed=seed)
     cursor = start.sample or (0, 0)
@@ -313,53 +314,61 @@ def make_loader(
     sampler = GlobalBatchSampler(
         len(ds), t.batch_size, info.rank, info.world_size, seed, section.shuffle, start=cursor
     )
-    loader = _worker_errors(iter(DataLoader(ds, batch_sampler=sampler, collate_fn=ds.collate, **common)))
+    return Batches(iter(DataLoader(ds, batch_sampler=sampler, collate_fn=ds.collate, **common)), sampler)
 
-    def with_cursor() -> Iterator[dict[str, Any]]:
-        at = sampler.start
+
+def _missing_images(section: DataSection) -> str:
+    text = f"the image folder {section.images} does not exist: check data.images"
+    if section.features:
+        text += (
+            " (a feature cache is keyed by the images' bytes, so training from data.features still reads "
+            "the images and data.images must point at them)"
+        )
+    return text
+
+
+class Batches:
+    """This rank's batches from a DataLoader iterator. A `UserError` raised in a worker (which arrives
+    wrapped in the worker's traceback text) comes out as its own one sentence; for annotation data each
+    batch carries `cursor`, where the next global batch starts. `close()` stops the workers at once,
+    whether or not a batch was read (they start with the iterator)."""
+
+    def __init__(self, loader: Iterator[dict[str, Any]], sampler: GlobalBatchSampler | None = None):
+        self.loader = loader
+        self.sampler = sampler
+        self.at = sampler.start if sampler is not None else None
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
         try:
-            for batch in loader:
-                at = sampler.advance(at)
-                batch["cursor"] = at  # where the next global batch starts
-                yield batch
-        finally:
-            loader.close()
+            batch = next(self.loader)
+        except UserError as e:
+            raise UserError(worker_sentence(e)) from None
+        if self.sampler is not None:
+            self.at = self.sampler.advance(self.at)
+            batch["cursor"] = self.at
+        return batch
 
-    return with_cursor()
-
-
-def _worker_errors(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Batches, with a `UserError` raised in a DataLoader worker (which arrives wrapped in the worker's
-    traceback text) turned back into its own one sentence. Closing it stops the workers at once."""
-    try:
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except UserError as e:
-                text = str(e).strip()
-                if not text.startswith("Caught "):
-                    raise
-                last = text.splitlines()[-1]
-                raise UserError(last.split(": ", 1)[1] if ": " in last else last) from None
-            yield batch
-    finally:
-        _stop_workers(batches)
+    def close(self) -> None:
+        _stop_workers(self.loader)
 
 
 def _stop_workers(batches: Iterator[dict[str, Any]]) -> None:
-    """Shut a DataLoader iterator's workers down now. Workers ignore SIGTERM (see `_worker_init`), so
-    one stuck in a read is killed: left to Python's exit, which terminates and then joins its daemon
-    processes, it would hang the process after an error."""
+    """Shut a DataLoader iterator's workers down now: ask them to end (torch waits a few seconds for
+    each), then kill those still alive. Workers ignore SIGTERM (see `_worker_init`), so one stuck in a
+    read must be killed: left to Python's exit, which terminates and then joins its child processes, it
+    would hang the process."""
     shutdown = getattr(batches, "_shutdown_workers", None)
     if shutdown is None:
         return
     shutdown()
-    for w in getattr(batches, "_workers", []):
-        if w.is_alive():
-            w.kill()
-            w.join()
+    alive = [w for w in getattr(batches, "_workers", []) if w.is_alive()]
+    for w in alive:
+        w.kill()
+    for w in alive:  # SIGKILL: each ends at once
+        w.join()
 
 
 def _worker_init(worker_id: int) -> None:
@@ -477,24 +486,34 @@ class TrainResult:
 
 
 class StopSignals:
-    """SIGTERM and SIGINT (Ctrl-C) while training: remembered, and acted on at the next step boundary
-    (checkpoint, then end), instead of killing the process mid-step. Preemption (SLURM, Kubernetes)
-    sends SIGTERM. Under torchrun a signal may reach the ranks at different steps, so `agreed()`
-    all-reduces the flag every step and all ranks stop at the same one."""
+    """SIGTERM and SIGINT (Ctrl-C) while the training loop runs: the first is remembered (one line on
+    stderr says so) and acted on at the next step boundary (checkpoint, then end), instead of killing
+    the process mid-step; preemption (SLURM, Kubernetes) sends SIGTERM. The first signal puts the
+    previous handlers back, so a second one acts as it normally would (Ctrl-C again quits now).
+
+    Under torchrun a signal may reach the ranks at different steps, so `agreed()` all-reduces the flag
+    every step and all ranks stop at the same one; whether a rank takes part depends on `enabled` only
+    (the same on every rank), not on whether its handler could be installed."""
+
+    MESSAGE = (
+        "stopping after this step with a checkpoint; press Ctrl-C again / send the signal again to quit now"
+    )
 
     def __init__(self, enabled: bool):
+        self.enabled = enabled
         self.signum = 0
         self.previous: dict[int, Any] = {}
-        if enabled and threading.current_thread() is threading.main_thread():
+
+    def install(self) -> None:
+        """Catch the signals (from the main thread only; elsewhere the flag simply never gets set)."""
+        if self.enabled and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.previous[sig] = signal.signal(sig, self._handle)
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.previous)
-
     def _handle(self, signum: int, frame) -> None:
-        self.signum = self.signum or signum  # only a flag: the loop acts on it between steps
+        self.signum = self.signum or signum  # a flag: the loop acts on it between steps
+        self.restore()
+        print(f"\n{self.MESSAGE}", file=sys.stderr, flush=True)
 
     def agreed(self, info: D.DistInfo) -> int:
         """The signal to stop for (0: none), the same on every rank."""
@@ -531,14 +550,28 @@ def train(
     """
     t = cfg.train
     stop = StopSignals(handle_signals)
+    info = D.setup(t.device)
     try:
-        info = D.setup(t.device)
-        try:
-            return _train(cfg, info, resume, hooks, stop_after, stop)
-        finally:
-            D.teardown()
+        return _train(cfg, info, resume, hooks, stop_after, stop)
     finally:
         stop.restore()
+        D.teardown()
+
+
+def _check_epoch_resume(cfg: TrainConfig, state: dict[str, Any], info: D.DistInfo) -> None:
+    """A run whose length is counted in epochs resumes only with the global batch it was written with:
+    its step count and learning-rate schedule are in steps of that batch."""
+    if cfg.train.max_steps:
+        return
+    saved = state["config"]["train"]
+    before = int(saved["batch_size"]) * int(saved.get("grad_accum", 1)) * int(state["world_size"])
+    now = cfg.train.batch_size * cfg.train.grad_accum * info.world_size
+    if before != now:
+        raise UserError(
+            f"this checkpoint counts train.epochs in steps of a global batch of {before} samples "
+            f"(batch_size x grad_accum x {state['world_size']} ranks) and this run's global batch is {now}: "
+            "resume an epoch-based run with the same global batch, or set train.max_steps"
+        )
 
 
 def _train(
@@ -588,6 +621,7 @@ def _train(
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
+        _check_epoch_resume(cfg, state, info)
         if state["world_size"] != info.world_size or state["num_workers"] != cfg.data.num_workers:
             if cfg.data.kind == "webdataset":
                 raise UserError(
@@ -606,58 +640,59 @@ def _train(
 
     pre = preprocessor(cfg, cfg.data, config, train=True, tower=model.visual.tower)
     batches = make_loader(cfg, cfg.data, pre, info, position)
-    evaluate = None
-    if cfg.eval_data is not None and t.eval_every:
-        evaluate = _evaluator(cfg, config, info, model.visual.tower)
-    log = MetricsLog(t.output_dir, info.is_main, t.tensorboard)
-    if info.is_main:
-        with open(os.path.join(t.output_dir, "train_config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
-    if rng is not None:
-        checkpoint.set_rng_state(rng)
-
-    bar = None
-    if info.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=step, desc=cfg.task, dynamic_ncols=True, smoothing=0.1)
-    window: Counter[str] = Counter()
-    window_steps, window_samples, window_start = 0, 0, time.perf_counter()
-    run_samples, run_start = 0, time.perf_counter()
-    skipped_total: Counter[str] = Counter()
-    last_loss, last_ckpt, steps_this_session = math.nan, source, 0
-    stop_signal = 0
-
-    def save_checkpoint() -> str | None:
-        positions = _all_gather_object(
-            {
-                "micro_step": position.micro_step,
-                "streams": {str(k): list(v) for k, v in position.streams.items()},
-                "sample": list(position.sample) if position.sample is not None else None,
-            }
-        )
-        rngs = _all_gather_object(checkpoint.rng_state())
-        path = None
+    try:  # from here on every exit stops the loader's workers (they start with it)
+        evaluate = None
+        if cfg.eval_data is not None and t.eval_every:
+            evaluate = _evaluator(cfg, config, info, model.visual.tower)
+        log = MetricsLog(t.output_dir, info.is_main, t.tensorboard)
         if info.is_main:
-            state = {
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "positions": positions,
-                "rng": rngs,
-                "world_size": info.world_size,
-                "num_workers": cfg.data.num_workers,
-                "config": cfg.to_dict(),
-                "skipped": dict(skipped_total),
-            }
-            path = checkpoint.save(
-                ckpt_root, step, checkpoint.trainable_state(model), state, t.keep_checkpoints
-            )
-        D.barrier()
-        return path
+            with open(os.path.join(t.output_dir, "train_config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=2)
+        if rng is not None:
+            checkpoint.set_rng_state(rng)
 
-    try:
+        stop.install()  # around the loop only: setup and model building stay interruptible
+        bar = None
+        if info.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=step, desc=cfg.task, dynamic_ncols=True, smoothing=0.1)
+        window: Counter[str] = Counter()
+        window_steps, window_samples, window_start = 0, 0, time.perf_counter()
+        run_samples, run_start = 0, time.perf_counter()
+        skipped_total: Counter[str] = Counter()
+        last_loss, last_ckpt, steps_this_session = math.nan, source, 0
+        stop_signal = 0
+
+        def save_checkpoint() -> str | None:
+            positions = D.all_gather_object(
+                {
+                    "micro_step": position.micro_step,
+                    "streams": {str(k): list(v) for k, v in position.streams.items()},
+                    "sample": list(position.sample) if position.sample is not None else None,
+                }
+            )
+            rngs = D.all_gather_object(checkpoint.rng_state())
+            path = None
+            if info.is_main:
+                state = {
+                    "step": step,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "positions": positions,
+                    "rng": rngs,
+                    "world_size": info.world_size,
+                    "num_workers": cfg.data.num_workers,
+                    "config": cfg.to_dict(),
+                    "skipped": dict(skipped_total),
+                }
+                path = checkpoint.save(
+                    ckpt_root, step, checkpoint.trainable_state(model), state, t.keep_checkpoints
+                )
+            D.barrier()
+            return path
+
         while step < total:
             optimizer.zero_grad(set_to_none=True)
             step_keys: list[str] = []
@@ -726,6 +761,7 @@ def _train(
                 break
 
     finally:
+        stop.restore()
         batches.close()  # its workers stop now, on an error too
 
     if bar is not None:
@@ -755,30 +791,25 @@ def _train(
     )
 
 
-def _all_gather_object(obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _reduce_window(
     window: Counter, steps: int, samples: int, start: float, info: D.DistInfo
 ) -> dict[str, float]:
     """Average the window's losses over steps and ranks, sum its sample and skip counts over ranks.
 
-    Ranks may hold different keys (`skipped_<reason>` only where a sample was skipped): the union of
-    every rank's keys is agreed first, so all ranks all-reduce the same vector.
-    """
-    keys = sorted(set().union(*_all_gather_object(sorted(window))))
+    Every rank all-reduces the same vector: the window's loss keys (the same on every rank: one task,
+    one model) and a count for every skip reason (`SKIP_REASONS`), zero where none was skipped; skip
+    counts of zero are left out of the result."""
+    skips = [f"skipped_{r}" for r in SKIP_REASONS]
+    keys = sorted(k for k in window if k not in skips) + skips
     sums = D.all_reduce_sum([float(window[k]) for k in keys] + [float(samples)], info.device)
     elapsed = max(time.perf_counter() - start, 1e-9)
     out: dict[str, float] = {}
     for k, v in zip(keys, sums[:-1], strict=True):
-        out[k] = v if k.startswith("skipped_") else v / (steps * info.world_size)
+        if k in skips:
+            if v:
+                out[k] = v
+        else:
+            out[k] = v / (steps * info.world_size)
     out["samples_per_s"] = sums[-1] / elapsed
     out["_samples"] = sums[-1]
     return out
@@ -793,14 +824,17 @@ def _evaluator(cfg: TrainConfig, config: Blip2Config, info: D.DistInfo, tower: n
         batches = make_loader(cfg, section, pre, info, DataPosition(), train=False)
         model.eval()
         total, n = 0.0, 0
-        with torch.no_grad():
-            for i in range(cfg.train.eval_batches):
-                inputs = _to_device(next(batches), info.device)
-                gen = torch.Generator(device=info.device).manual_seed(sample_seed(cfg.train.seed, "eval", i))
-                loss, _ = forward_loss(model, inputs, cfg.stage, gather, gen)
-                total, n = total + loss.item(), n + 1
-        batches.close()
-        model.train()
+        try:
+            with torch.no_grad():
+                for i in range(cfg.train.eval_batches):
+                    inputs = _to_device(next(batches), info.device)
+                    seed = sample_seed(cfg.train.seed, "eval", i)
+                    gen = torch.Generator(device=info.device).manual_seed(seed)
+                    loss, _ = forward_loss(model, inputs, cfg.stage, gather, gen)
+                    total, n = total + loss.item(), n + 1
+        finally:
+            batches.close()
+            model.train()
         s = D.all_reduce_sum([total, float(n)], info.device)
         return {"eval_loss": s[0] / max(s[1], 1)}
 
