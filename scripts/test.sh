@@ -11,10 +11,8 @@ bash scripts/setup.sh
 # again on the lowest transformers the pins allow, in a second venv (git-ignored): the version is read
 # from pyproject.toml's `transformers>=X` and torch is the one setup.sh installed in .venv, so neither
 # can drift from its pin.
-LOWEST_TRANSFORMERS=$(.venv/bin/python -c '
-import re, tomllib
-deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
-print(next(re.search(r">=\s*([0-9.]+)", d).group(1) for d in deps if re.match(r"transformers\b", d)))')
+LOWEST_TRANSFORMERS=$(sed -n 's/.*"transformers>=\([0-9.]*\).*/\1/p' pyproject.toml | head -n 1)
+[ -n "$LOWEST_TRANSFORMERS" ] || { echo "no transformers>=X pin in pyproject.toml" >&2; exit 1; }
 TORCH_VERSION=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')
 if [ ! -x .venv-lowest/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv-lowest
