@@ -87,6 +87,18 @@ def expand_braces(pattern: str) -> list[str]:
     return out
 
 
+def _sample_key(info: tarfile.TarInfo) -> tuple[str, str] | None:
+    """A tar member's sample key (its path up to the first dot of its file name) and extension;
+    None for what is no sample's file (folders, hidden files, names without an extension)."""
+    if not info.isfile():
+        return None
+    base = os.path.basename(info.name)
+    if "." not in base or base.startswith("."):
+        return None
+    key, ext = base.split(".", 1)
+    return os.path.join(os.path.dirname(info.name), key), ext
+
+
 @dataclass
 class Member:
     offset: int
@@ -108,13 +120,10 @@ def index_shard(path: str) -> tuple[list[tuple[str, dict[str, Member]]], int]:
                     break
                 if info is None:
                     break
-                if not info.isfile():
+                named = _sample_key(info)
+                if named is None:
                     continue
-                base = os.path.basename(info.name)
-                if "." not in base or base.startswith("."):
-                    continue
-                key, ext = base.split(".", 1)
-                key = os.path.join(os.path.dirname(info.name), key)
+                key, ext = named
                 samples.setdefault(key, {})[ext.lower()] = Member(info.offset_data, info.size)
     except (tarfile.TarError, OSError) as e:
         if not os.path.exists(path):
@@ -256,13 +265,10 @@ class ShardReader:
             try:
                 with tarfile.open(fileobj=source.stream, mode="r|") as tar:
                     for info in tar:
-                        if not info.isfile():
+                        named = _sample_key(info)
+                        if named is None:
                             continue
-                        base = os.path.basename(info.name)
-                        if "." not in base or base.startswith("."):
-                            continue
-                        k, ext = base.split(".", 1)
-                        k = os.path.join(os.path.dirname(info.name), k)
+                        k, ext = named
                         data = tar.extractfile(info).read()
                         if len(data) != info.size:
                             raise tarfile.ReadError("unexpected end of data")
