@@ -101,15 +101,16 @@ def test_help_and_version_do_not_import_torch():
 # ------------------------------------------------------------------------------ item 23: threads
 
 
-def test_threads_option_and_passive_wait_policy():
+def test_threads_option_and_short_spin_wait_policy():
     code = (
         "import os, sys\n"
         "from blip2.cli import main\n"
         "rc = main(sys.argv[1:])\n"
         "import torch\n"
-        "print(rc, os.environ.get('OMP_WAIT_POLICY'), torch.get_num_threads())\n"
+        "e = os.environ\n"
+        "print(rc, e.get('OMP_WAIT_POLICY', '-'), e.get('GOMP_SPINCOUNT', '-'), torch.get_num_threads())\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["OMP_NUM_THREADS"] = "2"
 
     def run(*argv: str, **extra: str) -> list[str]:
@@ -122,9 +123,11 @@ def test_threads_option_and_passive_wait_policy():
         )
         return r.stdout.splitlines()[-1].split()
 
-    assert run("--threads", "1", "presets") == ["0", "PASSIVE", "1"]
-    assert run("presets", "--threads", "1", OMP_WAIT_POLICY="ACTIVE") == ["0", "ACTIVE", "1"]  # user's wins
-    assert run("presets") == ["0", "PASSIVE", "2"]  # no --threads: torch's own count
+    assert run("--threads", "1", "presets") == ["0", "-", "1000", "1"]
+    # the user's choice wins: a wait policy or a spin count of their own is left alone
+    assert run("presets", "--threads", "1", OMP_WAIT_POLICY="ACTIVE") == ["0", "ACTIVE", "-", "1"]
+    assert run("presets", GOMP_SPINCOUNT="0") == ["0", "-", "0", "2"]
+    assert run("presets") == ["0", "-", "1000", "2"]  # no --threads: torch's own count
     bad = blip2_run("--threads", "0", "presets")
     assert bad.returncode == 2 and "--threads must be 1 or more" in one_sentence(bad.stderr)
 

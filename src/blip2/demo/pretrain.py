@@ -324,7 +324,10 @@ def pretrain_lm(
     lm.train()
     for step in range(steps):
         idx = torch.randint(0, n, (batch_size,), generator=gen)
-        out = lm(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx])
+        # right padded: columns past the batch's longest document are padding only, and leaving them
+        # out changes no loss (causal attention, no label there)
+        length = int(mask[idx].sum(dim=1).max())
+        out = lm(input_ids=ids[idx, :length], attention_mask=mask[idx, :length], labels=labels[idx, :length])
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()

@@ -89,7 +89,10 @@ def markdown(report: dict) -> str:
 def _threads(report: dict) -> str:
     t = report.get("threads", {})
     n = t.get("torch_threads", report["versions"]["cpu_threads"])
-    return f"{n} CPU threads, OMP_WAIT_POLICY={t.get('omp_wait_policy') or 'unset'}"
+    return (
+        f"{n} CPU threads, OMP_WAIT_POLICY={t.get('omp_wait_policy') or 'unset'}, "
+        f"GOMP_SPINCOUNT={t.get('gomp_spincount') or 'unset'}"
+    )
 
 
 def write_markdown(report: dict, path: str) -> str:
