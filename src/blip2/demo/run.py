@@ -53,12 +53,14 @@ class Budget:
     encoder_steps: int = 250
     encoder_batch: int = 64
     lm_docs: int = 20000
-    lm_steps: int = 400  # its loss: 0.25 at step 200, 0.24 at 400, 0.23 at 600
+    lm_steps: int = 600
     lm_batch: int = 128
     lm_lr: float = 2e-3
     lm_p_caption: float = 0.25  # the rest of the LM's documents are questions
-    stage1_steps: int = 450
-    stage2_steps: int = 180  # held-out caption loss: 0.198 at step 60, 0.181 at 120 and 180, 0.177 at 300
+    # fewer steps fit the 8 minutes but cost VQA: LM 400, stage 1 450, stage 2 180 steps answered
+    # 0.887 / 0.835 (seeds 0 / 1; position and yes/no questions fall), 2026-12-03
+    stage1_steps: int = 600
+    stage2_steps: int = 300
     batch_size: int = 128
     lr: float = 1e-3
     warmup_steps: int = 50
