@@ -7,9 +7,10 @@ checkpoint can serve and no others.
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,10 @@ class TruncationWarning(UserWarning):
     """Text longer than the model takes was cut; the message says which text and where."""
 
 
-class Pipeline:
+P = TypeVar("P", bound="Pipeline")
+
+
+class Pipeline(ABC):
     """A loaded BLIP-2 model with its image processor (and, in the subclasses, its tokenizer).
 
     Attributes:
@@ -53,7 +57,7 @@ class Pipeline:
     def device(self) -> torch.device:
         return self.model.query_tokens.device
 
-    def to(self, device: str | torch.device) -> Pipeline:
+    def to(self: P, device: str | torch.device) -> P:
         self.model.to(device)
         return self
 
@@ -77,8 +81,9 @@ class Pipeline:
         processor.save_pretrained(str(path))
         self._save_tokenizer(path, processor)
 
+    @abstractmethod
     def _save_tokenizer(self, path: Path, image_processor: Any) -> None:
-        raise NotImplementedError
+        """Write the tokenizer (and any processor config of the kind) beside the weights."""
 
     # ---------------------------------------------------------------------------- inputs, checked
 

@@ -70,12 +70,13 @@ def load(
     """
     if device is not None:
         device = check_device(device)  # a device this machine lacks: one sentence, before any loading
+    dtype_name = _dtype_name(dtype)
     hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     name = os.fspath(name_or_path)
     loaded = loading.load_model(
         name,
         resolve(name, **hub),
-        dtype=_dtype_name(dtype),
+        dtype=dtype_name,
         preset_name=preset,
         config=config,
         vision_weights=vision_weights,
