@@ -101,8 +101,8 @@ def load_pipeline(
         need = Captioner if task in Captioner.tasks else Retriever
         if not isinstance(pipe, need):
             raise UserError(
-                f"{task} needs {need.checkpoint_kind}; {model} is {pipe.checkpoint_kind.split(' such as')[0]}, "
-                f"which offers {', '.join(pipe.tasks)}"
+                f"{task} needs {need.checkpoint_kind}; {model} is a {type(pipe).__name__.lower()} "
+                f"checkpoint, which offers {', '.join(pipe.tasks)}"
             )
     return pipe
 
