@@ -430,7 +430,7 @@ class ConfigError(UserError, ValueError):
 SECTIONS = {"vision": VisionConfig, "qformer": QFormerConfig, "llm": LLMConfig}
 
 
-def preset(name: str, **overrides: Any) -> Blip2Config:
+def preset(name: str, /, **overrides: Any) -> Blip2Config:
     """The named preset's config, with fields replaced.
 
     ```python
