@@ -78,10 +78,10 @@ def test_lavis_file_without_preset_or_encoder(tmp_path):
     assert "vision_weights=" in _message(lambda: blip2.load(tmp_path / "mine.pth", preset="tiny-stage1"))
 
 
-def test_bad_dtype_and_stage(folder):
+def test_bad_dtype_and_kind(folder):
     assert "unknown dtype" in _message(lambda: blip2.load(folder, dtype="int8"))
-    pipe = blip2.load(folder)
-    assert "stage-2" in _message(lambda: pipe.caption(tiny_hf.images(1)[0]))
+    pipe = blip2.load(folder)  # a stage-1 checkpoint: a retriever, which has no caption
+    assert isinstance(pipe, blip2.Retriever) and not hasattr(pipe, "caption")
 
 
 class _Anything:

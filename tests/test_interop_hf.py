@@ -19,7 +19,8 @@ from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetriev
 import blip2
 from blip2.config import preset
 from blip2.interop.checkpoint import build_model
-from blip2.pipeline import Pipeline
+from blip2.pipelines import Captioner, Retriever
+from blip2.processing import ImageProcessor
 from blip2.tokenizers import qformer_tokenizer
 
 ATOL = 1e-5
@@ -198,7 +199,7 @@ def test_stage1_with_itg_head_round_trips(tmp_path):
     tok = qformer_tokenizer(tiny_hf.bert_tokenizer_dir())
     model = _random(build_model(preset("tiny-stage1"), init=True))
     assert model.qformer.lm_head is not None
-    pipe = Pipeline(model, blip2.pipeline.ImageProcessor(16), qformer_tokenizer=tok)
+    pipe = Retriever(model, ImageProcessor(16), tok)
     pipe.save_pretrained(tmp_path)
     again = blip2.load(tmp_path)
     assert_same_state(model.state_dict(), again.model.state_dict())  # ITG head and temp included
@@ -220,7 +221,7 @@ def test_model_without_transformers_class_round_trips(tmp_path):
     )
     model = _random(build_model(config, init=True))
     tok = qformer_tokenizer(tiny_hf.bert_tokenizer_dir())
-    Pipeline(model, blip2.pipeline.ImageProcessor(16), qformer_tokenizer=tok).save_pretrained(tmp_path)
+    Retriever(model, ImageProcessor(16), tok).save_pretrained(tmp_path)
     assert not (tmp_path / "config.json").exists()  # transformers has no BLIP-2 class with a CLIP tower
     again = blip2.load(tmp_path)
     assert_same_state(model.state_dict(), again.model.state_dict())
@@ -234,7 +235,7 @@ def test_saving_adds_the_image_token_and_grows_the_table(tmp_path):
     config = preset("tiny-opt")
     config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, hf_config=llm_cfg))
     model = _random(build_model(config, init=True), seed=3)
-    pipe = Pipeline(model, blip2.pipeline.ImageProcessor(16), llm_tokenizer=tok)
+    pipe = Captioner(model, ImageProcessor(16), tok)
     pipe.save_pretrained(tmp_path)
     image_id = tok.convert_tokens_to_ids("<image>")
     assert pipe.config.llm.image_token_id == image_id == llm_cfg["vocab_size"]

@@ -17,11 +17,13 @@ from transformers import Blip2Config as HFBlip2Config
 from transformers import Blip2ForImageTextRetrieval
 
 import blip2
+import blip2.errors
 import blip2.interop.keymap
 from blip2.config import preset
 from blip2.interop import checkpoint, lavis
 from blip2.interop.keymap import convert
-from blip2.pipeline import Pipeline
+from blip2.pipelines import Captioner
+from blip2.processing import ImageProcessor
 
 # --------------------------------------------------------------------- LAVIS layout, from the reference
 
@@ -352,6 +354,97 @@ def test_convert_command(tiny_lavis, tmp_path):
     )  # no preset: one sentence
 
 
+# ------------------------------------------------------------------- a LAVIS file of sizes no preset has
+
+CUSTOM = dict(
+    name="custom-stage1",
+    embed_dim=12,
+    qformer={
+        "hidden_size": 24,
+        "num_layers": 3,
+        "num_heads": 4,
+        "intermediate_size": 40,
+        "num_query_tokens": 4,
+    },
+)
+
+
+@pytest.fixture
+def custom_lavis(tmp_path):
+    """A random stage-1 model of a config no preset has, written as LAVIS files: the Q-Former file
+    without the image encoder, the same with it, the config as JSON, and the tower as a transformers
+    folder (`Blip2VisionModel.save_pretrained`, its `post_layernorm` being LAVIS's `ln_vision`)."""
+    import transformers
+
+    config = blip2.preset("tiny-stage1", **CUSTOM)
+    model = tiny_hf.randomize(checkpoint.build_model(config, init=True), 8).eval()
+    with torch.no_grad():
+        for layer in model.visual.tower.encoder.layers:
+            layer.self_attn.qkv.bias.view(3, -1)[1].zero_()  # no key bias, as in every EVA checkpoint
+    theirs = checkpoint.save_lavis(model)
+    torch.save({"model": theirs}, tmp_path / "with_tower.pth")
+    qformer_only = {k: v for k, v in theirs.items() if not k.startswith("visual_encoder.")}
+    torch.save({"model": qformer_only}, tmp_path / "qformer.pth")
+    (tmp_path / "config.json").write_text(config.to_json())
+    hf_vision = {k: v for k, v in config.vision.hf_config.items() if k != "model_type"}
+    tower = transformers.Blip2VisionModel(transformers.Blip2VisionConfig(**hf_vision))
+    ln = {f"post_layernorm.{k}": v for k, v in model.visual.ln_vision.state_dict().items()}
+    tower.load_state_dict({**model.visual.tower.state_dict(), **ln})
+    tower.save_pretrained(tmp_path / "tower")
+    return tmp_path, config, model
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    assert a.state_dict().keys() == b.state_dict().keys()
+    for k, v in a.state_dict().items():
+        assert torch.equal(b.state_dict()[k], v), k
+
+
+def test_convert_a_custom_size_lavis_file_with_its_config(custom_lavis, capsys):
+    """`blip2 convert FILE.pth --config CFG.json --out DIR`: with the tower in the file, or from a
+    transformers folder of it; without either, one sentence saying what is missing."""
+    from blip2.cli import main
+
+    folder, config, model = custom_lavis
+    bert = ["--tokenizer", tiny_hf.bert_tokenizer_dir()]
+    cfg = ["--config", str(folder / "config.json")]
+    assert main(["convert", str(folder / "with_tower.pth"), *cfg, "--out", str(folder / "a"), *bert]) == 0
+    first = blip2.load(folder / "a")
+    assert isinstance(first, blip2.Retriever) and first.config.name == "custom-stage1"
+    _same_weights(model, first.model)
+    tower = ["--vision-weights", str(folder / "tower")]
+    assert (
+        main(["convert", str(folder / "qformer.pth"), *cfg, "--out", str(folder / "b"), *tower, *bert]) == 0
+    )
+    second = blip2.load(folder / "b")
+    _same_weights(model, second.model)
+    images = tiny_hf.images(2)
+    assert torch.equal(first.match(images, "a dog"), second.match(images, "a dog"))
+    capsys.readouterr()
+    assert main(["convert", str(folder / "qformer.pth"), *cfg, "--out", str(folder / "c"), *bert]) == 2
+    err = capsys.readouterr().err
+    assert "qformer.pth holds no image encoder: pass --vision-weights" in err and "Traceback" not in err
+    assert not (folder / "c").exists()
+    assert main(["convert", str(folder / "qformer.pth"), *cfg, "--preset", "tiny-stage1", "--out", "x"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_load_a_custom_size_lavis_file_whose_config_names_the_tower(custom_lavis):
+    """`blip2.load(path, config=...)`: the frozen tower comes from the folder the config names."""
+    folder, config, model = custom_lavis
+    hf_vision = {**config.vision.hf_config, "_name_or_path": str(folder / "tower")}
+    named = dataclasses.replace(config, vision=dataclasses.replace(config.vision, hf_config=hf_vision))
+    pipe = blip2.load(folder / "qformer.pth", config=named, tokenizer=tiny_hf.bert_tokenizer_dir())
+    assert isinstance(pipe, blip2.Retriever)
+    _same_weights(model, pipe.model)
+    (folder / "bad.json").write_text('{"qformer": {"layers": 3}}')
+    with pytest.raises(blip2.errors.UserError, match="bad.json is not a valid Blip2Config JSON file"):
+        blip2.load(folder / "qformer.pth", config=folder / "bad.json")
+    with pytest.raises(blip2.errors.UserError, match="does not hold the image encoder the config describes"):
+        wider = blip2.preset("tiny-stage1", **CUSTOM, vision={"hf_config": {**hf_vision, "hidden_size": 64}})
+        blip2.load(folder / "qformer.pth", config=wider, tokenizer=tiny_hf.bert_tokenizer_dir())
+
+
 # ----------------------------------------------------------------------------- round trips through LAVIS
 
 
@@ -512,5 +605,5 @@ def test_pos_embed_is_interpolated_for_another_image_size():
 def test_pipeline_uses_the_lavis_conventions(tmp_path):
     model = _randomized("tiny-opt", 7)
     tok = tiny_hf.word_tokenizer("opt")
-    pipe = Pipeline(model, blip2.pipeline.ImageProcessor(16), llm_tokenizer=tok)
+    pipe = Captioner(model, ImageProcessor(16), tok)
     assert pipe.model.eos_token_id == model.llm.config.eos_token_id

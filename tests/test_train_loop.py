@@ -189,7 +189,7 @@ def test_mixed_precision_autocasts_the_qformer_but_not_the_frozen_tower(tmp_path
 
 
 def test_end_to_end_cli_stage1_then_stage2_then_load_and_caption(tmp_path):
-    import blip2.pipeline
+    import blip2.pipelines
 
     pattern = make_shards(str(tmp_path / "shards"), shards=2, per_shard=8)
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
@@ -208,7 +208,7 @@ def test_end_to_end_cli_stage1_then_stage2_then_load_and_caption(tmp_path):
         + ["train.max_steps=3", f"train.output_dir={s2}"]
     )
     assert p.returncode == 0, p.stderr[-3000:]
-    pipe = blip2.pipeline.load(str(s2 / "final"))
+    pipe = blip2.pipelines.load(str(s2 / "final"))
     assert pipe.config.stage == 2
     with open(tmp_path / "x.jpg", "wb") as f:
         f.write(image_bytes(7))
@@ -216,7 +216,7 @@ def test_end_to_end_cli_stage1_then_stage2_then_load_and_caption(tmp_path):
     assert isinstance(text, str)
     # stage 2 started from the stage-1 queries: 3 AdamW steps of lr <= 1e-3 move each by < 3.1e-3
     # (a fresh init would be ~0.02 away)
-    s1_queries = blip2.pipeline.load(str(s1 / "final")).model.query_tokens
+    s1_queries = blip2.pipelines.load(str(s1 / "final")).model.query_tokens
     moved = (pipe.model.query_tokens - s1_queries).abs().max()
     assert 0 < moved < 3.1e-3
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 import blip2
 from blip2.errors import UserError
-from blip2.pipeline import TruncationWarning
+from blip2.pipelines import TruncationWarning
 
 GREEDY = {"num_beams": 1, "max_new_tokens": 6}
 
@@ -187,14 +187,34 @@ def test_text_limits_on_retrieval(retriever, images):
         retriever.match(images[0], "dog " * 100)
 
 
-def test_wrong_stage_names_the_checkpoint_to_use(captioner, retriever, images):
-    with pytest.raises(UserError, match="stage-2 .generative. checkpoint such as Salesforce/blip2-opt"):
-        retriever.caption(images[0])
-    with pytest.raises(UserError, match="stage-1 .retrieval. checkpoint such as Salesforce/blip2-itm"):
-        captioner.similarity(images[0], "a dog")
-    for method in ("embed_images", "match"):
-        with pytest.raises(UserError, match="stage-1"):
-            getattr(captioner, method)(images[0], *(["x"] if method == "match" else []))
+def test_each_kind_has_only_what_it_can_do(captioner, retriever):
+    """`blip2.load` returns the checkpoint's kind: a captioner cannot search, a retriever cannot caption."""
+    assert isinstance(captioner, blip2.Captioner) and isinstance(retriever, blip2.Retriever)
+    generative = ("caption", "ask", "chat", "chat_prompt", "stream", "generate")
+    retrieval = ("match", "similarity", "pair_scores", "search", "embed_images", "embed_texts")
+    for method in generative:
+        assert callable(getattr(captioner, method)) and not hasattr(retriever, method)
+    for method in retrieval:
+        assert callable(getattr(retriever, method)) and not hasattr(captioner, method)
+    assert repr(retriever).startswith("Retriever(") and "match" in repr(retriever)
+    assert "stage-2 (generative) checkpoint" in blip2.Captioner.checkpoint_kind
+
+
+def test_preset_with_overrides():
+    config = blip2.preset("tiny-stage1", embed_dim=12, qformer={"num_layers": 3}, name="mine")
+    base = blip2.preset("tiny-stage1")
+    assert (config.embed_dim, config.qformer.num_layers, config.name) == (12, 3, "mine")
+    assert config.qformer.hidden_size == base.qformer.hidden_size and config.vision == base.vision
+    wider = blip2.preset("tiny-stage1", vision={"hf_config": {**base.vision.hf_config, "hidden_size": 64}})
+    assert wider.qformer.encoder_width == 64  # the Q-Former reads the new tower's width
+    assert blip2.preset("tiny-opt", llm=None).llm is None
+    assert blip2.Blip2Config.from_json(config.to_json()) == config
+    with pytest.raises(UserError, match="unknown preset 'nope'"):
+        blip2.preset("nope")
+    with pytest.raises(UserError, match="Blip2Config has no field 'layers'"):
+        blip2.preset("tiny-stage1", layers=3)
+    with pytest.raises(UserError, match="QFormerConfig has no field 'layers'"):
+        blip2.preset("tiny-stage1", qformer={"layers": 3})
 
 
 def test_unusual_images_are_captioned(captioner, retriever, tmp_path):

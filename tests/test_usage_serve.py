@@ -25,7 +25,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import blip2  # noqa: E402
 from blip2.serve import ServerSettings, create_app  # noqa: E402
-from blip2.serve.app import Batcher, Job, QueueFull  # noqa: E402
+from blip2.serve.batching import Batcher, Job, QueueFull  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 TIMEOUT = 120  # seconds; the machine is shared and loaded

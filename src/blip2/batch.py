@@ -465,7 +465,7 @@ def caption_items(
     """Caption `items` into the results file `out`, skipping those already there.
 
     Args:
-        pipe: a stage-2 `Pipeline`.
+        pipe: a `Captioner`.
         items: from `expand_inputs`.
         out: the JSON-lines results file (appended to; created if missing); None: stdout.
         prompt: the caption prompt (default: the checkpoint's).
@@ -484,7 +484,7 @@ def caption_items(
         UserError: `out` was written with other generation settings (prompt or options) and
             `overwrite` is not set, or `out` is not a results file.
     """
-    from blip2.pipeline import CAPTION_DEFAULTS, check_generation_options
+    from blip2.pipelines.captioner import CAPTION_DEFAULTS, check_generation_options
 
     options = {**CAPTION_DEFAULTS, **generate_options}
     check_generation_options(options)  # before any file is touched

@@ -1,6 +1,11 @@
 """`blip2 convert`: a LAVIS checkpoint (or any loadable model) into our folder.
 
     blip2 convert blip2_pretrained_opt2.7b.pth out/ --vision-weights eva_vit_g.pth --llm facebook/opt-2.7b
+    blip2 convert my_qformer.pth --config my_config.json --out out/   # sizes of no preset
+
+A LAVIS file whose sizes match no preset converts with `--config`, a `Blip2Config` JSON file
+(`blip2 presets NAME > cfg.json` gives one to edit); without image-encoder weights in the file, the
+tower comes from `--vision-weights` (LAVIS's tower file, or a transformers folder of it).
 
 The folder loads with `blip2.load(out)` and, where transformers has the class, with
 `Blip2ForConditionalGeneration` / `Blip2ForImageTextRetrieval.from_pretrained(out)`.
@@ -14,9 +19,14 @@ import os
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="LAVIS .pth file, transformers folder, our folder or hub id")
-    p.add_argument("output", help="folder to write")
+    p.add_argument("output", nargs="?", help="folder to write (or --out)")
+    p.add_argument("--out", help="folder to write")
     p.add_argument("--preset", help="preset of a LAVIS file without its released name (`blip2 presets`)")
-    p.add_argument("--vision-weights", help="LAVIS image-encoder file (eva_vit_g.pth, clip_vit_L.pth)")
+    p.add_argument("--config", help="Blip2Config JSON file of a LAVIS file whose sizes match no preset")
+    p.add_argument(
+        "--vision-weights",
+        help="image encoder: LAVIS file (eva_vit_g.pth, clip_vit_L.pth) or transformers folder",
+    )
     p.add_argument("--llm", help="LLM folder or hub id of a LAVIS stage-2 checkpoint")
     p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the checkpoint's)")
     p.add_argument(
@@ -30,8 +40,11 @@ def _same(output: str, source: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from blip2.errors import UserError
-    from blip2.pipeline import load
+    from blip2.pipelines import load
 
+    if (args.output is None) == (args.out is None):
+        raise UserError("give the folder to write once: as the second argument or as --out")
+    args.output = args.output or args.out
     if os.path.exists(args.source) and _same(args.output, args.source):
         raise UserError(
             f"the output {args.output} would overwrite the source {args.source}: give another output folder"
@@ -42,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load(
         args.source,
         preset=args.preset,
+        config=args.config,
         vision_weights=args.vision_weights,
         llm=args.llm,
         tokenizer=args.tokenizer,

@@ -16,6 +16,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from blip2.errors import UserError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -421,11 +423,55 @@ PRESETS: dict[str, Any] = {
 }
 
 
-def preset(name: str) -> Blip2Config:
-    """Return the named preset config; raises with the list of names when unknown."""
+class ConfigError(UserError, ValueError):
+    """An unknown preset or config field (a `UserError`: one sentence on the command line)."""
+
+
+SECTIONS = {"vision": VisionConfig, "qformer": QFormerConfig, "llm": LLMConfig}
+
+
+def preset(name: str, /, **overrides: Any) -> Blip2Config:
+    """The named preset's config, with fields replaced.
+
+    ```python
+    blip2.preset("tiny-stage1", embed_dim=32, qformer={"num_layers": 4})
+    ```
+
+    Args:
+        name: a preset (`list_presets()`, `blip2 presets`).
+        overrides: `Blip2Config` fields. A section (`vision`, `qformer`, `llm`) takes a dict of its own
+            fields to replace (or a whole `VisionConfig` / `QFormerConfig` / `LLMConfig`, or None
+            for no LLM).
+
+    Raises:
+        ConfigError: an unknown preset name or field (one sentence listing the known ones).
+    """
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]()
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+    config = PRESETS[name]()
+    if not overrides:
+        return config
+    fields = {f.name for f in dataclasses.fields(Blip2Config)}
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise ConfigError(f"Blip2Config has no field {key!r}; its fields are {', '.join(sorted(fields))}")
+        section = SECTIONS.get(key)
+        if section is not None and isinstance(value, dict):
+            known = {f.name for f in dataclasses.fields(section)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ConfigError(
+                    f"{section.__name__} has no field {unknown[0]!r}; its fields are {', '.join(sorted(known))}"
+                )
+            current = getattr(config, key)
+            value = dataclasses.replace(current, **value) if current is not None else section(**value)
+        changes[key] = value
+    given = overrides.get("qformer")
+    explicit = isinstance(given, QFormerConfig) or (isinstance(given, dict) and "encoder_width" in given)
+    if "vision" in changes and not explicit:  # the Q-Former reads the new tower's width, as when built anew
+        changes["qformer"] = dataclasses.replace(changes.get("qformer", config.qformer), encoder_width=0)
+    return dataclasses.replace(config, **changes)
 
 
 def list_presets() -> list[str]:

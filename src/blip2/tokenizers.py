@@ -1,6 +1,6 @@
 """Tokenizers: the Q-Former's BERT WordPiece tokenizer with `[DEC]`, and the LLM's tokenizer.
 
-Models never tokenize (see DESIGN.md); training, evaluation and the pipeline call these.
+Models never tokenize (see DESIGN.md); training, evaluation and the pipelines call these.
 """
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ def _resnet_stage1(tmp_path) -> str:
 
 
 def test_a_resumed_batchnorm_tower_ends_with_the_statistics_of_an_uninterrupted_run(tmp_path):
-    from blip2.pipeline import load
+    from blip2.pipelines import load
 
     model_json = _resnet_stage1(tmp_path)
     ann, root = make_caption_json(str(tmp_path / "data"), n=8)

@@ -52,7 +52,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     """The generation options given on the command line (the pipeline's defaults fill the rest);
     values out of range are a `UserError`."""
-    from blip2.pipeline import check_generation_options
+    from blip2.pipelines.captioner import check_generation_options
 
     names = [*GENERATION_ARGS, "do_sample"]
     options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
@@ -82,8 +82,8 @@ def load_pipeline(
     """`blip2.load` for a command: anything that goes wrong is one sentence (`UserError`).
 
     Args:
-        task: the pipeline method the command needs; a checkpoint of the wrong stage is refused with a
-            sentence naming the kind of checkpoint to use.
+        task: the method the command needs (`caption`, `match`, ...); a checkpoint of the other kind
+            (`Captioner` or `Retriever`) is refused with a sentence naming the kind to use.
         options: more `blip2.load` options (`load_options`).
     """
     import blip2
@@ -96,7 +96,14 @@ def load_pipeline(
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load a BLIP-2 model from {model} ({reason})") from None
     if task is not None:
-        pipe.check_task(task)
+        from blip2.pipelines import Captioner, Retriever
+
+        need = Captioner if task in Captioner.tasks else Retriever
+        if not isinstance(pipe, need):
+            raise UserError(
+                f"{task} needs {need.checkpoint_kind}; {model} is a {type(pipe).__name__.lower()} "
+                f"checkpoint, which offers {', '.join(pipe.tasks)}"
+            )
     return pipe
 
 

@@ -318,7 +318,7 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, echo: Callable[[str],
     import transformers
 
     from blip2.models import Stage1Model
-    from blip2.pipeline import Pipeline, load
+    from blip2.pipelines import Retriever, load
     from blip2.processing import ImageProcessor
     from blip2.train.feature_cache import cache_features
     from blip2.train.loop import train
@@ -390,9 +390,7 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, echo: Callable[[str],
         tower = transformers.ResNetModel.from_pretrained(enc.path)
         init = Stage1Model(config, vision_tower=tower)
         init_dir = os.path.join(work, "init")
-        Pipeline(init, ImageProcessor(64, (0.5,) * 3, (0.5,) * 3), qformer_tokenizer=qtok).save_pretrained(
-            init_dir
-        )
+        Retriever(init, ImageProcessor(64, (0.5,) * 3, (0.5,) * 3), qtok).save_pretrained(init_dir)
         # stage 1 pads every caption to `max_len` (equal shapes on every rank): the longest caption's
         # length, not more (a third of the Q-Former's tokens in a step would be padding at 16)
         caption_len = max(len(qtok(c).input_ids) for s in world.scenes for c in W.captions(s))

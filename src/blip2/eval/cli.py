@@ -105,9 +105,9 @@ def run(args: argparse.Namespace) -> int:
             llm=args.llm,
             tokenizer=args.tokenizer,
         )
-        need = 1 if args.task == "retrieval" else 2
-        if pipe.config.stage != need:
-            kind = "a stage-1 (retrieval)" if need == 1 else "a stage-2 (captioning / VQA)"
+        need = blip2.Retriever if args.task == "retrieval" else blip2.Captioner
+        if not isinstance(pipe, need):
+            kind = "a stage-1 (retrieval)" if need is blip2.Retriever else "a stage-2 (captioning / VQA)"
             raise UserError(
                 f"`blip2 eval {args.task}` needs {kind} model; {args.model} is stage {pipe.config.stage}"
             )

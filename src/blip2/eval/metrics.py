@@ -357,7 +357,7 @@ ItmScorer = Callable[[Tensor, Tensor], Tensor]
 @torch.no_grad()
 def rerank_score(itm_logit: Tensor, itc: Tensor) -> Tensor:
     """The score ITM re-ranking orders candidates by: the ITM head's positive logit plus the ITC cosine
-    (LAVIS's `compute_sim_matrix`). Retrieval evaluation and `Pipeline.search` / `blip2 search` both
+    (LAVIS's `compute_sim_matrix`). Retrieval evaluation and `Retriever.search` / `blip2 search` both
     rank by it."""
     return itm_logit.float() + itc.float()
 

@@ -180,7 +180,7 @@ def evaluate_captions(
     """Caption every image, write `predictions.json` (`[{"image_id", "caption"}]`) and `metrics.json`.
 
     Args:
-        pipe: a stage-2 `blip2.Pipeline`.
+        pipe: a `blip2.Captioner`.
         samples: the benchmark (`datasets.caption_samples`).
         out: output folder (also holds the resumable part files).
         settings: generation settings over `CAPTION_SETTINGS` (`prompt` and transformers `generate`
@@ -253,7 +253,7 @@ def evaluate_vqa(
     """Answer every question, write `predictions.json` and (when answers are known) `metrics.json`.
 
     Args:
-        pipe: a stage-2 `blip2.Pipeline`.
+        pipe: a `blip2.Captioner`.
         samples: the questions (`datasets.vqa_samples`).
         metric: "vqa" (official accuracy, per answer type) or "gqa" (exact match).
         settings: over `VQA_SETTINGS`: `prompt` (a template with `{}` for the question; default the
@@ -350,7 +350,7 @@ def evaluate_retrieval(
     ten of every image and every text, by index into the set's images and texts).
 
     Args:
-        pipe: a stage-1 `blip2.Pipeline`.
+        pipe: a `blip2.Retriever`.
         data: the test set (`datasets.retrieval_set`).
         k: ITC candidates re-ranked per query (0: ITC only).
         batch_size: images or texts per encoding batch.

@@ -4,7 +4,7 @@
   one file. Safetensors, or `torch.load(weights_only=True)`: nothing but tensors is ever unpickled.
 * `build_model(config)`: our model with uninitialized weights (they are all loaded next).
 * `load_transformers_folder`, `load_lavis`: the two foreign layouts into our model, strictly.
-* `save_folder(model, folder)`: our folder, a superset of transformers' (see `blip2.pipeline`).
+* `save_folder(model, folder)`: our folder, a superset of transformers' (see `blip2.pipelines`).
 
 Our folder: `blip2_config.json` (our config), and either
   - the model has a transformers class: `config.json` (transformers' BLIP-2 config) and
@@ -199,27 +199,32 @@ def load_lavis(
     vision_weights: Path | None = None,
     llm_path: Path | None = None,
 ) -> nn.Module:
-    """A LAVIS checkpoint into our model described by `config` (a preset).
+    """A LAVIS checkpoint into our model described by `config` (a preset, or any config that fits it).
 
     The image encoder comes from the checkpoint when it holds one (`visual_encoder.*`), else from
-    `vision_weights` (LAVIS's `eva_vit_g.pth` / `clip_vit_L.pth`). The LLM of a stage-2 model comes from
-    `llm_path`, a transformers LM folder whose `config.json` replaces `config.llm.hf_config` (FlanT5 gets
-    LAVIS's exact GELU). All three are held to the same rule: every key consumed, every weight filled.
+    `vision_weights`: a LAVIS tower file (`eva_vit_g.pth` / `clip_vit_L.pth`) or a transformers folder
+    of the tower (`pretrained_tower`). The LLM of a stage-2 model comes from `llm_path`, a transformers
+    LM folder whose `config.json` replaces `config.llm.hf_config` (FlanT5 gets LAVIS's exact GELU). All
+    are held to the same rule: every key consumed, every weight filled.
     """
     state, _ = read_state_dict(path)
     if config.vision.model_type == "blip_2_vision_model":  # LAVIS's ln_vision: eps 1e-5, not 1e-6
         config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, ln_vision_eps=1e-5))
-    has_vision = any(k.startswith("visual_encoder.") for k in state)
-    if not has_vision:
+    tower = None
+    if not any(k.startswith("visual_encoder.") for k in state):
         if vision_weights is None:
             raise UserError(
-                f"{path.name} holds no image encoder: pass --vision-weights (vision_weights= in blip2.load) the LAVIS file "
-                f"{lavis.VISION_FILES.get(config.vision.model_type, 'of the image encoder')}"
+                f"{path.name} holds no image encoder: pass --vision-weights (vision_weights= in blip2.load) "
+                f"the LAVIS file {lavis.VISION_FILES.get(config.vision.model_type, 'of the image encoder')} "
+                "or a transformers folder of the image encoder"
             )
-        base, _ = read_state_dict(vision_weights)
-        state.update(lavis.vision_base_state(base, config))
+        if vision_weights.is_dir():
+            tower = pretrained_tower(config, vision_weights)
+        else:
+            base, _ = read_state_dict(vision_weights)
+            state.update(lavis.vision_base_state(base, config))
     llm_state: dict[str, Tensor] = {}
-    if config.stage == 2:
+    if config.llm is not None:
         if any(k.startswith(lavis.llm_prefixes(config)[1] + ".") for k in state):
             raise UserError(f"{path.name} holds LLM weights; this loader takes the LLM from its own folder")
         if llm_path is None:
@@ -228,14 +233,49 @@ def load_lavis(
             )
         config = dataclasses.replace(config, llm=pretrained_llm_config(llm_path, config.llm))
         llm_state, _ = read_state_dict(llm_path)
-    model = build_model(config)
+    model = build_model(config, vision_tower=tower)
     if llm_state:
         _, model_prefix = lavis.llm_prefixes(config)
         llm_state = _with_base_prefix(llm_state, model.llm)
         state.update({f"{model_prefix}.{k}": v for k, v in llm_state.items()})
-    ours = convert(state, lavis.rules(config), to="ours", source=str(path))
+    ours = convert(state, lavis.rules(config, vision=tower is None), to="ours", source=str(path))
+    if tower is not None:  # the pretrained tower fills its own weights
+        ours.update({f"visual.tower.{k}": v for k, v in model.visual.tower.state_dict().items()})
     load_state(model, ours, source=str(path))
     return _finish(model)
+
+
+def pretrained_tower(config: Blip2Config, folder: Path) -> nn.Module:
+    """The frozen image encoder `config.vision` describes, with the weights of the transformers folder
+    `folder` (`save_pretrained` of a `Blip2VisionModel`, `CLIPVisionModel`, `ResNetModel`, ...).
+
+    Raises:
+        UserError: the folder lacks weights the tower needs, or holds them in other shapes.
+    """
+    import transformers
+
+    hf_config = dict(config.vision.hf_config)
+    model_type = hf_config.pop("model_type")
+    hf_config.pop("_name_or_path", None)
+    if model_type == "blip_2_vision_model":
+        cls, tower_config = transformers.Blip2VisionModel, transformers.Blip2VisionConfig(**hf_config)
+        tower_config._attn_implementation = "sdpa"
+    else:
+        cls, tower_config = transformers.AutoModel, transformers.AutoConfig.for_model(model_type, **hf_config)
+    try:
+        tower, info = cls.from_pretrained(
+            str(folder), config=tower_config, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{folder} is not a transformers folder of the image encoder ({reason})") from None
+    wrong = [k for k, *_ in info.get("mismatched_keys", [])] + list(info.get("missing_keys", []))
+    if wrong:
+        raise UserError(
+            f"{folder} does not hold the image encoder the config describes: "
+            f"{len(wrong)} weights are missing or of another shape ({', '.join(sorted(wrong)[:3])}, ...)"
+        )
+    return tower
 
 
 def _with_base_prefix(state: dict[str, Tensor], llm: nn.Module) -> dict[str, Tensor]:

@@ -212,10 +212,11 @@ def vision_base_state(state: dict[str, Tensor], config: Blip2Config) -> dict[str
 # ------------------------------------------------------------------------------------------ the model
 
 
-def rules(config: Blip2Config) -> list[Rule]:
-    """Our keys <-> LAVIS's keys for a whole model described by `config`."""
+def rules(config: Blip2Config, vision: bool = True) -> list[Rule]:
+    """Our keys <-> LAVIS's keys for a whole model described by `config`; without `vision`, for all of
+    it but the image encoder's tower (which then comes from elsewhere)."""
     q = config.qformer
-    out = vision_rules(config) + [
+    out = (vision_rules(config) if vision else []) + [
         rename("visual.ln_vision.{p}", "ln_vision.{p}"),
         rename("query_tokens", "query_tokens"),
         rename("qformer.embeddings.norm.{p}", "Qformer.bert.embeddings.LayerNorm.{p}"),

@@ -1,4 +1,4 @@
-"""The HTTP API: FastAPI endpoints over one or more loaded pipelines, with server-side batching.
+"""The HTTP API: FastAPI endpoints over a loaded `Captioner`, `Retriever` or both, with server-side batching.
 
 Endpoints (OpenAPI schema at `/openapi.json`, interactive docs at `/docs`):
 
@@ -32,211 +32,26 @@ up `/health` or the other requests.
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime,
 # and their types are imported inside `create_app`
 import asyncio
-import io
 import json
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import Annotated, Any
 
 from blip2.errors import UserError
-from blip2.processing import DEFAULT_MAX_PIXELS, load_image
+from blip2.processing import load_image
+from blip2.serve.batching import Batcher, Job, QueueFull
+from blip2.serve.limits import BodyLimit, Hold, PixelBudget, ServerSettings, header_size, invalid_field
 
 logger = logging.getLogger("blip2.serve")
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    """Server limits and batching.
-
-    Attributes:
-        max_upload_mb: largest request body accepted (413 above).
-        max_pixels: largest image accepted, in pixels (decompression bombs; 400 above).
-        max_request_pixels: most pixels of all the images of one request together (400 above), so
-            that the memory a request decodes into is bounded (about 3 bytes a pixel), whatever
-            number of images it sends; checked from the image headers before decoding.
-        max_server_pixels: most pixels decoded for all the requests in flight together (their images
-            wait in the queue and in the batch): a request that would go beyond gets 503 before its
-            images are decoded; its pixels count from then until it is answered (or times out).
-        timeout_s: a request taking longer than this (decoding its images included) gets 504.
-        max_batch: most jobs run together.
-        batch_wait_ms: how long the batcher waits for more jobs after the first.
-        max_queue: most jobs waiting for the batcher (503 above; 0: no limit).
-        max_items: most images per /search and texts per /match; also the largest `top_k` and
-            `rerank` of /search.
-        max_history_turns: most earlier turns in an /ask conversation.
-        max_text_chars: most characters of text in one request: the question and its history
-            together (/ask), the prompt (/caption), the query (/search), the texts (/match).
-        decode_threads: threads that decode images off the event loop.
-    """
-
-    max_upload_mb: float = 20.0
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    timeout_s: float = 60.0
-    max_batch: int = 8
-    batch_wait_ms: float = 10.0
-    max_queue: int = 256
-    max_items: int = 64
-    max_history_turns: int = 20
-    max_request_pixels: int = 100_000_000
-    max_server_pixels: int = 400_000_000
-    max_text_chars: int = 10_000
-    decode_threads: int = 4
-
-
-@dataclass
-class Job:
-    """One unit of work: `group` jobs may run together; `payload` is the job's own input. A job
-    cancelled (`Batcher.cancel`) before its turn is skipped."""
-
-    group: tuple[Any, ...]
-    payload: Any
-    done: Callable[[Any, BaseException | None], None]
-    enqueued: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
-    started: bool = False
-
-
-class QueueFull(Exception):
-    """`Batcher.submit` when `max_queue` jobs are already waiting."""
-
-
-class Batcher:
-    """A thread that runs jobs in batches. `run_group(group, payloads) -> results` does the work.
-
-    Jobs of the same `group` waiting together (up to `max_batch`, collected for up to `wait_s` after
-    the first) run in one call; results go back through each job's `done` callback. Each job is
-    first checked on its own by `prepare(group, payload) -> payload` (when given, in this thread): a
-    job it refuses gets that error alone, and the others run. A batch failing with a `UserError` (the
-    fault of one request, not of the server) runs again one job at a time, so that each job gets its
-    own answer or its own error; a batch failing otherwise fails each of its jobs with the error. At
-    most `max_queue` jobs wait (0: no limit); cancelled jobs do not count and are skipped.
-    """
-
-    def __init__(
-        self,
-        run_group: Callable[[tuple[Any, ...], list[Any]], list[Any]],
-        max_batch: int,
-        wait_s: float,
-        max_queue: int = 0,
-        prepare: Callable[[tuple[Any, ...], Any], Any] | None = None,
-    ):
-        self.run_group = run_group
-        self.prepare = prepare
-        self.max_batch = max(1, max_batch)
-        self.wait_s = wait_s
-        self.max_queue = max_queue
-        self.waiting = 0  # jobs submitted, neither started nor cancelled
-        self._lock = threading.Lock()
-        self.queue: queue.Queue[Job | None] = queue.Queue()
-        self.requests = 0
-        self.batches = 0
-        self.largest_batch = 0
-        self._held: list[Job] = []  # taken from the queue but of another group
-        self._closing = False
-        self._thread = threading.Thread(target=self._loop, name="blip2-batcher", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Job) -> None:
-        """Queue a job; `QueueFull` when `max_queue` jobs are already waiting."""
-        with self._lock:
-            if self.max_queue and self.waiting >= self.max_queue:
-                raise QueueFull(f"{self.waiting} requests are waiting")
-            self.waiting += 1
-        self.queue.put(job)
-
-    def cancel(self, job: Job) -> None:
-        """Skip `job` if it has not started (e.g. its request timed out); its `done` is never called."""
-        with self._lock:
-            if not job.started and not job.cancelled:
-                job.cancelled = True
-                self.waiting -= 1
-
-    def close(self) -> None:
-        """Stop after the jobs already taken (None in the queue is the stop sign)."""
-        self._closing = True
-        self.queue.put(None)
-        self._thread.join(timeout=5)
-
-    def _next(self, timeout: float | None) -> Job | None:
-        if self._held:
-            return self._held.pop(0)
-        try:
-            return self.queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def _loop(self) -> None:
-        while True:
-            first = self._next(None)
-            if first is None:
-                return
-            if first.cancelled:
-                continue
-            jobs, others = [first], []
-            deadline = time.monotonic() + self.wait_s
-            while len(jobs) < self.max_batch:
-                left = deadline - time.monotonic()
-                if left <= 0 and not self._held and self.queue.empty():
-                    break
-                nxt = self._next(max(left, 0.0) if not self._held else None)
-                if nxt is None:
-                    if self._closing:  # that None was the stop sign: keep it for the outer loop
-                        self.queue.put(None)
-                        break
-                    if left <= 0:
-                        break
-                    continue
-                if not nxt.cancelled:
-                    (jobs if nxt.group == first.group else others).append(nxt)
-            self._held = others + self._held
-            self._run(jobs)
-
-    def _run(self, jobs: list[Job]) -> None:
-        with self._lock:  # jobs cancelled while waiting are dropped; the rest can no longer be
-            jobs = [j for j in jobs if not j.cancelled]
-            for j in jobs:
-                j.started = True
-            self.waiting -= len(jobs)
-        self.requests += len(jobs)
-        ready = []
-        for j in jobs:  # each job checked on its own: a bad request must not fail the others
-            try:
-                j.payload = j.payload if self.prepare is None else self.prepare(j.group, j.payload)
-            except Exception as e:
-                j.done(None, e)
-                continue
-            ready.append(j)
-        if not ready:
-            return
-        try:
-            self._batch(ready)
-        except UserError:  # one job's fault: each job alone gets its own answer or its own error
-            for j in ready:
-                try:
-                    self._batch([j])
-                except BaseException as e:
-                    j.done(None, e)
-        except BaseException as e:  # each waiting request gets the error
-            for j in ready:
-                j.done(None, e)
-
-    def _batch(self, jobs: list[Job]) -> None:
-        """Run `jobs` as one batch and answer each; raises what the batch raised (nobody answered)."""
-        self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(jobs))
-        results = self.run_group(jobs[0].group, [j.payload for j in jobs])
-        for j, r in zip(jobs, results, strict=True):
-            j.done(r, None)
-
-
 class Models:
-    """The loaded pipelines and what each serves; runs a batch of one group."""
+    """The loaded models and what each serves (the `tasks` of its kind: `Captioner` or `Retriever`);
+    runs a batch of one group."""
 
     def __init__(self, pipelines: Sequence[Any]):
         self.by_task: dict[str, Any] = {}
@@ -246,9 +61,9 @@ class Models:
 
     def pipe(self, task: str) -> Any:
         if task not in self.by_task:
-            from blip2.pipeline import STAGE1_USE, STAGE2_USE
+            from blip2.pipelines import Captioner, Retriever
 
-            use = STAGE2_USE if task in ("caption", "ask") else STAGE1_USE
+            use = (Captioner if task in Captioner.tasks else Retriever).checkpoint_kind
             raise UserError(f"{task} needs {use}: start the server with --model pointing at one")
         return self.by_task[task]
 
@@ -281,117 +96,6 @@ class Models:
         raise UserError(f"unknown task {task}")
 
 
-class PixelBudget:
-    """The pixels decoded for the requests in flight, at most `limit` together (thread-safe)."""
-
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
-        self._lock = threading.Lock()
-
-    def take(self, pixels: int) -> bool:
-        """Count `pixels` in; False (nothing taken) when that would go beyond the limit."""
-        with self._lock:
-            if self.used + pixels > self.limit:
-                return False
-            self.used += pixels
-            return True
-
-    def give(self, pixels: int) -> None:
-        with self._lock:
-            self.used -= pixels
-
-
-class _Hold:
-    """The pixels one request took from the budget: given back once both its decoding (in the pool)
-    and the request itself (answered, failed or timed out) are over."""
-
-    def __init__(self, budget: PixelBudget):
-        self.budget, self.pixels, self.owners = budget, 0, 2
-        self._lock = threading.Lock()
-
-    def end(self) -> None:
-        with self._lock:
-            self.owners -= 1
-            last = self.owners == 0
-        if last and self.pixels:
-            self.budget.give(self.pixels)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _header_size(data: bytes) -> tuple[int, int]:
-    """An image's (width, height) read from its header, without decoding it; (0, 0) when PIL cannot
-    read it (`load_image` then says why)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
-    except (Image.DecompressionBombError, Image.UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return 0, 0
-
-
-def _invalid_field(errors: Sequence[Any]) -> str:
-    """One sentence for the first of FastAPI's validation errors (a missing or mistyped form field)."""
-    error = errors[0] if errors else {}
-    name = str((error.get("loc") or ["the request"])[-1])
-    kind, given = str(error.get("type", "")), error.get("input")
-    if kind == "missing":
-        return f"{name} is missing: send it in the form"
-    if kind.startswith("int"):
-        return f"{name} must be a whole number, not {given!r}"
-    if kind.startswith("float"):
-        return f"{name} must be a number, not {given!r}"
-    return f"{name} is not valid ({error.get('msg', 'unexpected value')}): see /docs"
-
-
-class BodyLimit:
-    """ASGI middleware: request bodies over `max_bytes` get 413, by their Content-Length or, without
-    one (chunked uploads), by counting the bytes as they arrive."""
-
-    def __init__(self, app: Any, max_bytes: int, limit_mb: float):
-        self.app, self.max_bytes, self.limit_mb = app, max_bytes, limit_mb
-
-    async def _refuse(self, send: Callable, size: str) -> None:
-        body = json.dumps({"detail": f"the upload is {size}more than the limit of {self.limit_mb:g} MB"})
-        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body.encode()})
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_bytes:
-            return await self._refuse(send, f"{int(length) / 2**20:.1f} MB, ")
-        state = {"received": 0, "over": False, "started": False}
-
-        async def counted() -> dict:
-            message = await receive()
-            if message["type"] == "http.request":
-                state["received"] += len(message.get("body", b""))
-                if state["received"] > self.max_bytes:
-                    state["over"] = True
-                    raise _TooLarge
-            return message
-
-        async def guarded(message: dict) -> None:
-            if state["over"]:
-                return  # whatever the app makes of the cut body, the answer is 413
-            state["started"] = True
-            await send(message)
-
-        try:
-            await self.app(scope, counted, guarded)
-        except Exception:
-            if not state["over"]:
-                raise
-        if state["over"] and not state["started"]:
-            await self._refuse(send, "")
-
-
 def _page() -> str:
     return resources.files("blip2.serve").joinpath("page.html").read_text(encoding="utf-8")
 
@@ -405,7 +109,7 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
 
-    from blip2.pipeline import ASK_DEFAULTS, CAPTION_DEFAULTS, check_generation_options
+    from blip2.pipelines.captioner import ASK_DEFAULTS, CAPTION_DEFAULTS, check_generation_options
 
     settings = settings or ServerSettings()
     models = Models(pipelines)
@@ -450,7 +154,7 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _invalid_field(exc.errors())}, status_code=400)
+        return JSONResponse({"detail": invalid_field(exc.errors())}, status_code=400)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
@@ -473,7 +177,7 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
             raise HTTPProblem(400, f"{upload.filename or 'the upload'} is empty: choose an image file")
         return upload.filename or "the image", data
 
-    def decode(files: list[tuple[str, bytes]], stop: threading.Event, hold: _Hold) -> list[Any]:
+    def decode(files: list[tuple[str, bytes]], stop: threading.Event, hold: Hold) -> list[Any]:
         """The images of one request, within the pixel limits: the sizes come from the headers first,
         so that images over a limit are refused before any memory is spent on them, and the pixels are
         taken from the server's budget (into `hold`) before decoding. Runs in the decode pool; stops
@@ -483,9 +187,9 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
         finally:
             hold.end()
 
-    def decode_within(files: list[tuple[str, bytes]], stop: threading.Event, hold: _Hold) -> list[Any]:
+    def decode_within(files: list[tuple[str, bytes]], stop: threading.Event, hold: Hold) -> list[Any]:
         per_image = min(settings.max_pixels, settings.max_request_pixels)
-        sizes = [_header_size(data) for _, data in files]
+        sizes = [header_size(data) for _, data in files]
         for (name, _), (w, h) in zip(files, sizes, strict=True):
             if w * h > per_image:
                 raise HTTPProblem(
@@ -521,7 +225,7 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
                 raise HTTPProblem(400, str(e).replace("image ", f"{name} ", 1)) from None
         return images
 
-    async def read_images(uploads: list[UploadFile], deadline: float, hold: _Hold) -> list[Any]:
+    async def read_images(uploads: list[UploadFile], deadline: float, hold: Hold) -> list[Any]:
         """Read and decode the uploaded images off the event loop, within the request's time; their
         pixels are held in the server's budget until `hold.end()` (the request's)."""
         files = [await read_upload(u) for u in uploads]
@@ -542,7 +246,7 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
     async def decoded(uploads: list[UploadFile], deadline: float):  # noqa: ANN202
         """The request's decoded images, their pixels held in the server's budget until the block ends
         (the request is answered, fails or times out)."""
-        hold = _Hold(budget)
+        hold = Hold(budget)
         try:
             yield await read_images(uploads, deadline, hold)
         finally:

@@ -78,7 +78,7 @@ def _config_with_overrides(config: Blip2Config, overrides: dict) -> Blip2Config:
 def _load_saved(path: str) -> nn.Module:
     """A saved model (interop format) as its torch module."""
     try:
-        from blip2.pipeline import load
+        from blip2.pipelines import load
     except ImportError:
         raise UserError("model.init_from needs blip2.load, which this install lacks") from None
     try:
@@ -843,15 +843,9 @@ def _evaluator(cfg: TrainConfig, config: Blip2Config, info: D.DistInfo, tower: n
 
 def save_final(model: nn.Module, path: str, cfg: TrainConfig, pre: Preprocessor) -> None:
     """Write the trained model in the loadable format (`blip2.load`), with its image processor and
-    tokenizer (`Pipeline.save_pretrained`)."""
-    from blip2.pipeline import Pipeline
+    tokenizer (the `Captioner` or `Retriever` of its kind: `save_pretrained`)."""
+    from blip2.pipelines import pipeline_for
 
     v = model.config.vision
-    tok = pre.text.tokenizer
-    pipe = Pipeline(
-        model,
-        ImageProcessor(v.image_size, v.image_mean, v.image_std),
-        qformer_tokenizer=tok if cfg.stage == 1 else None,
-        llm_tokenizer=tok if cfg.stage == 2 else None,
-    )
-    pipe.save_pretrained(path)
+    processor = ImageProcessor(v.image_size, v.image_mean, v.image_std)
+    pipeline_for(model, processor, pre.text.tokenizer).save_pretrained(path)

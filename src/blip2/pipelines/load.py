@@ -1,0 +1,136 @@
+"""`blip2.load(...)`: a checkpoint in, the object of its kind out (a `Captioner` or a `Retriever`)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from blip2.config import DTYPES, Blip2Config
+from blip2.devices import check_device
+from blip2.errors import UserError
+from blip2.hub import resolve
+from blip2.interop import loading
+from blip2.interop.processor import image_processor
+from blip2.interop.surgery import ensure_image_token
+from blip2.pipelines.base import has_tokenizer, tokenizer_source
+from blip2.pipelines.captioner import Captioner
+from blip2.pipelines.retriever import Retriever
+from blip2.processing import ImageProcessor
+
+
+def load(
+    name_or_path: str | os.PathLike[str],
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    preset: str | None = None,
+    config: Blip2Config | str | os.PathLike[str] | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool | None = None,
+    vision_weights: str | os.PathLike[str] | None = None,
+    llm: str | os.PathLike[str] | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
+) -> Captioner | Retriever:
+    """Load a BLIP-2 checkpoint as the object of its kind.
+
+    A stage-2 checkpoint (with an LLM) gives a `Captioner` (`caption`, `ask`, `chat`, `stream`,
+    `generate`); a stage-1 checkpoint gives a `Retriever` (`match`, `similarity`, `search`,
+    `embed_images`, `embed_texts`, `pair_scores`). Each has only the methods its kind can serve:
+    `isinstance(model, blip2.Captioner)` tells which one was loaded.
+
+    Args:
+        name_or_path: one of
+            - a hub id (`Salesforce/blip2-opt-2.7b`, `-opt-6.7b`, `-flan-t5-xl`, `-flan-t5-xxl`, the
+              `-coco` variants, `blip2-itm-vit-g`): downloaded or taken from the hub cache;
+            - a transformers BLIP-2 folder (`config.json` + weights), or a folder from `save_pretrained`;
+            - a LAVIS checkpoint file (`blip2_pretrained_opt2.7b.pth`, ...); give `preset` unless the
+              file has its released name, or `config` when its sizes match no preset.
+        device: where to put the model (default CPU).
+        dtype: "float32" (default), "bfloat16" or "float16" for the frozen image encoder and LLM; the
+            Q-Former, queries, `ln_vision` and projection stay in float32.
+        preset: the preset a LAVIS checkpoint belongs to (`blip2 presets` lists them).
+        config: a `Blip2Config`, or a JSON file of one (`blip2 presets NAME` prints one to edit), for a
+            LAVIS checkpoint of other sizes than the presets' (e.g. a small Q-Former trained with LAVIS).
+        revision, cache_dir, local_files_only: hub options (`huggingface_hub.snapshot_download`).
+        vision_weights: the image encoder of a LAVIS checkpoint without one: LAVIS's file of it
+            (`eva_vit_g.pth`, `clip_vit_L.pth`; default: that file name beside the checkpoint) or a
+            transformers folder or hub id of the tower (default: `config.vision.hf_config`'s
+            `_name_or_path`, when set).
+        llm: the LLM (transformers folder or hub id) of a LAVIS stage-2 checkpoint; default: the
+            preset's (`facebook/opt-2.7b`, `google/flan-t5-xl`, ...).
+        tokenizer: the tokenizer folder or hub id when the checkpoint has none beside it.
+
+    Raises:
+        UserError: a missing path, an unreachable hub id, a checkpoint that does not fit (naming the
+            keys), an unknown dtype or preset, a config file that is not one.
+    """
+    if device is not None:
+        device = check_device(device)  # a device this machine lacks: one sentence, before any loading
+    dtype_name = _dtype_name(dtype)
+    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    name = os.fspath(name_or_path)
+    loaded = loading.load_model(
+        name,
+        resolve(name, **hub),
+        dtype=dtype_name,
+        preset_name=preset,
+        config=config,
+        vision_weights=vision_weights,
+        llm=llm,
+        hub=hub,
+    )
+    model, folder = loaded.model, loaded.folder
+    kind = pipeline_class(model.config)
+    pipe = kind(model, image_processor(folder, model.config), _tokenizer(kind, loaded, tokenizer, hub))
+    if loaded.from_lavis and isinstance(pipe, Captioner):  # to transformers' conventions, as released
+        ensure_image_token(pipe.model, pipe.llm_tokenizer)
+    return pipe.to(device) if device is not None else pipe
+
+
+def pipeline_class(config: Blip2Config) -> type[Captioner] | type[Retriever]:
+    """The kind of a model: `Retriever` for stage 1 (no LLM), `Captioner` for stage 2."""
+    return Retriever if config.llm is None else Captioner
+
+
+def pipeline_for(model: nn.Module, image_processor: ImageProcessor, tokenizer: Any) -> Captioner | Retriever:
+    """The object of `model`'s kind (`pipeline_class`) with its image processor and tokenizer (the
+    Q-Former's for a `Retriever`, the LLM's for a `Captioner`). Training saves its model through this."""
+    return pipeline_class(model.config)(model, image_processor, tokenizer)
+
+
+def _tokenizer(
+    kind: type[Captioner] | type[Retriever],
+    loaded: loading.Loaded,
+    tokenizer: str | os.PathLike[str] | None,
+    hub: dict[str, Any],
+) -> Any:
+    """The Q-Former's tokenizer of a `Retriever`, the LLM's of a `Captioner`: `tokenizer` when given,
+    else the one beside the checkpoint, else (LLM) the LAVIS LLM folder's or the config's LLM's."""
+    from blip2 import tokenizers
+
+    folder = loaded.folder
+    if kind is Retriever:
+        source = str(tokenizer) if tokenizer else (str(folder) if has_tokenizer(folder) else None)
+        return tokenizers.qformer_tokenizer(source)
+    source = tokenizer_source(folder if tokenizer is None else None, tokenizer or loaded.llm_folder, hub)
+    if source is None:
+        source = tokenizer_source(None, loaded.model.config.llm.name, hub)
+    if source is None:
+        raise UserError(
+            "no tokenizer found for the LLM: pass --tokenizer (tokenizer= in blip2.load) a folder or hub id"
+        )
+    return tokenizers.llm_tokenizer(source)
+
+
+def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return dtype
