@@ -15,6 +15,7 @@ Each run writes `predictions.json` and `metrics.json` into `--out`; `score` resc
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from typing import Any
 
@@ -50,9 +51,8 @@ def _java(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="task", required=True)
-    c = sub.add_parser(
-        "caption", help="COCO Karpathy test, NoCaps val, Flickr30K: BLEU, METEOR, ROUGE-L, CIDEr"
-    )
+    add = functools.partial(sub.add_parser, parents=[options.global_options(suppress=True)])
+    c = add("caption", help="COCO Karpathy test, NoCaps val, Flickr30K: BLEU, METEOR, ROUGE-L, CIDEr")
     _common(
         c,
         "caption annotations: coco_karpathy_test.json, dataset_coco.json, captions_val2014.json, nocaps_val",
@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _generation(c, 'text the caption continues (default "a photo of")')
     _java(c)
 
-    v = sub.add_parser("vqa", help="VQAv2, OK-VQA (official accuracy), GQA test-dev (exact match)")
+    v = add("vqa", help="VQAv2, OK-VQA (official accuracy), GQA test-dev (exact match)")
     _common(v, "questions: VQAv2/OK-VQA questions file, GQA testdev_balanced_questions.json, or a list")
     v.add_argument("--answers", help="VQAv2/OK-VQA annotations file (omit for test-dev: predictions only)")
     v.add_argument(
@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     _generation(v, "question template with {} (default: the model's, e.g. 'Question: {} Short answer:')")
 
-    r = sub.add_parser("retrieval", help="COCO 5k / Flickr30K 1k test: TR/IR R@1/5/10, ITC top-k + ITM")
+    r = add("retrieval", help="COCO 5k / Flickr30K 1k test: TR/IR R@1/5/10, ITC top-k + ITM")
     _common(r, "retrieval test annotations: coco_karpathy_test.json, flickr30k_test.json, dataset_*.json")
     _annotations(r)
     r.add_argument(
@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--itm-batch-size", type=int, default=256, help="image-text pairs per ITM forward")
     r.add_argument("--max-txt-len", type=int, default=35, help="text tokens (default 35)")
 
-    s = sub.add_parser(
+    s = add(
         "score",
         help="rescore a predictions file against the annotations, without a model",
         description="Rescore a predictions file (captions, VQA or GQA answers, retrieval top tens) "
