@@ -15,8 +15,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from blip2 import distributed as D
 from blip2.config import Blip2Config, preset
-from blip2.train import distributed as D
 
 GLOBAL_BATCH = 8
 

@@ -13,8 +13,8 @@ import sys
 import torch
 
 import blip2
+from blip2.distributed import setup, teardown
 from blip2.eval import datasets, runner
-from blip2.train.distributed import setup, teardown
 
 
 def main(root: str, out: str) -> None:

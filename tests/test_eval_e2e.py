@@ -61,6 +61,12 @@ def test_caption_coco_karpathy_test_file(models, tmp_path):
     assert record["settings"] == {**CAPTION_OPTS}
     assert any("Java-free" in n for n in record["notes"])
 
+    # `blip2 eval score` rescores the predictions file without the model: the same metrics
+    rescored = tmp_path / "rescored.json"
+    argv = ["eval", "score", str(out / "predictions.json"), "--dataset", str(ann), "--no-java"]
+    assert main([*argv, "--out", str(rescored)]) == 0
+    assert _read(rescored)["metrics"] == record["metrics"]
+
 
 def test_caption_karpathy_dataset_split_resume_and_settings_guard(models, tmp_path, capsys):
     gen, _, _, _ = models

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import usage_helpers as uh
 
-from blip2 import batch
 from blip2.cli import main
+from blip2.cli.caption import merge_parts, part_paths
+from blip2.data.inputs import Item
+from blip2.data.jsonl import ResultsFile
 from blip2.errors import UserError
 
 FAST = ["--num-beams", "1", "--max-new-tokens", "4", "--no-progress"]
@@ -151,29 +153,29 @@ def test_torchrun_two_processes_merge_into_one_file(captioner, tmp_path):
     assert [r["image"] for r in records].count(str(paths[0])) == 1 and records[0] == done
     assert sorted(r["image"] for r in records) == sorted(map(str, paths))
     assert all(r.get("caption") for r in records)
-    assert not batch.part_paths(out)  # the ranks' parts were merged and removed
+    assert not part_paths(out)  # the ranks' parts were merged and removed
     assert "rank 0 of 2" in result.stderr
 
 
 def test_merge_skips_lines_already_merged(tmp_path):
     """A crash during a merge leaves parts and a half-merged file: the next merge adds only the rest."""
-    items = [batch.Item(f"k{i}", f"k{i}") for i in range(4)]
+    items = [Item(f"k{i}", f"k{i}") for i in range(4)]
     out = tmp_path / "c.jsonl"
     out.write_text(json.dumps({"image": "k1", "caption": "one"}) + "\n")
     Path(f"{out}.part-0").write_text(
         "".join(json.dumps({"image": k, "caption": k}) + "\n" for k in ("k1", "k3"))
     )
     Path(f"{out}.part-1").write_text(json.dumps({"image": "k0", "error": "bad"}) + '\n{"image": "k2"')
-    assert batch.merge_parts(out, items) == 2
+    assert merge_parts(out, items) == 2
     assert [r["image"] for r in read_results(out)] == ["k1", "k0", "k3"]  # input order after the old lines
-    assert not batch.part_paths(out)
+    assert not part_paths(out)
 
 
 def test_results_file_repairs_only_results_files(tmp_path):
     """A torn results line is cut; any other existing file is refused and left byte for byte."""
     good = tmp_path / "c.jsonl"
     good.write_text(json.dumps({"image": "k0", "caption": "a"}) + '\n{"image": "k1", "cap')
-    assert batch.ResultsFile(good).done == {"k0"}
+    assert ResultsFile(good).done == {"k0"}
     assert good.read_text() == json.dumps({"image": "k0", "caption": "a"}) + "\n"
     others = {
         "notes.txt": b"first line\nlast line without newline",
@@ -186,7 +188,7 @@ def test_results_file_repairs_only_results_files(tmp_path):
         path = tmp_path / name
         path.write_bytes(data)
         with pytest.raises(UserError, match="not a blip2 results file"):
-            batch.ResultsFile(path)
+            ResultsFile(path)
         assert path.read_bytes() == data, name
 
 

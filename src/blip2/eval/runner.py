@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from blip2.data.jsonl import Parts, hashable, write_atomic
+from blip2.distributed import DistInfo, barrier
 from blip2.errors import InputFailed, UserError
 from blip2.eval import metrics
 from blip2.eval.datasets import CaptionSample, RetrievalSet, VqaSample
 from blip2.processing import clean_caption, clean_question, load_image
-from blip2.train.distributed import DistInfo, barrier
 
 # Generation settings of the original evaluation configs (LAVIS `projects/blip2/eval/*.yaml`).
 CAPTION_SETTINGS: dict[str, Any] = {
@@ -52,9 +53,12 @@ S = TypeVar("S", CaptionSample, VqaSample)
 
 def _write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (a temporary file renamed over the target)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def prediction_parts(out: Path) -> Parts:
+    """The per-rank prediction files in the output folder: `predictions.part-000.jsonl`, ..."""
+    return Parts(str(out / "predictions.part-"), width=3, suffix=".jsonl")
 
 
 def _prepare_out(out: Path, run: dict[str, Any], overwrite: bool, info: DistInfo) -> None:
@@ -63,8 +67,7 @@ def _prepare_out(out: Path, run: dict[str, Any], overwrite: bool, info: DistInfo
         out.mkdir(parents=True, exist_ok=True)
         run_file = out / "run.json"
         if overwrite:
-            for part in out.glob("predictions.part-*.jsonl"):
-                part.unlink()
+            prediction_parts(out).remove()
         elif run_file.is_file() and json.loads(run_file.read_text()) != run:
             raise UserError(
                 f"{out} holds predictions of a different run (model, data or settings differ from "
@@ -76,19 +79,7 @@ def _prepare_out(out: Path, run: dict[str, Any], overwrite: bool, info: DistInfo
 
 def read_parts(out: Path) -> dict[Hashable, str]:
     """Predictions already made: id -> text, from every part file (a torn last line is skipped)."""
-    done: dict[Hashable, str] = {}
-    for part in sorted(out.glob("predictions.part-*.jsonl")):
-        for line in part.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[_hashable(row["id"])] = row["text"]
-    return done
-
-
-def _hashable(x: Any) -> Hashable:
-    return tuple(x) if isinstance(x, list) else x
+    return {hashable(row["id"]): row["text"] for row in prediction_parts(out).records(key="id")}
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
@@ -139,19 +130,18 @@ def _generate_sharded(
     done = read_parts(out)
     todo = [s for n, s in enumerate(samples) if n % info.world_size == info.rank and s.id not in done]
     log(f"{len(done)} predictions found, {len(todo)} to make on rank {info.rank}")
-    part = out / f"predictions.part-{info.rank:03d}.jsonl"
     start, made = time.time(), 0
-    if part.is_file() and part.stat().st_size and not part.read_bytes().endswith(b"\n"):
-        with part.open("a", encoding="utf-8") as f:  # end a line torn by an interruption
-            f.write("\n")
-    with part.open("a", encoding="utf-8") as f:
+    part = prediction_parts(out).writer(info.rank, key="id")  # a line torn by an interruption is cut
+    try:
         batches = _batches(todo, batch_size)
         for batch, images in zip(batches, _images([s.image for s in todo], batch_size, workers), strict=True):
             for s, text in zip(batch, texts_for(batch, images), strict=True):
-                f.write(json.dumps({"id": s.id, "text": text}, ensure_ascii=False) + "\n")
-            f.flush()
+                part.write({"id": s.id, "text": text})
+            part.flush()
             made += len(batch)
             log(f"rank {info.rank}: {made}/{len(todo)} ({made / max(time.time() - start, 1e-9):.1f}/s)")
+    finally:
+        part.close()
     barrier()
     if not info.is_main:
         return None
@@ -214,6 +204,35 @@ def evaluate_captions(
         out / "predictions.json",
         [{"image_id": s.id, "image": s.image, "caption": preds[s.id]} for s in samples],
     )
+    scores, notes = score_captions(preds, samples, java=java, spice=spice)
+    record = {
+        "task": "caption",
+        **(run or {}),
+        "images": len(samples),
+        "settings": {"prompt": prompt, **opts},
+    }
+    record |= {"metrics": scores, "notes": notes}
+    _write_json(out / "metrics.json", record)
+    return record
+
+
+def score_captions(
+    preds: dict[Hashable, str],
+    samples: Sequence[CaptionSample],
+    *,
+    java: bool | None = None,
+    spice: bool | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """Score captions against the samples' references: overall (`"all"`) and per NoCaps domain.
+
+    Args:
+        preds: image id -> caption, for every sample.
+        samples: the benchmark (`datasets.caption_samples`).
+        java, spice: see `metrics.caption_metrics`.
+
+    Returns:
+        (scores, notes): the metrics by domain, and notes on how they were computed.
+    """
     refs = {s.id: s.references for s in samples}
     scores: dict[str, Any] = {"all": metrics.caption_metrics(preds, refs, java=java, spice=spice)}
     for domain in sorted({s.domain for s in samples if s.domain}):
@@ -225,15 +244,7 @@ def evaluate_captions(
         notes.append("Java-free scoring: simple tokenization, no METEOR/SPICE; not comparable to the paper")
     elif "SPICE" not in scores["all"]:
         notes.append(metrics.spice_status() or "SPICE not requested")
-    record = {
-        "task": "caption",
-        **(run or {}),
-        "images": len(samples),
-        "settings": {"prompt": prompt, **opts},
-    }
-    record |= {"metrics": scores, "notes": notes}
-    _write_json(out / "metrics.json", record)
-    return record
+    return scores, notes
 
 
 def evaluate_vqa(
@@ -290,6 +301,34 @@ def evaluate_vqa(
     else:
         rows = [{"question_id": s.id, "answer": preds[s.id]} for s in samples]
     _write_json(out / "predictions.json", rows)
+    scores, notes, rules = score_vqa(preds, samples, metric)
+    record = {
+        "task": metric,
+        **(run or {}),
+        "questions": len(samples),
+        "settings": {"prompt": template, **opts},
+    }
+    record |= {"metrics": scores, "notes": notes}
+    if rules:
+        record["scoring"] = rules  # which VQA accuracy rule scored how many questions
+    _write_json(out / "metrics.json", record)
+    return record
+
+
+def score_vqa(
+    preds: dict[Hashable, str], samples: Sequence[VqaSample], metric: str = "vqa"
+) -> tuple[dict[str, float], list[str], dict[str, int]]:
+    """Score answers: "vqa" (official accuracy, per answer type) or "gqa" (exact match).
+
+    Args:
+        preds: question id -> answer, for every sample.
+        samples: the questions with their answers (`datasets.vqa_samples`); those without answers
+            (test-dev) are not scored.
+
+    Returns:
+        (scores, notes, rules): the metrics, notes on how they were computed, and which VQA accuracy
+        rule scored how many questions (empty for GQA).
+    """
     scored = [s for s in samples if s.answers]
     notes = []
     if len(scored) < len(samples):
@@ -312,17 +351,7 @@ def evaluate_vqa(
         scores = metrics.vqa_scores(
             {s.id: preds[s.id] for s in scored}, {s.id: s.answers for s in scored}, types or None
         )
-    record = {
-        "task": metric,
-        **(run or {}),
-        "questions": len(samples),
-        "settings": {"prompt": template, **opts},
-    }
-    record |= {"metrics": scores, "notes": notes}
-    if rules:
-        record["scoring"] = rules  # which VQA accuracy rule scored how many questions
-    _write_json(out / "metrics.json", record)
-    return record
+    return scores, notes, rules
 
 
 # ------------------------------------------------------------------------------------ retrieval

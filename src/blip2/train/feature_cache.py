@@ -1,4 +1,5 @@
-"""`blip2 cache-features`: run the frozen image encoder once over a dataset and store its outputs.
+"""The frozen-feature cache (`blip2 cache-features`, see `blip2.cli.cache_features`): run the frozen
+image encoder once over a dataset and store its outputs.
 
 The image encoder dominates the cost of stage 1 (a ViT-g forward per image per epoch); its weights never
 change, so its outputs can be computed once. The features are the tower's outputs *before* `ln_vision`
@@ -20,7 +21,6 @@ with one sentence, untouched.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -28,38 +28,6 @@ import re
 MANIFEST = "manifest.json"
 WRITER = "blip2 cache-features"
 OWN_NAMES = r"(part-r\d{3}-\d{5}\.(npy|json)|meta\.json|manifest\.json)(\.tmp)?"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="a training YAML: its model and data sections say what to encode")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config changes")
-    p.add_argument("--out", required=True, help="folder to write the cache to (data.features of training)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder forward")
-    p.add_argument("--part-size", type=int, default=4096, help="images per .npy part")
-    p.add_argument(
-        "--dtype",
-        choices=("tower", "float16", "bfloat16", "float32"),
-        default="tower",
-        help="storage precision (default: the tower's; bfloat16 is stored as float32 by NumPy)",
-    )
-    p.add_argument("--num-workers", type=int, default=2, help="image-decoding workers")
-
-
-def run(args: argparse.Namespace) -> int:
-    from blip2.train.config import load_config
-
-    cfg = load_config(args.config, list(args.overrides))
-    stats = cache_features(
-        cfg,
-        args.out,
-        batch_size=args.batch_size,
-        part_size=args.part_size,
-        dtype=args.dtype,
-        num_workers=args.num_workers,
-    )
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"cached {stats['images']} images to {args.out} ({stats['skipped']} unusable skipped)")
-    return 0
 
 
 def _work(cfg, rank: int, world_size: int) -> list:
@@ -137,12 +105,12 @@ def cache_features(
     import torch
     from torch.utils.data import DataLoader
 
+    from blip2 import distributed as D
     from blip2.data.features import FORMAT, EncodedImages, tower_fingerprint
     from blip2.data.shards import worker_init
     from blip2.errors import UserError
     from blip2.models.encoders import torch_dtype
     from blip2.processing import ImageProcessor
-    from blip2.train import distributed as D
     from blip2.train.loop import build_model
 
     info = D.setup(cfg.train.device)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from blip2 import distributed as D
 from blip2 import hub
 from blip2.config import PRESETS, Blip2Config, LLMConfig, preset
 from blip2.data.annotations import load_records
@@ -40,7 +41,6 @@ from blip2.data.shards import ShardStream, expand_braces, worker_init
 from blip2.errors import UserError, worker_sentence
 from blip2.processing import ImageProcessor
 from blip2.train import checkpoint
-from blip2.train import distributed as D
 from blip2.train.config import DataSection, TrainConfig
 from blip2.train.optim import WarmupCosine, build_optimizer
 

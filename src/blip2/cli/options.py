@@ -1,15 +1,19 @@
-"""Options and helpers the usage commands share: the model, generation options, notices."""
+"""Options the commands share, each defined once: `--threads`, the device and dtype, the model to load,
+transformers' generation flags; and the helpers that read them (loading a model, notices).
+
+No torch at import: `blip2 --help` reads `global_options` from here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from typing import Any
 
 from blip2.errors import UserError
-from blip2.processing import DEFAULT_MAX_PIXELS
 
 # name -> (type, help); transformers' names, so they pass straight to `generate`
 GENERATION_ARGS: dict[str, tuple[Any, str]] = {
@@ -23,17 +27,60 @@ GENERATION_ARGS: dict[str, tuple[Any, str]] = {
 }
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="hub id or path of a BLIP-2 checkpoint")
+def global_options(suppress: bool) -> argparse.ArgumentParser:
+    """`--threads`, accepted before the command and after it (`blip2 --threads 2 demo`, `blip2 demo
+    --threads 2`); in a subcommand its default is suppressed so it does not hide the global value."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=argparse.SUPPRESS if suppress else None,
+        metavar="N",
+        help="CPU threads for torch (default: torch's, usually the number of cores)",
+    )
+    return p
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set the CPU thread count (`--threads`) for torch and for processes started from here."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads must be 1 or more, not {threads}")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--device` and `--dtype`: where the model runs and the precision of its frozen towers."""
     parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if there is one)"
     )
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 for the frozen towers")
+    parser.add_argument(
+        "--dtype", default=None, help="float32, bfloat16 or float16 for the frozen image encoder and LLM"
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, image_limit: bool = True) -> None:
+    """`--model`, the device options and what a LAVIS checkpoint file needs to load; with
+    `image_limit`, `--max-pixels`."""
+    parser.add_argument("--model", required=True, help="hub id, model folder or LAVIS checkpoint file")
+    add_device_arguments(parser)
     loading = parser.add_argument_group("checkpoints that need more to load (LAVIS .pth files)")
     loading.add_argument("--preset", help="which model a LAVIS checkpoint file is (`blip2 presets`)")
     loading.add_argument("--vision-weights", help="LAVIS image-encoder file (eva_vit_g.pth, clip_vit_L.pth)")
     loading.add_argument("--llm", help="LLM folder or hub id of a LAVIS stage-2 checkpoint")
     loading.add_argument("--tokenizer", help="tokenizer folder or hub id when the model has none beside it")
+    if image_limit:
+        add_max_pixels(parser)
+
+
+def add_max_pixels(parser: argparse.ArgumentParser) -> None:
+    from blip2.processing import DEFAULT_MAX_PIXELS
+
     parser.add_argument(
         "--max-pixels",
         type=int,
@@ -42,11 +89,22 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("generation (transformers' generate options)")
+SAMPLING = ("top_p", "temperature")
+
+
+def add_generation_arguments(
+    parser: argparse.ArgumentParser, sampling: bool = True, defaults: str = "the checkpoint's"
+) -> None:
+    """transformers' `generate` options as flags (`--num-beams`, ...); with `sampling`, also
+    `--do-sample`, `--top-p` and `--temperature`. `defaults` says what an absent flag means."""
+    group = parser.add_argument_group(f"generation (transformers' generate options; defaults: {defaults})")
     for name, (kind, help_text) in GENERATION_ARGS.items():
-        group.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
-    group.add_argument("--do-sample", action="store_true", default=None, help="sample instead of searching")
+        if sampling or name not in SAMPLING:
+            group.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
+    if sampling:
+        group.add_argument(
+            "--do-sample", action="store_true", default=None, help="sample instead of searching"
+        )
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -64,6 +122,13 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_overrides(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """The `section.key=value` config changes of `train` and `cache-features`: given anywhere on the
+    line, before or after the options (`blip2.cli.main` gathers the ones after)."""
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help=help_text)
+    parser.set_defaults(_takes_overrides=True)
 
 
 def load_options(args: argparse.Namespace) -> dict[str, Any]:

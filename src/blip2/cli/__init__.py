@@ -1,9 +1,11 @@
-"""`blip2 <command>`: one entry point, one module per command.
+"""`blip2 <command>`: one entry point, one module per command in this package.
 
-Each command module defines `add_arguments(parser)` and `run(args) -> int` and keeps heavy imports
-inside `run`. Only the module of the command given is imported, so `blip2 --help` and `blip2 --version`
-never load torch. Errors a user can cause (`UserError`) print one sentence and exit with status 2,
-never a traceback.
+Each command module (`blip2.cli.caption`, ...) defines `add_arguments(parser)` and `run(args) -> int`
+and keeps heavy imports inside `run`; `blip2.cli.options` holds the options several commands share.
+Only the module of the command given is imported, so `blip2 --help` and `blip2 --version` never load
+torch. Errors a user can cause (`UserError`) print one sentence and exit with status 2, never a
+traceback. The `section.key=value` config changes of `train` and `cache-features` may come anywhere on
+the line, before or after the options.
 
 Exit codes: 0 everything done; 1 the command ran but some inputs failed (e.g. `caption` wrote error
 lines); 2 a usage error (bad option, path, config or model: one sentence on stderr); 130 interrupted.
@@ -22,6 +24,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from blip2.cli.options import apply_threads, global_options
 from blip2.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -34,48 +37,37 @@ from blip2.errors import (
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "presets": ("blip2.cli_presets", "list the named model presets"),
+    "presets": ("blip2.cli.presets", "list the named model presets"),
     "convert": (
-        "blip2.cli_convert",
+        "blip2.cli.convert",
         "convert a LAVIS checkpoint (or any loadable model) into a blip2 folder",
     ),
-    "train": ("blip2.train.cli", "train stage 1, stage 2 or fine-tune, in one process or under torchrun"),
+    "train": ("blip2.cli.train", "train stage 1, stage 2 or fine-tune, in one process or under torchrun"),
     "cache-features": (
-        "blip2.train.feature_cache",
+        "blip2.cli.cache_features",
         "run the frozen image encoder once and store its features",
     ),
     "caption": (
-        "blip2.commands.caption",
+        "blip2.cli.caption",
         "caption images: files, folders, globs, shards; resumable JSON lines",
     ),
-    "ask": ("blip2.commands.ask", "answer questions about an image"),
-    "match": ("blip2.commands.match", "score how well texts match an image (ITM and ITC)"),
+    "ask": ("blip2.cli.ask", "answer questions about an image"),
+    "match": ("blip2.cli.match", "score how well texts match an image (ITM and ITC)"),
     "search": (
-        "blip2.commands.search",
+        "blip2.cli.search",
         "rank a folder of images for a text query (ITC, then ITM re-ranking)",
     ),
-    "serve": ("blip2.commands.serve", "HTTP API and web page for caption, ask, match and search"),
-    "eval": ("blip2.eval.cli", "benchmarks: captioning, VQA and retrieval from their standard files"),
-    "demo": ("blip2.cli_demo", "train a small BLIP-2 from nothing on CPU and show it works (no download)"),
+    "serve": ("blip2.cli.serve", "HTTP API and web page for caption, ask, match and search"),
+    "eval": (
+        "blip2.cli.eval",
+        "benchmarks: captioning, VQA and retrieval from their standard files; rescore predictions",
+    ),
+    "demo": ("blip2.cli.demo", "train a small BLIP-2 from nothing on CPU and show it works (no download)"),
 }
 
 EPILOG = (
     "exit codes: 0 all done; 1 some inputs failed (e.g. caption error lines); 2 usage error; 130 interrupted"
 )
-
-
-def _global_options(suppress: bool) -> argparse.ArgumentParser:
-    """`--threads`, accepted before the command and after it (`blip2 --threads 2 demo`, `blip2 demo
-    --threads 2`); in a subcommand its default is suppressed so it does not hide the global value."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=argparse.SUPPRESS if suppress else None,
-        metavar="N",
-        help="CPU threads for torch (default: torch's, usually the number of cores)",
-    )
-    return p
 
 
 def _command_in(argv: Sequence[str]) -> str | None:
@@ -100,33 +92,20 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         prog="blip2",
         description="BLIP-2: train, convert, caption, ask, search.",
         epilog=EPILOG,
-        parents=[_global_options(suppress=False)],
+        parents=[global_options(suppress=False)],
     )
     parser.add_argument("--version", action="version", version=f"blip2 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     wanted = None if argv is None else _command_in(argv)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(
-            name, help=help_text, description=help_text, parents=[_global_options(suppress=True)]
+            name, help=help_text, description=help_text, parents=[global_options(suppress=True)]
         )
         if argv is None or name == wanted:
             mod = importlib.import_module(module)
             mod.add_arguments(p)
             p.set_defaults(_module=mod)
     return parser
-
-
-def apply_threads(threads: int | None) -> None:
-    """Set the CPU thread count (`--threads`) for torch and for processes started from here."""
-    if threads is None:
-        return
-    if threads < 1:
-        raise UserError(f"--threads must be 1 or more, not {threads}")
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 # How long an idle OpenMP thread spins before it sleeps (libgomp, the OpenMP of torch's Linux wheels).
@@ -141,10 +120,28 @@ def set_wait_policy() -> None:
         os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
 
 
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a command line. Words left after the options of `train` and `cache-features` that look
+    like `section.key=value` are their config overrides (`blip2 train CFG --resume auto k=v`);
+    anything else left is an error, as argparse would say it."""
+    parser = build_parser(argv)
+    args, extras = parser.parse_known_args(argv)
+    if getattr(args, "_takes_overrides", False):
+        args.overrides = [*args.overrides, *(w for w in extras if _is_override(w))]
+        extras = [w for w in extras if not _is_override(w)]
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
+def _is_override(word: str) -> bool:
+    return "=" in word and not word.startswith("-")
+
+
 def main(argv: list[str] | None = None) -> int:
     set_wait_policy()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
+    args = parse(argv)
     try:
         apply_threads(args.threads)
         return int(args._module.run(args) or 0)
@@ -160,7 +157,3 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `blip2 presets | head`: the reader has gone, nothing left to say
         sys.stdout = None  # type: ignore[assignment]  # no flush error at exit
         return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,9 @@
-"""Distributed glue: process-group setup, the autograd all-gather the stage-1 losses use, wrapping.
+"""Distributed glue shared by `blip2 train`, `eval` and `caption`: the torchrun set-up, a few
+collectives, the autograd all-gather the stage-1 losses use, DDP and FSDP wrapping.
 
 One process (CPU or one GPU) and `torchrun` on many GPUs and nodes run the same code: `setup()` reads
 torchrun's environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`) and starts a process group only when it is
-there (NCCL on GPUs, gloo on CPU).
+there (NCCL on GPUs, gloo on CPU); `teardown()` ends it.
 
 Gradient scaling, written out. Each rank's stage-1 loss is a mean over its own `B` rows, computed
 against features gathered from all `N` ranks. `DistGather`'s backward sums the gradient that every
@@ -52,7 +53,8 @@ def setup(device: str | None = None, timeout_s: int = 1800) -> DistInfo:
     """Start the process group when launched by torchrun; pick this process's device.
 
     Args:
-        device: "cpu", "cuda" or None (CUDA when available).
+        device: "cpu", "cuda", "cuda:1", ... or None (CUDA when available). Under torchrun each process
+            takes the GPU of its `LOCAL_RANK`; in one process a numbered GPU is used as given.
         timeout_s: collective timeout.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -62,6 +64,8 @@ def setup(device: str | None = None, timeout_s: int = 1800) -> DistInfo:
         check_device(device)  # `train.device=cuda` on a CPU machine: one sentence
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda and world == 1 and device is not None and torch.device(device).index is not None:
+        dev = torch.device(device)
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

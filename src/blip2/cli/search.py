@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from blip2.commands import common
+from blip2.cli import options
 from blip2.errors import EXIT_OK, EXIT_SOME_FAILED
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_model_arguments(parser)
+    options.add_model_arguments(parser)
     parser.add_argument("query", help="the text to search for")
     parser.add_argument("inputs", nargs="+", help="image files, folders, globs, .tar shards, .txt path lists")
     parser.add_argument("--top-k", type=int, default=10, help="results to print (default 10)")
@@ -29,26 +29,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from blip2 import batch
+    from blip2.data.inputs import ImageItems, expand_inputs, loader
+    from blip2.data.jsonl import json_line
     from blip2.errors import UserError
 
-    common.show_notices()
+    options.show_notices()
     if not args.query.strip():  # before the folder is embedded
         raise UserError("the query is empty: give the text to search for")
     if args.top_k < 1:
         raise UserError(f"--top-k must be 1 or more, not {args.top_k}")
     if args.rerank < 0 or args.batch_size < 1 or args.workers < 0:
         raise UserError("--rerank and --workers must be 0 or more and --batch-size 1 or more")
-    items = batch.expand_inputs(args.inputs)
+    items = expand_inputs(args.inputs)
     if not items:
         raise UserError("the inputs hold no images (folders and globs count .jpg, .png, ... files only)")
-    pipe = common.load_pipeline(
-        args.model, args.device, args.dtype, task="search", **common.load_options(args)
+    pipe = options.load_pipeline(
+        args.model, args.device, args.dtype, task="search", **options.load_options(args)
     )
     keys: list[str] = []
     feats: list[torch.Tensor] = []
     skipped = 0
-    for chunk in batch.loader(items, pipe.image_processor, args.batch_size, args.workers, args.max_pixels):
+    for chunk in loader(items, pipe.image_processor, args.batch_size, args.workers, args.max_pixels):
         good = [(k, px) for k, px, _ in chunk if px is not None]
         for _, _, err in chunk:
             if err is not None:
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     by_key = {it.key: it for it in items}
 
     def pixels(indices: list[int]) -> torch.Tensor:  # the ITM candidates, read again
-        dataset = batch.ImageItems([by_key[keys[i]] for i in indices], pipe.image_processor, args.max_pixels)
+        dataset = ImageItems([by_key[keys[i]] for i in indices], pipe.image_processor, args.max_pixels)
         return torch.stack([dataset[n][1] for n in range(len(indices))])
 
     pipe.batch_size = args.batch_size
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     for rank, hit in enumerate(ranked, 1):
         if args.json:
             rec = {"rank": rank, "image": keys[hit.index], "score": hit.score, "itm": hit.itm}
-            print(batch.json_line({**rec, "itc": round(hit.itc, 6)}), end="")
+            print(json_line({**rec, "itc": round(hit.itc, 6)}), end="")
         else:
             score, p = ("   -   ", "  -   ") if hit.itm is None else (f"{hit.score:+.4f}", f"{hit.itm:.4f}")
             name = keys[hit.index].encode("utf-8", "surrogateescape").decode("utf-8", "replace")

@@ -8,39 +8,41 @@ from __future__ import annotations
 
 import argparse
 
-from blip2.commands import common
+from blip2.cli import options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_model_arguments(parser)
+    options.add_model_arguments(parser)
     parser.add_argument("image", help="the image file")
     parser.add_argument("questions", nargs="+", help="one or more questions")
     parser.add_argument(
         "--chat", action="store_true", help="ask in turn, each question seeing the earlier answers"
     )
     parser.add_argument("--stream", action="store_true", help="print answers as they are generated")
-    common.add_generation_arguments(parser)
+    options.add_generation_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from blip2.processing import load_image
 
-    common.show_notices()
-    options = common.generation_options(args)
-    pipe = common.load_pipeline(args.model, args.device, args.dtype, task="ask", **common.load_options(args))
+    options.show_notices()
+    generate_options = options.generation_options(args)
+    pipe = options.load_pipeline(
+        args.model, args.device, args.dtype, task="ask", **options.load_options(args)
+    )
     image = load_image(args.image, args.max_pixels)
     history: list[tuple[str, str]] = []
     for question in args.questions:
         turns = history if args.chat else []
         if args.stream:
             pieces = []
-            for piece in pipe.chat(image, question, turns, stream=True, **options):
+            for piece in pipe.chat(image, question, turns, stream=True, **generate_options):
                 print(piece, end="", flush=True)
                 pieces.append(piece)
             print()
             answer = "".join(pieces).strip()
         else:
-            answer = pipe.chat(image, question, turns, **options)
+            answer = pipe.chat(image, question, turns, **generate_options)
             print(answer, flush=True)
         history.append((question, answer))
     return 0

@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from blip2.commands import common
+from blip2.cli import options
 from blip2.errors import UserError
-from blip2.processing import DEFAULT_MAX_PIXELS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,14 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="hub id or path of a checkpoint; repeat to serve a captioner and a retriever together",
     )
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if there is one)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 for the frozen towers")
+    options.add_device_arguments(parser)
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (default 20 MB)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image in pixels")
+    options.add_max_pixels(parser)
     parser.add_argument(
         "--max-request-pixels",
         type=int,
@@ -96,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     check_port(args.host, args.port)
 
     pipes = [
-        common.load_pipeline(m, args.device, args.dtype, **common.load_options(args)) for m in args.model
+        options.load_pipeline(m, args.device, args.dtype, **options.load_options(args)) for m in args.model
     ]
     settings = ServerSettings(
         max_upload_mb=args.max_upload_mb,

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from blip2.commands import common
+from blip2.cli import options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_model_arguments(parser)
+    options.add_model_arguments(parser)
     parser.add_argument("image", help="the image file")
     parser.add_argument("texts", nargs="+", help="one or more texts")
     parser.add_argument("--json", action="store_true", help="JSON lines: {text, itm, itc}")
@@ -22,9 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from blip2.processing import load_image
 
-    common.show_notices()
-    pipe = common.load_pipeline(
-        args.model, args.device, args.dtype, task="match", **common.load_options(args)
+    options.show_notices()
+    pipe = options.load_pipeline(
+        args.model, args.device, args.dtype, task="match", **options.load_options(args)
     )
     image = load_image(args.image, args.max_pixels)
     itm = pipe.match(image, args.texts).tolist()
