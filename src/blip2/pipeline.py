@@ -130,7 +130,7 @@ class Pipeline:
     """A loaded BLIP-2 model with its image processor and tokenizers.
 
     Attributes:
-        model: `Stage1Model` (retrieval: `match`, `similarity`) or `Stage2Model` (`caption`, `ask`).
+        model: `RetrievalModel` (retrieval: `match`, `similarity`) or `LanguageBridge` (`caption`, `ask`).
         image_processor: images to pixel tensors (transformers' BLIP processor, bit for bit).
         qformer_tokenizer: the Q-Former's BERT tokenizer (stage 1), else None.
         llm_tokenizer: the LLM's tokenizer (stage 2), else None.
@@ -260,7 +260,7 @@ class Pipeline:
     def check_generation_length(self, prompts: Sequence[str], generate_options: Mapping[str, Any]) -> None:
         """Refuse (`UserError`) generation options (`max_new_tokens`, or else `max_length`) that, after
         the longest of `prompts`, need more positions than the LLM reads
-        (`Stage2Model.check_generation_length`), before any image is read."""
+        (`LanguageBridge.check_generation_length`), before any image is read."""
         self._require(2, "generate")
         if not prompts or all(generate_options.get(k) is None for k in ("max_new_tokens", "max_length")):
             return
