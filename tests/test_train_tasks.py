@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -117,3 +119,17 @@ def test_a_task_name_is_known_only_once_registered(tmp_path):
     finally:
         tasks.unregister("toy-itc")
     assert "toy-itc" not in tasks.names()
+
+
+def test_task_names_are_known_without_importing_torch():
+    """The config checks task names through the registry, which imports no task (nor torch) until
+    one is asked for: `blip2 train --help` and config errors stay fast."""
+    code = (
+        "import sys\n"
+        "from blip2 import tasks\n"
+        "from blip2.train.config import TrainConfig\n"
+        "assert 'stage1' in tasks.names() and 'caption' in tasks.names()\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]

@@ -19,7 +19,6 @@ copy of the model (`copy.deepcopy`, pickling) starts with an empty one.
 
 from __future__ import annotations
 
-import inspect
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -51,8 +50,9 @@ class Decoding:
     MODES = ("fast", "static", "compiled", "transformers")
 
     def __init__(self, mode: str = "fast", max_static_caches: int = 4):
-        self.mode = "fast"
-        self.mode = self.check_mode(mode)
+        if mode not in self.MODES:
+            raise ValueError(f"unknown decode_mode {mode!r}: use one of {self.MODES}")
+        self.mode = mode
         self.max_static_caches = max_static_caches
         self.prefix_graphs = GraphCache()  # the image side, per batch shape (CUDA only)
         self._static_caches: OrderedDict[tuple, Any] = OrderedDict()
@@ -119,7 +119,7 @@ class Decoding:
         """The argument names of the LM's `forward` (inspect is slow: once per LM class)."""
         params = self._params.get(type(llm))
         if params is None:
-            params = self._params[type(llm)] = frozenset(inspect.signature(type(llm).forward).parameters)
+            params = self._params[type(llm)] = lean.forward_params(llm)
         return params
 
     def _static_cache(

@@ -16,9 +16,9 @@ It gives the tokens transformers' greedy search gives (`tests/test_decode.py` ch
 GPT-2 and T5 LMs, batched with left padding). `supports` says which `generate` options it covers;
 anything else (beams, sampling, scores, streamers, ...) goes to transformers.
 
-Static cache (decoder-only LMs): `greedy_static` decodes over a transformers `StaticCache` sized to
-the prompt plus `max_new_tokens`, and every decode step has the same shapes, so the step can be
-compiled. The functions here keep no state: the caches and compiled steps belong to `Decoding`.
+Static cache (decoder-only LMs): `greedy(..., static_cache=...)` decodes over a transformers
+`StaticCache` sized to the prompt plus `max_new_tokens`, and every decode step has the same shapes, so
+the step (`decode_step`) can be compiled. The functions here keep no state: the caches and compiled steps belong to `Decoding`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The query encoder both BLIP-2 kinds share: frozen image tower -> `ln_vision` -> Q-Former queries.
 
 Li et al. (2023), section 3.1. A fixed set of learned queries `(1, Q, D)` cross-attends to the
-normalized image features and comes out as the query outputs `(B, Q, D)`: the bottleneck that stage
+image embeddings (after `ln_vision`) and comes out as the query outputs `(B, Q, D)`: the bottleneck that stage
 1's heads (`blip2.models.retrieval`) and stage 2's language bridge (`blip2.models.bridge`) read.
 
 The kinds inherit from `QueryEncoder` (the parts are attributes of the model itself, not a submodule),

@@ -166,7 +166,13 @@ class TrainSection:
 
 @dataclass
 class TrainConfig:
-    """A whole job: task, model, data, optimizer, loop; `eval_data` is optional."""
+    """A whole job: task, model, data, optimizer, loop; `eval_data` is optional.
+
+    Attributes:
+        task: the objective (`blip2.tasks`): `stage1`, `retrieval` (stage-1 losses; captions of one
+            image are positives of each other), `stage2`, `caption`, `vqa` (the LLM's loss), or a name
+            given to `blip2.tasks.register`.
+    """
 
     task: str = "stage1"
     model: ModelSection = field(default_factory=ModelSection)
