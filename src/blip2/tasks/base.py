@@ -5,18 +5,22 @@ kind: how to build the model from a `TrainConfig` (`build_model`), how its texts
 (`text_spec`), which batch entries the call takes (`inputs`) and which loss parts to log (`parts`).
 The loop never asks which kind it runs: `blip2.tasks.registry` maps the config's task name to a type.
 
-A new kind is a new subclass, registered under a name:
+A new kind is a new subclass, registered under a name (`tests/test_train_tasks.py` trains one):
 
 ```python
 class MyTask(Task):
-    def forward(self, input_ids, pixel_values=None, image_features=None) -> TaskOutput: ...
+    def forward(self, input_ids, attention_mask, pixel_values):  # -> an output with `.loss`
+        ...
+    def inputs(self, batch, gather, generator):  # the batch -> forward's keyword arguments
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     @classmethod
-    def new_model(cls, config, cfg): ...
+    def new_model(cls, config, cfg):  # a model with new weights
+        return RetrievalModel(config)
     @classmethod
-    def text_spec(cls, cfg, section, config): ...
-    def inputs(self, batch, gather, generator): ...
+    def text_spec(cls, cfg, section, config):  # how its texts are tokenized
+        return TextSpec("stage1", qformer_tokenizer(config.tokenizer), max_len=section.max_len)
 
-blip2.tasks.register("mine", MyTask)
+blip2.tasks.register("mine", MyTask)  # then `task: mine` in a training config
 ```
 """
 
