@@ -61,6 +61,7 @@ class StepInfo:
 Hook = Callable[[StepInfo], dict[str, float] | None]
 
 
+@dataclass
 class TrainResult:
     """Summary of a run (returned on every rank)."""
 
