@@ -31,7 +31,9 @@ from torch import Tensor, nn
 from blip2.config import TINY_LLMS, Blip2Config, LLMConfig, QFormerConfig, VisionConfig, preset
 from blip2.interop import hf as hf_map
 from blip2.interop.keymap import convert, unique_state_dict
-from blip2.models import Stage1Model, Stage2Model
+from blip2.models import LanguageBridge, RetrievalModel
+from blip2.tasks.stage1 import Stage1Task
+from blip2.tasks.stage2 import Stage2Task
 
 transformers.logging.set_verbosity_error()
 
@@ -208,7 +210,7 @@ def build_ours(config: Blip2Config, device: torch.device, seed: int) -> nn.Modul
     """Our model with random weights (LayerNorms randomized too), frozen towers in their dtype."""
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Stage1Model(config) if config.stage == 1 else Stage2Model(config)
+        model = RetrievalModel(config) if config.stage == 1 else LanguageBridge(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1 and name.endswith("weight") and "norm" in name.lower():
@@ -287,7 +289,7 @@ def trainable_like_training(model: nn.Module, theirs: bool) -> list[nn.Parameter
 # ------------------------------------------------------------------------------------------ rows
 
 
-def caption_inputs(ours: Stage2Model, batch: int, device: torch.device, seed: int) -> dict[str, Tensor]:
+def caption_inputs(ours: LanguageBridge, batch: int, device: torch.device, seed: int) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(seed)
     size = ours.config.vision.image_size
     pixels = torch.randn(batch, 3, size, size, generator=g).to(device)
@@ -301,7 +303,7 @@ def caption_inputs(ours: Stage2Model, batch: int, device: torch.device, seed: in
 def run_caption(
     args: argparse.Namespace,
     clock: Clock,
-    ours: Stage2Model,
+    ours: LanguageBridge,
     theirs: nn.Module,
     batch: int,
     beams: int,
@@ -354,7 +356,7 @@ def row(name: str, batch: int, res: dict[str, dict[str, Any]], unit: str, **extr
 
 
 def run_stage2_train(
-    args: argparse.Namespace, clock: Clock, ours: Stage2Model, theirs: nn.Module, batch: int
+    args: argparse.Namespace, clock: Clock, ours: LanguageBridge, theirs: nn.Module, batch: int
 ):
     device = clock.device
     g = torch.Generator().manual_seed(7)
@@ -374,7 +376,7 @@ def run_stage2_train(
 
     # outputs agree before any update
     with torch.no_grad():
-        loss_ours = ours(pixels, text, mask, prompt_lengths=1).loss.float().item()
+        loss_ours = Stage2Task(ours)(pixels, text, mask, prompt_lengths=1).loss.float().item()
         loss_theirs = theirs(hf_pixels, hf_ids, hf_mask, labels=hf_labels).loss.float().item()
 
     p_ours = trainable_like_training(ours, theirs=False)
@@ -387,7 +389,7 @@ def run_stage2_train(
     ours.visual.tower.eval()
 
     def mine() -> None:  # as our training loop calls it: the loss only (no logits over the queries)
-        loss = ours(pixels, text, mask, prompt_lengths=1, return_logits=False).loss
+        loss = Stage2Task(ours)(pixels, text, mask, prompt_lengths=1, return_logits=False).loss
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
@@ -412,7 +414,7 @@ def run_stage2_train(
     )
 
 
-def run_qformer(args: argparse.Namespace, clock: Clock, ours: Stage2Model, theirs: nn.Module, batch: int):
+def run_qformer(args: argparse.Namespace, clock: Clock, ours: LanguageBridge, theirs: nn.Module, batch: int):
     """The Q-Former query pass, forward and backward, on image features."""
     device = clock.device
     n = (ours.config.vision.image_size // ours.config.vision.hf_config.get("patch_size", 14)) ** 2 + 1
@@ -463,7 +465,7 @@ def autocast_ctx(device: torch.device, dtype: torch.dtype | None) -> Any:
     return autocast(device, dtype)
 
 
-def run_stage1(args: argparse.Namespace, clock: Clock, model: Stage1Model, batch: int) -> dict[str, Any]:
+def run_stage1(args: argparse.Namespace, clock: Clock, model: RetrievalModel, batch: int) -> dict[str, Any]:
     """The stage-1 step on cached features: ITC + ITM + ITG, backward, AdamW (ours only)."""
     device = clock.device
     g = torch.Generator().manual_seed(5)
@@ -479,8 +481,10 @@ def run_stage1(args: argparse.Namespace, clock: Clock, model: Stage1Model, batch
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-9, fused=device.type == "cuda" or None)  # as blip2.train
 
+    task = Stage1Task(model)
+
     def step() -> None:
-        out = model(ids, mask, image_features=feats)
+        out = task(ids, mask, image_features=feats)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -495,7 +499,9 @@ def run_stage1(args: argparse.Namespace, clock: Clock, model: Stage1Model, batch
     return out
 
 
-def run_itm(args: argparse.Namespace, clock: Clock, ours: Stage1Model, theirs: nn.Module) -> dict[str, Any]:
+def run_itm(
+    args: argparse.Namespace, clock: Clock, ours: RetrievalModel, theirs: nn.Module
+) -> dict[str, Any]:
     """Re-ranking: every image against its k candidate texts (ITM head)."""
     device = clock.device
     n_img, k = args.sizes.itm_images, args.sizes.itm_texts

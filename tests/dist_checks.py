@@ -39,12 +39,13 @@ def _batch(seed: int = 3):
 
 
 def stage1(out: str) -> None:
-    from blip2.models.blip2 import Stage1Model
+    from blip2.models import RetrievalModel
+    from blip2.tasks.stage1 import Stage1Task
 
     info = D.setup("cpu")
     torch.manual_seed(0)
-    model = Stage1Model(_no_dropout("tiny-stage1"))
-    ddp = D.wrap_ddp(model, info)
+    model = RetrievalModel(_no_dropout("tiny-stage1"))
+    ddp = D.wrap_ddp(Stage1Task(model), info)
     gather = D.make_gather(info)
     ids, mask, pixels = _batch()
     b = GLOBAL_BATCH // info.world_size
@@ -64,18 +65,19 @@ def stage1(out: str) -> None:
 
 
 def fsdp(out: str) -> None:
-    from blip2.models.stage2 import Stage2Model
+    from blip2.models import LanguageBridge
+    from blip2.tasks.stage2 import Stage2Task
 
     info = D.setup("cpu")
     torch.manual_seed(0)
-    model = Stage2Model(_no_dropout("tiny-opt", llm_dropout=True))
+    model = LanguageBridge(_no_dropout("tiny-opt", llm_dropout=True))
     ids, mask, pixels = _batch()
     ids = ids % 90 + 4
     ids[:, 0] = 2
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         model.zero_grad(set_to_none=True)
-        o = model(pixel_values=pixels, input_ids=ids, attention_mask=mask, prompt_lengths=2)
+        o = Stage2Task(model)(pixel_values=pixels, input_ids=ids, attention_mask=mask, prompt_lengths=2)
         o.loss.backward()
         return o.loss.detach(), model.language_projection.weight.grad.clone()
 

@@ -114,10 +114,10 @@ def test_qformer_from_minilm_bert_equals_transformers_bert():
     from transformers import AutoTokenizer, BertModel
 
     from blip2.interop.bert import init_qformer_from_bert
-    from blip2.models import Stage1Model
+    from blip2.models import RetrievalModel
 
     path = os.path.join(os.path.dirname(gt.__file__), "model")
-    model = Stage1Model(preset("minilm-stage1")).eval()
+    model = RetrievalModel(preset("minilm-stage1")).eval()
     new = init_qformer_from_bert(model.qformer, path)
     # MiniLM ships BertModel only: cross-attention and the ITG head start new; the query FFN is BERT's
     assert all(
@@ -156,8 +156,8 @@ def test_model_modules_import_without_training_extras():
         "for name in blocked:  # extras-only packages, and our training code\n"
         "    sys.modules[name] = None  # importing any of these now fails\n"
         "import blip2, blip2.config, blip2.losses, blip2.models, blip2.processing\n"
-        "from blip2.models import Stage1Model\n"
-        "Stage1Model(blip2.preset('tiny-stage1'))\n"
+        "from blip2.models import RetrievalModel\n"
+        "RetrievalModel(blip2.preset('tiny-stage1'))\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -167,15 +167,16 @@ def test_model_modules_import_without_training_extras():
 def test_an_unfrozen_encoder_is_fine_tuned():
     import dataclasses
 
-    from blip2.models import Stage1Model
+    from blip2.models import RetrievalModel
+    from blip2.tasks.stage1 import Stage1Task
 
     base = preset("tiny-stage1")
-    model = Stage1Model(
+    model = RetrievalModel(
         dataclasses.replace(base, vision=dataclasses.replace(base.vision, freeze=False))
     ).train()
     assert model.visual.tower.training
     ids = torch.randint(1000, 2000, (3, 6))
-    out = model(ids, torch.ones_like(ids), pixel_values=torch.randn(3, 3, 16, 16))
+    out = Stage1Task(model)(ids, torch.ones_like(ids), pixel_values=torch.randn(3, 3, 16, 16))
     out.loss.backward()
     grads = [p.grad for p in model.visual.tower.parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0

@@ -1,7 +1,7 @@
 """The fast decode path and the bf16 Q-Former: same results as the plain path (correctness only; the
 timings are in benchmarks/bench.py).
 
-* `Stage2Model.generate` with greedy options runs `blip2.models.decode.greedy`; it must give the tokens
+* `LanguageBridge.generate` with greedy options runs `blip2.generation.greedy`; it must give the tokens
   transformers' `generate` gives (`decode_mode="transformers"`) for OPT, GPT-2 and T5 LMs, batched with
   padded prompts, rows ending at different steps, `min_new_tokens` and `repetition_penalty`; the
   static-cache variant too.
@@ -17,7 +17,9 @@ import torch
 from test_stage2 import _prompts, images, make, pad
 
 from blip2.config import preset
-from blip2.models import Stage1Model, decode
+from blip2.generation import greedy as decode
+from blip2.models import RetrievalModel
+from blip2.tasks.stage1 import Stage1Task
 
 KINDS = ["tiny-opt", "tiny-gpt2", "tiny-t5"]
 OPTIONS = [
@@ -175,7 +177,7 @@ def test_bf16_autocast_stage1_losses_and_gradients_agree_with_fp32():
     config = dataclasses.replace(
         config, qformer=dataclasses.replace(config.qformer, dropout=0.0, attention_dropout=0.0)
     )
-    model = Stage1Model(config).train()
+    model = RetrievalModel(config).train()
     g = torch.Generator().manual_seed(1)
     px = torch.randn(4, 3, 16, 16, generator=g)
     ids = torch.randint(1000, 2000, (4, 7), generator=g)
@@ -186,7 +188,7 @@ def test_bf16_autocast_stage1_losses_and_gradients_agree_with_fp32():
     def run(dtype):
         model.autocast_dtype = dtype
         model.zero_grad(set_to_none=True)
-        out = model(ids, mask, px, generator=torch.Generator().manual_seed(2))
+        out = Stage1Task(model)(ids, mask, px, generator=torch.Generator().manual_seed(2))
         out.loss.backward()
         grad = torch.cat([p.grad.flatten() for p in model.qformer.parameters() if p.grad is not None])
         return out, grad
@@ -222,15 +224,13 @@ def test_compiled_decode_on_cpu_gives_the_tokens_of_transformers_generate():
 def test_cuda_graphed_prefix_and_compiled_decode_give_the_plain_results():
     """On CUDA, decode_mode static/compiled replays the image side from a CUDA graph and the decode
     step from a compiled one: same prefix (within fp32 tolerance) and the same tokens as the plain path."""
-    from blip2.models import stage2
-
     model = make("tiny-opt", lively=True).eval().cuda()
     with torch.no_grad():
         for seed in (0, 1):  # the second call replays the graph captured by the first, on new pixels
             px = images(3, seed).cuda()
-            graphed = model._generation_prefix(px, None, graphed=True)
+            graphed = model.decoding.prefix(model, px, None, "static")
             torch.testing.assert_close(graphed, model.prefix(px), rtol=1e-5, atol=1e-5)
-    entries = list(stage2._PREFIX_GRAPHS[model].graphs.values())
+    entries = list(model.decoding.prefix_graphs.graphs.values())
     assert len(entries) == 1 and entries[0] is not None  # captured once, not fallen back to eager
     px = images(3).cuda()
     plain = model.generate(px, max_new_tokens=6, decode_mode="transformers")
@@ -240,13 +240,13 @@ def test_cuda_graphed_prefix_and_compiled_decode_give_the_plain_results():
     model.language_projection.weight = torch.nn.Parameter(model.language_projection.weight * 2)
     with torch.no_grad():
         torch.testing.assert_close(
-            model._generation_prefix(px, None, graphed=True), model.prefix(px), rtol=1e-5, atol=1e-5
+            model.decoding.prefix(model, px, None, "static"), model.prefix(px), rtol=1e-5, atol=1e-5
         )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_cache_sees_in_place_updates_and_falls_back_when_capture_fails():
-    from blip2.models.graphs import GraphCache
+    from blip2.generation import GraphCache
 
     cache, w = GraphCache(), torch.ones(4, device="cuda")
     with torch.no_grad():
@@ -263,3 +263,17 @@ def test_cuda_graph_cache_sees_in_place_updates_and_falls_back_when_capture_fail
         assert torch.equal(out, torch.full((3,), 3.0, device="cuda"))
         assert torch.equal(cache(syncs, torch.ones(3, device="cuda"), []), out)  # plainly, no new warning
         assert torch.cuda.current_stream() == torch.cuda.default_stream()
+
+
+def test_decoding_state_belongs_to_its_model_and_a_copy_starts_empty():
+    import copy
+
+    model = make("tiny-opt", lively=True).eval()
+    px = images(2)
+    first = model.generate(px, max_new_tokens=4, decode_mode="static")
+    assert len(model.decoding.static_cache_keys()) == 1
+    assert "_blip2_compiled_steps" not in model.llm.__dict__  # nothing kept inside the LM
+    twin = copy.deepcopy(model)
+    assert twin.decoding is not model.decoding and twin.decoding.static_cache_keys() == []
+    assert twin.generate(px, max_new_tokens=4, decode_mode="static").tolist() == first.tolist()
+    assert len(model.decoding.static_cache_keys()) == 1  # the original's caches are its own

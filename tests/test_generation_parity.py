@@ -5,7 +5,7 @@ Oracle: a tiny random `Blip2ForConditionalGeneration` with that LM, saved as tra
 loaded with `blip2.load`; both generate from the same pixels and prompt ids, two images at once (prompts
 of different lengths, padded as each LM kind needs), and must give the same new tokens. The EOS is a
 token the oracle really emits mid-way, so rows end at different steps. Greedy runs our own decode loop
-(`blip2.models.decode`), beam search transformers' `generate` under our inputs.
+(`blip2.generation.greedy`), beam search transformers' `generate` under our inputs.
 
 CI runs this file twice: with the newest transformers the pins allow (the project venv) and with the
 lowest (`scripts/test.sh`, `.venv-lowest`).

@@ -21,6 +21,7 @@ from blip2.config import preset
 from blip2.interop.checkpoint import build_model
 from blip2.pipelines import Captioner, Retriever
 from blip2.processing import ImageProcessor
+from blip2.tasks.stage2 import Stage2Task
 from blip2.tokenizers import qformer_tokenizer
 
 ATOL = 1e-5
@@ -82,13 +83,13 @@ def test_generation_model_parity(generation):
         assert max_diff(ours.query_output(pixels), queries.last_hidden_state) <= ATOL
         if kind == "opt":
             ref = hf(**enc).logits
-            got = ours(pixels, ids, mask).logits
+            got = Stage2Task(ours)(pixels, ids, mask).logits
             real = enc["attention_mask"].bool()  # padded positions carry no prediction
             assert max_diff(got[real], ref[real]) <= ATOL
         else:
             labels = torch.tensor([[5, 6, 7, 1], [8, 9, 1, -100]])
             ref = hf(**enc, labels=labels).logits
-            got = ours(pixels, ids, mask, labels=labels).logits
+            got = Stage2Task(ours)(pixels, ids, mask, labels=labels).logits
             assert max_diff(got, ref) <= ATOL
 
 

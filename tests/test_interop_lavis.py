@@ -24,6 +24,7 @@ from blip2.interop import checkpoint, lavis
 from blip2.interop.keymap import convert
 from blip2.pipelines import Captioner
 from blip2.processing import ImageProcessor
+from blip2.tasks.stage2 import Stage2Task
 
 # --------------------------------------------------------------------- LAVIS layout, from the reference
 
@@ -554,11 +555,11 @@ def test_stage2_lavis_file_computes_what_transformers_computes(kind, tmp_path):
     hf_ids = torch.cat([images, text], 1)
     with torch.no_grad():
         if kind == "opt":
-            ref, got = hf(pixel_values=pixels, input_ids=hf_ids).logits, ours(pixels, text).logits
+            ref, got = hf(pixel_values=pixels, input_ids=hf_ids).logits, Stage2Task(ours)(pixels, text).logits
         else:
             labels = torch.tensor([[5, 6, 7, 1], [8, 9, 1, -100]])
             ref = hf(pixel_values=pixels, input_ids=hf_ids, labels=labels).logits
-            got = ours(pixels, text, labels=labels).logits
+            got = Stage2Task(ours)(pixels, text, labels=labels).logits
         assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-5
         assert (ref[0] - ref[1]).abs().max() > 1e-3  # the two images lead to different logits
         ref_ids = hf.generate(pixel_values=pixels, input_ids=hf_ids, max_new_tokens=5, min_new_tokens=5)

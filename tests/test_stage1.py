@@ -1,4 +1,4 @@
-"""The stage-1 model: ITC, ITM with hard negatives, ITG; gradients; learning on a tiny batch."""
+"""The stage-1 model and task: ITC, ITM with hard negatives, ITG; gradients; learning on a tiny batch."""
 
 import math
 
@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from blip2 import losses
 from blip2.config import preset
-from blip2.models import Stage1Model
+from blip2.models import RetrievalModel
+from blip2.tasks.stage1 import Stage1Task
 
 B, L = 4, 9
 
@@ -27,14 +28,14 @@ def batch(seed=0, b=B):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return Stage1Model(preset("tiny-stage1"))
+    return RetrievalModel(preset("tiny-stage1"))
 
 
 def test_itc_equals_direct_computation(model):
     model.eval()
     ids, mask, pixels = batch()
     with torch.no_grad():
-        out = model(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(0))
+        out = Stage1Task(model)(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(0))
         img = model.embed_image(pixels).image_feats  # (B, Q, E)
         txt = model.embed_text(ids, mask)  # (B, E)
     sim = torch.empty(B, B)
@@ -114,7 +115,7 @@ def test_gradients_reach_trainable_parts_never_the_frozen_encoder(model):
     model.train()
     model.zero_grad()
     ids, mask, pixels = batch()
-    out = model(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(0))
+    out = Stage1Task(model)(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(0))
     out.loss.backward()
     for name, p in model.visual.tower.named_parameters():
         assert not p.requires_grad and p.grad is None, name
@@ -146,7 +147,8 @@ def test_each_loss_has_its_own_gradient_path(model):
     ]:
         model.zero_grad()
         getattr(
-            model(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(0)), loss_name
+            Stage1Task(model)(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(0)),
+            loss_name,
         ).backward()
         assert model.get_parameter(head).grad.abs().sum() > 0
         assert model.get_parameter(other).grad is None or model.get_parameter(other).grad.abs().sum() == 0
@@ -158,21 +160,21 @@ def test_cached_features_give_the_same_loss_as_pixels(model):
     ids, mask, pixels = batch()
     feats = model.visual.features(pixels)
     with torch.no_grad():
-        a = model(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(1))
-        b = model(ids, mask, image_features=feats, generator=torch.Generator().manual_seed(1))
+        a = Stage1Task(model)(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(1))
+        b = Stage1Task(model)(ids, mask, image_features=feats, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
 
 
 def test_overfitting_a_tiny_batch_drives_every_loss_down():
     torch.manual_seed(0)
-    model = Stage1Model(preset("tiny-stage1")).train()
+    model = RetrievalModel(preset("tiny-stage1")).train()
     ids, mask, pixels = batch(seed=2, b=6)
     feats = model.visual.features(pixels)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     g = torch.Generator().manual_seed(0)
     first = last = None
     for _ in range(200):
-        out = model(ids, mask, image_features=feats, generator=g)
+        out = Stage1Task(model)(ids, mask, image_features=feats, generator=g)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -201,7 +203,7 @@ def test_itm_loss_equals_a_direct_computation_of_its_three_kinds_of_pairs(model)
     model.eval()
     ids, mask, pixels = batch()
     with torch.no_grad():
-        out = model(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(7))
+        out = Stage1Task(model)(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(7))
         emb = model.embed_image(pixels)
         sim = losses.max_over_queries(emb.image_feats, model.embed_text(ids, mask)) / model.temp
         neg_text, neg_image = losses.sample_hard_negatives(
@@ -223,7 +225,7 @@ def test_itg_loss_equals_a_joint_causal_pass_with_dec_first(model):
     model.eval()
     ids, mask, pixels = batch()
     with torch.no_grad():
-        out = model(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(0))
+        out = Stage1Task(model)(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(0))
         dec = ids.clone()
         dec[:, 0] = model.config.qformer.dec_token_id
         joint = model.qformer(
@@ -243,8 +245,52 @@ def test_itg_loss_equals_a_joint_causal_pass_with_dec_first(model):
 
 def test_itg_generation_stops_at_sep():
     torch.manual_seed(0)
-    model = Stage1Model(preset("tiny-stage1")).eval()
+    model = RetrievalModel(preset("tiny-stage1")).eval()
     with torch.no_grad():
         model.qformer.lm_head.bias[model.config.qformer.sep_token_id] = 1e4  # [SEP] always wins
         tokens = model.generate_itg(torch.randn(2, 3, 16, 16), max_new_tokens=6)
     assert tokens.tolist() == [[102], [102]]
+
+
+def test_fixed_itm_negatives_replace_the_hard_negative_draw(model):
+    """A caller's own negatives (research comparisons): ITM on exactly those pairs; -1 leaves a pair
+    out; ITC and ITG do not depend on them."""
+    model.eval()
+    ids, mask, pixels = batch()
+    neg_text, neg_image = torch.tensor([1, 2, 3, 0]), torch.tensor([3, 0, 1, 2])
+    task = Stage1Task(model)
+    with torch.no_grad():
+        drawn = task(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(0))
+        out = task(ids, mask, pixel_values=pixels, negatives=(neg_text, neg_image))
+        img = model.encode_image(pixels)
+        logits = torch.cat(
+            [
+                model.itm_logits(ids, mask, image_embeds=img),
+                model.itm_logits(ids, mask, image_embeds=img[neg_image]),
+                model.itm_logits(ids[neg_text], mask[neg_text], image_embeds=img),
+            ]
+        )
+        dropped = task(ids, mask, pixel_values=pixels, negatives=(torch.tensor([-1, 2, 3, 0]), neg_image))
+    labels = torch.tensor([1] * B + [0] * 2 * B)
+    torch.testing.assert_close(out.loss_itm, F.cross_entropy(logits, labels), rtol=0, atol=1e-5)
+    per_row = F.cross_entropy(logits, labels, reduction="none")
+    keep = torch.ones(3 * B, dtype=torch.bool)
+    keep[2 * B] = False  # image 0's pair with a negative text
+    torch.testing.assert_close(dropped.loss_itm, per_row[keep].mean(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.loss_itc, drawn.loss_itc, rtol=0, atol=0)
+    torch.testing.assert_close(out.loss_itg, drawn.loss_itg, rtol=0, atol=0)
+
+
+def test_itg_logits_and_hidden_states_are_what_the_itg_loss_scores(model):
+    model.eval()
+    ids, mask, pixels = batch()
+    with torch.no_grad():
+        out = Stage1Task(model)(ids, mask, pixel_values=pixels, generator=torch.Generator().manual_seed(0))
+        itg = model.itg(ids, mask, pixel_values=pixels)
+    dec = ids.clone()
+    dec[:, 0] = model.config.qformer.dec_token_id
+    assert itg.logits.shape == (B, L, model.config.qformer.vocab_size)
+    assert itg.hidden_states.shape == (B, L, model.config.qformer.hidden_size)
+    torch.testing.assert_close(losses.itg_loss(itg.logits, dec.masked_fill(mask == 0, -100)), out.loss_itg)
+    # the logits are the LM head of those hidden states
+    torch.testing.assert_close(itg.logits, model.qformer.lm_logits(itg.hidden_states))

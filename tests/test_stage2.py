@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from blip2.config import TINY_LLMS, LLMConfig, preset
-from blip2.models import Stage1Model, Stage2Model, language
+from blip2.models import LanguageBridge, RetrievalModel, language
+from blip2.tasks.stage2 import Stage2Task
 
 KINDS = ["tiny-opt", "tiny-gpt2", "tiny-t5"]
 DECODER_ONLY = ["tiny-opt", "tiny-gpt2"]
@@ -35,7 +36,7 @@ def make(
     scale: float | None = None,
     width: int | None = None,
     **llm_fields,
-) -> Stage2Model:
+) -> LanguageBridge:
     """A tiny stage-2 model from a preset.
 
     `lively`: larger random LM weights (and queries/projection), so a random 2-layer LM's output depends on
@@ -53,7 +54,7 @@ def make(
         llm_fields["hf_config"] = hf
     if llm_fields:
         config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, **llm_fields))
-    model = Stage2Model(config)
+    model = LanguageBridge(config)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         if lively or scale is not None:
@@ -80,14 +81,14 @@ def pad(rows: list[list[int]], side: str, pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-def loss_of(model: Stage2Model, px: Tensor) -> Tensor:
+def loss_of(model: LanguageBridge, px: Tensor) -> Tensor:
     """A small training batch for either LM kind (right padded, as training tokenizers pad)."""
     if model.is_encoder_decoder:
         ids, mask = pad([[5, 6, 1], [7, 1]], "right", 0)
         labels, dmask = pad([[11, 12, 13, 1], [14, 1]], "right", 0)
-        return model(px, ids, mask, labels=labels, decoder_attention_mask=dmask).loss
+        return Stage2Task(model)(px, ids, mask, labels=labels, decoder_attention_mask=dmask).loss
     ids, mask = pad([[2, 5, 6, 11, 12, 13, 50], [2, 5, 6, 14, 50]], "right", 1)
-    return model(px, ids, mask, prompt_lengths=3).loss
+    return Stage2Task(model)(px, ids, mask, prompt_lengths=3).loss
 
 
 # ------------------------------------------------------------------------------------ frozen LLM, gradients
@@ -155,7 +156,7 @@ def test_decoder_only_loss_counts_only_text_after_the_prompt(name):
     model = make(name).eval()
     px, q, p = images(2), model.config.qformer.num_query_tokens, 3
     ids, mask = pad([[2, 5, 6, 11, 12, 13, 50], [2, 5, 6, 14, 50]], "right", 1)
-    out = model(px, ids, mask, prompt_lengths=p)
+    out = Stage2Task(model)(px, ids, mask, prompt_lengths=p)
     assert out.logits.shape == (2, q + ids.shape[1], 99)
 
     # by hand: text token t (t >= p) is predicted at sequence position q + t - 1; queries predict nothing
@@ -169,9 +170,11 @@ def test_decoder_only_loss_counts_only_text_after_the_prompt(name):
     labels = ids.clone()
     labels[:, :p] = 40
     labels[1, 5:] = 40
-    assert torch.equal(model(px, ids, mask, labels=labels, prompt_lengths=p).loss, out.loss)
+    assert torch.equal(Stage2Task(model)(px, ids, mask, labels=labels, prompt_lengths=p).loss, out.loss)
     labels[0, p + 1] = 40
-    assert not torch.allclose(model(px, ids, mask, labels=labels, prompt_lengths=p).loss, out.loss)
+    assert not torch.allclose(
+        Stage2Task(model)(px, ids, mask, labels=labels, prompt_lengths=p).loss, out.loss
+    )
 
 
 @pytest.mark.parametrize("name", KINDS)
@@ -181,7 +184,9 @@ def test_loss_does_not_depend_on_padding_side(name):
     if model.is_encoder_decoder:
         labels, dmask = pad([[11, 12, 1], [14, 1]], "right", 0)
         losses = [
-            model(px, *pad([[5, 6, 7, 1], [7, 1]], side, 0), labels=labels, decoder_attention_mask=dmask).loss
+            Stage2Task(model)(
+                px, *pad([[5, 6, 7, 1], [7, 1]], side, 0), labels=labels, decoder_attention_mask=dmask
+            ).loss
             for side in ("right", "left")
         ]
         torch.testing.assert_close(losses[0], losses[1])
@@ -190,7 +195,10 @@ def test_loss_does_not_depend_on_padding_side(name):
     # BOS is a target, predicted from the last query (not from a left pad)
     rows = [[2, 5, 6, 11, 12, 13, 50], [2, 14, 50]]
     for prompt in (1, None, 0):
-        losses = [model(px, *pad(rows, side, 1), prompt_lengths=prompt).loss for side in ("right", "left")]
+        losses = [
+            Stage2Task(model)(px, *pad(rows, side, 1), prompt_lengths=prompt).loss
+            for side in ("right", "left")
+        ]
         torch.testing.assert_close(losses[0], losses[1])
 
 
@@ -216,11 +224,11 @@ def test_loss_only_gives_the_same_loss_and_gradients(name):
     positions: list[int] = []
     hook = head.register_forward_hook(lambda _m, inputs, _o: positions.append(inputs[0].shape[1]))
     for args, kwargs in calls:
-        full = model(*args, **kwargs)
+        full = Stage2Task(model)(*args, **kwargs)
         full.loss.backward()
         grads = [p.grad.clone() for p in model.qformer.parameters() if p.grad is not None]
         model.zero_grad(set_to_none=True)
-        lean = model(*args, **kwargs, return_logits=False)
+        lean = Stage2Task(model)(*args, **kwargs, return_logits=False)
         assert lean.logits is None
         lean.loss.backward()
         torch.testing.assert_close(lean.loss, full.loss)
@@ -240,7 +248,7 @@ def test_encoder_decoder_loss_is_the_decoder_cross_entropy():
     px = images(2)
     ids, mask = pad([[5, 6, 1], [7, 1]], "right", 0)
     labels, dmask = pad([[11, 12, 13, 1], [14, 1]], "right", 0)
-    out = model(px, ids, mask, labels=labels, decoder_attention_mask=dmask)
+    out = Stage2Task(model)(px, ids, mask, labels=labels, decoder_attention_mask=dmask)
     assert out.logits.shape == (2, 4, 99)
     expected = F.cross_entropy(
         out.logits.flatten(0, 1), labels.masked_fill(dmask == 0, -100).flatten(), ignore_index=-100
@@ -249,18 +257,20 @@ def test_encoder_decoder_loss_is_the_decoder_cross_entropy():
     # the decoder reads the labels shifted right: the first step sees the start token whatever the labels
     other = labels.clone()
     other[:, 1:] = 40
-    first = model(px, ids, mask, labels=other, decoder_attention_mask=dmask).logits[:, 0]
+    first = Stage2Task(model)(px, ids, mask, labels=other, decoder_attention_mask=dmask).logits[:, 0]
     torch.testing.assert_close(first, out.logits[:, 0])
     # labels under padding are ignored
     other = labels.clone()
     other[1, 2:] = 40
-    assert torch.equal(model(px, ids, mask, labels=other, decoder_attention_mask=dmask).loss, out.loss)
+    assert torch.equal(
+        Stage2Task(model)(px, ids, mask, labels=other, decoder_attention_mask=dmask).loss, out.loss
+    )
 
 
 # ------------------------------------------------------------------------------------ generation
 
 
-def _prompts(model: Stage2Model) -> list[list[int]]:
+def _prompts(model: LanguageBridge) -> list[list[int]]:
     if model.is_encoder_decoder:  # T5's tokenizer closes the encoder text with </s>
         return [[5, 17, 42, 1], [8, 1], [33, 9, 1]]
     return [[2, 5, 17, 42], [2], [2, 33, 9]]  # BOS first, as OPT's tokenizer gives
@@ -350,14 +360,14 @@ def test_overfit_two_images_then_greedy_reproduces_the_captions(name):
         labels = torch.tensor([c + [eos] for c in captions])
 
         def step_loss() -> Tensor:
-            return model(px, prompt, labels=labels).loss
+            return Stage2Task(model)(px, prompt, labels=labels).loss
     else:
         eos = model.eos_token_id = 50  # like OPT's "\n": not the BOS
         prompt = torch.tensor([[2], [2]])
         ids = torch.tensor([[2] + c + [eos] for c in captions])
 
         def step_loss() -> Tensor:
-            return model(px, ids, prompt_lengths=1).loss
+            return Stage2Task(model)(px, ids, prompt_lengths=1).loss
 
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     first = step_loss().item()
@@ -378,36 +388,36 @@ def test_overfit_two_images_then_greedy_reproduces_the_captions(name):
 
 def test_from_stage1_copies_the_query_side():
     torch.manual_seed(0)
-    stage1 = Stage1Model(preset("tiny-stage1")).eval()
+    stage1 = RetrievalModel(preset("tiny-stage1")).eval()
     with torch.no_grad():
         for p in stage1.parameters():  # not default init: a missed copy must show
             p.add_(torch.randn_like(p) * 0.1)
     px = images(2)
     want = stage1.embed_image(px).query_output
 
-    model = Stage2Model.from_stage1(stage1, preset("tiny-opt").llm).eval()
+    model = LanguageBridge.from_stage1(stage1, preset("tiny-opt").llm).eval()
     assert model.qformer.embeddings.word is None and model.qformer.lm_head is None
     assert model.config.stage == 2 and not model.config.qformer.text
     torch.testing.assert_close(model.query_output(px), want)
     assert model.visual.ln_vision.weight is not stage1.visual.ln_vision.weight  # copied, not shared
 
-    kept = Stage2Model.from_stage1(stage1, preset("tiny-opt").llm, text=True).eval()
+    kept = LanguageBridge.from_stage1(stage1, preset("tiny-opt").llm, text=True).eval()
     assert torch.equal(kept.qformer.embeddings.word.weight, stage1.qformer.embeddings.word.weight)
     torch.testing.assert_close(kept.query_output(px), want)
 
     gpt2 = language.build_llm(LLMConfig(hf_config=dict(TINY_LLMS["gpt2"])))
-    given = Stage2Model.from_stage1(stage1, gpt2)
+    given = LanguageBridge.from_stage1(stage1, gpt2)
     assert given.llm is gpt2 and given.config.llm.model_type == "gpt2"
     assert given.language_projection.out_features == 16
-    assert given(px, torch.tensor([[2, 5, 6], [2, 7, 8]])).loss.isfinite()
+    assert Stage2Task(given)(px, torch.tensor([[2, 5, 6], [2, 7, 8]])).loss.isfinite()
 
 
 def test_given_llm_must_match_the_config_kind():
     t5 = language.build_llm(LLMConfig(hf_config=dict(TINY_LLMS["t5"])))
     with pytest.raises(ValueError, match="matches the model"):
-        Stage2Model(preset("tiny-opt"), llm=t5)
+        LanguageBridge(preset("tiny-opt"), llm=t5)
     with pytest.raises(ValueError, match="needs an LLM"):
-        Stage2Model(preset("tiny-stage1"))
+        LanguageBridge(preset("tiny-stage1"))
 
 
 def test_a_given_llm_with_another_vocab_is_recorded_so_the_saved_model_loads(tmp_path):
@@ -418,7 +428,7 @@ def test_a_given_llm_with_another_vocab_is_recorded_so_the_saved_model_loads(tmp
     llm_cfg = dataclasses.replace(config.llm, eos_text="\n", prompt="a photo of")
     config = dataclasses.replace(config, llm=llm_cfg)
     opt = language.build_llm(LLMConfig(hf_config={**TINY_LLMS["opt"], "vocab_size": 120}))
-    model = Stage2Model(config, llm=opt).eval()
+    model = LanguageBridge(config, llm=opt).eval()
     assert model.config.llm.hf_config["vocab_size"] == 120  # the LM used, not the preset's 99
     assert model.config.llm.eos_text == "\n" and model.config.llm.prompt == "a photo of"
     save_folder(model, tmp_path)

@@ -187,22 +187,22 @@ def test_a_pretrained_stage2_llm_keeps_the_preset_conventions_and_its_real_archi
     import torch.nn.functional as F
 
     from blip2.config import preset
-    from blip2.models import Stage1Model, Stage2Model
-    from blip2.train.loop import _llm_for_stage2
+    from blip2.models import LanguageBridge, RetrievalModel
+    from blip2.tasks.stage2 import llm_for_stage2
 
     saved = _saved_llm(tmp_path / "opt", "opt", vocab_size=120)
     base = dataclasses.replace(
         preset("tiny-opt").llm, name=str(tmp_path / "opt"), dtype="bfloat16", eos_text="\n"
     )
-    llm_config, llm = _llm_for_stage2(None, base)
+    llm_config, llm = llm_for_stage2(None, base)
     assert llm.dtype == torch.bfloat16 and llm_config.eos_text == "\n" and llm_config.dtype == "bfloat16"
     assert llm_config.hf_config["vocab_size"] == 120
     assert torch.equal(llm.get_input_embeddings().weight, saved.get_input_embeddings().weight.bfloat16())
-    model = Stage2Model.from_stage1(Stage1Model(preset("tiny-stage1")), llm, llm_config=llm_config)
+    model = LanguageBridge.from_stage1(RetrievalModel(preset("tiny-stage1")), llm, llm_config=llm_config)
     assert model.config.llm.eos_text == "\n" and model.config.llm.hf_config["vocab_size"] == 120
 
     saved = _saved_llm(tmp_path / "t5", "t5")
-    llm_config, llm = _llm_for_stage2(str(tmp_path / "t5"), None)
+    llm_config, llm = llm_for_stage2(str(tmp_path / "t5"), None)
     x = torch.linspace(-3, 3, 13)
     assert torch.equal(llm.encoder.block[0].layer[1].DenseReluDense.act(x), F.gelu(x))  # exact, as LAVIS
     assert llm.lm_head.weight is not llm.shared.weight
@@ -214,13 +214,13 @@ def test_a_pretrained_stage2_llm_keeps_the_preset_conventions_and_its_real_archi
 def test_an_unavailable_stage2_llm_is_one_clear_error(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from blip2.train.loop import _llm_for_stage2
+    from blip2.tasks.stage2 import llm_for_stage2
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="not in the local Hugging Face cache"):
-        _llm_for_stage2("nobody-here/no-such-llm", None)
+        llm_for_stage2("nobody-here/no-such-llm", None)
     with pytest.raises(UserError, match="does not exist"):
-        _llm_for_stage2(str(tmp_path / "missing"), None)
+        llm_for_stage2(str(tmp_path / "missing"), None)
 
 
 def test_training_state_holds_only_tensors_and_plain_values(tmp_path):

@@ -142,3 +142,9 @@ def itg_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.1) -> Te
 def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Causal LM loss: token t predicts label t + 1; -100 ignored; mean over counted tokens."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def seq2seq_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Encoder-decoder LM loss: decoder token t predicts label t (its inputs are the labels shifted
+    right); -100 ignored; mean over counted tokens."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)

@@ -17,7 +17,6 @@ from transformers import OPTConfig, StaticCache
 
 import blip2
 from blip2.errors import UserError
-from blip2.models import decode
 
 POSITIONS = 64  # the LM's position table; the captioner has 8 queries and prompts start with </s>
 QUERIES = tiny_hf.SHAPES["a"]["queries"]
@@ -116,8 +115,8 @@ def test_static_caches_are_bounded_and_freed_with_the_model():
     for batch in (1, 2, 3):
         for new_tokens in (4, 40, 80):  # cache lengths rounded up to 32, 64, 96
             model.generate(images(batch), max_new_tokens=new_tokens, decode_mode="static")
-    assert _live_static_caches() - before <= decode.STATIC_CACHES
-    assert len(decode.static_cache_keys(model.llm)) <= decode.STATIC_CACHES
+    assert _live_static_caches() - before <= model.decoding.max_static_caches
+    assert len(model.decoding.static_cache_keys()) <= model.decoding.max_static_caches
     # the most recent shape is kept: reusing it makes no new cache
     kept = _live_static_caches()
     model.generate(images(3), max_new_tokens=80, decode_mode="static")
@@ -136,13 +135,13 @@ def test_a_t5_folder_saved_by_transformers_loads_for_stage2_training_with_its_in
     must read it (not freshly initialized tables of their own)."""
     from transformers import T5ForConditionalGeneration
 
-    from blip2.train.loop import _llm_for_stage2
+    from blip2.tasks.stage2 import llm_for_stage2
 
     hf = tiny_hf.randomize(T5ForConditionalGeneration(tiny_hf.text_config("t5")), seed=4).eval()
     hf.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.lm_head.weight))  # FlanT5's own head
     hf.config.tie_word_embeddings = False
     hf.save_pretrained(tmp_path / "flan")
-    _, llm = _llm_for_stage2(str(tmp_path / "flan"), None)
+    _, llm = llm_for_stage2(str(tmp_path / "flan"), None)
     ids = torch.tensor([[5, 6, 7, 1]])
     with torch.no_grad():
         ref = hf(input_ids=ids, decoder_input_ids=torch.tensor([[0, 8, 9]])).logits

@@ -165,19 +165,21 @@ def test_hard_negatives_are_never_positives_and_rows_without_one_get_minus_one()
 
 def test_itm_leaves_out_rows_without_a_negative_and_keeps_the_graph():
     from blip2.config import preset
-    from blip2.models.blip2 import Stage1Model
+    from blip2.models import RetrievalModel
+    from blip2.tasks.stage1 import Stage1Task
 
     torch.manual_seed(0)
-    model = Stage1Model(preset("tiny-stage1")).eval()
+    model = RetrievalModel(preset("tiny-stage1")).eval()
+    task = Stage1Task(model)
     ids = torch.randint(1000, 2000, (3, 6))
     ids[:, 0] = 101
     mask = torch.ones_like(ids)
     pixels = torch.randn(3, 3, 16, 16)
-    out = model(ids, mask, pixel_values=pixels, image_ids=torch.tensor([8, 8, 8]))
+    out = task(ids, mask, pixel_values=pixels, image_ids=torch.tensor([8, 8, 8]))
     assert out.loss_itm.item() == 0.0 and out.loss_itm.requires_grad
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    two = model(ids, mask, pixel_values=pixels, image_ids=torch.tensor([8, 8, 9]))
+    two = task(ids, mask, pixel_values=pixels, image_ids=torch.tensor([8, 8, 9]))
     assert two.loss_itm.item() > 0  # the same batch with a negative still trains ITM
 
 

@@ -317,7 +317,7 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, echo: Callable[[str],
     """Run every phase and write the report into `out`; returns the report."""
     import transformers
 
-    from blip2.models import Stage1Model
+    from blip2.models import RetrievalModel
     from blip2.pipelines import Retriever, load
     from blip2.processing import ImageProcessor
     from blip2.train.feature_cache import cache_features
@@ -388,7 +388,7 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, echo: Callable[[str],
         qtok = P.qformer_tokenizer([c for s in world.scenes for c in W.captions(s)])
         config = demo_config(qtok, enc.path)
         tower = transformers.ResNetModel.from_pretrained(enc.path)
-        init = Stage1Model(config, vision_tower=tower)
+        init = RetrievalModel(config, vision_tower=tower)
         init_dir = os.path.join(work, "init")
         Retriever(init, ImageProcessor(64, (0.5,) * 3, (0.5,) * 3), qtok).save_pretrained(init_dir)
         # stage 1 pads every caption to `max_len` (equal shapes on every rank): the longest caption's

@@ -92,13 +92,12 @@ def build_model(
     (fast for real sizes), to be filled by `load_state`."""
     from transformers.initialization import no_init_weights
 
-    from blip2.models import Stage1Model
-    from blip2.models.stage2 import Stage2Model
+    from blip2.models import LanguageBridge, RetrievalModel
 
     with _maybe(no_init_weights(), not init):
         if config.stage == 1:
-            return Stage1Model(config, vision_tower=vision_tower)
-        model = Stage2Model(config, vision_tower=vision_tower, llm=llm)
+            return RetrievalModel(config, vision_tower=vision_tower)
+        model = LanguageBridge(config, vision_tower=vision_tower, llm=llm)
     model.llm.tie_weights()  # skipped with the initialization: tied tables are one tensor again
     return model
 

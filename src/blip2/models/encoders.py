@@ -2,9 +2,10 @@
 
 `ImageEncoder(config)` wraps a transformers vision model:
 
-* `features(pixel_values)` -> `(B, N, D)` frozen features, *before* `ln_vision` (what a feature cache
+* `features(pixel_values)` -> `(B, N, D)` image features, *before* `ln_vision` (what a feature cache
   stores; computed without autograd, in the tower's precision);
-* `ln_vision(features)` -> the trainable LayerNorm of the paper;
+* `normalize(image_features)` -> image embeddings through `ln_vision`, the trainable LayerNorm of the
+  paper;
 * `forward(pixel_values)` = both.
 
 Towers:
@@ -102,9 +103,9 @@ class ImageEncoder(nn.Module):
             h = h.flatten(2).transpose(1, 2)
         return h
 
-    def normalize(self, features: Tensor) -> Tensor:
-        """Apply `ln_vision` in its own precision (fp32 by default), as LAVIS does."""
-        return self.ln_vision(features.to(self.ln_vision.weight.dtype))
+    def normalize(self, image_features: Tensor) -> Tensor:
+        """Image embeddings: `ln_vision` applied in its own precision (fp32 by default), as LAVIS does."""
+        return self.ln_vision(image_features.to(self.ln_vision.weight.dtype))
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         return self.normalize(self.features(pixel_values))

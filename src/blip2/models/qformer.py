@@ -235,7 +235,7 @@ class QFormer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def image_kv(self, image_embeds: Tensor) -> list[KV | None]:
-        """Project image features once into each cross-attention's keys/values (shareable by passes)."""
+        """Project image embeddings once into each cross-attention's keys/values (shareable by passes)."""
         image_embeds = image_embeds.to(self.embeddings.norm.weight.dtype)
         return [
             layer.cross_attn.project_kv(image_embeds) if layer.cross_attn is not None else None
@@ -261,7 +261,8 @@ class QFormer(nn.Module):
             queries: query embeddings `(B, Q, D)` or None (text only).
             input_ids: text ids `(B, L)` or None (queries only).
             attention_mask: text padding mask `(B, L)` (1 = token), or None for no padding.
-            image_embeds: image features `(B, N, encoder_width)` for the cross-attention (queries only).
+            image_embeds: image embeddings `(B, N, encoder_width)` (after `ln_vision`) for the
+                cross-attention (queries only).
             image_kv: already projected image keys/values (`image_kv(image_embeds)`), instead of image_embeds.
             mode: "bidirectional" (ITM, default), "causal" (ITG, generation) or "unimodal" (see `build_mask`).
             past_kv: cached self-attention keys/values to prepend (e.g. the query pass, for ITG).
@@ -275,7 +276,7 @@ class QFormer(nn.Module):
         num_past = past_kv[0][0].shape[2] if past_kv is not None else 0
         if num_q and image_kv is None:
             if image_embeds is None:
-                raise ValueError("queries need image features: pass image_embeds or image_kv")
+                raise ValueError("queries need image embeddings: pass image_embeds or image_kv")
             image_kv = self.image_kv(image_embeds)
         mask = build_mask(b, num_past, num_q, attention_mask, h.shape[1] - num_q, mode, h.device, past_mask)
         new_kv = []

@@ -84,7 +84,7 @@ class Captioner(Pipeline):
     """A stage-2 (generative) model with its image processor and the LLM's tokenizer.
 
     Attributes:
-        model: `Stage2Model` (image encoder, Q-Former, projection, frozen LLM).
+        model: `LanguageBridge` (image encoder, Q-Former, projection, frozen LLM).
         llm_tokenizer: the LLM's tokenizer.
     """
 
@@ -167,7 +167,7 @@ class Captioner(Pipeline):
     def check_generation_length(self, prompts: Sequence[str], generate_options: Mapping[str, Any]) -> None:
         """Refuse (`UserError`) generation options (`max_new_tokens`, or else `max_length`) that, after
         the longest of `prompts`, need more positions than the LLM reads
-        (`Stage2Model.check_generation_length`), before any image is read."""
+        (`LanguageBridge.check_generation_length`), before any image is read."""
         if not prompts or all(generate_options.get(k) is None for k in ("max_new_tokens", "max_length")):
             return
         from blip2.models import language

@@ -40,7 +40,7 @@ class Retriever(Pipeline):
     """A stage-1 (retrieval) model with its image processor and the Q-Former's tokenizer.
 
     Attributes:
-        model: `Stage1Model` (image encoder, Q-Former, ITC projections, ITM head).
+        model: `RetrievalModel` (image encoder, Q-Former, ITC projections, ITM head).
         qformer_tokenizer: the Q-Former's BERT tokenizer.
     """
 

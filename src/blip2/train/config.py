@@ -1,7 +1,7 @@
 """The training job's configuration: a YAML file plus `section.key=value` overrides.
 
 ```yaml
-task: stage1                 # stage1 | retrieval | stage2 | caption | vqa
+task: stage1                 # stage1 | retrieval | stage2 | caption | vqa (or a registered task)
 model:
   preset: tiny-stage1        # a named preset, or
   config: null               # a Blip2Config JSON file, or
@@ -29,10 +29,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from blip2 import tasks
 from blip2.errors import UserError
-
-TASKS = ("stage1", "retrieval", "stage2", "caption", "vqa")
-STAGE1_TASKS = ("stage1", "retrieval")
 
 
 @dataclass
@@ -168,7 +166,13 @@ class TrainSection:
 
 @dataclass
 class TrainConfig:
-    """A whole job: task, model, data, optimizer, loop; `eval_data` is optional."""
+    """A whole job: task, model, data, optimizer, loop; `eval_data` is optional.
+
+    Attributes:
+        task: the objective (`blip2.tasks`): `stage1`, `retrieval` (stage-1 losses; captions of one
+            image are positives of each other), `stage2`, `caption`, `vqa` (the LLM's loss), or a name
+            given to `blip2.tasks.register`.
+    """
 
     task: str = "stage1"
     model: ModelSection = field(default_factory=ModelSection)
@@ -176,10 +180,6 @@ class TrainConfig:
     eval_data: DataSection | None = None
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
-
-    @property
-    def stage(self) -> int:
-        return 1 if self.task in STAGE1_TASKS else 2
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -207,8 +207,8 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
-        if self.task not in TASKS:
-            raise UserError(f"unknown task {self.task!r}; use one of {', '.join(TASKS)}")
+        if self.task not in tasks.names():
+            raise UserError(f"unknown task {self.task!r}; use one of {', '.join(tasks.names())}")
         m = self.model
         if sum(x is not None for x in (m.preset, m.config, m.init_from)) != 1:
             raise UserError("set exactly one of model.preset, model.config, model.init_from")

@@ -1,4 +1,4 @@
-"""A lean greedy decode loop for the frozen LLM of stage 2 (the fast path of `Stage2Model.generate`).
+"""A lean greedy decode loop for the frozen LLM of the language bridge (`blip2.generation.Decoding`).
 
 transformers' `generate` is general: every step it rebuilds model inputs, runs a list of logits
 processors and stopping criteria, and updates bookkeeping for features a caption never uses. For a
@@ -16,18 +16,14 @@ It gives the tokens transformers' greedy search gives (`tests/test_decode.py` ch
 GPT-2 and T5 LMs, batched with left padding). `supports` says which `generate` options it covers;
 anything else (beams, sampling, scores, streamers, ...) goes to transformers.
 
-Static cache (decoder-only LMs): with `static=True` the cache is a transformers `StaticCache` sized to
-the prompt plus `max_new_tokens` (kept per LM, batch, length, dtype and device, at most `STATIC_CACHES`
-of them), and every decode step has the same shapes; with `compile=True` (CUDA
-only) that step is compiled with `torch.compile(mode="reduce-overhead")`, i.e. replayed as a CUDA graph.
+Static cache (decoder-only LMs): `greedy(..., static_cache=...)` decodes over a transformers
+`StaticCache` sized to the prompt plus `max_new_tokens`, and every decode step has the same shapes, so
+the step (`decode_step`) can be compiled. The functions here keep no state: the caches and compiled steps belong to `Decoding`.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -80,14 +76,7 @@ _CONFIG_NEUTRAL: dict[str, Any] = {
 # how often (in steps) the loop looks whether every row has ended, per device type: looking waits for
 # the device, so on CUDA the host queues a few steps ahead instead (the tokens are the same)
 CHECK_EVERY = {"cuda": 8}
-# the compiled CPU decode step checks only its tensors (shapes, dtypes, ...) before each call, not the
-# LM's module attributes and globals: the step's code does not change them, and checking them costs
-# about a sixth of a small LM's step on one CPU thread (None: every guard, as torch.compile does)
-GUARD_FILTER = getattr(torch.compiler, "keep_tensor_guards_unsafe", None)
 _CONFIG_DEFAULTS = {"min_new_tokens": None, "repetition_penalty": 1.0, "max_length": 20}
-# static caches kept per LM (each holds the keys and values of `batch x length` positions per layer)
-STATIC_CACHES = 4
-_STATIC_CACHES: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, Any]] = weakref.WeakKeyDictionary()
 
 
 def supports(llm: nn.Module, options: dict[str, Any]) -> bool:
@@ -120,15 +109,14 @@ def supports(llm: nn.Module, options: dict[str, Any]) -> bool:
     return True
 
 
-@functools.cache
-def _forward_params(cls: type) -> frozenset[str]:
-    """The argument names of an LM class's `forward` (inspect is slow: once per class)."""
-    return frozenset(inspect.signature(cls.forward).parameters)
+def forward_params(llm: nn.Module) -> frozenset[str]:
+    """The argument names of an LM's `forward` (inspect is slow: `Decoding` keeps them per LM class)."""
+    return frozenset(inspect.signature(type(llm).forward).parameters)
 
 
-def _cache_key(llm: nn.Module) -> str:
+def _cache_key(params: frozenset[str]) -> str:
     """The name of the cache argument (`cache` from transformers 5.2x, `past_key_values` before)."""
-    return "cache" if "cache" in _forward_params(type(llm)) else "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _out_cache(out: Any) -> Any:
@@ -136,7 +124,7 @@ def _out_cache(out: Any) -> Any:
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
-class _Selector:
+class Selector:
     """Picks the next token from float32 logits: penalties, EOS held back, finished rows padded."""
 
     def __init__(
@@ -213,8 +201,9 @@ def greedy(
     repetition_penalty: float | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
-    static: bool = False,
-    compile: bool = False,
+    params: frozenset[str] | None = None,
+    static_cache: Callable[[int, int, torch.dtype, torch.device], Any] | None = None,
+    step: Callable | None = None,
     check_every: int | None = None,
     **inert: Any,
 ) -> Tensor:
@@ -227,14 +216,16 @@ def greedy(
         attention_mask: `(B, P)` its padding mask.
         max_new_tokens, min_new_tokens, repetition_penalty, eos_token_id, pad_token_id: as in
             transformers' `generate` (rows that end early are filled with `pad_token_id`, or the EOS).
-        static: decoder-only: a preallocated `StaticCache` (fixed shapes per step).
-        compile: with `static`, compile the decode step with `torch.compile` (CUDA graphs on CUDA, the
-            inductor's C++ kernels on CPU). The first call per batch shape pays the compilation.
+        params: the LM's `forward` argument names (`forward_params`; looked up when None).
+        static_cache: decoder-only: `(batch, length, dtype, device) -> StaticCache`, to decode over a
+            preallocated cache (fixed shapes per step); None: the LM's dynamic cache.
+        step: with `static_cache`, the decode step to call (`decode_step`, or a compiled one).
         check_every: look whether every row has ended every this many steps (default `CHECK_EVERY` of
             the device type, else 1). The tokens are the same either way.
         inert: sampling-only options (temperature, top_p, ...) that greedy search ignores.
     """
     del inert
+    params = forward_params(llm) if params is None else params
     b = inputs_embeds.shape[0]
     device = inputs_embeds.device
     is_enc_dec = bool(getattr(llm.config, "is_encoder_decoder", False))
@@ -242,7 +233,7 @@ def greedy(
     if is_enc_dec:
         start = llm.config.decoder_start_token_id
         history = torch.full((b, 1), start, dtype=torch.long, device=device)  # the decoder's inputs so far
-    select = _Selector(
+    select = Selector(
         b,
         device,
         eos_token_id,
@@ -255,19 +246,24 @@ def greedy(
     if max_new_tokens <= 0:
         return torch.empty(b, 0, dtype=torch.long, device=device)
     if is_enc_dec:
-        return _greedy_encoder_decoder(llm, inputs_embeds, attention_mask, max_new_tokens, select)
-    if static:
-        return _greedy_static(llm, inputs_embeds, attention_mask, max_new_tokens, select, compile)
-    return _greedy_decoder(llm, inputs_embeds, attention_mask, max_new_tokens, select)
+        return _greedy_encoder_decoder(llm, inputs_embeds, attention_mask, max_new_tokens, select, params)
+    if static_cache is not None:
+        step = step or decode_step(llm, params)
+        return _greedy_static(
+            llm, inputs_embeds, attention_mask, max_new_tokens, select, params, static_cache, step
+        )
+    return _greedy_decoder(llm, inputs_embeds, attention_mask, max_new_tokens, select, params)
 
 
-def _lm_kwargs(llm: nn.Module) -> dict[str, Any]:
-    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(type(llm)) else {}
+def _lm_kwargs(params: frozenset[str]) -> dict[str, Any]:
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
-def _greedy_decoder(llm: nn.Module, embeds: Tensor, mask: Tensor, steps: int, select: _Selector) -> Tensor:
-    cache_key, extra = _cache_key(llm), _lm_kwargs(llm)
-    takes_positions = "position_ids" in _forward_params(type(llm))
+def _greedy_decoder(
+    llm: nn.Module, embeds: Tensor, mask: Tensor, steps: int, select: Selector, params: frozenset[str]
+) -> Tensor:
+    cache_key, extra = _cache_key(params), _lm_kwargs(params)
+    takes_positions = "position_ids" in params
     pos = position_ids(mask)
     kwargs: dict[str, Any] = {"position_ids": pos} if takes_positions else {}
     out = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, **kwargs, **extra)
@@ -288,9 +284,9 @@ def _greedy_decoder(llm: nn.Module, embeds: Tensor, mask: Tensor, steps: int, se
 
 
 def _greedy_encoder_decoder(
-    llm: nn.Module, embeds: Tensor, mask: Tensor, steps: int, select: _Selector
+    llm: nn.Module, embeds: Tensor, mask: Tensor, steps: int, select: Selector, params: frozenset[str]
 ) -> Tensor:
-    cache_key = _cache_key(llm)
+    cache_key = _cache_key(params)
     encoder_outputs = llm.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
     token = select.history[:, -1]  # the decoder start token
     cache = None
@@ -312,19 +308,24 @@ def _greedy_encoder_decoder(
 
 
 def _greedy_static(
-    llm: nn.Module, embeds: Tensor, mask: Tensor, steps: int, select: _Selector, compile: bool
+    llm: nn.Module,
+    embeds: Tensor,
+    mask: Tensor,
+    steps: int,
+    select: Selector,
+    params: frozenset[str],
+    static_cache: Callable[[int, int, torch.dtype, torch.device], Any],
+    step: Callable,
 ) -> Tensor:
     """Decoder-only decoding over a `StaticCache`: fixed-shape steps (a full-length mask buffer)."""
     b, p = mask.shape
-    total = p + steps
-    cache_key, extra = _cache_key(llm), _lm_kwargs(llm)
-    takes_positions = "position_ids" in _forward_params(type(llm))
-    total = -(-total // 32) * 32  # rounded up: fewer distinct shapes to compile
-    cache = _static_cache(llm, b, total, embeds.dtype, embeds.device)
+    total = -(-(p + steps) // 32) * 32  # rounded up: fewer distinct shapes to compile
+    cache_key, extra = _cache_key(params), _lm_kwargs(params)
+    cache = static_cache(b, total, embeds.dtype, embeds.device)
     full = torch.zeros(b, total, dtype=mask.dtype, device=mask.device)  # filled in place, never reshaped
     full[:, :p] = mask
     pos = position_ids(mask)
-    kwargs: dict[str, Any] = {"position_ids": pos} if takes_positions else {}
+    kwargs: dict[str, Any] = {"position_ids": pos} if "position_ids" in params else {}
     out = llm(
         inputs_embeds=embeds,
         attention_mask=full[:, :p],
@@ -335,7 +336,6 @@ def _greedy_static(
         **extra,
     )
     tokens = [select(out.logits[:, -1])]
-    step = _decode_step(llm, cache_key, takes_positions, compile, mask.device.type)
     next_pos = pos[:, -1:] + 1
     for i in range(steps - 1):
         if select.done():
@@ -343,49 +343,16 @@ def _greedy_static(
         at = p + i
         full[:, at] = 1
         cache_position = torch.full((1,), at, dtype=torch.long, device=mask.device)
-        if compile and mask.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
         logits = step(tokens[-1][:, None], full, next_pos, cache_position, cache)
         tokens.append(select(logits))
         next_pos = next_pos + 1
     return select.trim(torch.stack(tokens, dim=1))
 
 
-def _static_cache(llm: nn.Module, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> Any:
-    """A `StaticCache` per LM, batch, length, dtype and device, reset and reused: a compiled step then
-    sees the same (static-address) cache tensors on every call instead of recording a new graph.
-
-    The caches of an LM are kept outside it (weakly keyed: they go when the LM goes, and never travel in
-    its state or its copies), at most `STATIC_CACHES` of them, the least recently used dropped first.
-    Their tensors take the dtype and device of the first call, hence the key: after `model.to(...)` the
-    LM gets new ones.
-    """
-    from transformers import StaticCache
-
-    caches = _STATIC_CACHES.setdefault(llm, OrderedDict())
-    key = (batch, length, dtype, torch.device(device))
-    cache = caches.pop(key, None)
-    if cache is None:
-        cache = StaticCache(config=llm.config, max_cache_len=length)
-    else:
-        cache.reset()
-    caches[key] = cache  # now the most recently used
-    while len(caches) > STATIC_CACHES:
-        caches.popitem(last=False)
-    return cache
-
-
-def static_cache_keys(llm: nn.Module) -> list[tuple]:
-    """The `(batch, length, dtype, device)` of the static caches kept for `llm`, oldest first."""
-    return list(_STATIC_CACHES.get(llm, ()))
-
-
-def _decode_step(
-    llm: nn.Module, cache_key: str, takes_positions: bool, compile: bool, device: str
-) -> Callable:
-    """One decode step `(token, mask, positions, cache_position, cache) -> (B, V) logits`, optionally
-    compiled: into CUDA graphs on CUDA, inductor kernels elsewhere (one graph per LM and batch shape;
-    `torch.compile` caches it)."""
+def decode_step(llm: nn.Module, params: frozenset[str]) -> Callable:
+    """One static-cache decode step `(token, mask, positions, cache_position, cache) -> (B, V)` float32
+    logits (what `Decoding` compiles)."""
+    cache_key, takes_positions = _cache_key(params), "position_ids" in params
 
     def step(token: Tensor, mask: Tensor, positions: Tensor, cache_position: Tensor, cache: Any) -> Tensor:
         kwargs = {"position_ids": positions} if takes_positions else {}
@@ -399,15 +366,4 @@ def _decode_step(
         )
         return out.logits[:, -1].float()  # a copy: compiled graphs reuse their output buffers
 
-    if not compile:
-        return step
-    steps = llm.__dict__.setdefault("_blip2_compiled_steps", {})  # kept with the model, not a submodule
-    compiled = steps.get(device)
-    if compiled is None:
-        if device == "cuda":  # replayed as CUDA graphs
-            compiled = torch.compile(step, mode="reduce-overhead", fullgraph=False, dynamic=False)
-        else:  # inductor kernels; guards on tensors (shapes, dtypes) only: see GUARD_FILTER
-            options = {"guard_filter_fn": GUARD_FILTER} if GUARD_FILTER is not None else None
-            compiled = torch.compile(step, fullgraph=False, dynamic=False, options=options)
-        steps[device] = compiled
-    return compiled
+    return step

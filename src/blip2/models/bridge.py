@@ -1,21 +1,20 @@
-"""BLIP-2 stage 2: the Q-Former's query outputs as soft visual prompts for a frozen LLM.
+"""BLIP-2's language bridge: the query outputs as soft visual prompts for a frozen LLM.
 
-Li et al. (2023), section 3.3. The query pass of the Q-Former (`[B, Q, D]`) goes through
-`language_projection` (a linear layer into the LLM's embedding width) and is placed before the text:
+Li et al. (2023), section 3.3. The query encoder's outputs (`[B, Q, D]`) go through
+`language_projection` (a linear layer into the LLM's embedding width) and are placed before the text:
 
 * decoder-only LM (OPT in the paper; GPT-2, Llama, Qwen, ...): `[queries][prompt + text]`, queries
-  always attended; the LM loss ignores the query positions, the prompt and the padding;
+  always attended;
 * encoder-decoder LM (T5 / FlanT5): the encoder reads `[queries][prefix text]`, the decoder predicts
-  the rest of the text (the paper's prefix-LM loss; `blip2.data.batching` cuts each caption at a
-  random word of its first half).
+  the rest of the text.
 
 The LLM is the transformers model itself (`self.llm`): frozen (no parameter gradients, no updates) but
-differentiable, so the loss trains the projection, the Q-Former and the queries through it. Generation
-uses the LM's own `generate` with `inputs_embeds`, so greedy, beam search, sampling and the penalties
-behave exactly as in transformers; the projected queries are computed once per image and transformers
-expands them over beams. Greedy search with the captioning options runs a lean decode loop instead
-(`blip2.models.decode`: the same tokens, far less per-token overhead). The model takes token ids and
-never tokenizes.
+differentiable. `forward` gives the LLM's logits and the targets they are scored against; the loss is
+the stage-2 task's (`blip2.tasks.stage2`). `generate` uses the LM's own `generate` with
+`inputs_embeds`, so greedy, beam search, sampling and the penalties behave exactly as in transformers;
+the opt-in speed paths (lean greedy loop, static cache, compiled step, CUDA graphs) are one object,
+`self.decoding` (`blip2.generation.Decoding`), which `generate` asks in two places. The model takes
+token ids and never tokenizes.
 
 Precision: the frozen towers run in their configured dtype; the Q-Former and projection keep fp32
 weights and, with `autocast_dtype = torch.bfloat16`, compute in bf16 under autocast (fp32 master
@@ -26,36 +25,37 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blip2 import losses
 from blip2.config import Blip2Config, LLMConfig
 from blip2.errors import UserError
-from blip2.models import decode, language
+from blip2.models import language
 from blip2.models.encoders import ImageEncoder
-from blip2.models.graphs import GraphCache
-from blip2.models.qformer import QFormer, autocast
+from blip2.models.query_encoder import QueryEncoder
 
 
 @dataclass
-class Stage2Output:
-    loss: Tensor | None  # scalar LM loss (None for an encoder-decoder LM called without labels)
-    # decoder-only: (B, Q + L, V) over [queries; text]; encoder-decoder: (B, T, V) decoder; None when
-    # the call asked for the loss only (`return_logits=False`)
-    logits: Tensor | None
+class LMOutput:
+    """The frozen LLM's logits on the bridge's inputs, and the targets they are scored against.
+
+    Decoder-only LM: `logits` `(B, K, V)` are the last K positions of `[queries][right-padded text]`
+    (all `Q + L` of them unless `forward(loss_only=True)`), `labels` `(B, K)` the tokens at those
+    positions (-100: a query, the prompt or padding); position t predicts label t + 1. `order` `(B, L)`
+    is how the text was right padded (`text.gather(1, order)`).
+    Encoder-decoder LM: `logits` `(B, T, V)` of the decoder and `labels` `(B, T)`; token t predicts
+    label t (the decoder's inputs are the labels shifted right).
+    """
+
+    logits: Tensor
+    labels: Tensor
+    order: Tensor | None = None
 
 
-# per model: CUDA graphs of the image side used by `generate` (kept outside the module: not state)
-_PREFIX_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-class Stage2Model(nn.Module):
+class LanguageBridge(QueryEncoder):
     """Frozen image encoder -> Q-Former (queries only) -> `language_projection` -> frozen LLM.
 
     Args:
@@ -69,19 +69,11 @@ class Stage2Model(nn.Module):
     Attributes:
         eos_token_id: the id that ends generated text, passed to `generate` (default: the LM's own). The
             caller sets it from `config.llm.eos_text` with its tokenizer (OPT: "\\n" = 50118).
-        decode_mode: how `generate` decodes when the options allow greedy fast decoding: "fast" (the
-            lean loop with the LM's dynamic cache, the default), "static" (a preallocated static cache;
-            on CUDA the decode step is compiled into a CUDA graph), "compiled" (the static cache with the
-            step compiled by `torch.compile` on any device: inductor kernels on CPU; the first call of
-            each batch shape compiles, so it pays off over many batches) or "transformers" (always the LM's
-            own `generate`). Other options (beams, sampling, scores, ...) always use `generate`. On
-            CUDA, "static" and "compiled" also replay the image side (tower, Q-Former, projection) from
-            a CUDA graph captured once per batch shape (`blip2.models.graphs`).
+        decoding: the speed paths of `generate` and their state (`blip2.generation.Decoding`; its
+            `mode` is the default `decode_mode`).
         autocast_dtype: compute dtype of the Q-Former and projection under `torch.autocast` (e.g.
             `torch.bfloat16`); None (default) computes in the weights' dtype (fp32).
     """
-
-    DECODE_MODES = ("fast", "static", "compiled", "transformers")
 
     def __init__(
         self,
@@ -89,18 +81,11 @@ class Stage2Model(nn.Module):
         vision_tower: nn.Module | ImageEncoder | None = None,
         llm: nn.Module | None = None,
     ):
-        super().__init__()
         if config.llm is None:
             raise ValueError(
                 "a stage-2 model needs an LLM: set Blip2Config.llm (for example preset('tiny-opt'))"
             )
-        q = config.qformer
-        if isinstance(vision_tower, ImageEncoder):
-            self.visual = vision_tower
-        else:
-            self.visual = ImageEncoder(config.vision, vision_tower)
-        self.qformer = QFormer(q)
-        self.query_tokens = nn.Parameter(torch.randn(1, q.num_query_tokens, q.hidden_size) * 0.02)
+        super().__init__(config, vision_tower)
         self.llm = language.freeze(
             llm if llm is not None else language.build_llm(config.llm), config.llm.dtype
         )
@@ -113,28 +98,29 @@ class Stage2Model(nn.Module):
             hf_config = language.llm_config_from_model(llm).hf_config
             config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, hf_config=hf_config))
         self.config = config
-        self.language_projection = nn.Linear(q.hidden_size, language.embedding_width(self.llm))
+        self.language_projection = nn.Linear(config.qformer.hidden_size, language.embedding_width(self.llm))
         eos = getattr(getattr(self.llm, "generation_config", None), "eos_token_id", None)
         self.eos_token_id: int | list[int] | None = eos if eos is not None else self.llm.config.eos_token_id
         self._pass_position_ids = not self.is_encoder_decoder and language.forward_accepts(
             self.llm, "position_ids"
         )
         self._takes_logits_to_keep = language.forward_accepts(self.llm, "logits_to_keep")
-        self.decode_mode = "fast"
-        self.autocast_dtype: torch.dtype | None = None
+        from blip2.generation import Decoding  # the speed layer sits on top of the models
+
+        self.decoding = Decoding()
 
     # ---------------------------------------------------------------------------------- building
 
     @classmethod
     def from_stage1(
         cls,
-        stage1: nn.Module,
+        stage1: QueryEncoder,
         llm: LLMConfig | nn.Module,
         *,
         text: bool = False,
         llm_config: LLMConfig | None = None,
-    ) -> Stage2Model:
-        """Start stage 2 from a trained `Stage1Model` and a language model.
+    ) -> LanguageBridge:
+        """Start stage 2 from a trained `RetrievalModel` and a language model.
 
         Copies the image encoder (tower and `ln_vision`), the query tokens and the Q-Former's weights;
         with `text=False` (as in the released stage-2 checkpoints) the Q-Former's text side and ITG head
@@ -183,45 +169,35 @@ class Stage2Model(nn.Module):
         models, "Question: {} Short answer:" for FlanT5; `LLMConfig.vqa_prompt` overrides)."""
         return self.config.llm.vqa_template.format(question)
 
-    # ---------------------------------------------------------------------------------- encoding
-
-    def encode_image(
-        self, pixel_values: Tensor | None = None, image_features: Tensor | None = None
-    ) -> Tensor:
-        """Image features `(B, N, Dv)` after `ln_vision`, from pixels or from cached frozen features."""
-        if image_features is None:
-            if pixel_values is None:
-                raise ValueError("pass pixel_values or cached image_features")
-            image_features = self.visual.features(pixel_values)
-        return self.visual.normalize(image_features)
-
-    def query_output(
-        self, pixel_values: Tensor | None = None, image_features: Tensor | None = None
-    ) -> Tensor:
-        """Q-Former query outputs `(B, Q, D)` (the query-only pass).
-
-        `pixel_values` are `(B, 3, H, W)` images; `image_features` are cached frozen tower outputs
-        `(B, N, Dv)` (before `ln_vision`). The Q-Former runs in its own (fp32) precision, or under
-        autocast to `autocast_dtype`.
-        """
-        image_embeds = self.encode_image(pixel_values, image_features)  # the frozen tower: no autocast
-        with autocast(self.query_tokens.device, self.autocast_dtype):
-            queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # (B, Q, D)
-            return self.qformer(queries=queries, image_embeds=image_embeds).hidden
+    # ---------------------------------------------------------------------------------- inputs
 
     def prefix(self, pixel_values: Tensor | None = None, image_features: Tensor | None = None) -> Tensor:
         """The soft visual prompt: `language_projection` of the query outputs `(B, Q, d_llm)`, in the
         LLM's dtype (inputs as `query_output`; the projection also under autocast to `autocast_dtype`)."""
-        hidden = self.query_output(pixel_values, image_features)  # (B, Q, D)
-        with autocast(self.query_tokens.device, self.autocast_dtype):
-            projected = self.language_projection(hidden)
+        query_output = self.query_output(pixel_values, image_features)  # (B, Q, D)
+        with self.autocast():
+            projected = self.language_projection(query_output)
         return projected.to(language.llm_dtype(self.llm))
 
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         """The LLM's input embeddings of token ids, `(B, L) -> (B, L, d_llm)`."""
         return self.llm.get_input_embeddings()(input_ids)
 
-    # ---------------------------------------------------------------------------------- training
+    def _encoder_inputs(
+        self, prefix: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """`[queries][text, right padded]` embeddings `(B, Q + L, E)` and mask `(B, Q + L)`."""
+        b, q = prefix.shape[:2]
+        ones = torch.ones(b, q, dtype=torch.long, device=prefix.device)
+        if input_ids is None:
+            return prefix, ones
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        input_ids, attention_mask = language.move_padding(input_ids, attention_mask, "right")
+        embeds = torch.cat([prefix, self.embed_tokens(input_ids)], dim=1)
+        return embeds, torch.cat([ones, attention_mask.to(ones.dtype)], dim=1)
+
+    # ---------------------------------------------------------------------------------- forward
 
     def forward(
         self,
@@ -233,14 +209,14 @@ class Stage2Model(nn.Module):
         labels: Tensor | None = None,
         prompt_lengths: Tensor | int | None = None,
         decoder_attention_mask: Tensor | None = None,
-        return_logits: bool = True,
-    ) -> Stage2Output:
-        """The stage-2 language-modeling loss.
+        loss_only: bool = False,
+    ) -> LMOutput:
+        """The LLM's logits on `[soft prompt][text]` and the targets of a language-modeling loss.
 
         Decoder-only LM: `input_ids` are the whole texts (BOS, prompt, caption, EOS; e.g. OPT's
         `</s>a photo of a dog\\n`), padded on either side (the LM sees them right padded, as LAVIS
-        pads). The loss is next-token cross-entropy over the text tokens, ignoring the queries, padding
-        and the first `prompt_lengths` tokens of each row.
+        pads). The targets are the text tokens; queries, padding and the first `prompt_lengths`
+        tokens of each row are -100.
 
         Encoder-decoder LM: `input_ids` are the encoder text after the queries (the prefix; may be None
         for queries only) and `labels` the decoder's target ids (-100 or `decoder_attention_mask == 0`
@@ -254,16 +230,16 @@ class Stage2Model(nn.Module):
             labels: decoder-only: `(B, L)` targets aligned with `input_ids` (default `input_ids`; padding
                 and prompt are masked either way); encoder-decoder: `(B, T)` decoder targets.
             prompt_lengths: decoder-only: leading real tokens per row (BOS included) excluded from the
-                loss; an int or `(B,)`.
+                targets; an int or `(B,)`.
             decoder_attention_mask: encoder-decoder: `(B, T)` padding mask of `labels`.
-            return_logits: False: the loss only (what training needs); a decoder-only LM then applies
-                its output layer only from the first position that predicts a counted token on (not
-                to the queries and prompt), which saves time and memory. The loss is the same.
+            loss_only: a decoder-only LM applies its output layer only from the first position that
+                predicts a counted target on (not to the queries and prompt): what a loss needs, in
+                less time and memory.
         """
         prefix = self.prefix(pixel_values, image_features)  # (B, Q, E)
         if self.is_encoder_decoder:
             return self._forward_encoder_decoder(
-                prefix, input_ids, attention_mask, labels, decoder_attention_mask, return_logits
+                prefix, input_ids, attention_mask, labels, decoder_attention_mask
             )
         if input_ids is None:
             raise ValueError("a decoder-only LM needs input_ids (the text to learn)")
@@ -286,17 +262,21 @@ class Stage2Model(nn.Module):
         if self._pass_position_ids:
             extra["position_ids"] = language.position_ids(mask)
         first = 0  # positions before `first` predict only ignored labels
-        if not return_logits and self._takes_logits_to_keep:  # the loss only: no logits needed there
+        if loss_only and self._takes_logits_to_keep:
             counted = (full_labels[:, 1:] != -100).any(0)  # (Q + L - 1,) position t predicts t + 1
             first = int(counted.int().argmax())  # one wait for the device; 0 when nothing counts
             extra["logits_to_keep"] = full_labels.shape[1] - first
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **extra)
-        loss = losses.lm_loss(out.logits, full_labels[:, first:])
-        if not return_logits:
-            return Stage2Output(loss=loss, logits=None)
-        back = order.argsort(1)[..., None].expand(-1, -1, out.logits.shape[-1])  # the caller's padding
-        logits = torch.cat([out.logits[:, :q], out.logits[:, q:].gather(1, back)], dim=1)
-        return Stage2Output(loss=loss, logits=logits)
+        return LMOutput(logits=out.logits, labels=full_labels[:, first:], order=order)
+
+    def logits_as_given(self, out: LMOutput) -> Tensor:
+        """A decoder-only `forward`'s logits `(B, Q + L, V)` with the text in the caller's padding
+        (the output of a `forward` without `loss_only`); an encoder-decoder's as they are."""
+        if out.order is None:
+            return out.logits
+        q = out.logits.shape[1] - out.order.shape[1]
+        back = out.order.argsort(1)[..., None].expand(-1, -1, out.logits.shape[-1])  # the caller's padding
+        return torch.cat([out.logits[:, :q], out.logits[:, q:].gather(1, back)], dim=1)
 
     def _forward_encoder_decoder(
         self,
@@ -305,8 +285,7 @@ class Stage2Model(nn.Module):
         attention_mask: Tensor | None,
         labels: Tensor | None,
         decoder_attention_mask: Tensor | None,
-        return_logits: bool = True,
-    ) -> Stage2Output:
+    ) -> LMOutput:
         if labels is None:
             raise ValueError("an encoder-decoder LM needs labels: the decoder's target ids")
         embeds, mask = self._encoder_inputs(prefix, input_ids, attention_mask)
@@ -320,41 +299,9 @@ class Stage2Model(nn.Module):
             decoder_attention_mask=decoder_attention_mask,
             use_cache=False,
         )
-        # token t of the decoder predicts label t (the inputs are already shifted)
-        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return Stage2Output(loss=loss, logits=out.logits if return_logits else None)
-
-    def _encoder_inputs(
-        self, prefix: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """`[queries][text, right padded]` embeddings `(B, Q + L, E)` and mask `(B, Q + L)`."""
-        b, q = prefix.shape[:2]
-        ones = torch.ones(b, q, dtype=torch.long, device=prefix.device)
-        if input_ids is None:
-            return prefix, ones
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        input_ids, attention_mask = language.move_padding(input_ids, attention_mask, "right")
-        embeds = torch.cat([prefix, self.embed_tokens(input_ids)], dim=1)
-        return embeds, torch.cat([ones, attention_mask.to(ones.dtype)], dim=1)
+        return LMOutput(logits=out.logits, labels=labels)
 
     # ---------------------------------------------------------------------------------- generation
-
-    def _generation_prefix(self, pixel_values: Tensor | None, image_features: Tensor | None, graphed: bool):
-        """`prefix` for `generate`; with `graphed` on CUDA, replayed from a CUDA graph per batch shape
-        (at small batches the host launching the tower's and Q-Former's kernels is the bottleneck)."""
-        x = image_features if image_features is not None else pixel_values  # as `encode_image` picks
-        parts = (self.visual, self.qformer, self.language_projection)
-        training = any(m.training for p in parts for m in p.modules())  # dropout: run it as is
-        if not graphed or x is None or x.device.type != "cuda" or training:
-            return self.prefix(pixel_values, image_features)
-
-        def run(t: Tensor) -> Tensor:
-            return self.prefix(image_features=t) if image_features is not None else self.prefix(t)
-
-        tensors = [self.query_tokens, *(t for m in parts for t in (*m.parameters(), *m.buffers()))]
-        cache = _PREFIX_GRAPHS.setdefault(self, GraphCache())
-        return cache(run, x, tensors, extra=(image_features is not None, self.autocast_dtype))
 
     def check_generation_length(
         self, prompt_tokens: int, max_new_tokens: int | None = None, max_length: int | None = None
@@ -416,14 +363,14 @@ class Stage2Model(nn.Module):
         `temperature`, `top_p`, `max_new_tokens` (default 30), `min_new_tokens`, `length_penalty`,
         `repetition_penalty`, `num_return_sequences`, ... `eos_token_id` defaults to `self.eos_token_id`.
         Greedy search with only `max_new_tokens`, `min_new_tokens`, `repetition_penalty`, EOS and pad
-        ids runs the lean decode loop (`decode_mode`, default `self.decode_mode`); the tokens are the same.
+        ids runs `self.decoding`'s lean loop instead (same tokens; see `blip2.generation.Decoding`).
 
         Args:
             pixel_values: `(B, 3, H, W)` images, or
             image_features: `(B, N, Dv)` cached frozen features.
             input_ids: `(B, L)` prompt ids, or `(1, L)` for one prompt shared by all images.
             attention_mask: `(B, L)` prompt padding mask.
-            decode_mode: overrides `self.decode_mode` for this call.
+            decode_mode: one of `Decoding.MODES`; overrides `self.decoding.mode` for this call.
 
         Raises:
             UserError: the queries, the prompt and `max_new_tokens` (or `max_length`) need more
@@ -434,11 +381,8 @@ class Stage2Model(nn.Module):
             pad id after their EOS. With `return_dict_in_generate=True`, transformers' output object
             (scores and all) with these `sequences`.
         """
-        mode = decode_mode or self.decode_mode
-        if mode not in self.DECODE_MODES:
-            raise ValueError(f"unknown decode_mode {mode!r}: use one of {self.DECODE_MODES}")
-        graphed = mode in ("static", "compiled")
-        prefix = self._generation_prefix(pixel_values, image_features, graphed)  # (B, Q, E), once per image
+        mode = self.decoding.check_mode(decode_mode)
+        prefix = self.decoding.prefix(self, pixel_values, image_features, mode)  # (B, Q, E), once per image
         b, q = prefix.shape[:2]
         if input_ids is None:
             bos = language.start_token_id(self.llm)
@@ -474,11 +418,10 @@ class Stage2Model(nn.Module):
             input_ids, attention_mask = language.move_padding(input_ids, attention_mask, "left")
             embeds = torch.cat([prefix, self.embed_tokens(input_ids)], dim=1)  # (B, Q + L, E)
             mask = torch.cat([attention_mask.new_ones(b, q), attention_mask], dim=1)
-        if mode != "transformers" and decode.supports(self.llm, kwargs):
-            static = mode in ("static", "compiled") and not self.is_encoder_decoder
-            compile = static and (mode == "compiled" or embeds.device.type == "cuda")
-            out = decode.greedy(self.llm, embeds, mask, static=static, compile=compile, **kwargs)
-            return language.pad_after_eos(out, kwargs["eos_token_id"], kwargs.get("pad_token_id"))
+
+        fast = self.decoding.greedy(self.llm, embeds, mask, kwargs, mode)  # None: options it lacks
+        if fast is not None:
+            return language.pad_after_eos(fast, kwargs["eos_token_id"], kwargs.get("pad_token_id"))
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
         sequences = out if isinstance(out, Tensor) else out.sequences
         if self.is_encoder_decoder:

@@ -1,0 +1,170 @@
+"""`Decoding`: the opt-in speed paths of `LanguageBridge.generate`, and the state they keep.
+
+The bridge's `generate` is transformers' `generate` on `[soft prompt][prompt]` embeddings. For the
+options captioning uses, most of its time is overhead, not arithmetic, and this object removes it:
+
+* "fast": greedy search runs the lean loop of `blip2.generation.greedy` with the LM's dynamic cache;
+* "static": the lean loop over a preallocated `StaticCache` (decoder-only LMs): fixed shapes per step;
+  on CUDA the step is compiled into a CUDA graph, and the image side (tower, Q-Former, projection) is
+  replayed from a CUDA graph captured once per batch shape (`GraphCache`);
+* "compiled": "static" with the step compiled by `torch.compile` on any device (inductor kernels on
+  CPU; the first call of each batch shape compiles, so it pays off over many batches);
+* "transformers": always the LM's own `generate`.
+
+Options the lean loop does not implement (beams, sampling, scores, ...) always go to transformers; the
+tokens are the same either way. The state (static caches, compiled steps, image-side graphs, the LM's
+`forward` argument names) lives here, one `Decoding` per model: it goes when the model goes, and a
+copy of the model (`copy.deepcopy`, pickling) starts with an empty one.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from blip2.generation import greedy as lean
+from blip2.generation.graphs import GraphCache
+
+if TYPE_CHECKING:
+    from blip2.models.bridge import LanguageBridge
+
+# the compiled CPU decode step checks only its tensors (shapes, dtypes, ...) before each call, not the
+# LM's module attributes and globals: the step's code does not change them, and checking them costs
+# about a sixth of a small LM's step on one CPU thread (None: every guard, as torch.compile does)
+GUARD_FILTER = getattr(torch.compiler, "keep_tensor_guards_unsafe", None)
+
+
+class Decoding:
+    """How `LanguageBridge.generate` decodes, and the caches that make it fast.
+
+    Args:
+        mode: the default decode mode, one of `MODES` (see the module docstring).
+        max_static_caches: static caches kept (each holds the keys and values of `batch x length`
+            positions per layer); the least recently used goes first.
+    """
+
+    MODES = ("fast", "static", "compiled", "transformers")
+
+    def __init__(self, mode: str = "fast", max_static_caches: int = 4):
+        if mode not in self.MODES:
+            raise ValueError(f"unknown decode_mode {mode!r}: use one of {self.MODES}")
+        self.mode = mode
+        self.max_static_caches = max_static_caches
+        self.prefix_graphs = GraphCache()  # the image side, per batch shape (CUDA only)
+        self._static_caches: OrderedDict[tuple, Any] = OrderedDict()
+        self._steps: dict[str, tuple[nn.Module, Callable]] = {}  # device type -> (its LM, compiled step)
+        self._params: dict[type, frozenset[str]] = {}  # LM class -> its forward's argument names
+
+    def __deepcopy__(self, memo: dict) -> Decoding:
+        return Decoding(self.mode, self.max_static_caches)  # caches belong to the original's LM
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"mode": self.mode, "max_static_caches": self.max_static_caches}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    def check_mode(self, mode: str | None) -> str:
+        """`mode`, or the default for None; a `ValueError` for an unknown one."""
+        mode = mode or self.mode
+        if mode not in self.MODES:
+            raise ValueError(f"unknown decode_mode {mode!r}: use one of {self.MODES}")
+        return mode
+
+    # ---------------------------------------------------------------------------------- image side
+
+    def prefix(
+        self, model: LanguageBridge, pixel_values: Tensor | None, image_features: Tensor | None, mode: str
+    ) -> Tensor:
+        """`model.prefix(...)`; in "static"/"compiled" mode on CUDA, replayed from a CUDA graph per batch
+        shape (at small batches the host launching the tower's and Q-Former's kernels is the bottleneck)."""
+        x = image_features if image_features is not None else pixel_values  # as `encode_image` picks
+        parts = (model.visual, model.qformer, model.language_projection)
+        training = any(m.training for p in parts for m in p.modules())  # dropout: run it as is
+        if mode not in ("static", "compiled") or x is None or x.device.type != "cuda" or training:
+            return model.prefix(pixel_values, image_features)
+
+        def run(t: Tensor) -> Tensor:
+            return model.prefix(image_features=t) if image_features is not None else model.prefix(t)
+
+        tensors = [model.query_tokens, *(t for m in parts for t in (*m.parameters(), *m.buffers()))]
+        return self.prefix_graphs(run, x, tensors, extra=(image_features is not None, model.autocast_dtype))
+
+    # ---------------------------------------------------------------------------------- text side
+
+    def greedy(
+        self, llm: nn.Module, embeds: Tensor, mask: Tensor, options: dict[str, Any], mode: str
+    ) -> Tensor | None:
+        """The new tokens of greedy search over `[soft prompt][prompt]` embeddings `(B, P, E)` and their
+        mask `(B, P)`, or None where `mode` or `options` (`generate`'s) call for transformers."""
+        if mode == "transformers" or not lean.supports(llm, options):
+            return None
+        params = self._forward_params(llm)
+        is_enc_dec = bool(getattr(llm.config, "is_encoder_decoder", False))
+        if mode == "fast" or is_enc_dec:
+            return lean.greedy(llm, embeds, mask, params=params, **options)
+        compile = mode == "compiled" or embeds.device.type == "cuda"
+        step = self._compiled_step(llm, params, embeds.device.type) if compile else None
+
+        def static_cache(batch: int, length: int, dtype: torch.dtype, device: torch.device) -> Any:
+            return self._static_cache(llm, batch, length, dtype, device)
+
+        return lean.greedy(llm, embeds, mask, params=params, static_cache=static_cache, step=step, **options)
+
+    def _forward_params(self, llm: nn.Module) -> frozenset[str]:
+        """The argument names of the LM's `forward` (inspect is slow: once per LM class)."""
+        params = self._params.get(type(llm))
+        if params is None:
+            params = self._params[type(llm)] = lean.forward_params(llm)
+        return params
+
+    def _static_cache(
+        self, llm: nn.Module, batch: int, length: int, dtype: torch.dtype, device: torch.device
+    ) -> Any:
+        """A `StaticCache` per batch, length, dtype and device, reset and reused: a compiled step then
+        sees the same (static-address) cache tensors on every call instead of recording a new graph.
+
+        At most `max_static_caches` are kept, the least recently used dropped first. Their tensors take
+        the dtype and device of the first call, hence the key: after `model.to(...)` the LM gets new
+        ones.
+        """
+        from transformers import StaticCache
+
+        key = (batch, length, dtype, torch.device(device))
+        cache = self._static_caches.pop(key, None)
+        if cache is None:
+            cache = StaticCache(config=llm.config, max_cache_len=length)
+        else:
+            cache.reset()
+        self._static_caches[key] = cache  # now the most recently used
+        while len(self._static_caches) > self.max_static_caches:
+            self._static_caches.popitem(last=False)
+        return cache
+
+    def static_cache_keys(self) -> list[tuple]:
+        """The `(batch, length, dtype, device)` of the static caches kept, oldest first."""
+        return list(self._static_caches)
+
+    def _compiled_step(self, llm: nn.Module, params: frozenset[str], device: str) -> Callable:
+        """The static-cache decode step compiled: into CUDA graphs on CUDA, inductor kernels elsewhere
+        (one per device type; `torch.compile` keeps a graph per batch shape)."""
+        kept = self._steps.get(device)
+        if kept is not None and kept[0] is llm:
+            return kept[1]
+        step = lean.decode_step(llm, params)
+        if device == "cuda":  # replayed as CUDA graphs
+            compiled = torch.compile(step, mode="reduce-overhead", fullgraph=False, dynamic=False)
+
+            def run(*args: Any) -> Tensor:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+                return compiled(*args)
+
+        else:  # inductor kernels; guards on tensors (shapes, dtypes) only: see GUARD_FILTER
+            options = {"guard_filter_fn": GUARD_FILTER} if GUARD_FILTER is not None else None
+            run = torch.compile(step, fullgraph=False, dynamic=False, options=options)
+        self._steps[device] = (llm, run)
+        return run

@@ -1,0 +1,159 @@
+"""`Task`: an objective is a model plus its losses, and the module that DDP wraps.
+
+A task type (a subclass) is also what the training loop asks for everything that depends on the model
+kind: how to build the model from a `TrainConfig` (`build_model`), how its texts are tokenized
+(`text_spec`), which batch entries the call takes (`inputs`) and which loss parts to log (`parts`).
+The loop never asks which kind it runs: `blip2.tasks.registry` maps the config's task name to a type.
+
+A new kind is a new subclass, registered under a name (`tests/test_train_tasks.py` trains one):
+
+```python
+class MyTask(Task):
+    def forward(self, input_ids, attention_mask, pixel_values):  # -> an output with `.loss`
+        ...
+    def inputs(self, batch, gather, generator):  # the batch -> forward's keyword arguments
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    @classmethod
+    def new_model(cls, config, cfg):  # a model with new weights
+        return RetrievalModel(config)
+    @classmethod
+    def text_spec(cls, cfg, section, config):  # how its texts are tokenized
+        return TextSpec("stage1", qformer_tokenizer(config.tokenizer), max_len=section.max_len)
+
+blip2.tasks.register("mine", MyTask)  # then `task: mine` in a training config
+```
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from blip2.config import Blip2Config, preset
+from blip2.errors import UserError
+from blip2.losses import Gather
+
+if TYPE_CHECKING:
+    from blip2.data.batching import TextSpec
+    from blip2.train.config import DataSection, TrainConfig
+
+
+class Task(nn.Module):
+    """A model and its objective. `forward(...)` returns an output with a scalar `loss`.
+
+    Attributes:
+        model: the trained model (what checkpoints and saved folders hold: its state_dict keys have
+            no task prefix).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    # ---------------------------------------------------------------------------------- per batch
+
+    def inputs(self, batch: dict[str, Tensor], gather: Gather, generator: torch.Generator) -> dict[str, Any]:
+        """The keyword arguments of `forward` for a training batch (see `blip2.data.batching`).
+
+        Args:
+            batch: the batch's tensors on the model's device.
+            gather: concatenation over ranks (identity in one process).
+            generator: this micro-batch's random source (the same on every rank).
+        """
+        raise NotImplementedError
+
+    def parts(self, output: Any) -> dict[str, Tensor]:
+        """The loss parts to log besides `loss` (none by default)."""
+        return {}
+
+    def frozen_llm(self) -> nn.Module | None:
+        """A frozen LLM the loop may shard with FSDP (`train.fsdp_llm`); None: the task has none."""
+        return None
+
+    # ---------------------------------------------------------------------------------- building
+
+    @classmethod
+    def build_model(cls, cfg: TrainConfig) -> nn.Module:
+        """The model to train: from a preset/config (new weights, `new_model`) or a saved model
+        (`model.init_from`, `from_saved`); a new Q-Former starts from BERT with `model.qformer_init`."""
+        m = cfg.model
+        bert = None
+        if m.qformer_init and m.init_from is None:  # fetch (or fail) before building a large model
+            from blip2.interop.bert import read_bert_state_dict
+
+            bert = read_bert_state_dict(m.qformer_init)
+        if m.init_from is not None:
+            saved = load_saved(m.init_from)
+            if m.overrides:
+                raise UserError("model.overrides apply to new models only, not to model.init_from")
+            return cls.from_saved(saved, cfg)
+        model = cls.new_model(model_config(cfg), cfg)
+        if m.qformer_init:
+            from blip2.interop.bert import init_qformer_from_bert
+
+            init_qformer_from_bert(model.qformer, bert if bert is not None else m.qformer_init)
+        return model
+
+    @classmethod
+    def new_model(cls, config: Blip2Config, cfg: TrainConfig) -> nn.Module:
+        """A model with new weights from `config` (the preset or config file, overrides applied)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_saved(cls, model: nn.Module, cfg: TrainConfig) -> nn.Module:
+        """The model to train from a saved one (`model.init_from`); by default the model itself."""
+        return model
+
+    @classmethod
+    def text_spec(cls, cfg: TrainConfig, section: DataSection, config: Blip2Config) -> TextSpec:
+        """How the task's texts are tokenized (see `blip2.data.batching`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def uses_image_ids(cls, cfg: TrainConfig) -> bool:
+        """Whether batches carry `image_ids` (captions of one image are positives of each other)."""
+        return False
+
+
+def model_config(cfg: TrainConfig) -> Blip2Config:
+    """The `Blip2Config` named by `model.preset` or `model.config`, with `model.overrides` applied."""
+    m = cfg.model
+    if m.preset is not None:
+        try:
+            config = preset(m.preset)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    else:
+        try:
+            with open(m.config) as f:
+                config = Blip2Config.from_json(f.read())
+        except FileNotFoundError:
+            raise UserError(f"model config not found: {m.config}") from None
+    if not m.overrides:
+        return config
+    try:
+        return Blip2Config.from_dict(_merge(config.to_dict(), m.overrides))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"model.overrides do not fit the model config: {e}") from None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_saved(path: str) -> nn.Module:
+    """A saved model (interop format) as its torch module."""
+    try:
+        from blip2.pipelines import load
+    except ImportError:
+        raise UserError("model.init_from needs blip2.load, which this install lacks") from None
+    try:
+        loaded = load(path)
+    except UserError as e:  # say which setting named it
+        raise UserError(f"model.init_from: {e}") from None
+    return getattr(loaded, "model", loaded)

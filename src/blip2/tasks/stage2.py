@@ -1,0 +1,189 @@
+"""Stage 2 (generative learning): the frozen LLM's language-modeling loss on a `LanguageBridge`.
+
+Li et al. (2023), section 3.3. Decoder-only LM: next-token cross-entropy over the text after the soft
+prompt, ignoring the queries, the padding and the prompt. Encoder-decoder LM: the paper's prefix-LM
+loss (the encoder reads `[queries][prefix text]`, the decoder predicts the rest; `blip2.data.batching`
+cuts each caption at a random word of its first half).
+
+Task names: `stage2` (pre-training), `caption` (fine-tuning with the model's caption prompt) and
+`vqa` (question -> answer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from blip2 import hub, losses
+from blip2.config import PRESETS, Blip2Config, LLMConfig, preset
+from blip2.errors import UserError
+from blip2.losses import Gather
+from blip2.models.bridge import LanguageBridge
+from blip2.tasks.base import Task
+
+if TYPE_CHECKING:
+    from blip2.data.batching import TextSpec
+    from blip2.train.config import DataSection, TrainConfig
+
+# the batch entries the loss reads
+INPUTS = (
+    "pixel_values",
+    "input_ids",
+    "attention_mask",
+    "image_features",
+    "labels",
+    "prompt_lengths",
+    "decoder_attention_mask",
+)
+
+
+@dataclass
+class Stage2Output:
+    loss: Tensor  # scalar LM loss
+    # decoder-only: (B, Q + L, V) over [queries; text] in the caller's padding; encoder-decoder: (B, T, V)
+    # decoder; None when the call asked for the loss only (`return_logits=False`)
+    logits: Tensor | None
+
+
+class Stage2Task(Task):
+    """The language-modeling loss of a language bridge.
+
+    Args:
+        model: the `LanguageBridge` to train.
+    """
+
+    model: LanguageBridge
+
+    def forward(
+        self,
+        pixel_values: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        image_features: Tensor | None = None,
+        labels: Tensor | None = None,
+        prompt_lengths: Tensor | int | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        return_logits: bool = True,
+    ) -> Stage2Output:
+        """The stage-2 loss (arguments as in `LanguageBridge.forward`).
+
+        Args:
+            return_logits: False: the loss only (what training needs); a decoder-only LM then applies
+                its output layer only from the first position that predicts a counted token on. The
+                loss is the same.
+        """
+        out = self.model(
+            pixel_values,
+            input_ids,
+            attention_mask,
+            image_features=image_features,
+            labels=labels,
+            prompt_lengths=prompt_lengths,
+            decoder_attention_mask=decoder_attention_mask,
+            loss_only=not return_logits,
+        )
+        if self.model.is_encoder_decoder:
+            loss = losses.seq2seq_loss(out.logits, out.labels)
+        else:
+            loss = losses.lm_loss(out.logits, out.labels)
+        return Stage2Output(loss=loss, logits=self.model.logits_as_given(out) if return_logits else None)
+
+    # ---------------------------------------------------------------------------------- training loop
+
+    def inputs(self, batch: dict[str, Tensor], gather: Gather, generator: torch.Generator) -> dict[str, Any]:
+        return {**{k: batch[k] for k in INPUTS if k in batch}, "return_logits": False}  # the loss only
+
+    def frozen_llm(self) -> nn.Module:
+        return self.model.llm
+
+    @classmethod
+    def new_model(cls, config: Blip2Config, cfg: TrainConfig) -> LanguageBridge:
+        if config.llm is None:
+            raise UserError(f"task {cfg.task!r} needs a stage-2 model (one with an LLM)")
+        llm_config, llm = llm_for_stage2(None, config.llm)
+        return LanguageBridge(dataclasses.replace(config, llm=llm_config), llm=llm)
+
+    @classmethod
+    def from_saved(cls, model: Any, cfg: TrainConfig) -> LanguageBridge:
+        if getattr(model.config, "llm", None) is None:  # a stage-1 model: stage 2 starts from it
+            llm_config, llm = llm_for_stage2(cfg.model.llm, None)
+            return LanguageBridge.from_stage1(
+                model, llm if llm is not None else llm_config, llm_config=llm_config
+            )
+        return model
+
+    @classmethod
+    def text_spec(cls, cfg: TrainConfig, section: DataSection, config: Blip2Config) -> TextSpec:
+        from blip2.data.batching import TextSpec
+
+        llm = config.llm
+        name = cfg.model.llm_tokenizer or llm.name or cfg.model.llm
+        if not name:
+            raise UserError("set model.llm_tokenizer: the tokenizer of the LLM (folder or hub id)")
+        mode = "seq2seq" if llm.is_encoder_decoder else "causal"
+        prompt = (
+            section.prompt if section.prompt is not None else (llm.prompt if cfg.task == "caption" else "")
+        )
+        return TextSpec(
+            mode,
+            _llm_tokenizer(name, llm),
+            max_len=section.max_len,
+            prompt=prompt,
+            eos_text=llm.eos_text,
+            vqa_template=llm.vqa_template,
+            prefix_split=cfg.task == "stage2" and mode == "seq2seq",
+        )
+
+
+def llm_for_stage2(name: str | None, base: LLMConfig | None) -> tuple[LLMConfig, nn.Module | None]:
+    """The LLM of a stage-2 model: its `LLMConfig` and, for a pretrained LM, the loaded module.
+
+    `name` is a preset (its LLM), a transformers LM folder or hub id, or None for `base` (the model's
+    own `LLMConfig`). A preset LLM without a `name` is built with random weights (tiny presets); one
+    with a name is loaded from it, keeping the preset's conventions (dtype, prompt, EOS text).
+    """
+    if name in PRESETS:
+        base = preset(name).llm
+        if base is None:
+            raise UserError(f"preset {name!r} has no LLM; use a stage-2 preset for model.llm")
+        name = None
+    if name is None:
+        if base is None:
+            raise UserError(
+                "stage 2 from a stage-1 model needs model.llm (a preset like blip2-opt-2.7b or a folder)"
+            )
+        if not base.name:
+            return base, None
+        name = base.name
+    elif base is None:
+        base = LLMConfig(name=name)
+    from blip2.interop.checkpoint import load_pretrained_llm, pretrained_llm_config
+
+    path = hub.resolve(name)
+    llm_config = pretrained_llm_config(path, base)
+    return llm_config, load_pretrained_llm(path, llm_config)
+
+
+def _llm_tokenizer(name: str, llm: LLMConfig) -> Any:
+    """The LLM's tokenizer for training; anything missing is one sentence naming the setting."""
+    from blip2.tokenizers import llm_tokenizer
+
+    if name in PRESETS and not getattr(preset(name).llm, "name", ""):
+        vocab = llm.hf_config.get("vocab_size", "its")
+        raise UserError(
+            f"model.llm {name!r} is a small random LLM without a tokenizer: set model.llm_tokenizer to a "
+            f"tokenizer folder whose ids fit its {vocab}-token vocabulary"
+        )
+    try:
+        return llm_tokenizer(name)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"could not load the LLM tokenizer {name!r} ({reason}): set model.llm_tokenizer to a local "
+            "tokenizer folder, or connect to the Hugging Face hub"
+        ) from None

@@ -1,0 +1,135 @@
+"""Tasks: a new kind of model or objective is a task type registered under a name; the training loop
+trains it unchanged (`blip2.train.loop.train`), and the config knows its name only once registered."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor
+from train_utils import make_caption_json
+
+from blip2 import losses, tasks
+from blip2.data.batching import TextSpec
+from blip2.errors import UserError
+from blip2.models import RetrievalModel
+from blip2.tasks.base import Task
+from blip2.tokenizers import qformer_tokenizer
+from blip2.train import checkpoint
+from blip2.train.config import load_config
+from blip2.train.loop import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY1 = os.path.join(ROOT, "configs", "tiny-stage1.yaml")
+
+
+@dataclass
+class ToyOutput:
+    loss: Tensor
+    loss_toy: Tensor
+
+
+class ToyTask(Task):
+    """Image-text contrast alone (no ITM, no ITG) on the retrieval model."""
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None
+    ) -> ToyOutput:
+        image_feats = self.model.embed_image(pixel_values).image_feats  # (B, Q, E)
+        text_feats = self.model.embed_text(input_ids, attention_mask)  # (B, E)
+        sim = losses.max_over_queries(image_feats, text_feats) / self.model.temp  # (B, B)
+        pos = losses.positives(sim.shape[0], sim.shape[1], 0, device=sim.device)
+        loss = losses.itc_loss(sim, sim.t(), pos)
+        return ToyOutput(loss=loss, loss_toy=loss.detach())
+
+    def inputs(self, batch, gather, generator):
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+
+    def parts(self, output: ToyOutput) -> dict[str, Tensor]:
+        return {"loss_toy": output.loss_toy}
+
+    @classmethod
+    def new_model(cls, config, cfg):
+        return RetrievalModel(config)
+
+    @classmethod
+    def text_spec(cls, cfg, section, config):
+        return TextSpec(
+            "stage1", qformer_tokenizer(cfg.model.tokenizer or config.tokenizer), max_len=section.max_len
+        )
+
+
+@pytest.fixture
+def toy():
+    tasks.register("toy-itc", ToyTask)
+    yield "toy-itc"
+    tasks.unregister("toy-itc")
+
+
+def _cfg(tmp_path, task: str):
+    ann, root = make_caption_json(str(tmp_path / "data"), n=16)
+    return load_config(
+        TINY1,
+        [
+            f"task={task}",
+            "data.kind=captions",
+            f"data.path={ann}",
+            f"data.images={root}",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=3",
+            "train.save_every=0",
+            "train.save_final=false",
+            "train.log_every=1",
+        ],
+    )
+
+
+def test_a_new_task_trains_through_the_unchanged_training_loop(tmp_path, toy):
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path, toy)
+    result = train(cfg)
+    assert result.steps == 3 and math.isfinite(result.last_loss)
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        steps = [m for m in map(json.loads, f) if "step" in m and "loss" in m and "event" not in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    for m in steps:  # the toy objective is the whole loss, and no stage-1 part is logged
+        assert m["loss_toy"] == pytest.approx(m["loss"]) and "loss_itm" not in m
+    # what trained is what the toy objective reaches: the ITC projections, never the ITM head
+    torch.manual_seed(cfg.train.seed)
+    start = ToyTask.build_model(cfg).state_dict()
+    trained = checkpoint.load(checkpoint.find(str(tmp_path / "run")))[0]
+    assert not torch.equal(trained["vision_proj.weight"], start["vision_proj.weight"])
+    assert torch.equal(trained["itm_head.weight"], start["itm_head.weight"])
+
+
+def test_a_task_name_is_known_only_once_registered(tmp_path):
+    with pytest.raises(UserError, match="unknown task 'toy-itc'"):
+        _cfg(tmp_path, "toy-itc")
+    tasks.register("toy-itc", ToyTask)
+    try:
+        assert _cfg(tmp_path, "toy-itc").task == "toy-itc"
+        with pytest.raises(ValueError, match="built-in"):
+            tasks.register("stage1", ToyTask)
+    finally:
+        tasks.unregister("toy-itc")
+    assert "toy-itc" not in tasks.names()
+
+
+def test_task_names_are_known_without_importing_torch():
+    """The config checks task names through the registry, which imports no task (nor torch) until
+    one is asked for: `blip2 train --help` and config errors stay fast."""
+    code = (
+        "import sys\n"
+        "from blip2 import tasks\n"
+        "from blip2.train.config import TrainConfig\n"
+        "assert 'stage1' in tasks.names() and 'caption' in tasks.names()\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
