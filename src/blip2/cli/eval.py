@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(pipe, need):
             kind = "a stage-1 (retrieval)" if need is blip2.Retriever else "a stage-2 (captioning / VQA)"
             raise UserError(
-                f"`blip2 eval {args.task}` needs {kind} model; {args.model} is stage {pipe.config.stage}"
+                f"`blip2 eval {args.task}` needs {kind} model; {args.model} loads as a {type(pipe).__name__}"
             )
         run_id = {"model": str(args.model), "dataset": str(args.dataset)}
 

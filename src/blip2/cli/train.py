@@ -102,11 +102,12 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 def config_help() -> str:
     """The config's sections and fields, with defaults, from the section dataclasses' docstrings."""
+    from blip2.tasks import registry
     from blip2.train import config as C
 
     lines = [
         "config (YAML; change any field with section.key=value):",
-        f"  task: {' | '.join(C.TASKS)}",
+        f"  task: {' | '.join(registry.names())}",
     ]
     sections = {
         "model": C.ModelSection,
