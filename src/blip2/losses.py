@@ -148,3 +148,10 @@ def seq2seq_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Encoder-decoder LM loss: decoder token t predicts label t (its inputs are the labels shifted
     right); -100 ignored; mean over counted tokens."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def rerank_score(itm_logit: Tensor, itc: Tensor) -> Tensor:
+    """The score ITM re-ranking orders candidates by: the ITM head's positive logit plus the ITC cosine
+    (LAVIS's `compute_sim_matrix`). Retrieval evaluation and `Retriever.search` / `blip2 search` both
+    rank by it."""
+    return itm_logit.float() + itc.float()

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from blip2.errors import UserError
 from blip2.eval.vqa_normalize import normalize_answer, normalize_punctuation
+from blip2.losses import rerank_score
 
 __all__ = [
     "caption_metrics",
@@ -355,13 +356,6 @@ ItmScorer = Callable[[Tensor, Tensor], Tensor]
 
 
 @torch.no_grad()
-def rerank_score(itm_logit: Tensor, itc: Tensor) -> Tensor:
-    """The score ITM re-ranking orders candidates by: the ITM head's positive logit plus the ITC cosine
-    (LAVIS's `compute_sim_matrix`). Retrieval evaluation and `Retriever.search` / `blip2 search` both
-    rank by it."""
-    return itm_logit.float() + itc.float()
-
-
 def rerank_rows(
     sims: Tensor,
     itm_scores: Callable[[Tensor, Tensor], Tensor],

@@ -146,24 +146,6 @@ class Captioner(Pipeline):
             return None, None
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
-    def _encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor | None, Tensor | None]:
-        """LLM input ids and mask of the prompts on the device (None, None for empty prompts), each cut
-        to the LLM's `max_txt_len` tokens as LAVIS does, with a `TruncationWarning` when one is cut."""
-        tok, limit = self.llm_tokenizer, self.config.llm.max_txt_len
-        longest = max((len(ids) for ids in tok(list(prompts))["input_ids"]), default=0)
-        if longest > limit:
-            warnings.warn(
-                f"a prompt is {longest} tokens long; it was cut to the model's {limit}",
-                TruncationWarning,
-                stacklevel=4,
-            )
-        with self._generate_lock:
-            tok.padding_side = "left" if not self.model.is_encoder_decoder else "right"
-            enc = tok(list(prompts), padding=True, truncation=True, max_length=limit, return_tensors="pt")
-        if enc["input_ids"].shape[1] == 0:
-            return None, None
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-
     def check_generation_length(self, prompts: Sequence[str], generate_options: Mapping[str, Any]) -> None:
         """Refuse (`UserError`) generation options (`max_new_tokens`, or else `max_length`) that, after
         the longest of `prompts`, need more positions than the LLM reads

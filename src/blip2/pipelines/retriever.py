@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from blip2.errors import UserError
-from blip2.eval.metrics import rerank_score
+from blip2.losses import rerank_score
 from blip2.pipelines.base import Pipeline, TruncationWarning, broadcast
 from blip2.processing import ImageLike, ImageProcessor
 
@@ -33,7 +33,7 @@ class SearchHit:
     index: int  # position in the images searched
     itc: float  # ITC cosine similarity with the query
     itm: float | None  # ITM match probability (None when not re-ranked)
-    score: float | None = None  # what re-ranked hits are ordered by: `eval.metrics.rerank_score`
+    score: float | None = None  # what re-ranked hits are ordered by: `losses.rerank_score`
 
 
 class Retriever(Pipeline):

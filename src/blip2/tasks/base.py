@@ -147,13 +147,12 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def load_saved(path: str) -> nn.Module:
-    """A saved model (interop format) as its torch module."""
+    """A saved model (any format `blip2.load` reads) as its torch module, without its tokenizer and
+    image processor (training builds its own)."""
+    from blip2.hub import resolve
+    from blip2.interop.loading import load_model
+
     try:
-        from blip2.pipelines import load
-    except ImportError:
-        raise UserError("model.init_from needs blip2.load, which this install lacks") from None
-    try:
-        loaded = load(path)
+        return load_model(str(path), resolve(path)).model
     except UserError as e:  # say which setting named it
         raise UserError(f"model.init_from: {e}") from None
-    return getattr(loaded, "model", loaded)
