@@ -210,7 +210,7 @@ def build_ours(config: Blip2Config, device: torch.device, seed: int) -> nn.Modul
     """Our model with random weights (LayerNorms randomized too), frozen towers in their dtype."""
     torch.manual_seed(seed)
     with torch.device(device):
-        model = RetrievalModel(config) if config.stage == 1 else LanguageBridge(config)
+        model = RetrievalModel(config) if config.kind == "retrieval" else LanguageBridge(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1 and name.endswith("weight") and "norm" in name.lower():
@@ -227,7 +227,7 @@ def build_theirs(ours: nn.Module, device: torch.device) -> nn.Module:
     hf_config.vision_config._attn_implementation = "sdpa"
     cls = (
         transformers.Blip2ForConditionalGeneration
-        if config.stage == 2
+        if config.kind == "generation"
         else transformers.Blip2ForImageTextRetrieval
     )
     extra = hf_map.extra_keys(config)
@@ -238,7 +238,7 @@ def build_theirs(ours: nn.Module, device: torch.device) -> nn.Module:
     vision_dtype = next(ours.visual.tower.parameters()).dtype
     for key in ("vision_model.post_layernorm.weight", "vision_model.post_layernorm.bias"):
         theirs_state[key] = theirs_state[key].to(vision_dtype)
-    if config.stage == 2:
+    if config.kind == "generation":
         dtype = ours.llm.get_input_embeddings().weight.dtype
         for key in ("language_projection.weight", "language_projection.bias"):
             theirs_state[key] = theirs_state[key].to(dtype)
@@ -254,7 +254,7 @@ def build_theirs(ours: nn.Module, device: torch.device) -> nn.Module:
         if buf.is_meta:
             owner, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
             owner._buffers[attr] = _rebuild_buffer(attr, buf, device)
-    if config.stage == 2:
+    if config.kind == "generation":
         model.language_model.tie_weights()
         # the LM's generation config, as ours uses it
         model.generation_config.eos_token_id = ours.eos_token_id

@@ -397,7 +397,7 @@ def test_from_stage1_copies_the_query_side():
 
     model = LanguageBridge.from_stage1(stage1, preset("tiny-opt").llm).eval()
     assert model.qformer.embeddings.word is None and model.qformer.lm_head is None
-    assert model.config.stage == 2 and not model.config.qformer.text
+    assert model.config.kind == "generation" and not model.config.qformer.text
     torch.testing.assert_close(model.query_output(px), want)
     assert model.visual.ln_vision.weight is not stage1.visual.ln_vision.weight  # copied, not shared
 

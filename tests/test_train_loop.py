@@ -209,7 +209,7 @@ def test_end_to_end_cli_stage1_then_stage2_then_load_and_caption(tmp_path):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     pipe = blip2.pipelines.load(str(s2 / "final"))
-    assert pipe.config.stage == 2
+    assert pipe.config.kind == "generation"
     with open(tmp_path / "x.jpg", "wb") as f:
         f.write(image_bytes(7))
     text = pipe.caption(str(tmp_path / "x.jpg"), max_new_tokens=5, num_beams=1)

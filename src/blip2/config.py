@@ -23,6 +23,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DTYPES = ("float32", "bfloat16", "float16")
 
+# the model kinds a config can describe (`Blip2Config.kind`); each has its model type (`blip2.models`),
+# its user-facing object (`blip2.pipelines`) and its checkpoint layouts (`blip2.interop`)
+KINDS = ("retrieval", "generation")
+
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -147,7 +151,8 @@ class LLMConfig:
 
 @dataclass(frozen=True)
 class Blip2Config:
-    """A whole BLIP-2 model: stage 1 when `llm` is None, stage 2 otherwise.
+    """A whole BLIP-2 model: a retrieval (stage-1) model when `llm` is None, else a generation (stage-2)
+    one (`kind`).
 
     Attributes:
         embed_dim: width of the ITC projections (`vision_proj`, `text_proj`).
@@ -173,8 +178,11 @@ class Blip2Config:
                 raise ValueError(f"unknown dtype {dt!r}: use one of {', '.join(DTYPES)}")
 
     @property
-    def stage(self) -> int:
-        return 1 if self.llm is None else 2
+    def kind(self) -> str:
+        """The model kind this config describes, one of `KINDS`: "retrieval" (stage 1: the Q-Former
+        with its ITC / ITM / ITG heads, no LLM) or "generation" (stage 2: the queries prompt a frozen
+        LLM). The one place that tells the kinds apart; everything else looks the kind up in a table."""
+        return "retrieval" if self.llm is None else "generation"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

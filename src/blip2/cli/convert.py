@@ -62,5 +62,5 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
     )
     pipe.save_pretrained(args.output)
-    print(f"wrote {args.output} ({pipe.config.name or 'blip2'}, stage {pipe.config.stage})")
+    print(f"wrote {args.output} ({pipe.config.name or 'blip2'}, {pipe.config.kind} model)")
     return 0

@@ -21,7 +21,5 @@ def run(args: argparse.Namespace) -> int:
     for name in list_presets():
         cfg = preset(name)
         llm = cfg.llm.name or cfg.llm.model_type if cfg.llm else "-"
-        print(
-            f"{name:28s} stage {cfg.stage}  vision {cfg.vision.model_type}@{cfg.vision.image_size}  llm {llm}"
-        )
+        print(f"{name:28s} {cfg.kind:10s}  vision {cfg.vision.model_type}@{cfg.vision.image_size}  llm {llm}")
     return 0

@@ -88,14 +88,14 @@ def build_model(
     llm: nn.Module | None = None,
     init: bool = False,
 ) -> nn.Module:
-    """Our stage-1 or stage-2 model for `config`; without `init` its weights are left uninitialized
-    (fast for real sizes), to be filled by `load_state`."""
+    """The model of `config`'s kind (a `RetrievalModel` or a `LanguageBridge`); without `init` its
+    weights are left uninitialized (fast for real sizes), to be filled by `load_state`."""
     from transformers.initialization import no_init_weights
 
     from blip2.models import LanguageBridge, RetrievalModel
 
     with _maybe(no_init_weights(), not init):
-        if config.stage == 1:
+        if config.kind == "retrieval":
             return RetrievalModel(config, vision_tower=vision_tower)
         model = LanguageBridge(config, vision_tower=vision_tower, llm=llm)
     model.llm.tie_weights()  # skipped with the initialization: tied tables are one tensor again

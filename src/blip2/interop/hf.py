@@ -15,6 +15,7 @@ Our modules line up with transformers' one to one, except:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
@@ -93,24 +94,49 @@ def rules() -> list[Rule]:
     ]
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How one model kind is stored in transformers' layout.
+
+    Attributes:
+        architecture: transformers' class name (`config.json`'s `architectures`).
+        extra: our keys that class has no place for (stored beside `model.safetensors`).
+        text_input: the class feeds text to the Q-Former (`use_qformer_text_input`), so the Q-Former
+            must have its text side.
+    """
+
+    architecture: str
+    extra: re.Pattern[str]
+    text_input: bool
+
+
+LAYOUTS = {
+    "retrieval": Layout(RETRIEVAL, re.compile(r"temp\Z|qformer\.lm_head\."), text_input=True),
+    "generation": Layout(
+        GENERATION,
+        re.compile(
+            r"qformer\.lm_head\.|qformer\.embeddings\.(word|position)\.|qformer\.layers\.\d+\.text_ffn\."
+        ),
+        text_input=False,
+    ),
+}
+
+
 def extra_keys(config: Blip2Config) -> re.Pattern[str]:
     """Our keys transformers has no place for (stored beside `model.safetensors`)."""
-    if config.stage == 1:
-        return re.compile(r"temp\Z|qformer\.lm_head\.")
-    return re.compile(
-        r"qformer\.lm_head\.|qformer\.embeddings\.(word|position)\.|qformer\.layers\.\d+\.text_ffn\."
-    )
+    return LAYOUTS[config.kind].extra
 
 
 def has_counterpart(config: Blip2Config) -> bool:
-    """Whether transformers has a class for this model (EVA ViT-g tower; stage 1 with a text side)."""
+    """Whether transformers has a class for this model (EVA ViT-g tower; a Q-Former with a text side
+    where the class reads text)."""
     if config.vision.model_type != EVA_TOWER:
         return False
-    return config.stage == 2 or config.qformer.text
+    return config.qformer.text or not LAYOUTS[config.kind].text_input
 
 
 def architecture(config: Blip2Config) -> str:
-    return GENERATION if config.stage == 2 else RETRIEVAL
+    return LAYOUTS[config.kind].architecture
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -144,7 +170,7 @@ def config_from_transformers(hf: dict[str, Any] | Any, name: str = "") -> Blip2C
     q = hf.qformer_config
     if q.hidden_act != "gelu":
         raise UserError(f"the Q-Former uses hidden_act {q.hidden_act!r}; only 'gelu' is supported")
-    stage1 = RETRIEVAL in archs or (not archs and q.use_qformer_text_input)
+    retrieval = RETRIEVAL in archs or (not archs and q.use_qformer_text_input)
     vision = _arch_dict(hf.vision_config)
     qformer = QFormerConfig(
         hidden_size=q.hidden_size,
@@ -159,12 +185,12 @@ def config_from_transformers(hf: dict[str, Any] | Any, name: str = "") -> Blip2C
         layer_norm_eps=q.layer_norm_eps,
         dropout=q.hidden_dropout_prob,
         attention_dropout=q.attention_probs_dropout_prob,
-        text=bool(stage1),
+        text=bool(retrieval),
         itg_head=False,
         pad_token_id=q.pad_token_id if q.pad_token_id is not None else 0,
     )
     llm = None
-    if not stage1:
+    if not retrieval:
         llm = LLMConfig(hf_config=_arch_dict(hf.text_config), image_token_id=hf.image_token_index)
     return Blip2Config(
         vision=VisionConfig(hf_config=vision, image_size=hf.vision_config.image_size),
@@ -200,7 +226,7 @@ def config_to_transformers(config: Blip2Config) -> Any:
         pad_token_id=q.pad_token_id,
         cross_attention_frequency=q.cross_attention_freq,
         encoder_hidden_size=q.encoder_width,
-        use_qformer_text_input=config.stage == 1,
+        use_qformer_text_input=LAYOUTS[config.kind].text_input,
     )
     text = None
     if config.llm is not None:

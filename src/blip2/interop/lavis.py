@@ -235,20 +235,24 @@ def rules(config: Blip2Config, vision: bool = True) -> list[Rule]:
         ]
     else:
         out.append(rename("qformer.embeddings.word.weight", word))
-    if config.stage == 1:
-        out += [
-            rename("vision_proj.{p}", "vision_proj.{p}"),
-            rename("text_proj.{p}", "text_proj.{p}"),
-            rename("itm_head.{p}", "itm_head.{p}"),
-            rename("temp", "temp"),
-        ]
-    else:
-        proj, model = llm_prefixes(config)
-        out += [
-            rename("language_projection.{p}", f"{proj}.{{p}}"),
-            rename("llm.{rest}", f"{model}.{{rest}}"),
-        ]
-    return out
+    return out + HEADS[config.kind](config)
+
+
+def _retrieval_heads(config: Blip2Config) -> list[Rule]:
+    """Stage 1's ITC projections, ITM head and temperature: the same names in both layouts."""
+    return [rename(f"{name}.{{p}}", f"{name}.{{p}}") for name in ("vision_proj", "text_proj", "itm_head")] + [
+        rename("temp", "temp")
+    ]
+
+
+def _language_heads(config: Blip2Config) -> list[Rule]:
+    """Stage 2's projection into the LLM and the LLM itself (`opt_*`, `t5_*` or `llm_*`)."""
+    proj, model = llm_prefixes(config)
+    return [rename("language_projection.{p}", f"{proj}.{{p}}"), rename("llm.{rest}", f"{model}.{{rest}}")]
+
+
+# each model kind's own parts after the shared query encoder
+HEADS = {"retrieval": _retrieval_heads, "generation": _language_heads}
 
 
 def unwrap(checkpoint: object, source: str) -> dict[str, Tensor]:

@@ -91,9 +91,13 @@ def load(
     return pipe.to(device) if device is not None else pipe
 
 
+# what users get for each model kind (`Blip2Config.kind`)
+PIPELINES: dict[str, type[Captioner] | type[Retriever]] = {"retrieval": Retriever, "generation": Captioner}
+
+
 def pipeline_class(config: Blip2Config) -> type[Captioner] | type[Retriever]:
-    """The kind of a model: `Retriever` for stage 1 (no LLM), `Captioner` for stage 2."""
-    return Retriever if config.llm is None else Captioner
+    """The object users get for a model of `config`'s kind: `Retriever` (stage 1), `Captioner` (stage 2)."""
+    return PIPELINES[config.kind]
 
 
 def pipeline_for(model: nn.Module, image_processor: ImageProcessor, tokenizer: Any) -> Captioner | Retriever:
