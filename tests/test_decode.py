@@ -293,3 +293,17 @@ def test_decoding_state_belongs_to_its_holder_and_a_copy_starts_empty():
         assert static_cache_keys(twin) == [] and (twin.mode, twin.max_static_caches) == ("static", 4)
         assert twin.generate(copy.deepcopy(model), px, max_new_tokens=4).tolist() == first.tolist()
     assert len(static_cache_keys(decoding)) == 1  # the original's caches are its own
+
+
+def test_models_know_nothing_of_the_decode_policy():
+    """The speed layer sits on top of the models: importing and building one loads no `blip2.generation`."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from blip2.config import preset; from blip2.models import LanguageBridge; "
+        "LanguageBridge(preset('tiny-opt')); print('blip2.generation' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
