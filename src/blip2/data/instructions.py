@@ -8,14 +8,13 @@ InstructBLIP (Dai et al., 2023) tunes on many datasets at once. Two of its choic
 * datasets are sampled in proportion to the square root of their sizes (`mixture_order`): a small
   dataset is not drowned by a large one, nor repeated until it is learned by heart.
 
-Everything is a function of `(seed, epoch, index)`, so an example's template and the order of a mixed
+Both are functions of `(seed, epoch, index)`, so an example's template and the order of a mixed
 epoch are the same on any number of ranks and after a resume.
 """
 
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 
@@ -41,26 +40,21 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
-def pick(seed: int, epoch: int, index: int, n: int) -> int:
-    """A number in `[0, n)` fixed by `(seed, epoch, index)` (a hash, not a generator: any order of
-    calls and any process gives the same one)."""
-    return zlib.crc32(f"{seed}:{epoch}:{index}".encode()) % n
-
-
 def instruction_pair(
-    record: Record, seed: int, epoch: int, index: int, templates: dict[str, tuple[str, ...]] = TEMPLATES
+    record: Record, seed: int, templates: dict[str, tuple[str, ...]] = TEMPLATES
 ) -> tuple[str, str]:
-    """`(instruction, answer)` of a record: a VQA record's question in one of the VQA templates and
-    its first answer; a caption record's caption after one of the caption templates; a record that
-    already has an instruction (`question` with a `text` answer) as it is."""
+    """`(instruction, answer)` of a record, the template picked by `seed` (the sample's own seed, a
+    hash of `(seed, epoch, index)`): a VQA record's question in one of the VQA templates and its first
+    answer; a caption record's caption after one of the caption templates; a record with its own
+    instruction (the `instructions` layout) as it is."""
+    if record.instruction is not None and record.text is not None:
+        return record.instruction, record.text
     if record.question is not None and record.answers:
         options = templates["vqa"]
-        return options[pick(seed, epoch, index, len(options))].format(record.question), record.answers[0]
-    if record.question is not None and record.text is not None:  # one's own {instruction, answer}
-        return record.question, record.text
+        return options[seed % len(options)].format(record.question), record.answers[0]
     if record.text is not None:
         options = templates["caption"]
-        return options[pick(seed, epoch, index, len(options))], record.text
+        return options[seed % len(options)], record.text
     raise UserError(f"example {record.key} has neither a caption nor a question with an answer")
 
 
