@@ -141,13 +141,13 @@ def load_pipeline(
     model: str,
     device: str | None = None,
     dtype: str | None = None,
-    task: str | None = None,
+    method: str | None = None,
     **options: Any,
 ) -> Any:
     """`blip2.load` for a command: anything that goes wrong is one sentence (`UserError`).
 
     Args:
-        task: the method the command needs (`caption`, `match`, ...); a checkpoint of the other kind
+        method: the method the command needs (`caption`, `match`, ...); a checkpoint of the other kind
             (`Captioner` or `Retriever`) is refused with a sentence naming the kind to use.
         options: more `blip2.load` options (`load_options`).
     """
@@ -160,14 +160,14 @@ def load_pipeline(
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load a BLIP-2 model from {model} ({reason})") from None
-    if task is not None:
+    if method is not None:
         from blip2.pipelines import Captioner, Retriever
 
-        need = Captioner if task in Captioner.tasks else Retriever
+        need = Captioner if method in Captioner.methods else Retriever
         if not isinstance(pipe, need):
             raise UserError(
-                f"{task} needs {need.checkpoint_kind}; {model} is a {type(pipe).__name__.lower()} "
-                f"checkpoint, which offers {', '.join(pipe.tasks)}"
+                f"{method} needs {need.checkpoint_kind}; {model} is a {type(pipe).__name__.lower()} "
+                f"checkpoint, which offers {', '.join(pipe.methods)}"
             )
     return pipe
 
