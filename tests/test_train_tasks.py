@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch import Tensor
-from train_utils import make_caption_json
+from train_utils import make_caption_json, make_llm_tokenizer
 
 from blip2 import losses, tasks
 from blip2.data.batching import TextSpec
@@ -133,3 +133,32 @@ def test_task_names_are_known_without_importing_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "name,prompt,prefix_split",
+    [("stage2", "", True), ("caption", "a photo of", False), ("vqa", "", False)],
+)
+def test_each_stage2_task_name_is_a_type_with_its_text_format(tmp_path, name, prompt, prefix_split):
+    """Pre-training splits encoder-decoder captions at a random word and has no prompt; captioning
+    starts with the model's caption prompt; VQA's prompt is its question."""
+    from blip2.tasks.base import model_config
+    from blip2.tasks.stage2 import Stage2Task
+
+    tok = make_llm_tokenizer(str(tmp_path / "tok"))
+    cfg = load_config(
+        os.path.join(ROOT, "configs", "tiny-stage2.yaml"),
+        [f"task={name}", "model.init_from=null", "model.preset=tiny-t5", "model.llm=null"]
+        + [f"model.llm_tokenizer={tok}", "model.overrides.llm.prompt=a photo of"],
+    )
+    task_type = tasks.get(name)
+    assert issubclass(task_type, Stage2Task) and not task_type.uses_image_ids
+    spec = task_type.text_spec(cfg, cfg.data, model_config(cfg))
+    assert (spec.mode, spec.prompt, spec.prefix_split) == ("seq2seq", prompt, prefix_split)
+
+
+def test_retrieval_is_stage1_with_image_ids():
+    from blip2.tasks.stage1 import Stage1Task
+
+    assert tasks.get("retrieval").uses_image_ids and not tasks.get("stage1").uses_image_ids
+    assert issubclass(tasks.get("retrieval"), Stage1Task)

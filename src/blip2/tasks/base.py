@@ -26,7 +26,7 @@ blip2.tasks.register("mine", MyTask)  # then `task: mine` in a training config
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +46,11 @@ class Task(nn.Module):
     Attributes:
         model: the trained model (what checkpoints and saved folders hold: its state_dict keys have
             no task prefix).
+        uses_image_ids: whether batches carry `image_ids` (captions of one image are positives of
+            each other).
     """
+
+    uses_image_ids: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -110,11 +114,6 @@ class Task(nn.Module):
     def text_spec(cls, cfg: TrainConfig, section: DataSection, config: Blip2Config) -> TextSpec:
         """How the task's texts are tokenized (see `blip2.data.batching`)."""
         raise NotImplementedError
-
-    @classmethod
-    def uses_image_ids(cls, cfg: TrainConfig) -> bool:
-        """Whether batches carry `image_ids` (captions of one image are positives of each other)."""
-        return False
 
 
 def model_config(cfg: TrainConfig) -> Blip2Config:

@@ -9,10 +9,10 @@ from typing import Any
 # the built-in tasks: the config's task name -> "module:class"
 BUILTIN = {
     "stage1": "blip2.tasks.stage1:Stage1Task",
-    "retrieval": "blip2.tasks.stage1:Stage1Task",
+    "retrieval": "blip2.tasks.stage1:RetrievalTask",
     "stage2": "blip2.tasks.stage2:Stage2Task",
-    "caption": "blip2.tasks.stage2:Stage2Task",
-    "vqa": "blip2.tasks.stage2:Stage2Task",
+    "caption": "blip2.tasks.stage2:CaptionTask",
+    "vqa": "blip2.tasks.stage2:VQATask",
 }
 _REGISTERED: dict[str, Any] = {}
 

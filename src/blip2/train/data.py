@@ -56,7 +56,7 @@ def preprocessor(
         images=ImageProcessor(v.image_size, v.image_mean, v.image_std),
         features=features,
         augment=section.augment and train,
-        use_image_ids=task.uses_image_ids(cfg),
+        use_image_ids=task.uses_image_ids,
     )
 
 
