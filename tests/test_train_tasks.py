@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn import functional as F
 from train_utils import make_caption_json, make_llm_tokenizer
 
 from blip2 import losses, tasks
@@ -65,6 +66,50 @@ class ToyTask(Task):
         )
 
 
+class MeanPoolModel(nn.Module):
+    """Not built on a `QueryEncoder`: mean-pooled pixels and token embeddings in one space."""
+
+    def __init__(self, config, vocab_size: int):
+        super().__init__()
+        self.config = config  # the loop reads the image processor's settings from it
+        self.image = nn.Linear(3, 16)
+        self.text = nn.Embedding(vocab_size, 16)
+
+
+class MeanPoolTask(ToyTask):
+    """Image-text contrast on a model of another kind: it overrides the set-up and saving hooks that
+    the base `Task` writes for the Q-Former models."""
+
+    calls: list = []
+
+    def forward(self, input_ids, attention_mask, pixel_values=None) -> ToyOutput:
+        image = F.normalize(self.model.image(pixel_values.mean((2, 3))), dim=-1)  # (B, 16)
+        mask = attention_mask.unsqueeze(-1).float()  # (B, L, 1)
+        text = F.normalize((self.model.text(input_ids) * mask).sum(1) / mask.sum(1), dim=-1)  # (B, 16)
+        sim = image @ text.t() / 0.1  # (B, B)
+        loss = losses.itc_loss(
+            sim, sim.t(), losses.positives(sim.shape[0], sim.shape[1], 0, device=sim.device)
+        )
+        return ToyOutput(loss=loss, loss_toy=loss.detach())
+
+    @classmethod
+    def new_model(cls, config, cfg):
+        return MeanPoolModel(config, config.qformer.vocab_size)
+
+    def set_gradient_checkpointing(self, enabled):
+        self.calls.append(("grad_checkpointing", enabled))
+
+    def set_autocast(self, dtype):
+        self.calls.append(("autocast", dtype))
+
+    def image_tower(self):
+        return None
+
+    def save(self, path, tokenizer):
+        os.makedirs(path)
+        torch.save(self.model.state_dict(), os.path.join(path, "model.pt"))
+
+
 @pytest.fixture
 def toy():
     tasks.register("toy-itc", ToyTask)
@@ -72,7 +117,7 @@ def toy():
     tasks.unregister("toy-itc")
 
 
-def _cfg(tmp_path, task: str):
+def _cfg(tmp_path, task: str, *extra: str):
     ann, root = make_caption_json(str(tmp_path / "data"), n=16)
     return load_config(
         TINY1,
@@ -86,6 +131,7 @@ def _cfg(tmp_path, task: str):
             "train.save_every=0",
             "train.save_final=false",
             "train.log_every=1",
+            *extra,
         ],
     )
 
@@ -106,6 +152,22 @@ def test_a_new_task_trains_through_the_unchanged_training_loop(tmp_path, toy):
     trained = checkpoint.load(checkpoint.find(str(tmp_path / "run")))[0]
     assert not torch.equal(trained["vision_proj.weight"], start["vision_proj.weight"])
     assert torch.equal(trained["itm_head.weight"], start["itm_head.weight"])
+
+
+def test_a_task_of_another_model_kind_overrides_the_set_up_and_saving_hooks(tmp_path):
+    torch.set_num_threads(1)
+    tasks.register("toy-meanpool", MeanPoolTask)
+    try:
+        cfg = _cfg(tmp_path, "toy-meanpool", "train.save_final=true", "train.grad_checkpointing=true")
+        torch.manual_seed(cfg.train.seed)
+        start = MeanPoolTask.build_model(cfg).state_dict()
+        result = train(cfg)
+    finally:
+        tasks.unregister("toy-meanpool")
+    assert result.steps == 3 and math.isfinite(result.last_loss)
+    assert MeanPoolTask.calls == [("grad_checkpointing", True), ("autocast", None)]
+    saved = torch.load(os.path.join(result.final_dir, "model.pt"))
+    assert saved.keys() == start.keys() and not torch.equal(saved["image.weight"], start["image.weight"])
 
 
 def test_a_task_name_is_known_only_once_registered(tmp_path):
