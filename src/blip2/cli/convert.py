@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from blip2.config import DTYPES
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="LAVIS .pth file, transformers folder, our folder or hub id")
@@ -29,9 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--llm", help="LLM folder or hub id of a LAVIS stage-2 checkpoint")
     p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the checkpoint's)")
-    p.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="precision of the frozen towers"
-    )
+    p.add_argument("--dtype", choices=DTYPES, help="precision of the frozen towers")
 
 
 def _same(output: str, source: str) -> bool:

@@ -32,6 +32,7 @@ from blip2 import distributed as D
 from blip2 import tasks
 from blip2.data.batching import sample_seed
 from blip2.errors import UserError
+from blip2.models.encoders import torch_dtype
 from blip2.tasks.base import Task
 from blip2.train import checkpoint
 from blip2.train.config import TrainConfig
@@ -179,8 +180,8 @@ def _train(
         )
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = WarmupCosine(optimizer, total, cfg.optim)
-    task.set_autocast({"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision))
-    scaler = torch.amp.GradScaler(info.device.type, enabled=t.precision == "fp16")
+    task.set_autocast(None if t.precision == "float32" else torch_dtype(t.precision))
+    scaler = torch.amp.GradScaler(info.device.type, enabled=t.precision == "float16")
 
     step, position, rng = 0, DataPosition(), None
     ckpt_root = os.path.join(t.output_dir, "checkpoints")
