@@ -9,6 +9,6 @@
 Importing this package does not import torch; the task types are imported where they are used.
 """
 
-from blip2.tasks.registry import get, names, register, unregister
+from blip2.tasks.registry import get, names, register
 
-__all__ = ["get", "names", "register", "unregister"]
+__all__ = ["get", "names", "register"]

@@ -24,11 +24,6 @@ def register(name: str, task_type: type) -> None:
     _REGISTERED[name] = task_type
 
 
-def unregister(name: str) -> None:
-    """Forget a registered task (built-ins stay)."""
-    _REGISTERED.pop(name, None)
-
-
 def names() -> tuple[str, ...]:
     """Every task name a training config may use."""
     return (*BUILTIN, *_REGISTERED)
