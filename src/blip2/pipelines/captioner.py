@@ -93,7 +93,7 @@ class Captioner(Pipeline):
         decoding: how the model's generation decodes, and its caches (`blip2.generation.Decoding`).
     """
 
-    tasks: ClassVar[tuple[str, ...]] = ("caption", "ask", "chat", "generate")
+    methods: ClassVar[tuple[str, ...]] = ("caption", "ask", "chat", "generate")
     checkpoint_kind: ClassVar[str] = "a stage-2 (generative) checkpoint such as Salesforce/blip2-opt-2.7b"
 
     def __init__(self, model: nn.Module, image_processor: ImageProcessor, llm_tokenizer: Any):
