@@ -361,6 +361,8 @@ def _typed(where: str, kind: str, v: Any) -> Any:
         return v
     if kind.startswith("dict") and not isinstance(v, dict):
         raise UserError(f"{where} must be a mapping, not {v!r}")
+    if kind.startswith("list") and not isinstance(v, list):
+        raise UserError(f"{where} must be a list, not {v!r}")
     return v
 
 
