@@ -171,10 +171,24 @@ class LanguageBridge(QueryEncoder):
 
     # ---------------------------------------------------------------------------------- inputs
 
-    def prefix(self, pixel_values: Tensor | None = None, image_features: Tensor | None = None) -> Tensor:
+    def prefix(
+        self,
+        pixel_values: Tensor | None = None,
+        image_features: Tensor | None = None,
+        qformer_input_ids: Tensor | None = None,
+        qformer_attention_mask: Tensor | None = None,
+    ) -> Tensor:
         """The soft visual prompt: `language_projection` of the query outputs `(B, Q, d_llm)`, in the
-        LLM's dtype (inputs as `query_output`; the projection also under autocast to `autocast_dtype`)."""
-        query_output = self.query_output(pixel_values, image_features)  # (B, Q, D)
+        LLM's dtype (inputs as `query_output`; the projection also under autocast to `autocast_dtype`).
+        This Q-Former reads no instruction (`qformer_input_ids`: an `InstructBridge`'s does)."""
+        if qformer_input_ids is not None:
+            raise ValueError(
+                "this model's Q-Former reads no instruction (qformer_input_ids); InstructBLIP's does"
+            )
+        return self.project(self.query_output(pixel_values, image_features))
+
+    def project(self, query_output: Tensor) -> Tensor:
+        """`language_projection` of query outputs `(B, Q, D) -> (B, Q, d_llm)`, in the LLM's dtype."""
         with self.autocast():
             projected = self.language_projection(query_output)
         return projected.to(language.llm_dtype(self.llm))
@@ -210,6 +224,8 @@ class LanguageBridge(QueryEncoder):
         prompt_lengths: Tensor | int | None = None,
         decoder_attention_mask: Tensor | None = None,
         loss_only: bool = False,
+        qformer_input_ids: Tensor | None = None,
+        qformer_attention_mask: Tensor | None = None,
     ) -> LMOutput:
         """The LLM's logits on `[soft prompt][text]` and the targets of a language-modeling loss.
 
@@ -235,8 +251,12 @@ class LanguageBridge(QueryEncoder):
             loss_only: a decoder-only LM applies its output layer only from the first position that
                 predicts a counted target on (not to the queries and prompt): what a loss needs, in
                 less time and memory.
+            qformer_input_ids, qformer_attention_mask: `(B, I)` the instruction the Q-Former reads
+                (an `InstructBridge`) in its own vocabulary, and its padding mask.
         """
-        prefix = self.prefix(pixel_values, image_features)  # (B, Q, E)
+        prefix = self.prefix(
+            pixel_values, image_features, qformer_input_ids, qformer_attention_mask
+        )  # (B, Q, E)
         if self.is_encoder_decoder:
             return self._forward_encoder_decoder(
                 prefix, input_ids, attention_mask, labels, decoder_attention_mask
@@ -351,6 +371,8 @@ class LanguageBridge(QueryEncoder):
         *,
         image_features: Tensor | None = None,
         decode_mode: str | None = None,
+        qformer_input_ids: Tensor | None = None,
+        qformer_attention_mask: Tensor | None = None,
         **generate_kwargs: Any,
     ) -> Tensor:
         """Generate text for images, optionally continuing a prompt; returns the new token ids only.
@@ -371,6 +393,7 @@ class LanguageBridge(QueryEncoder):
             input_ids: `(B, L)` prompt ids, or `(1, L)` for one prompt shared by all images.
             attention_mask: `(B, L)` prompt padding mask.
             decode_mode: one of `Decoding.MODES`; overrides `self.decoding.mode` for this call.
+            qformer_input_ids, qformer_attention_mask: the instruction the Q-Former reads, as `forward`.
 
         Raises:
             UserError: the queries, the prompt and `max_new_tokens` (or `max_length`) need more
@@ -382,7 +405,12 @@ class LanguageBridge(QueryEncoder):
             (scores and all) with these `sequences`.
         """
         mode = self.decoding.check_mode(decode_mode)
-        prefix = self.decoding.prefix(self, pixel_values, image_features, mode)  # (B, Q, E), once per image
+        if qformer_input_ids is None:
+            prefix = self.decoding.prefix(
+                self, pixel_values, image_features, mode
+            )  # (B, Q, E), once per image
+        else:  # an instruction: no image-side graph
+            prefix = self.prefix(pixel_values, image_features, qformer_input_ids, qformer_attention_mask)
         b, q = prefix.shape[:2]
         if input_ids is None:
             bos = language.start_token_id(self.llm)
