@@ -254,9 +254,8 @@ class LanguageBridge(QueryEncoder):
             qformer_input_ids, qformer_attention_mask: `(B, I)` the instruction the Q-Former reads
                 (an `InstructBridge`) in its own vocabulary, and its padding mask.
         """
-        prefix = self.prefix(
-            pixel_values, image_features, qformer_input_ids, qformer_attention_mask
-        )  # (B, Q, E)
+        instruction = (qformer_input_ids, qformer_attention_mask)
+        prefix = self.prefix(pixel_values, image_features, *instruction)  # (B, Q, E)
         if self.is_encoder_decoder:
             return self._forward_encoder_decoder(
                 prefix, input_ids, attention_mask, labels, decoder_attention_mask
@@ -405,11 +404,10 @@ class LanguageBridge(QueryEncoder):
             (scores and all) with these `sequences`.
         """
         mode = self.decoding.check_mode(decode_mode)
+        # (B, Q, E), once per image; with an instruction without the image side's graph
         if qformer_input_ids is None:
-            prefix = self.decoding.prefix(
-                self, pixel_values, image_features, mode
-            )  # (B, Q, E), once per image
-        else:  # an instruction: no image-side graph
+            prefix = self.decoding.prefix(self, pixel_values, image_features, mode)
+        else:
             prefix = self.prefix(pixel_values, image_features, qformer_input_ids, qformer_attention_mask)
         b, q = prefix.shape[:2]
         if input_ids is None:
