@@ -205,3 +205,23 @@ def test_ask_answers_through_both_tokenizers(pair):
     greedy = {"max_new_tokens": 3, "suppress_tokens": unspelled}
     streamed = "".join(pipe.ask(tiny_hf.images(2)[0], questions[0], stream=True, **greedy))
     assert streamed.strip() == pipe.ask(tiny_hf.images(2)[0], questions[0], num_beams=1, **greedy) != ""
+
+
+def test_hub_id_loads_with_the_released_conventions(pair, tmp_path):
+    """`blip2.load("Salesforce/instructblip-...")` through the hub path (a hub cache holding the tiny
+    model under the released name): an `InstructCaptioner` with the preset's prompt and lengths."""
+    import shutil
+
+    kind, _, _, folder, pipe = pair
+    repo = {"opt": "instructblip-vicuna-7b", "t5": "instructblip-flan-t5-xl"}[kind]
+    cached = tmp_path / f"models--Salesforce--{repo}"
+    (cached / "refs").mkdir(parents=True)
+    (cached / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(folder, cached / "snapshots" / ("0" * 40))
+    loaded = blip2.load(f"Salesforce/{repo}", cache_dir=tmp_path, local_files_only=True)
+    assert isinstance(loaded, InstructCaptioner) and loaded.config.name == repo
+    assert loaded.config.llm.vqa_template == "Question: {} Short answer:"
+    assert loaded.config.llm.max_txt_len == 128 and loaded.config.kind == "instruct"
+    state = loaded.model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in pipe.model.state_dict().items())
+    assert isinstance(loaded.ask(tiny_hf.images(1)[0], "what is the sky ?", max_new_tokens=2), str)

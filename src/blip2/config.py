@@ -340,7 +340,7 @@ def _instruct(llm: dict, llm_name: str, name: str) -> Blip2Config:
         llm=dataclasses.replace(
             config.llm,
             vqa_prompt="Question: {} Short answer:",
-            eos_text=None,
+            eos_text=None,  # the LM's EOS (Vicuna's "</s>", FlanT5's "</s>"), as transformers ends
             image_token_id=32100 if is_t5 else None,
             max_txt_len=128,
         ),
