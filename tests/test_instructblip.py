@@ -94,6 +94,9 @@ def test_instruct_kind_and_presets():
     assert isinstance(model, InstructBridge) and hf_layout.architecture(model.config) == hf_layout.INSTRUCT
     with pytest.raises(ValueError, match="text side"):
         preset("tiny-instruct-opt", qformer={"text": False})
+    blip2_model = build_model(preset("tiny-opt"), init=True)
+    with pytest.raises(ValueError, match="reads no instruction"):  # BLIP-2's Q-Former has no text side
+        blip2_model.generate(torch.zeros(1, 3, 16, 16), qformer_input_ids=torch.tensor([[101, 102]]))
 
 
 @pytest.mark.parametrize("batch", list(INSTRUCTIONS))
