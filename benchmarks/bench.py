@@ -29,6 +29,7 @@ import transformers
 from torch import Tensor, nn
 
 from blip2.config import TINY_LLMS, Blip2Config, LLMConfig, QFormerConfig, VisionConfig, preset
+from blip2.generation import Decoding
 from blip2.interop import hf as hf_map
 from blip2.interop.keymap import convert, unique_state_dict
 from blip2.models import LanguageBridge, RetrievalModel
@@ -304,6 +305,7 @@ def run_caption(
     args: argparse.Namespace,
     clock: Clock,
     ours: LanguageBridge,
+    decoding: Decoding,
     theirs: nn.Module,
     batch: int,
     beams: int,
@@ -317,8 +319,8 @@ def run_caption(
     cast = {"pixel_values": inputs["pixel_values"].to(next(theirs.vision_model.parameters()).dtype)}
 
     def mine() -> Tensor:
-        return ours.generate(
-            inputs["pixel_values"], inputs["input_ids"][:, q:], decode_mode=ours_mode, **opts
+        return decoding.generate(
+            ours, inputs["pixel_values"], inputs["input_ids"][:, q:], mode=ours_mode, **opts
         )
 
     def hf() -> Tensor:
@@ -660,18 +662,30 @@ def main(argv: list[str] | None = None) -> int:
         ours = build_ours(sizes.stage2, device, seed=0)
         ours.autocast_dtype = args.autocast
         theirs = build_theirs(ours, device)
-        mode = args.decode
+        mode, decoding = args.decode, Decoding()  # the decode step compiled once for every row
         if "caption" in wanted:
             for batch, name in ((1, "caption greedy, batch 1"), (sizes.caption_batch, "caption greedy")):
-                attempt(name, run_caption, args, Clock(device), ours, theirs, batch, 1, name, mode)
+                attempt(name, run_caption, args, Clock(device), ours, decoding, theirs, batch, 1, name, mode)
         if "beam" in wanted:
             name = "caption 5 beams"
-            attempt(name, run_caption, args, Clock(device), ours, theirs, sizes.beam_batch, 5, name, mode)
+            attempt(
+                name,
+                run_caption,
+                args,
+                Clock(device),
+                ours,
+                decoding,
+                theirs,
+                sizes.beam_batch,
+                5,
+                name,
+                mode,
+            )
         if "stage2" in wanted:
             attempt("stage-2", run_stage2_train, args, Clock(device), ours, theirs, sizes.stage2_batch)
         if "qformer" in wanted:
             attempt("qformer", run_qformer, args, Clock(device), ours, theirs, sizes.qformer_batch)
-        del ours, theirs
+        del ours, theirs, decoding
         if device.type == "cuda":
             torch._dynamo.reset()  # drop the compiled decode step and its CUDA-graph memory pool
             torch.cuda.empty_cache()

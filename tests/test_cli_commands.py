@@ -86,7 +86,7 @@ def test_train_help_lists_every_config_section_and_field(capsys):
         for f in dataclasses.fields(cls):
             assert f"\n    {f.name} = " in out, f"{section}.{f.name}"
     assert "max_steps = 0: optimizer steps (0: from `epochs`" in out  # the field's docstring line
-    assert 'precision = "bf16"' in out  # its default
+    assert 'precision = "bfloat16"' in out  # its default
 
 
 # ----------------------------------------------------------------------------------- eval score

@@ -1,8 +1,8 @@
 """The fast decode path and the bf16 Q-Former: same results as the plain path (correctness only; the
 timings are in benchmarks/bench.py).
 
-* `LanguageBridge.generate` with greedy options runs `blip2.generation.greedy`; it must give the tokens
-  transformers' `generate` gives (`decode_mode="transformers"`) for OPT, GPT-2 and T5 LMs, batched with
+* `Decoding.generate` with greedy options runs `blip2.generation.greedy`; it must give the tokens
+  the model's plain `generate` (transformers' `generate`) gives for OPT, GPT-2 and T5 LMs, batched with
   padded prompts, rows ending at different steps, `min_new_tokens` and `repetition_penalty`; the
   static-cache variant too.
 * The Q-Former under bf16 autocast (fp32 master weights) agrees with fp32 within bf16 tolerance.
@@ -17,6 +17,7 @@ import torch
 from test_stage2 import _prompts, images, make, pad
 
 from blip2.config import preset
+from blip2.generation import Decoding
 from blip2.generation import greedy as decode
 from blip2.models import RetrievalModel
 from blip2.tasks.stage1 import Stage1Task
@@ -35,9 +36,7 @@ def lively(request):
     third greedy token), so batched rows end at different steps."""
     model = make(request.param, lively=True).eval()
     prompts = _prompts(model)
-    first = model.generate(
-        images(1), torch.tensor([prompts[0]]), max_new_tokens=3, decode_mode="transformers"
-    )
+    first = model.generate(images(1), torch.tensor([prompts[0]]), max_new_tokens=3)
     model.eos_token_id = int(first[0, -1])
     return model, prompts
 
@@ -48,17 +47,18 @@ def test_fast_greedy_gives_the_tokens_of_transformers_generate(lively, options, 
     model, prompts = lively
     px = images(3)
     ids, mask = pad(prompts, side, model.pad_token_id)
+    decoding = Decoding()
     assert decode.supports(model.llm, {**options, "eos_token_id": 2, "pad_token_id": 1})
-    plain = model.generate(px, ids, mask, decode_mode="transformers", **options)
+    plain = model.generate(px, ids, mask, **options)
     modes = ["fast"] if model.is_encoder_decoder else ["fast", "static"]
     for mode in modes:
-        fast = model.generate(px, ids, mask, decode_mode=mode, **options)
+        fast = decoding.generate(model, px, ids, mask, mode=mode, **options)
         assert fast.tolist() == plain.tolist(), mode
     # looking whether every row has ended only every 3rd step (as on CUDA, every 8th): same tokens
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(decode.CHECK_EVERY, "cpu", 3)
         for mode in modes:
-            assert model.generate(px, ids, mask, decode_mode=mode, **options).tolist() == plain.tolist()
+            assert decoding.generate(model, px, ids, mask, mode=mode, **options).tolist() == plain.tolist()
     # the comparison means something: rows differ, and with no min_new_tokens some row ends early
     assert len({tuple(r) for r in plain.tolist()}) > 1
     if "min_new_tokens" not in options:
@@ -68,13 +68,14 @@ def test_fast_greedy_gives_the_tokens_of_transformers_generate(lively, options, 
 def test_fast_greedy_is_the_default_and_one_prompt_serves_all_images(lively):
     model, prompts = lively
     px = images(2)
+    assert Decoding().mode == "fast"
     calls = []
     hook = model.llm.register_forward_hook(lambda *_: calls.append(1))
     try:
-        fast = model.generate(px, torch.tensor([prompts[0]]), max_new_tokens=5)
+        fast = Decoding().generate(model, px, torch.tensor([prompts[0]]), max_new_tokens=5)
         steps = len(calls)
         calls.clear()
-        plain = model.generate(px, torch.tensor([prompts[0]]), max_new_tokens=5, decode_mode="transformers")
+        plain = model.generate(px, torch.tensor([prompts[0]]), max_new_tokens=5)
     finally:
         hook.remove()
     assert fast.tolist() == plain.tolist()
@@ -84,23 +85,21 @@ def test_fast_greedy_is_the_default_and_one_prompt_serves_all_images(lively):
 
 def test_eos_first_and_zero_tokens(lively):
     model, _ = lively
-    px = images(1)
+    px, decoding = images(1), Decoding()
     token = int(model.generate(px, max_new_tokens=1)[0, 0])
     model_eos = model.eos_token_id
     try:
         model.eos_token_id = token
+        assert model.generate(px, max_new_tokens=5).tolist() == [[token]]
         for mode in ("fast", "transformers"):
-            assert model.generate(px, max_new_tokens=5, decode_mode=mode).tolist() == [[token]]
+            assert decoding.generate(model, px, max_new_tokens=5, mode=mode).tolist() == [[token]]
         with pytest.MonkeyPatch.context() as mp:  # looking every 3rd step: the steps past the end are cut
             mp.setitem(decode.CHECK_EVERY, "cpu", 3)
             modes = ["fast"] if model.is_encoder_decoder else ["fast", "static"]
             for mode in modes:
-                assert model.generate(px, max_new_tokens=5, decode_mode=mode).tolist() == [[token]], mode
-        held = model.generate(px, max_new_tokens=5, min_new_tokens=3)
-        assert (
-            held.tolist()
-            == model.generate(px, max_new_tokens=5, min_new_tokens=3, decode_mode="transformers").tolist()
-        )
+                assert decoding.generate(model, px, max_new_tokens=5, mode=mode).tolist() == [[token]], mode
+        held = decoding.generate(model, px, max_new_tokens=5, min_new_tokens=3)
+        assert held.tolist() == model.generate(px, max_new_tokens=5, min_new_tokens=3).tolist()
         assert token not in held[0, :3].tolist()
     finally:
         model.eos_token_id = model_eos
@@ -113,14 +112,14 @@ def test_rows_ending_at_different_steps_are_cut_where_greedy_search_stops(lively
     model, _ = lively
     if model.is_encoder_decoder and mode == "static":
         pytest.skip("the static cache is for decoder-only LMs")
-    px = images(3)
-    free = model.generate(px, max_new_tokens=7, decode_mode="transformers", eos_token_id=None)
+    px, decoding = images(3), Decoding()
+    free = model.generate(px, max_new_tokens=7, eos_token_id=None)
     eos = sorted({int(free[0, 1]), int(free[1, 3]), int(free[2, 4])})
-    plain = model.generate(px, max_new_tokens=7, decode_mode="transformers", eos_token_id=eos)
+    plain = model.generate(px, max_new_tokens=7, eos_token_id=eos)
     assert plain.shape[1] < 7  # every row ended: greedy search stopped early
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(decode.CHECK_EVERY, "cpu", 3)
-        assert model.generate(px, max_new_tokens=7, decode_mode=mode, eos_token_id=eos).tolist() == (
+        assert decoding.generate(model, px, max_new_tokens=7, mode=mode, eos_token_id=eos).tolist() == (
             plain.tolist()
         )
 
@@ -147,8 +146,16 @@ def test_options_the_loop_does_not_cover_go_to_transformers():
     # beams still work (through transformers), and sampling is not silently made greedy
     out = model.generate(images(2), max_new_tokens=4, num_beams=2, num_return_sequences=2)
     assert out.shape[0] == 4
+    decoding = Decoding()
+    out = decoding.generate(model, images(2), max_new_tokens=4, num_beams=2, num_return_sequences=2)
+    assert (
+        out.tolist()
+        == model.generate(images(2), max_new_tokens=4, num_beams=2, num_return_sequences=2).tolist()
+    )
     with pytest.raises(ValueError, match="decode_mode"):
-        model.generate(images(1), max_new_tokens=2, decode_mode="quick")
+        decoding.generate(model, images(1), max_new_tokens=2, mode="quick")
+    with pytest.raises(ValueError, match="decode_mode"):
+        Decoding(mode="quick")
 
 
 # ------------------------------------------------------------------------------------ bf16 Q-Former
@@ -209,38 +216,39 @@ def test_compiled_decode_on_cpu_gives_the_tokens_of_transformers_generate():
     model = make("tiny-opt", lively=True).eval()
     prompts = _prompts(model)
     ids, mask = pad(prompts, "left", model.pad_token_id)
-    px = images(3)
-    plain = model.generate(px, ids, mask, max_new_tokens=6, decode_mode="transformers")
+    px, decoding = images(3), Decoding()
+    plain = model.generate(px, ids, mask, max_new_tokens=6)
     for _ in range(2):  # the second call reuses the compiled step
         assert (
-            model.generate(px, ids, mask, max_new_tokens=6, decode_mode="compiled").tolist() == plain.tolist()
+            decoding.generate(model, px, ids, mask, max_new_tokens=6, mode="compiled").tolist()
+            == plain.tolist()
         )
     # another batch size: the tensor guards pick (compile) the step for that shape, not the one above
-    two = model.generate(px[:2], ids[:2], mask[:2], max_new_tokens=6, decode_mode="compiled")
-    assert two.tolist() == model.generate(px[:2], ids[:2], mask[:2], max_new_tokens=6).tolist()
+    two = decoding.generate(model, px[:2], ids[:2], mask[:2], max_new_tokens=6, mode="compiled")
+    assert two.tolist() == decoding.generate(model, px[:2], ids[:2], mask[:2], max_new_tokens=6).tolist()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graphed_prefix_and_compiled_decode_give_the_plain_results():
     """On CUDA, decode_mode static/compiled replays the image side from a CUDA graph and the decode
     step from a compiled one: same prefix (within fp32 tolerance) and the same tokens as the plain path."""
-    model = make("tiny-opt", lively=True).eval().cuda()
+    model, decoding = make("tiny-opt", lively=True).eval().cuda(), Decoding()
     with torch.no_grad():
         for seed in (0, 1):  # the second call replays the graph captured by the first, on new pixels
             px = images(3, seed).cuda()
-            graphed = model.decoding.prefix(model, px, None, "static")
+            graphed = decoding.prefix(model, px, None, "static")
             torch.testing.assert_close(graphed, model.prefix(px), rtol=1e-5, atol=1e-5)
-    entries = list(model.decoding.prefix_graphs.graphs.values())
+    entries = list(decoding.prefix_graphs.graphs.values())
     assert len(entries) == 1 and entries[0] is not None  # captured once, not fallen back to eager
     px = images(3).cuda()
-    plain = model.generate(px, max_new_tokens=6, decode_mode="transformers")
+    plain = model.generate(px, max_new_tokens=6)
     for mode in ("fast", "static", "compiled"):
-        assert model.generate(px, max_new_tokens=6, decode_mode=mode).tolist() == plain.tolist(), mode
+        assert decoding.generate(model, px, max_new_tokens=6, mode=mode).tolist() == plain.tolist(), mode
     # replaced weights are a new key: the old graph is not replayed on stale memory
     model.language_projection.weight = torch.nn.Parameter(model.language_projection.weight * 2)
     with torch.no_grad():
         torch.testing.assert_close(
-            model.decoding.prefix(model, px, None, "static"), model.prefix(px), rtol=1e-5, atol=1e-5
+            decoding.prefix(model, px, None, "static"), model.prefix(px), rtol=1e-5, atol=1e-5
         )
 
 
@@ -265,15 +273,37 @@ def test_cuda_graph_cache_sees_in_place_updates_and_falls_back_when_capture_fail
         assert torch.cuda.current_stream() == torch.cuda.default_stream()
 
 
-def test_decoding_state_belongs_to_its_model_and_a_copy_starts_empty():
-    import copy
+def static_cache_keys(decoding: Decoding) -> list[tuple]:
+    """The `(batch, length, dtype, device)` of the static caches `decoding` keeps, oldest first."""
+    return list(decoding._static_caches)
 
-    model = make("tiny-opt", lively=True).eval()
+
+def test_decoding_state_belongs_to_its_holder_and_a_copy_starts_empty():
+    import copy
+    import pickle
+
+    model, decoding = make("tiny-opt", lively=True).eval(), Decoding()
     px = images(2)
-    first = model.generate(px, max_new_tokens=4, decode_mode="static")
-    assert len(model.decoding.static_cache_keys()) == 1
+    first = decoding.generate(model, px, max_new_tokens=4, mode="static")
+    assert len(static_cache_keys(decoding)) == 1
     assert "_blip2_compiled_steps" not in model.llm.__dict__  # nothing kept inside the LM
-    twin = copy.deepcopy(model)
-    assert twin.decoding is not model.decoding and twin.decoding.static_cache_keys() == []
-    assert twin.generate(px, max_new_tokens=4, decode_mode="static").tolist() == first.tolist()
-    assert len(model.decoding.static_cache_keys()) == 1  # the original's caches are its own
+    assert not hasattr(model, "decoding")  # the model holds no decode policy
+    decoding.mode = "static"
+    for twin in (copy.deepcopy(decoding), pickle.loads(pickle.dumps(decoding))):
+        assert static_cache_keys(twin) == [] and (twin.mode, twin.max_static_caches) == ("static", 4)
+        assert twin.generate(copy.deepcopy(model), px, max_new_tokens=4).tolist() == first.tolist()
+    assert len(static_cache_keys(decoding)) == 1  # the original's caches are its own
+
+
+def test_models_know_nothing_of_the_decode_policy():
+    """The speed layer sits on top of the models: importing and building one loads no `blip2.generation`."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from blip2.config import preset; from blip2.models import LanguageBridge; "
+        "LanguageBridge(preset('tiny-opt')); print('blip2.generation' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"

@@ -4,8 +4,9 @@ config without a BOS, as google/flan-t5-* ship it) x with / without a prompt x g
 Oracle: a tiny random `Blip2ForConditionalGeneration` with that LM, saved as transformers writes it and
 loaded with `blip2.load`; both generate from the same pixels and prompt ids, two images at once (prompts
 of different lengths, padded as each LM kind needs), and must give the same new tokens. The EOS is a
-token the oracle really emits mid-way, so rows end at different steps. Greedy runs our own decode loop
-(`blip2.generation.greedy`), beam search transformers' `generate` under our inputs.
+token the oracle really emits mid-way, so rows end at different steps. Our plain `generate` runs
+transformers' `generate` under our inputs; `Decoding.generate` runs greedy search in our own decode loop
+(`blip2.generation.greedy`) and must give the same tokens.
 
 CI runs this file twice: with the newest transformers the pins allow (the project venv) and with the
 lowest (`scripts/test.sh`, `.venv-lowest`).
@@ -20,6 +21,7 @@ import transformers
 from transformers import GPT2Config, LlamaConfig, T5Config
 
 import blip2
+from blip2.generation import Decoding
 
 QUERIES = tiny_hf.SHAPES["a"]["queries"]
 NEW_TOKENS = 6
@@ -155,6 +157,7 @@ def test_generate_gives_the_tokens_of_transformers(pair, prompted, search):
         options = {"max_new_tokens": NEW_TOKENS, "eos_token_id": eos, **search}
         ref = _new_tokens(hf, hf.generate(pixel_values=pixels, **theirs_in, **options), theirs_in)
         got = ours.generate(pixels, **ours_in, **options).tolist()
+        assert Decoding().generate(ours, pixels, **ours_in, **options).tolist() == got
     # rows that ended are padded: transformers' beam search pads with the EOS when the pad id is 0 (T5),
     # ours always with the pad id; the tokens up to each row's EOS and the lengths must be equal
     assert len(got[0]) == len(ref[0]) and _ended(got, eos) == _ended(ref, eos), (family, prompted, search)

@@ -170,18 +170,18 @@ def test_mixed_precision_autocasts_the_qformer_but_not_the_frozen_tower(tmp_path
     import blip2.train.loop as loop
 
     seen: dict[str, list] = {"tower": [], "qformer": []}
-    build = loop.build_model
+    build = loop.build_task
 
     def spy(cfg):
-        model = build(cfg)
+        task = build(cfg)
         for name in seen:
-            module = model.visual.tower if name == "tower" else model.qformer
+            module = task.model.visual.tower if name == "tower" else task.model.qformer
             module.register_forward_hook(
                 lambda m, i, o, name=name: seen[name].append(torch.is_autocast_enabled("cpu"))
             )
-        return model
+        return task
 
-    monkeypatch.setattr(loop, "build_model", spy)
+    monkeypatch.setattr(loop, "build_task", spy)
     result = train(_json_cfg(tmp_path, "run", "train.precision=bf16", "train.max_steps=1"))
     assert result.steps == 1 and math.isfinite(result.last_loss)
     assert seen["tower"] and not any(seen["tower"])

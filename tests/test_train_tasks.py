@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch import Tensor
-from train_utils import make_caption_json
+from torch import Tensor, nn
+from torch.nn import functional as F
+from train_utils import make_caption_json, make_llm_tokenizer
 
 from blip2 import losses, tasks
 from blip2.data.batching import TextSpec
@@ -65,14 +66,65 @@ class ToyTask(Task):
         )
 
 
+class MeanPoolModel(nn.Module):
+    """Not built on a `QueryEncoder`: mean-pooled pixels and token embeddings in one space."""
+
+    def __init__(self, config, vocab_size: int):
+        super().__init__()
+        self.config = config  # the loop reads the image processor's settings from it
+        self.image = nn.Linear(3, 16)
+        self.text = nn.Embedding(vocab_size, 16)
+
+
+class MeanPoolTask(ToyTask):
+    """Image-text contrast on a model of another kind: it overrides the set-up and saving hooks that
+    the base `Task` writes for the Q-Former models."""
+
+    calls: list = []
+
+    def forward(self, input_ids, attention_mask, pixel_values=None) -> ToyOutput:
+        image = F.normalize(self.model.image(pixel_values.mean((2, 3))), dim=-1)  # (B, 16)
+        mask = attention_mask.unsqueeze(-1).float()  # (B, L, 1)
+        text = F.normalize((self.model.text(input_ids) * mask).sum(1) / mask.sum(1), dim=-1)  # (B, 16)
+        sim = image @ text.t() / 0.1  # (B, B)
+        loss = losses.itc_loss(
+            sim, sim.t(), losses.positives(sim.shape[0], sim.shape[1], 0, device=sim.device)
+        )
+        return ToyOutput(loss=loss, loss_toy=loss.detach())
+
+    @classmethod
+    def new_model(cls, config, cfg):
+        return MeanPoolModel(config, config.qformer.vocab_size)
+
+    def set_gradient_checkpointing(self, enabled):
+        self.calls.append(("grad_checkpointing", enabled))
+
+    def set_autocast(self, dtype):
+        self.calls.append(("autocast", dtype))
+
+    def image_tower(self):
+        return None
+
+    def save(self, path, tokenizer):
+        os.makedirs(path)
+        torch.save(self.model.state_dict(), os.path.join(path, "model.pt"))
+
+
 @pytest.fixture
-def toy():
+def scratch_registry(monkeypatch):
+    """Tasks registered in the test are forgotten after it (the library has no way to unregister)."""
+    from blip2.tasks import registry
+
+    monkeypatch.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))
+
+
+@pytest.fixture
+def toy(scratch_registry):
     tasks.register("toy-itc", ToyTask)
-    yield "toy-itc"
-    tasks.unregister("toy-itc")
+    return "toy-itc"
 
 
-def _cfg(tmp_path, task: str):
+def _cfg(tmp_path, task: str, *extra: str):
     ann, root = make_caption_json(str(tmp_path / "data"), n=16)
     return load_config(
         TINY1,
@@ -86,6 +138,7 @@ def _cfg(tmp_path, task: str):
             "train.save_every=0",
             "train.save_final=false",
             "train.log_every=1",
+            *extra,
         ],
     )
 
@@ -108,17 +161,26 @@ def test_a_new_task_trains_through_the_unchanged_training_loop(tmp_path, toy):
     assert torch.equal(trained["itm_head.weight"], start["itm_head.weight"])
 
 
-def test_a_task_name_is_known_only_once_registered(tmp_path):
+def test_a_task_of_another_model_kind_overrides_the_set_up_and_saving_hooks(tmp_path, scratch_registry):
+    torch.set_num_threads(1)
+    tasks.register("toy-meanpool", MeanPoolTask)
+    cfg = _cfg(tmp_path, "toy-meanpool", "train.save_final=true", "train.grad_checkpointing=true")
+    torch.manual_seed(cfg.train.seed)
+    start = MeanPoolTask.build_model(cfg).state_dict()
+    result = train(cfg)
+    assert result.steps == 3 and math.isfinite(result.last_loss)
+    assert MeanPoolTask.calls == [("grad_checkpointing", True), ("autocast", None)]
+    saved = torch.load(os.path.join(result.final_dir, "model.pt"))
+    assert saved.keys() == start.keys() and not torch.equal(saved["image.weight"], start["image.weight"])
+
+
+def test_a_task_name_is_known_only_once_registered(tmp_path, scratch_registry):
     with pytest.raises(UserError, match="unknown task 'toy-itc'"):
         _cfg(tmp_path, "toy-itc")
     tasks.register("toy-itc", ToyTask)
-    try:
-        assert _cfg(tmp_path, "toy-itc").task == "toy-itc"
-        with pytest.raises(ValueError, match="built-in"):
-            tasks.register("stage1", ToyTask)
-    finally:
-        tasks.unregister("toy-itc")
-    assert "toy-itc" not in tasks.names()
+    assert _cfg(tmp_path, "toy-itc").task == "toy-itc" and "toy-itc" in tasks.names()
+    with pytest.raises(ValueError, match="built-in"):
+        tasks.register("stage1", ToyTask)
 
 
 def test_task_names_are_known_without_importing_torch():
@@ -133,3 +195,32 @@ def test_task_names_are_known_without_importing_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "name,prompt,prefix_split",
+    [("stage2", "", True), ("caption", "a photo of", False), ("vqa", "", False)],
+)
+def test_each_stage2_task_name_is_a_type_with_its_text_format(tmp_path, name, prompt, prefix_split):
+    """Pre-training splits encoder-decoder captions at a random word and has no prompt; captioning
+    starts with the model's caption prompt; VQA's prompt is its question."""
+    from blip2.tasks.base import model_config
+    from blip2.tasks.stage2 import Stage2Task
+
+    tok = make_llm_tokenizer(str(tmp_path / "tok"))
+    cfg = load_config(
+        os.path.join(ROOT, "configs", "tiny-stage2.yaml"),
+        [f"task={name}", "model.init_from=null", "model.preset=tiny-t5", "model.llm=null"]
+        + [f"model.llm_tokenizer={tok}", "model.overrides.llm.prompt=a photo of"],
+    )
+    task_type = tasks.get(name)
+    assert issubclass(task_type, Stage2Task) and not task_type.uses_image_ids
+    spec = task_type.text_spec(cfg, cfg.data, model_config(cfg))
+    assert (spec.mode, spec.prompt, spec.prefix_split) == ("seq2seq", prompt, prefix_split)
+
+
+def test_retrieval_is_stage1_with_image_ids():
+    from blip2.tasks.stage1 import Stage1Task
+
+    assert tasks.get("retrieval").uses_image_ids and not tasks.get("stage1").uses_image_ids
+    assert issubclass(tasks.get("retrieval"), Stage1Task)

@@ -75,6 +75,29 @@ def test_config_overrides_and_clear_errors(tmp_path):
         load_config(str(path), ["model.init_from=somewhere"])
 
 
+@pytest.mark.parametrize(
+    "given,read",
+    [("bfloat16", "bfloat16"), ("float16", "float16"), ("float32", "float32")]
+    + [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")],  # older configs' names
+)
+def test_train_precision_takes_the_dtype_names_and_reads_the_older_ones(tmp_path, given, read):
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        f"model: {{preset: tiny-stage1}}\ndata: {{kind: captions, path: x.json}}\ntrain: {{precision: {given}}}\n"
+    )
+    assert load_config(str(path)).train.precision == read
+    assert load_config(str(path), [f"train.precision={given}"]).train.precision == read
+
+
+def test_an_unknown_train_precision_is_one_sentence_naming_the_choices(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("model: {preset: tiny-stage1}\ndata: {kind: captions, path: x.json}\n")
+    with pytest.raises(
+        UserError, match="^train.precision must be one of float32, bfloat16, float16, not 'half'$"
+    ):
+        load_config(str(path), ["train.precision=half"])
+
+
 def test_brace_expansion():
     assert expand_braces("d/{0000..0002}.tar") == ["d/0000.tar", "d/0001.tar", "d/0002.tar"]
     assert expand_braces("a/{x,y}.tar::b.tar") == ["a/x.tar", "a/y.tar", "b.tar"]

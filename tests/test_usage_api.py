@@ -65,6 +65,16 @@ def test_generation_options_reach_generate(captioner, images):
     assert len(words) == len(set(words))  # a huge repetition penalty forbids repeats
 
 
+def test_decode_mode_picks_how_the_captioner_decodes_the_same_text(captioner, images):
+    plain = captioner.caption(images[:2], decode_mode="transformers", **GREEDY)
+    assert captioner.decoding.mode == "fast"  # the captioner's own policy, not the model's
+    for mode in ("fast", "static"):
+        assert captioner.caption(images[:2], decode_mode=mode, **GREEDY) == plain, mode
+    assert captioner.caption(images[0], **GREEDY) == plain[0]
+    with pytest.raises(ValueError, match="unknown decode_mode 'quick'"):
+        captioner.caption(images[0], decode_mode="quick", **GREEDY)
+
+
 def test_streaming_yields_the_greedy_caption_piece_by_piece(captioner, images):
     pieces = list(captioner.caption(images[0], stream=True, max_new_tokens=6))
     assert len(pieces) > 1

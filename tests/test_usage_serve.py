@@ -86,7 +86,7 @@ def upload(path: Path) -> dict:
 def test_health_and_schema(server):
     health = httpx.get(server.url + "/health", timeout=TIMEOUT).json()
     assert health["status"] == "ok"
-    assert {"caption", "ask", "match", "search"} <= set(health["tasks"])
+    assert {"caption", "ask", "match", "search"} <= set(health["methods"])
     schema = httpx.get(server.url + "/openapi.json", timeout=TIMEOUT).json()
     assert {"/caption", "/ask", "/match", "/search", "/health"} <= set(schema["paths"])
 
@@ -242,7 +242,7 @@ def test_a_body_without_content_length_is_counted(server, images):
 class BlockingCaptioner:
     """A stand-in captioner whose `generate` waits for `release` and records the prompts it ran."""
 
-    tasks = ("caption",)
+    methods = ("caption",)
     config = SimpleNamespace(llm=SimpleNamespace(prompt=""))
 
     def __init__(self):
@@ -365,7 +365,7 @@ def test_blip2_serve_command_binds_to_localhost(pipes, tmp_path):
                 break
             except httpx.TransportError:
                 time.sleep(0.2)
-        assert health["tasks"] == ["ask", "caption", "chat", "generate"]
+        assert health["methods"] == ["ask", "caption", "chat", "generate"]
         listening = (
             subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
             if shutil.which("ss")

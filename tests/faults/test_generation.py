@@ -12,11 +12,13 @@ import pytest
 import tiny_hf
 import torch
 import usage_helpers as uh
+from test_decode import static_cache_keys
 from test_stage2 import images, make
 from transformers import OPTConfig, StaticCache
 
 import blip2
 from blip2.errors import UserError
+from blip2.generation import Decoding
 
 POSITIONS = 64  # the LM's position table; the captioner has 8 queries and prompts start with </s>
 QUERIES = tiny_hf.SHAPES["a"]["queries"]
@@ -93,15 +95,15 @@ def test_gpt2_limit_is_its_n_positions_and_t5_has_none():
 
 
 def test_static_decode_after_a_change_of_dtype_gives_the_plain_tokens():
-    model = make("tiny-opt", lively=True).eval()
+    model, decoding = make("tiny-opt", lively=True).eval(), Decoding()
     px = images(2)
-    first = model.generate(px, max_new_tokens=6, decode_mode="static")
-    assert first.tolist() == model.generate(px, max_new_tokens=6, decode_mode="transformers").tolist()
+    first = decoding.generate(model, px, max_new_tokens=6, mode="static")
+    assert first.tolist() == model.generate(px, max_new_tokens=6).tolist()
     model.to(torch.bfloat16)
-    bf16 = model.generate(px.bfloat16(), max_new_tokens=6, decode_mode="static")
-    assert bf16.tolist() == model.generate(px.bfloat16(), max_new_tokens=6, decode_mode="fast").tolist()
+    bf16 = decoding.generate(model, px.bfloat16(), max_new_tokens=6, mode="static")
+    assert bf16.tolist() == decoding.generate(model, px.bfloat16(), max_new_tokens=6, mode="fast").tolist()
     model.to(torch.float32)  # and back: the float32 cache again
-    assert model.generate(px, max_new_tokens=6, decode_mode="static").tolist() == first.tolist()
+    assert decoding.generate(model, px, max_new_tokens=6, mode="static").tolist() == first.tolist()
 
 
 def _live_static_caches() -> int:
@@ -109,20 +111,20 @@ def _live_static_caches() -> int:
     return sum(isinstance(o, StaticCache) for o in gc.get_objects())
 
 
-def test_static_caches_are_bounded_and_freed_with_the_model():
+def test_static_caches_are_bounded_and_freed_with_their_holder():
     before = _live_static_caches()
-    model = make("tiny-opt").eval()
+    model, decoding = make("tiny-opt").eval(), Decoding(mode="static")
     for batch in (1, 2, 3):
         for new_tokens in (4, 40, 80):  # cache lengths rounded up to 32, 64, 96
-            model.generate(images(batch), max_new_tokens=new_tokens, decode_mode="static")
-    assert _live_static_caches() - before <= model.decoding.max_static_caches
-    assert len(model.decoding.static_cache_keys()) <= model.decoding.max_static_caches
+            decoding.generate(model, images(batch), max_new_tokens=new_tokens)
+    assert _live_static_caches() - before <= decoding.max_static_caches
+    assert len(static_cache_keys(decoding)) <= decoding.max_static_caches
     # the most recent shape is kept: reusing it makes no new cache
     kept = _live_static_caches()
-    model.generate(images(3), max_new_tokens=80, decode_mode="static")
+    decoding.generate(model, images(3), max_new_tokens=80)
     assert _live_static_caches() == kept
     llm = weakref.ref(model.llm)
-    del model
+    del model, decoding
     gc.collect()
     assert llm() is None and _live_static_caches() == before
 

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     options.show_notices()
     generate_options = options.generation_options(args)
     pipe = options.load_pipeline(
-        args.model, args.device, args.dtype, task="ask", **options.load_options(args)
+        args.model, args.device, args.dtype, method="ask", **options.load_options(args)
     )
     image = load_image(args.image, args.max_pixels)
     history: list[tuple[str, str]] = []

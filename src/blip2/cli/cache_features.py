@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from blip2.cli import options
+from blip2.config import DTYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--part-size", type=int, default=4096, help="images per .npy part")
     p.add_argument(
         "--dtype",
-        choices=("tower", "float16", "bfloat16", "float32"),
+        choices=("tower", *DTYPES),
         default="tower",
         help="storage precision (default: the tower's; bfloat16 is stored as float32 by NumPy)",
     )

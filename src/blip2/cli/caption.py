@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     info = setup(args.device)
     try:
         pipe = options.load_pipeline(
-            args.model, str(info.device), args.dtype, task="caption", **options.load_options(args)
+            args.model, str(info.device), args.dtype, method="caption", **options.load_options(args)
         )
         stats = caption_items(
             pipe,

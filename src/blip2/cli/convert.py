@@ -16,22 +16,17 @@ from __future__ import annotations
 import argparse
 import os
 
+from blip2.cli import options
+from blip2.config import DTYPES
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="LAVIS .pth file, transformers folder, our folder or hub id")
     p.add_argument("output", nargs="?", help="folder to write (or --out)")
     p.add_argument("--out", help="folder to write")
-    p.add_argument("--preset", help="preset of a LAVIS file without its released name (`blip2 presets`)")
-    p.add_argument("--config", help="Blip2Config JSON file of a LAVIS file whose sizes match no preset")
-    p.add_argument(
-        "--vision-weights",
-        help="image encoder: LAVIS file (eva_vit_g.pth, clip_vit_L.pth) or transformers folder",
-    )
-    p.add_argument("--llm", help="LLM folder or hub id of a LAVIS stage-2 checkpoint")
-    p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the checkpoint's)")
-    p.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="precision of the frozen towers"
-    )
+    p.add_argument("--dtype", choices=DTYPES, help="precision of the frozen towers")
+    loading = options.add_loading_arguments(p)
+    loading.add_argument("--config", help="Blip2Config JSON file of a LAVIS file whose sizes match no preset")
 
 
 def _same(output: str, source: str) -> bool:
@@ -52,15 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if os.path.isfile(args.output):
         raise UserError(f"the output {args.output} is a file: give a folder to write the model into")
 
-    pipe = load(
-        args.source,
-        preset=args.preset,
-        config=args.config,
-        vision_weights=args.vision_weights,
-        llm=args.llm,
-        tokenizer=args.tokenizer,
-        dtype=args.dtype,
-    )
+    pipe = load(args.source, config=args.config, dtype=args.dtype, **options.load_options(args))
     pipe.save_pretrained(args.output)
     print(f"wrote {args.output} ({pipe.config.name or 'blip2'}, {pipe.config.kind} model)")
     return 0

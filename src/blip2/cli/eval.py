@@ -106,26 +106,20 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     if args.task == "score":
         return _score(args)
-    import blip2
     from blip2.distributed import setup, teardown
-    from blip2.errors import UserError
     from blip2.eval import datasets, runner
 
     settings = {} if args.task == "retrieval" else _settings(args)  # checked before a model loads
     info = setup(args.device)
     try:
-        pipe = blip2.load(
+        pipe = options.load_pipeline(
             args.model,
-            device=info.device,
-            dtype=args.dtype,
+            str(info.device),
+            args.dtype,
+            method="search" if args.task == "retrieval" else "generate",
+            what=f"`blip2 eval {args.task}`",
             **options.load_options(args),
         )
-        need = blip2.Retriever if args.task == "retrieval" else blip2.Captioner
-        if not isinstance(pipe, need):
-            kind = "a stage-1 (retrieval)" if need is blip2.Retriever else "a stage-2 (captioning / VQA)"
-            raise UserError(
-                f"`blip2 eval {args.task}` needs {kind} model; {args.model} loads as a {type(pipe).__name__}"
-            )
         run_id = {"model": str(args.model), "dataset": str(args.dataset)}
 
         def log(msg: str) -> None:

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     options.show_notices()
     pipe = options.load_pipeline(
-        args.model, args.device, args.dtype, task="match", **options.load_options(args)
+        args.model, args.device, args.dtype, method="match", **options.load_options(args)
     )
     image = load_image(args.image, args.max_pixels)
     itm = pipe.match(image, args.texts).tolist()

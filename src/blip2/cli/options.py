@@ -69,13 +69,23 @@ def add_model_arguments(parser: argparse.ArgumentParser, image_limit: bool = Tru
     `image_limit`, `--max-pixels`."""
     parser.add_argument("--model", required=True, help="hub id, model folder or LAVIS checkpoint file")
     add_device_arguments(parser)
-    loading = parser.add_argument_group("checkpoints that need more to load (LAVIS .pth files)")
-    loading.add_argument("--preset", help="which model a LAVIS checkpoint file is (`blip2 presets`)")
-    loading.add_argument("--vision-weights", help="LAVIS image-encoder file (eva_vit_g.pth, clip_vit_L.pth)")
-    loading.add_argument("--llm", help="LLM folder or hub id of a LAVIS stage-2 checkpoint")
-    loading.add_argument("--tokenizer", help="tokenizer folder or hub id when the model has none beside it")
+    add_loading_arguments(parser)
     if image_limit:
         add_max_pixels(parser)
+
+
+def add_loading_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """`--preset`, `--vision-weights`, `--llm`, `--tokenizer`: what a LAVIS checkpoint file needs to load
+    (`load_options` reads them). Returns their group, for a command's own loading options."""
+    loading = parser.add_argument_group("checkpoints that need more to load (LAVIS .pth files)")
+    loading.add_argument("--preset", help="which model a LAVIS checkpoint file is (`blip2 presets`)")
+    loading.add_argument(
+        "--vision-weights",
+        help="image encoder: LAVIS file (eva_vit_g.pth, clip_vit_L.pth) or transformers folder",
+    )
+    loading.add_argument("--llm", help="LLM folder or hub id of a LAVIS stage-2 checkpoint")
+    loading.add_argument("--tokenizer", help="tokenizer folder or hub id when the model has none beside it")
+    return loading
 
 
 def add_max_pixels(parser: argparse.ArgumentParser) -> None:
@@ -132,7 +142,7 @@ def add_overrides(parser: argparse.ArgumentParser, help_text: str) -> None:
 
 
 def load_options(args: argparse.Namespace) -> dict[str, Any]:
-    """`blip2.load`'s extra options given on the command line (`add_model_arguments`)."""
+    """`blip2.load`'s extra options given on the command line (`add_loading_arguments`)."""
     names = ("preset", "vision_weights", "llm", "tokenizer")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
@@ -141,14 +151,16 @@ def load_pipeline(
     model: str,
     device: str | None = None,
     dtype: str | None = None,
-    task: str | None = None,
+    method: str | None = None,
+    what: str | None = None,
     **options: Any,
 ) -> Any:
     """`blip2.load` for a command: anything that goes wrong is one sentence (`UserError`).
 
     Args:
-        task: the method the command needs (`caption`, `match`, ...); a checkpoint of the other kind
+        method: a method the command needs (`caption`, `match`, ...); a checkpoint of the other kind
             (`Captioner` or `Retriever`) is refused with a sentence naming the kind to use.
+        what: what needs that kind, in the refusal (default: `method`), e.g. "`blip2 eval vqa`".
         options: more `blip2.load` options (`load_options`).
     """
     import blip2
@@ -160,14 +172,14 @@ def load_pipeline(
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load a BLIP-2 model from {model} ({reason})") from None
-    if task is not None:
+    if method is not None:
         from blip2.pipelines import Captioner, Retriever
 
-        need = Captioner if task in Captioner.tasks else Retriever
+        need = Captioner if method in Captioner.methods else Retriever
         if not isinstance(pipe, need):
             raise UserError(
-                f"{task} needs {need.checkpoint_kind}; {model} is a {type(pipe).__name__.lower()} "
-                f"checkpoint, which offers {', '.join(pipe.tasks)}"
+                f"{what or method} needs {need.checkpoint_kind}; {model} is a {type(pipe).__name__.lower()} "
+                f"checkpoint, which offers {', '.join(pipe.methods)}"
             )
     return pipe
 

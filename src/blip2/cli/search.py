@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if not items:
         raise UserError("the inputs hold no images (folders and globs count .jpg, .png, ... files only)")
     pipe = options.load_pipeline(
-        args.model, args.device, args.dtype, task="search", **options.load_options(args)
+        args.model, args.device, args.dtype, method="search", **options.load_options(args)
     )
     keys: list[str] = []
     feats: list[torch.Tensor] = []

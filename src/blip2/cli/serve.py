@@ -108,9 +108,10 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
     )
     app = create_app(pipes, settings)
-    tasks = sorted({t for p in pipes for t in p.tasks} & {"caption", "ask", "match", "search"})
+    methods = sorted({m for p in pipes for m in p.methods} & {"caption", "ask", "match", "search"})
     print(
-        f"serving {', '.join(tasks)} on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr
+        f"serving {', '.join(methods)} on http://{args.host}:{args.port}/ (API docs at /docs)",
+        file=sys.stderr,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5)
     return 0

@@ -14,7 +14,9 @@ Layouts (see the project's formats reference):
 * `retrieval`: like `captions`, and every caption of an image shares the image's integer id (the ITC
   positives of retrieval fine-tuning). An entry's optional `image_id` (as in the original code's
   `coco_karpathy_train.json`) groups entries instead of the image path: entries sharing it are one
-  "image" for ITC positives and ITM negatives.
+  "image" for ITC positives and ITM negatives;
+* `instructions`: one's own instruction data, a plain list `[{"image", "instruction", "answer"}]`
+  (instruction tuning: the instruction is read as it is, no template).
 
 Image paths are joined to an image root. Each record carries a `key` naming its image (the relative
 path), which is also what the frozen-feature cache is indexed by.
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 
 from blip2.errors import UserError
 
-KINDS = ("captions", "karpathy", "coco", "vqa", "retrieval")
+KINDS = ("captions", "karpathy", "coco", "vqa", "retrieval", "instructions")
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Record:
         image: a path or the encoded bytes (None when features come from a cache).
         text: the caption (captioning and stage-1/2 pre-training).
         question, answers: VQA; the first answer is the training target.
+        instruction: one's own instruction (instruction tuning), its answer in `text`.
         image_id: integer id shared by the captions of one image (ITC positives), -1 when unknown.
     """
 
@@ -50,6 +53,7 @@ class Record:
     question: str | None = None
     answers: list[str] = field(default_factory=list)
     image_id: int = -1
+    instruction: str | None = None
 
 
 def _read_json(path: str):
@@ -145,6 +149,28 @@ def _vqa_list(items: list, path: str, root: str) -> list[Record]:
     return recs
 
 
+def _instruction_list(items: list, path: str, root: str) -> list[Record]:
+    if not isinstance(items, list):
+        raise UserError(f"{path} should hold a list of {{'image', 'instruction', 'answer'}} entries")
+    ids = _ids(str(it.get("image", "")) for it in items if isinstance(it, dict))
+    recs = []
+    for i, it in enumerate(items):
+        if not isinstance(it, dict) or not all(
+            isinstance(it.get(k), str) for k in ("image", "instruction", "answer")
+        ):
+            raise UserError(f"entry {i} of {path} needs 'image', 'instruction' and 'answer' strings")
+        recs.append(
+            Record(
+                it["image"],
+                _join(root, it["image"]),
+                text=it["answer"],
+                instruction=it["instruction"],
+                image_id=ids[it["image"]],
+            )
+        )
+    return recs
+
+
 def load_records(
     kind: str,
     path: str,
@@ -172,6 +198,8 @@ def load_records(
         recs = _karpathy(data, images, split)
     elif kind == "coco":
         recs = _coco(data, images)
+    elif kind == "instructions":
+        recs = _instruction_list(data, path, images)
     elif questions:
         recs = _vqa_official(_read_json(questions), data, images, image_pattern)
     else:

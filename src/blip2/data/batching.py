@@ -15,6 +15,12 @@ Text, per objective:
   at a random word in its first half: the head goes to the encoder, the rest is the target (the paper's
   prefix-LM loss; LAVIS issue #139).
 
+Instruction tuning (`TextSpec.instruct`, InstructBLIP) runs the LLM text as `causal` or `seq2seq` with
+the record's instruction as the prompt (`blip2.data.instructions`: a template per caption or VQA
+record, one's own instructions as they are), and tokenizes the instruction a second time for the
+Q-Former (`qformer_input_ids`, `qformer_attention_mask`; long instructions lose their start, as
+InstructBLIP truncates on the left).
+
 Augmentation (random resized crop 0.5-1 + flip) draws from a per-sample generator seeded by
 `(seed, epoch, sample)`, so a run is reproducible whatever the number of workers and across resumes.
 Cached features are never augmented.
@@ -31,6 +37,7 @@ import torch
 
 from blip2.data.annotations import Record
 from blip2.data.features import FeatureStore, image_digest
+from blip2.data.instructions import instruction_pair
 from blip2.errors import UserError
 from blip2.processing import ImageError, ImageProcessor, clean_caption, clean_question
 
@@ -68,6 +75,10 @@ class TextSpec:
         eos_text: appended to each target (OPT: "\\n"); None for the tokenizer's own EOS handling.
         vqa_template: question format for VQA records.
         prefix_split: seq2seq pre-training: split captions into encoder prefix and target.
+        instruct: instruction tuning: every record as `(instruction, answer)`, the instruction as the
+            prompt.
+        qformer_tokenizer: the Q-Former's BERT tokenizer, for the instruction the Q-Former reads.
+        instruction_max_len: token budget of that instruction (InstructBLIP: 128).
     """
 
     mode: str
@@ -77,6 +88,9 @@ class TextSpec:
     eos_text: str | None = None
     vqa_template: str = "Question: {} Answer:"
     prefix_split: bool = False
+    instruct: bool = False
+    qformer_tokenizer: Any = None
+    instruction_max_len: int = 128
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -116,7 +130,7 @@ class Preprocessor:
         """Decode one record; raises `BadSample` for one to skip."""
         gen = torch.Generator().manual_seed(seed)
         sample: dict[str, Any] = {"image_id": rec.image_id, "key": rec.key}
-        sample.update(self._texts(rec, gen))
+        sample.update(self._instruction(rec, seed) if self.text.instruct else self._texts(rec, gen))
         if self.features is not None:
             sample["image_features"] = self._cached(rec)
         else:
@@ -151,6 +165,16 @@ class Preprocessor:
                 "made from other data (or another data.path); re-run `blip2 cache-features` with this "
                 "training config"
             ) from None
+
+    def _instruction(self, rec: Record, seed: int) -> dict[str, str]:
+        try:
+            instruction, answer = instruction_pair(rec, seed)
+        except UserError as e:
+            raise BadSample("text", str(e)) from None
+        answer = clean_caption(answer) if rec.question is None and rec.instruction is None else answer.strip()
+        if not answer or not instruction.strip():
+            raise BadSample("text", f"{rec.key}: an empty instruction or answer")
+        return {"prompt": instruction.strip(), "target": answer, "instruction": instruction.strip()}
 
     def _texts(self, rec: Record, gen: torch.Generator) -> dict[str, str]:
         t = self.text
@@ -197,6 +221,20 @@ class Preprocessor:
             batch.update(self._causal(samples))
         else:
             batch.update(self._seq2seq(samples))
+        if t.qformer_tokenizer is not None:
+            qtok = t.qformer_tokenizer
+            qtok.padding_side, qtok.truncation_side = "right", "left"
+            enc = qtok(
+                [s["instruction"] for s in samples],
+                padding="longest",
+                truncation=True,
+                max_length=t.instruction_max_len,
+                return_tensors="pt",
+            )
+            batch["qformer_input_ids"], batch["qformer_attention_mask"] = (
+                enc["input_ids"],
+                enc["attention_mask"],
+            )
         return batch
 
     def _causal(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -183,7 +183,7 @@ def train_config(task: str, model: dict, data: dict, out: str, steps: int, b: Bu
                 "output_dir": out,
                 "batch_size": b.batch_size,
                 "max_steps": steps,
-                "precision": "fp32",
+                "precision": "float32",
                 "log_every": max(1, steps // 50),
                 "save_every": 0,
                 "keep_checkpoints": 1,

@@ -22,7 +22,7 @@ import json
 import os
 import random
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
@@ -427,22 +427,3 @@ def write_dataset(
 def _dump(path: str, obj: object) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=0)
-
-
-def vocabulary(vqa_template: str) -> list[str]:
-    """Every word the grammar can produce (captions, questions, answers, the VQA template), sorted."""
-    words: set[str] = set()
-    scenes: Iterable[Scene] = World().scenes
-    rng = random.Random(0)
-    for s in scenes:
-        for c in captions(s):
-            words.update(c.split())
-        for kind in QUESTIONS:
-            for template in QUESTIONS[kind][0]:
-                for other in COLOURS:
-                    text = template.format(shape=s.shape, colour=s.colour, other_colour=other)
-                    words.update(text.replace("?", " ? ").split())
-            words.update(ANSWERS[kind])
-        question(s, "colour", rng)
-    words.update(vqa_template.format("").replace(":", " : ").split())
-    return sorted(words)

@@ -1,6 +1,7 @@
 """Opt-in speed paths of generation, behind one object that owns its state (`Decoding`).
 
-* `decoding.py`: `Decoding`, what `LanguageBridge.generate` asks which way to decode;
+* `decoding.py`: `Decoding`, the decode policy and its caches; `Decoding.generate(model, ...)` gives
+  what the model's plain `generate` gives, faster;
 * `greedy.py`: the lean greedy loop (stateless functions of an LM);
 * `graphs.py`: `GraphCache`, CUDA graphs of a function of one tensor.
 """

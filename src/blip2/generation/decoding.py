@@ -1,7 +1,9 @@
-"""`Decoding`: the opt-in speed paths of `LanguageBridge.generate`, and the state they keep.
+"""`Decoding`: the opt-in speed paths of BLIP-2 generation, the policy that picks one, and their state.
 
-The bridge's `generate` is transformers' `generate` on `[soft prompt][prompt]` embeddings. For the
-options captioning uses, most of its time is overhead, not arithmetic, and this object removes it:
+`LanguageBridge.generate` is the plain path: transformers' `generate` on `[soft prompt][prompt]`
+embeddings. For the options captioning uses, most of its time is overhead, not arithmetic, and
+`Decoding.generate(model, ...)` removes it, reusing the model's own steps (`generation_inputs`,
+`generate_from_embeds`) around a faster image side and greedy loop:
 
 * "fast": greedy search runs the lean loop of `blip2.generation.greedy` with the LM's dynamic cache;
 * "static": the lean loop over a preallocated `StaticCache` (decoder-only LMs): fixed shapes per step;
@@ -9,12 +11,12 @@ options captioning uses, most of its time is overhead, not arithmetic, and this 
   replayed from a CUDA graph captured once per batch shape (`GraphCache`);
 * "compiled": "static" with the step compiled by `torch.compile` on any device (inductor kernels on
   CPU; the first call of each batch shape compiles, so it pays off over many batches);
-* "transformers": always the LM's own `generate`.
+* "transformers": always the model's plain `generate`.
 
-Options the lean loop does not implement (beams, sampling, scores, ...) always go to transformers; the
-tokens are the same either way. The state (static caches, compiled steps, image-side graphs, the LM's
-`forward` argument names) lives here, one `Decoding` per model: it goes when the model goes, and a
-copy of the model (`copy.deepcopy`, pickling) starts with an empty one.
+Options the lean loop does not implement (beams, sampling, scores, ...) always go to the plain path;
+the tokens are the same either way. The state (static caches, compiled steps, image-side graphs) lives
+here, one `Decoding` per loaded model, held by whoever picks the policy (`blip2.pipelines.Captioner`):
+it goes when its holder goes, and a copy (`copy.deepcopy`, pickling) starts with empty caches.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 
 from blip2.generation import greedy as lean
 from blip2.generation.graphs import GraphCache
+from blip2.models.language import forward_params, pad_after_eos
 
 if TYPE_CHECKING:
     from blip2.models.bridge import LanguageBridge
@@ -39,7 +42,7 @@ GUARD_FILTER = getattr(torch.compiler, "keep_tensor_guards_unsafe", None)
 
 
 class Decoding:
-    """How `LanguageBridge.generate` decodes, and the caches that make it fast.
+    """How BLIP-2 generation decodes, and the caches that make it fast.
 
     Args:
         mode: the default decode mode, one of `MODES` (see the module docstring).
@@ -50,14 +53,11 @@ class Decoding:
     MODES = ("fast", "static", "compiled", "transformers")
 
     def __init__(self, mode: str = "fast", max_static_caches: int = 4):
-        if mode not in self.MODES:
-            raise ValueError(f"unknown decode_mode {mode!r}: use one of {self.MODES}")
-        self.mode = mode
+        self.mode = self._check(mode)
         self.max_static_caches = max_static_caches
         self.prefix_graphs = GraphCache()  # the image side, per batch shape (CUDA only)
         self._static_caches: OrderedDict[tuple, Any] = OrderedDict()
         self._steps: dict[str, tuple[nn.Module, Callable]] = {}  # device type -> (its LM, compiled step)
-        self._params: dict[type, frozenset[str]] = {}  # LM class -> its forward's argument names
 
     def __deepcopy__(self, memo: dict) -> Decoding:
         return Decoding(self.mode, self.max_static_caches)  # caches belong to the original's LM
@@ -68,12 +68,42 @@ class Decoding:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
 
-    def check_mode(self, mode: str | None) -> str:
-        """`mode`, or the default for None; a `ValueError` for an unknown one."""
-        mode = mode or self.mode
+    def _check(self, mode: str) -> str:
         if mode not in self.MODES:
             raise ValueError(f"unknown decode_mode {mode!r}: use one of {self.MODES}")
         return mode
+
+    @torch.no_grad()
+    def generate(
+        self,
+        model: LanguageBridge,
+        pixel_values: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        image_features: Tensor | None = None,
+        mode: str | None = None,
+        qformer_input_ids: Tensor | None = None,
+        qformer_attention_mask: Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> Tensor:
+        """`model.generate(pixel_values, input_ids, attention_mask, ...)`, the same tokens and outputs,
+        decoded the `mode` way (default `self.mode`; a `ValueError` for an unknown one). An instruction
+        for the Q-Former (`qformer_input_ids`, InstructBLIP) runs the image side without a graph.
+
+        Greedy search with only `max_new_tokens`, `min_new_tokens`, `repetition_penalty`, EOS and pad
+        ids runs the lean loop; any other options run the model's plain path.
+        """
+        mode = self._check(mode or self.mode)
+        if qformer_input_ids is None:
+            prefix = self.prefix(model, pixel_values, image_features, mode)  # (B, Q, E), once per image
+        else:
+            prefix = model.prefix(pixel_values, image_features, qformer_input_ids, qformer_attention_mask)
+        embeds, mask, options = model.generation_inputs(prefix, input_ids, attention_mask, **generate_kwargs)
+        tokens = self.greedy(model.llm, embeds, mask, options, mode)  # None: options it lacks
+        if tokens is None:
+            return model.generate_from_embeds(embeds, mask, **options)
+        return pad_after_eos(tokens, options["eos_token_id"], options.get("pad_token_id"))
 
     # ---------------------------------------------------------------------------------- image side
 
@@ -103,7 +133,7 @@ class Decoding:
         mask `(B, P)`, or None where `mode` or `options` (`generate`'s) call for transformers."""
         if mode == "transformers" or not lean.supports(llm, options):
             return None
-        params = self._forward_params(llm)
+        params = forward_params(llm)
         is_enc_dec = bool(getattr(llm.config, "is_encoder_decoder", False))
         if mode == "fast" or is_enc_dec:
             return lean.greedy(llm, embeds, mask, params=params, **options)
@@ -114,13 +144,6 @@ class Decoding:
             return self._static_cache(llm, batch, length, dtype, device)
 
         return lean.greedy(llm, embeds, mask, params=params, static_cache=static_cache, step=step, **options)
-
-    def _forward_params(self, llm: nn.Module) -> frozenset[str]:
-        """The argument names of the LM's `forward` (inspect is slow: once per LM class)."""
-        params = self._params.get(type(llm))
-        if params is None:
-            params = self._params[type(llm)] = lean.forward_params(llm)
-        return params
 
     def _static_cache(
         self, llm: nn.Module, batch: int, length: int, dtype: torch.dtype, device: torch.device
@@ -144,10 +167,6 @@ class Decoding:
         while len(self._static_caches) > self.max_static_caches:
             self._static_caches.popitem(last=False)
         return cache
-
-    def static_cache_keys(self) -> list[tuple]:
-        """The `(batch, length, dtype, device)` of the static caches kept, oldest first."""
-        return list(self._static_caches)
 
     def _compiled_step(self, llm: nn.Module, params: frozenset[str], device: str) -> Callable:
         """The static-cache decode step compiled: into CUDA graphs on CUDA, inductor kernels elsewhere

@@ -23,14 +23,13 @@ the step (`decode_step`) can be compiled. The functions here keep no state: the 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from blip2.models.language import position_ids
+from blip2.models.language import forward_params, position_ids
 
 # generate options the loop implements, and the values that keep it greedy
 _HANDLED = {"max_new_tokens", "min_new_tokens", "repetition_penalty", "eos_token_id", "pad_token_id"}
@@ -107,11 +106,6 @@ def supports(llm: nn.Module, options: dict[str, Any]) -> bool:
         if getattr(config, key, default) not in (default, None):
             return False
     return True
-
-
-def forward_params(llm: nn.Module) -> frozenset[str]:
-    """The argument names of an LM's `forward` (inspect is slow: `Decoding` keeps them per LM class)."""
-    return frozenset(inspect.signature(type(llm).forward).parameters)
 
 
 def _cache_key(params: frozenset[str]) -> str:

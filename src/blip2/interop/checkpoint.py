@@ -318,11 +318,6 @@ def load_pretrained_llm(llm_path: Path, llm_config: LLMConfig) -> nn.Module:
     return language.tie_input_embeddings(llm)  # the saved `shared.weight` for T5's encoder and decoder
 
 
-def save_lavis(model: nn.Module) -> dict[str, Tensor]:
-    """Our model's state dict in LAVIS key names (the whole model, frozen towers included)."""
-    return convert(unique_state_dict(model), lavis.rules(model.config), to="theirs")
-
-
 __all__ = [
     "CheckpointError",
     "build_model",
@@ -332,6 +327,5 @@ __all__ = [
     "pretrained_llm_config",
     "read_state_dict",
     "save_folder",
-    "save_lavis",
     "with_dtype",
 ]

@@ -11,10 +11,10 @@ Li et al. (2023), section 3.3. The query encoder's outputs (`[B, Q, D]`) go thro
 The LLM is the transformers model itself (`self.llm`): frozen (no parameter gradients, no updates) but
 differentiable. `forward` gives the LLM's logits and the targets they are scored against; the loss is
 the stage-2 task's (`blip2.tasks.stage2`). `generate` uses the LM's own `generate` with
-`inputs_embeds`, so greedy, beam search, sampling and the penalties behave exactly as in transformers;
-the opt-in speed paths (lean greedy loop, static cache, compiled step, CUDA graphs) are one object,
-`self.decoding` (`blip2.generation.Decoding`), which `generate` asks in two places. The model takes
-token ids and never tokenizes.
+`inputs_embeds`, so greedy, beam search, sampling and the penalties behave exactly as in transformers.
+It is two steps, `generation_inputs` and `generate_from_embeds`, that the opt-in speed paths
+(`blip2.generation.Decoding`, held by the caller, not the model) reuse around their own image side and
+greedy loop. The model takes token ids and never tokenizes.
 
 Precision: the frozen towers run in their configured dtype; the Q-Former and projection keep fp32
 weights and, with `autocast_dtype = torch.bfloat16`, compute in bf16 under autocast (fp32 master
@@ -69,8 +69,6 @@ class LanguageBridge(QueryEncoder):
     Attributes:
         eos_token_id: the id that ends generated text, passed to `generate` (default: the LM's own). The
             caller sets it from `config.llm.eos_text` with its tokenizer (OPT: "\\n" = 50118).
-        decoding: the speed paths of `generate` and their state (`blip2.generation.Decoding`; its
-            `mode` is the default `decode_mode`).
         autocast_dtype: compute dtype of the Q-Former and projection under `torch.autocast` (e.g.
             `torch.bfloat16`); None (default) computes in the weights' dtype (fp32).
     """
@@ -101,13 +99,9 @@ class LanguageBridge(QueryEncoder):
         self.language_projection = nn.Linear(config.qformer.hidden_size, language.embedding_width(self.llm))
         eos = getattr(getattr(self.llm, "generation_config", None), "eos_token_id", None)
         self.eos_token_id: int | list[int] | None = eos if eos is not None else self.llm.config.eos_token_id
-        self._pass_position_ids = not self.is_encoder_decoder and language.forward_accepts(
-            self.llm, "position_ids"
-        )
-        self._takes_logits_to_keep = language.forward_accepts(self.llm, "logits_to_keep")
-        from blip2.generation import Decoding  # the speed layer sits on top of the models
-
-        self.decoding = Decoding()
+        params = language.forward_params(self.llm)
+        self._pass_position_ids = not self.is_encoder_decoder and "position_ids" in params
+        self._takes_logits_to_keep = "logits_to_keep" in params
 
     # ---------------------------------------------------------------------------------- building
 
@@ -369,7 +363,6 @@ class LanguageBridge(QueryEncoder):
         attention_mask: Tensor | None = None,
         *,
         image_features: Tensor | None = None,
-        decode_mode: str | None = None,
         qformer_input_ids: Tensor | None = None,
         qformer_attention_mask: Tensor | None = None,
         **generate_kwargs: Any,
@@ -383,15 +376,13 @@ class LanguageBridge(QueryEncoder):
         arguments go to the LM's `generate` under transformers' names: `num_beams`, `do_sample`,
         `temperature`, `top_p`, `max_new_tokens` (default 30), `min_new_tokens`, `length_penalty`,
         `repetition_penalty`, `num_return_sequences`, ... `eos_token_id` defaults to `self.eos_token_id`.
-        Greedy search with only `max_new_tokens`, `min_new_tokens`, `repetition_penalty`, EOS and pad
-        ids runs `self.decoding`'s lean loop instead (same tokens; see `blip2.generation.Decoding`).
+        The same tokens, faster: `blip2.generation.Decoding.generate`.
 
         Args:
             pixel_values: `(B, 3, H, W)` images, or
             image_features: `(B, N, Dv)` cached frozen features.
             input_ids: `(B, L)` prompt ids, or `(1, L)` for one prompt shared by all images.
             attention_mask: `(B, L)` prompt padding mask.
-            decode_mode: one of `Decoding.MODES`; overrides `self.decoding.mode` for this call.
             qformer_input_ids, qformer_attention_mask: the instruction the Q-Former reads, as `forward`.
 
         Raises:
@@ -403,12 +394,31 @@ class LanguageBridge(QueryEncoder):
             pad id after their EOS. With `return_dict_in_generate=True`, transformers' output object
             (scores and all) with these `sequences`.
         """
-        mode = self.decoding.check_mode(decode_mode)
-        # (B, Q, E), once per image; with an instruction without the image side's graph
-        if qformer_input_ids is None:
-            prefix = self.decoding.prefix(self, pixel_values, image_features, mode)
-        else:
-            prefix = self.prefix(pixel_values, image_features, qformer_input_ids, qformer_attention_mask)
+        instruction = (qformer_input_ids, qformer_attention_mask)
+        prefix = self.prefix(pixel_values, image_features, *instruction)  # (B, Q, E), once per image
+        embeds, mask, options = self.generation_inputs(prefix, input_ids, attention_mask, **generate_kwargs)
+        return self.generate_from_embeds(embeds, mask, **options)
+
+    def generation_inputs(
+        self,
+        prefix: Tensor,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """What the LM's `generate` gets for a soft prompt and a text prompt (arguments as `generate`).
+
+        Args:
+            prefix: `(B, Q, E)` soft prompt (`self.prefix`).
+
+        Returns:
+            `(embeds, mask, options)`: `[soft prompt][prompt]` embeddings `(B, Q + L, E)` (decoder-only:
+            the prompt left padded; encoder-decoder: right padded), their mask `(B, Q + L)`, and the
+            generate options with the defaults filled in (EOS and pad ids, `max_new_tokens`).
+
+        Raises:
+            UserError: too long for the LLM (`check_generation_length`).
+        """
         b, q = prefix.shape[:2]
         if input_ids is None:
             bos = language.start_token_id(self.llm)
@@ -427,16 +437,16 @@ class LanguageBridge(QueryEncoder):
                 f"got {b} images but {input_ids.shape[0]} prompts: pass one prompt or one per image"
             )
 
-        kwargs = dict(generate_kwargs)
-        kwargs.setdefault("eos_token_id", self.eos_token_id)
+        options = dict(generate_kwargs)
+        options.setdefault("eos_token_id", self.eos_token_id)
         if self.pad_token_id is not None:
-            kwargs.setdefault("pad_token_id", self.pad_token_id)
-        if "max_new_tokens" not in kwargs and "max_length" not in kwargs:
-            kwargs["max_new_tokens"] = 30
+            options.setdefault("pad_token_id", self.pad_token_id)
+        if "max_new_tokens" not in options and "max_length" not in options:
+            options["max_new_tokens"] = 30
 
         # before the LM fails on a position past its table
         self.check_generation_length(
-            input_ids.shape[1], kwargs.get("max_new_tokens"), kwargs.get("max_length")
+            input_ids.shape[1], options.get("max_new_tokens"), options.get("max_length")
         )
         if self.is_encoder_decoder:
             embeds, mask = self._encoder_inputs(prefix, input_ids, attention_mask)
@@ -444,15 +454,17 @@ class LanguageBridge(QueryEncoder):
             input_ids, attention_mask = language.move_padding(input_ids, attention_mask, "left")
             embeds = torch.cat([prefix, self.embed_tokens(input_ids)], dim=1)  # (B, Q + L, E)
             mask = torch.cat([attention_mask.new_ones(b, q), attention_mask], dim=1)
+        return embeds, mask, options
 
-        fast = self.decoding.greedy(self.llm, embeds, mask, kwargs, mode)  # None: options it lacks
-        if fast is not None:
-            return language.pad_after_eos(fast, kwargs["eos_token_id"], kwargs.get("pad_token_id"))
-        out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+    @torch.no_grad()
+    def generate_from_embeds(self, embeds: Tensor, mask: Tensor, **options: Any) -> Tensor:
+        """The LM's own `generate` on `generation_inputs`' output: the new token ids `(B', T)`, padded
+        after each row's EOS (or transformers' output object with these `sequences`, as `generate`)."""
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **options)
         sequences = out if isinstance(out, Tensor) else out.sequences
         if self.is_encoder_decoder:
             sequences = sequences[:, 1:]  # drop the decoder start token
-        sequences = language.pad_after_eos(sequences, kwargs["eos_token_id"], kwargs.get("pad_token_id"))
+        sequences = language.pad_after_eos(sequences, options["eos_token_id"], options.get("pad_token_id"))
         if isinstance(out, Tensor):
             return sequences
         out.sequences = sequences

@@ -18,6 +18,7 @@ Padding conventions (all handled here so callers can pad either way):
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -133,10 +134,15 @@ def position_limit(llm: nn.Module) -> int | None:
     return limit if isinstance(limit, int) and limit > 0 else None
 
 
-def forward_accepts(llm: nn.Module, name: str) -> bool:
-    """Whether the LM's forward takes the argument `name` (e.g. `position_ids`, which decoder-only
-    models get derived from the mask here, or `logits_to_keep`)."""
-    return name in inspect.signature(llm.forward).parameters
+def forward_params(llm: nn.Module) -> frozenset[str]:
+    """The argument names of the LM's `forward`: whether it takes `position_ids` (which decoder-only
+    models get derived from the mask here) or `logits_to_keep`, and what its cache argument is called."""
+    return _forward_params(type(llm))
+
+
+@functools.cache
+def _forward_params(cls: type) -> frozenset[str]:  # inspect is slow: once per LM class
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def llm_config_from_model(llm: nn.Module, **fields: Any) -> LLMConfig:

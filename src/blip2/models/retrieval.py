@@ -138,35 +138,3 @@ class RetrievalModel(QueryEncoder):
         dec_ids = input_ids.clone()
         dec_ids[:, 0] = self.config.qformer.dec_token_id
         return self.itg_logits(dec_ids, attention_mask, past.past_kv)
-
-    @torch.no_grad()
-    def generate_itg(
-        self,
-        pixel_values: Tensor | None = None,
-        image_features: Tensor | None = None,
-        max_new_tokens: int = 30,
-    ) -> Tensor:
-        """Greedy captioning with the Q-Former's own ITG head; returns token ids after [DEC].
-
-        The query pass runs once; each new token attends to its keys/values and to the cached keys/values
-        of earlier tokens. Generation stops at [SEP].
-        """
-        cfg = self.config.qformer
-        image_embeds = self.encode_image(pixel_values, image_features)
-        b = image_embeds.shape[0]
-        past = self.qformer(queries=self.queries(b), image_embeds=image_embeds, use_cache=True).past_kv
-        token = torch.full((b, 1), cfg.dec_token_id, dtype=torch.long, device=image_embeds.device)
-        done = torch.zeros(b, dtype=torch.bool, device=image_embeds.device)
-        out = []
-        for step in range(max_new_tokens):
-            dec = self.qformer(
-                input_ids=token, past_kv=past, mode="causal", position_offset=step, use_cache=True
-            )
-            past = dec.past_kv
-            token = self.qformer.lm_logits(dec.hidden[:, -1:]).argmax(-1)
-            token = token.masked_fill(done[:, None], cfg.pad_token_id)
-            out.append(token)
-            done |= token[:, 0] == cfg.sep_token_id
-            if done.all():
-                break
-        return torch.cat(out, dim=1)

@@ -37,12 +37,12 @@ class Pipeline(ABC):
         model: the torch model, in eval mode.
         image_processor: images to pixel tensors (transformers' BLIP processor, bit for bit).
         batch_size: images per forward pass when a list is given.
-        tasks: the methods this kind of checkpoint offers (what `blip2 serve` serves).
-        checkpoint_kind: this kind of checkpoint in words, for messages naming what a task needs.
+        methods: the methods this kind of checkpoint offers (what `blip2 serve` serves).
+        checkpoint_kind: this kind of checkpoint in words, for messages naming what a method needs.
     """
 
     batch_size: int = 16
-    tasks: ClassVar[tuple[str, ...]] = ()
+    methods: ClassVar[tuple[str, ...]] = ()
     checkpoint_kind: ClassVar[str] = "a BLIP-2 checkpoint"
 
     def __init__(self, model: nn.Module, image_processor: ImageProcessor):
@@ -63,7 +63,7 @@ class Pipeline(ABC):
 
     def __repr__(self) -> str:
         name = self.config.name or "blip2"
-        return f"{type(self).__name__}({name}: {', '.join(self.tasks)}; device={self.device})"
+        return f"{type(self).__name__}({name}: {', '.join(self.methods)}; device={self.device})"
 
     def pixels(self, images: ImageLike | Sequence[ImageLike]) -> Tensor:
         """Images (paths, PIL images, arrays, ...) to `(B, 3, S, S)` pixel values on the model's device."""

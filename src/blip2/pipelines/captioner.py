@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from blip2.errors import UserError
+from blip2.generation import Decoding
 from blip2.interop.surgery import ensure_image_token, first_id
 from blip2.pipelines.base import Pipeline, TruncationWarning, broadcast, is_batch
 from blip2.processing import ImageLike, ImageProcessor
@@ -83,18 +84,23 @@ def check_generation_options(options: Mapping[str, Any]) -> None:
 class Captioner(Pipeline):
     """A stage-2 (generative) model with its image processor and the LLM's tokenizer.
 
+    Generation options are transformers' `generate` options, plus `decode_mode` (one of
+    `Decoding.MODES`; default "fast": greedy search through the lean loop, the same tokens).
+
     Attributes:
         model: `LanguageBridge` (image encoder, Q-Former, projection, frozen LLM).
         llm_tokenizer: the LLM's tokenizer.
+        decoding: how the model's generation decodes, and its caches (`blip2.generation.Decoding`).
     """
 
-    tasks: ClassVar[tuple[str, ...]] = ("caption", "ask", "chat", "generate")
+    methods: ClassVar[tuple[str, ...]] = ("caption", "ask", "chat", "generate")
     checkpoint_kind: ClassVar[str] = "a stage-2 (generative) checkpoint such as Salesforce/blip2-opt-2.7b"
 
     def __init__(self, model: nn.Module, image_processor: ImageProcessor, llm_tokenizer: Any):
         super().__init__(model, image_processor)
         self._generate_lock = threading.Lock()  # tokenizer padding side is shared state
         self.llm_tokenizer = llm_tokenizer
+        self.decoding = Decoding()
         if self.config.llm.eos_text:
             self.model.eos_token_id = first_id(llm_tokenizer, self.config.llm.eos_text)
 
@@ -189,8 +195,14 @@ class Captioner(Pipeline):
         """`generate` on already processed `(B, 3, S, S)` pixels (`image_processor` output), one batch."""
         check_generation_options(generate_options)
         inputs = self._encode_prompts(prompts)
-        ids = self.model.generate(pixel_values.to(self.device), **inputs, **generate_options)
+        ids = self._generate_ids(pixel_values.to(self.device), **inputs, **generate_options)
         return [t.strip() for t in self.llm_tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def _generate_ids(self, pixel_values: Tensor, **inputs_and_options: Any) -> Tensor:
+        """The model's new token ids for its inputs (`_encode_prompts`) under the generate options,
+        decoded by `self.decoding` (`decode_mode` picks the way)."""
+        mode = inputs_and_options.pop("decode_mode", None)
+        return self.decoding.generate(self.model, pixel_values, mode=mode, **inputs_and_options)
 
     def stream(self, image: ImageLike, prompt: str | None = None, **generate_options: Any) -> Iterator[str]:
         """Generate for one image after `prompt`, yielding the text piece by piece as it is produced.
@@ -214,7 +226,7 @@ class Captioner(Pipeline):
         def work() -> None:
             try:
                 with torch.no_grad():
-                    self.model.generate(pixels, **inputs, streamer=streamer, **opts)
+                    self._generate_ids(pixels, **inputs, streamer=streamer, **opts)
             except BaseException as e:  # re-raised in the caller's thread
                 failure.append(e)
                 streamer.end()

@@ -44,7 +44,7 @@ class Retriever(Pipeline):
         qformer_tokenizer: the Q-Former's BERT tokenizer.
     """
 
-    tasks: ClassVar[tuple[str, ...]] = ("match", "similarity", "search", "embed_images", "embed_texts")
+    methods: ClassVar[tuple[str, ...]] = ("match", "similarity", "search", "embed_images", "embed_texts")
     checkpoint_kind: ClassVar[str] = "a stage-1 (retrieval) checkpoint such as Salesforce/blip2-itm-vit-g"
 
     def __init__(self, model: nn.Module, image_processor: ImageProcessor, qformer_tokenizer: Any):

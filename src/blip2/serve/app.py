@@ -4,7 +4,7 @@ Endpoints (OpenAPI schema at `/openapi.json`, interactive docs at `/docs`):
 
 ```
 GET  /            the web page: upload an image, get a caption, ask questions
-GET  /health      {"status": "ok", "tasks": [...], "requests": n, "batches": m, "pixels_in_flight": p}
+GET  /health      {"status": "ok", "methods": [...], "requests": n, "batches": m, "pixels_in_flight": p}
 POST /caption     image (file), prompt?, generation options -> {"caption": str}
 POST /ask         image, question, history? (JSON [[q, a], ...]) -> {"answer": str}
 POST /match       image, text (one or more) -> {"itm": [...], "itc": [...]}
@@ -50,50 +50,50 @@ logger = logging.getLogger("blip2.serve")
 
 
 class Models:
-    """The loaded models and what each serves (the `tasks` of its kind: `Captioner` or `Retriever`);
+    """The loaded models and what each serves (the `methods` of its kind: `Captioner` or `Retriever`);
     runs a batch of one group."""
 
     def __init__(self, pipelines: Sequence[Any]):
-        self.by_task: dict[str, Any] = {}
+        self.by_method: dict[str, Any] = {}
         for pipe in pipelines:
-            for task in pipe.tasks:
-                self.by_task.setdefault(task, pipe)
+            for method in pipe.methods:
+                self.by_method.setdefault(method, pipe)
 
-    def pipe(self, task: str) -> Any:
-        if task not in self.by_task:
+    def pipe(self, method: str) -> Any:
+        if method not in self.by_method:
             from blip2.pipelines import Captioner, Retriever
 
-            use = (Captioner if task in Captioner.tasks else Retriever).checkpoint_kind
-            raise UserError(f"{task} needs {use}: start the server with --model pointing at one")
-        return self.by_task[task]
+            use = (Captioner if method in Captioner.methods else Retriever).checkpoint_kind
+            raise UserError(f"{method} needs {use}: start the server with --model pointing at one")
+        return self.by_method[method]
 
     def prepare(self, group: tuple[Any, ...], payload: Any) -> Any:
         """Check one job on its own before it is batched (a `UserError` fails it alone): a generation
         must fit the LLM's positions after its own prompt; /ask's conversation becomes its prompt here
         (fitted to the pipeline's `max_txt_len` tokens: the tokenizer is this thread's)."""
-        task, options = group[0], dict(group[1])
-        if task == "caption":
-            self.pipe(task).check_generation_length([payload[1]], options)
-        elif task == "ask":
+        method, options = group[0], dict(group[1])
+        if method == "caption":
+            self.pipe(method).check_generation_length([payload[1]], options)
+        elif method == "ask":
             image, question, turns = payload
-            prompt = self.pipe(task).conversation_prompt(question, turns)
-            self.pipe(task).check_generation_length([prompt], options)
+            prompt = self.pipe(method).conversation_prompt(question, turns)
+            self.pipe(method).check_generation_length([prompt], options)
             return image, prompt
         return payload
 
     def run_group(self, group: tuple[Any, ...], payloads: list[Any]) -> list[Any]:
-        task, options = group[0], dict(group[1])
-        pipe = self.pipe(task)
-        if task == "caption":
+        method, options = group[0], dict(group[1])
+        pipe = self.pipe(method)
+        if method == "caption":
             return pipe.generate([p[0] for p in payloads], [p[1] for p in payloads], **options)
-        if task == "ask":  # (image, prompt): `prepare` made the conversation a prompt
+        if method == "ask":  # (image, prompt): `prepare` made the conversation a prompt
             return pipe.generate([p[0] for p in payloads], [p[1] for p in payloads], **options)
-        if task == "match":
+        if method == "match":
             itm, itc = pipe.pair_scores([p[0] for p in payloads], [p[1] for p in payloads])
             return list(zip(itm.tolist(), itc.tolist(), strict=True))
-        if task == "search":
+        if method == "search":
             return [pipe.search(images, query, top_k=k, rerank=r) for images, query, k, r in payloads]
-        raise UserError(f"unknown task {task}")
+        raise UserError(f"unknown method {method}")
 
 
 def _page() -> str:
@@ -307,7 +307,7 @@ def create_app(pipelines: Sequence[Any], settings: ServerSettings | None = None)
         `pixels_in_flight` the decoded pixels the requests in flight hold (`max_server_pixels`)."""
         return {
             "status": "ok",
-            "tasks": sorted(models.by_task),
+            "methods": sorted(models.by_method),
             "requests": batcher.requests,
             "batches": batcher.batches,
             "largest_batch": batcher.largest_batch,

@@ -2,7 +2,9 @@
 
 A task type (a subclass) is also what the training loop asks for everything that depends on the model
 kind: how to build the model from a `TrainConfig` (`build_model`), how its texts are tokenized
-(`text_spec`), which batch entries the call takes (`inputs`) and which loss parts to log (`parts`).
+(`text_spec`), which batch entries the call takes (`inputs`), which loss parts to log (`parts`), and
+how the model is set up and saved (`set_gradient_checkpointing`, `set_autocast`, `image_tower`,
+`save`: written for the models built on a `QueryEncoder`; a task with another model overrides them).
 The loop never asks which kind it runs: `blip2.tasks.registry` maps the config's task name to a type.
 
 A new kind is a new subclass, registered under a name (`tests/test_train_tasks.py` trains one):
@@ -26,7 +28,7 @@ blip2.tasks.register("mine", MyTask)  # then `task: mine` in a training config
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +48,11 @@ class Task(nn.Module):
     Attributes:
         model: the trained model (what checkpoints and saved folders hold: its state_dict keys have
             no task prefix).
+        uses_image_ids: whether batches carry `image_ids` (captions of one image are positives of
+            each other).
     """
+
+    uses_image_ids: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -71,6 +77,34 @@ class Task(nn.Module):
     def frozen_llm(self) -> nn.Module | None:
         """A frozen LLM the loop may shard with FSDP (`train.fsdp_llm`); None: the task has none."""
         return None
+
+    # ---------------------------------------------------------------------------------- set-up, saving
+    # written for the models built on a `QueryEncoder` (`RetrievalModel`, `LanguageBridge`); a task
+    # training another kind of model overrides them
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute activations in the backward pass (`train.grad_checkpointing`): the Q-Former's."""
+        self.model.qformer.gradient_checkpointing = enabled
+
+    def set_autocast(self, dtype: torch.dtype | None) -> None:
+        """Mixed precision (`train.precision`; None: none): the Q-Former side computes under autocast to
+        `dtype`, the frozen towers in their configured dtype (`VisionConfig.dtype`, `LLMConfig.dtype`)."""
+        self.model.autocast_dtype = dtype
+
+    def image_tower(self) -> nn.Module | None:
+        """The frozen image tower a feature cache (`data.features`) must have been written by; None:
+        nothing to check."""
+        return self.model.visual.tower
+
+    def save(self, path: str, tokenizer: Any) -> None:
+        """Write the trained model where `blip2.load` reads it, with its image processor and `tokenizer`
+        (the texts' tokenizer): the `Captioner` or `Retriever` of its kind (`save_pretrained`)."""
+        from blip2.pipelines import pipeline_for
+        from blip2.processing import ImageProcessor
+
+        v = self.model.config.vision
+        processor = ImageProcessor(v.image_size, v.image_mean, v.image_std)
+        pipeline_for(self.model, processor, tokenizer).save_pretrained(path)
 
     # ---------------------------------------------------------------------------------- building
 
@@ -110,11 +144,6 @@ class Task(nn.Module):
     def text_spec(cls, cfg: TrainConfig, section: DataSection, config: Blip2Config) -> TextSpec:
         """How the task's texts are tokenized (see `blip2.data.batching`)."""
         raise NotImplementedError
-
-    @classmethod
-    def uses_image_ids(cls, cfg: TrainConfig) -> bool:
-        """Whether batches carry `image_ids` (captions of one image are positives of each other)."""
-        return False
 
 
 def model_config(cfg: TrainConfig) -> Blip2Config:

@@ -9,10 +9,10 @@ from typing import Any
 # the built-in tasks: the config's task name -> "module:class"
 BUILTIN = {
     "stage1": "blip2.tasks.stage1:Stage1Task",
-    "retrieval": "blip2.tasks.stage1:Stage1Task",
+    "retrieval": "blip2.tasks.stage1:RetrievalTask",
     "stage2": "blip2.tasks.stage2:Stage2Task",
-    "caption": "blip2.tasks.stage2:Stage2Task",
-    "vqa": "blip2.tasks.stage2:Stage2Task",
+    "caption": "blip2.tasks.stage2:CaptionTask",
+    "vqa": "blip2.tasks.stage2:VQATask",
 }
 _REGISTERED: dict[str, Any] = {}
 
@@ -22,11 +22,6 @@ def register(name: str, task_type: type) -> None:
     if name in BUILTIN:
         raise ValueError(f"{name!r} is a built-in task; register yours under another name")
     _REGISTERED[name] = task_type
-
-
-def unregister(name: str) -> None:
-    """Forget a registered task (built-ins stay)."""
-    _REGISTERED.pop(name, None)
 
 
 def names() -> tuple[str, ...]:

@@ -7,8 +7,8 @@ The three objectives share one Q-Former and differ in their self-attention masks
   the global batch from the ITC similarities (the same draw on every rank), or given by the caller;
 * ITG: `[DEC]` first, causal text that sees the cached query keys/values.
 
-Task names: `stage1` (pre-training) and `retrieval` (fine-tuning: captions of one image share an image
-id and are positives of each other).
+Task types: `Stage1Task` (task name `stage1`, pre-training) and `RetrievalTask` (`retrieval`,
+fine-tuning: captions of one image share an image id and are positives of each other).
 """
 
 from __future__ import annotations
@@ -194,6 +194,9 @@ class Stage1Task(Task):
         tok = qformer_tokenizer(cfg.model.tokenizer or config.tokenizer)
         return TextSpec("stage1", tok, max_len=section.max_len)
 
-    @classmethod
-    def uses_image_ids(cls, cfg: TrainConfig) -> bool:
-        return cfg.task == "retrieval"
+
+class RetrievalTask(Stage1Task):
+    """Stage 1 fine-tuned for retrieval: captions of one image share an image id and are positives of
+    each other (for ITC, and never ITM negatives)."""
+
+    uses_image_ids = True

@@ -5,15 +5,15 @@ prompt, ignoring the queries, the padding and the prompt. Encoder-decoder LM: th
 loss (the encoder reads `[queries][prefix text]`, the decoder predicts the rest; `blip2.data.batching`
 cuts each caption at a random word of its first half).
 
-Task names: `stage2` (pre-training), `caption` (fine-tuning with the model's caption prompt) and
-`vqa` (question -> answer).
+Task types: `Stage2Task` (task name `stage2`, pre-training), `CaptionTask` (`caption`, fine-tuning
+with the model's caption prompt) and `VQATask` (`vqa`, question -> answer).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -50,13 +50,21 @@ class Stage2Output:
 
 
 class Stage2Task(Task):
-    """The language-modeling loss of a language bridge.
+    """The language-modeling loss of a language bridge (pre-training).
 
     Args:
         model: the `LanguageBridge` to train.
+
+    Attributes:
+        caption_prompt: texts start with the model's caption prompt (`LLMConfig.prompt`) unless the data
+            section sets `prompt`; False: no prompt.
+        prefix_split: an encoder-decoder LM learns the prefix-LM objective (each caption cut at a
+            random word of its first half: the encoder reads the prefix, the decoder the rest).
     """
 
     model: LanguageBridge
+    caption_prompt: ClassVar[bool] = False
+    prefix_split: ClassVar[bool] = True
 
     def forward(
         self,
@@ -126,9 +134,7 @@ class Stage2Task(Task):
         if not name:
             raise UserError("set model.llm_tokenizer: the tokenizer of the LLM (folder or hub id)")
         mode = "seq2seq" if llm.is_encoder_decoder else "causal"
-        prompt = (
-            section.prompt if section.prompt is not None else (llm.prompt if cfg.task == "caption" else "")
-        )
+        prompt = section.prompt if section.prompt is not None else (llm.prompt if cls.caption_prompt else "")
         return TextSpec(
             mode,
             _llm_tokenizer(name, llm),
@@ -136,8 +142,21 @@ class Stage2Task(Task):
             prompt=prompt,
             eos_text=llm.eos_text,
             vqa_template=llm.vqa_template,
-            prefix_split=cfg.task == "stage2" and mode == "seq2seq",
+            prefix_split=cls.prefix_split and mode == "seq2seq",
         )
+
+
+class CaptionTask(Stage2Task):
+    """Captioning fine-tuning: the LM loss on captions after the model's caption prompt."""
+
+    caption_prompt = True
+    prefix_split = False
+
+
+class VQATask(Stage2Task):
+    """VQA fine-tuning: the LM loss on answers after their question (`LLMConfig.vqa_template`)."""
+
+    prefix_split = False
 
 
 def llm_for_stage2(name: str | None, base: LLMConfig | None) -> tuple[LLMConfig, nn.Module | None]:

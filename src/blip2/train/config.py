@@ -30,7 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blip2 import tasks
+from blip2.config import DTYPES
 from blip2.errors import UserError
+
+# `train.precision`'s names in configs written before it took `blip2.config.DTYPES`' names
+PRECISION_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -131,7 +135,8 @@ class TrainSection:
         grad_accum: micro-batches per optimizer step.
         max_steps: optimizer steps (0: from `epochs`, annotation datasets only).
         epochs: passes over an annotation dataset (when max_steps is 0).
-        precision: `fp32`, `bf16` (autocast) or `fp16` (autocast + GradScaler).
+        precision: `float32`, `bfloat16` (autocast) or `float16` (autocast + GradScaler); the older
+            names `fp32`, `bf16`, `fp16` are read as these.
         grad_checkpointing: recompute Q-Former activations in backward (less memory).
         seed: everything random (weights of new parts, data order, augmentation, ITM negatives).
         log_every: steps between progress/metrics lines.
@@ -150,7 +155,7 @@ class TrainSection:
     grad_accum: int = 1
     max_steps: int = 0
     epochs: int = 1
-    precision: str = "bf16"
+    precision: str = "bfloat16"
     grad_checkpointing: bool = False
     seed: int = 42
     log_every: int = 10
@@ -162,6 +167,9 @@ class TrainSection:
     device: str | None = None
     tensorboard: bool = False
     save_final: bool = True
+
+    def __post_init__(self) -> None:
+        self.precision = PRECISION_ALIASES.get(self.precision, self.precision)
 
 
 @dataclass
@@ -212,8 +220,10 @@ class TrainConfig:
         m = self.model
         if sum(x is not None for x in (m.preset, m.config, m.init_from)) != 1:
             raise UserError("set exactly one of model.preset, model.config, model.init_from")
-        if self.train.precision not in ("fp32", "bf16", "fp16"):
-            raise UserError(f"train.precision must be fp32, bf16 or fp16, not {self.train.precision!r}")
+        if self.train.precision not in DTYPES:
+            raise UserError(
+                f"train.precision must be one of {', '.join(DTYPES)}, not {self.train.precision!r}"
+            )
         t, o, d = self.train, self.optim, self.data
         at_least = {
             "train.batch_size": (t.batch_size, 1),

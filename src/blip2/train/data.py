@@ -9,11 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from blip2 import distributed as D
-from blip2 import tasks
-from blip2.config import Blip2Config
 from blip2.data.annotations import load_records
 from blip2.data.batching import Preprocessor
 from blip2.data.features import FeatureStore
@@ -21,6 +18,7 @@ from blip2.data.json_dataset import GlobalBatchSampler, JsonDataset
 from blip2.data.shards import ShardStream, expand_braces, worker_init
 from blip2.errors import UserError, worker_sentence
 from blip2.processing import ImageProcessor
+from blip2.tasks.base import Task
 from blip2.train.config import DataSection, TrainConfig
 
 MODEL_INPUTS = (
@@ -35,12 +33,10 @@ MODEL_INPUTS = (
 )
 
 
-def preprocessor(
-    cfg: TrainConfig, section: DataSection, config: Blip2Config, train: bool, tower: nn.Module | None = None
-) -> Preprocessor:
-    """The section's batch maker for the task's texts; `tower` (the frozen image tower) is checked
-    against a feature cache."""
-    task = tasks.get(cfg.task)
+def preprocessor(cfg: TrainConfig, task: Task, section: DataSection, train: bool) -> Preprocessor:
+    """The section's batch maker for the task's texts; a feature cache is checked against the task's
+    frozen image tower (`Task.image_tower`)."""
+    config = task.model.config
     features = None
     if section.features:
         if not config.vision.freeze:
@@ -49,14 +45,14 @@ def preprocessor(
                 "model.overrides.vision.freeze=true"
             )
         features = FeatureStore(section.features)
-        features.check_vision(config.to_dict()["vision"], tower)
+        features.check_vision(config.to_dict()["vision"], task.image_tower())
     v = config.vision
     return Preprocessor(
         task.text_spec(cfg, section, config),
         images=ImageProcessor(v.image_size, v.image_mean, v.image_std),
         features=features,
         augment=section.augment and train,
-        use_image_ids=task.uses_image_ids(cfg),
+        use_image_ids=task.uses_image_ids,
     )
 
 

@@ -106,12 +106,12 @@ def cache_features(
     from torch.utils.data import DataLoader
 
     from blip2 import distributed as D
+    from blip2 import tasks
     from blip2.data.features import FORMAT, EncodedImages, tower_fingerprint
     from blip2.data.shards import worker_init
     from blip2.errors import UserError
     from blip2.models.encoders import torch_dtype
     from blip2.processing import ImageProcessor
-    from blip2.train.loop import build_model
 
     info = D.setup(cfg.train.device)
     try:
@@ -125,7 +125,7 @@ def cache_features(
         if refusal:
             raise UserError(refusal)
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg)
+        model = tasks.get(cfg.task).build_model(cfg)
         encoder = model.visual.to(info.device).eval()
         v = model.config.vision
         processor = ImageProcessor(v.image_size, v.image_mean, v.image_std)

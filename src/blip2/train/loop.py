@@ -30,9 +30,9 @@ from torch import nn
 
 from blip2 import distributed as D
 from blip2 import tasks
-from blip2.data.batching import Preprocessor, sample_seed
+from blip2.data.batching import sample_seed
 from blip2.errors import UserError
-from blip2.processing import ImageProcessor
+from blip2.models.encoders import torch_dtype
 from blip2.tasks.base import Task
 from blip2.train import checkpoint
 from blip2.train.config import TrainConfig
@@ -41,9 +41,11 @@ from blip2.train.monitor import MetricsLog, StopSignals, evaluator, forward_loss
 from blip2.train.optim import WarmupCosine, build_optimizer
 
 
-def build_model(cfg: TrainConfig) -> nn.Module:
-    """The model to train, as the config's task builds it (new weights, or `model.init_from`)."""
-    return tasks.get(cfg.task).build_model(cfg)
+def build_task(cfg: TrainConfig) -> Task:
+    """The config's task around the model to train, as its type builds it (new weights, or
+    `model.init_from`), on the CPU."""
+    task_type = tasks.get(cfg.task)
+    return task_type(task_type.build_model(cfg))
 
 
 @dataclass
@@ -158,12 +160,10 @@ def _train(
 ) -> TrainResult:
     t = cfg.train
     torch.manual_seed(t.seed)
-    task_type = tasks.get(cfg.task)
-    model = build_model(cfg)
-    config = model.config
-    model.to(info.device)
-    model.qformer.gradient_checkpointing = t.grad_checkpointing
-    task: Task = task_type(model)
+    task = build_task(cfg)
+    model = task.model
+    task.to(info.device)
+    task.set_gradient_checkpointing(t.grad_checkpointing)
     ignore: tuple[str, ...] = ()
     llm = task.frozen_llm()
     if t.fsdp_llm and llm is not None and info.distributed:
@@ -180,10 +180,8 @@ def _train(
         )
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = WarmupCosine(optimizer, total, cfg.optim)
-    # mixed precision through the models' own mechanism: the Q-Former side computes under autocast,
-    # the frozen towers in their configured dtype (`VisionConfig.dtype`, `LLMConfig.dtype`)
-    model.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=t.precision == "fp16")
+    task.set_autocast(None if t.precision == "float32" else torch_dtype(t.precision))
+    scaler = torch.amp.GradScaler(info.device.type, enabled=t.precision == "float16")
 
     step, position, rng = 0, DataPosition(), None
     ckpt_root = os.path.join(t.output_dir, "checkpoints")
@@ -195,12 +193,12 @@ def _train(
     if source is not None:
         step, position, rng = _resume(cfg, info, source, model, optimizer, scheduler, scaler)
 
-    pre = preprocessor(cfg, cfg.data, config, train=True, tower=model.visual.tower)
+    pre = preprocessor(cfg, task, cfg.data, train=True)
     batches = make_loader(cfg, cfg.data, pre, info, position)
     try:  # from here on every exit stops the loader's workers (they start with it)
         evaluate = None
         if cfg.eval_data is not None and t.eval_every:
-            evaluate = evaluator(cfg, task, config, info, model.visual.tower)
+            evaluate = evaluator(cfg, task, info)
         log = MetricsLog(t.output_dir, info.is_main, t.tensorboard)
         if info.is_main:
             with open(os.path.join(t.output_dir, "train_config.json"), "w") as f:
@@ -328,7 +326,7 @@ def _train(
     if step == total and t.save_final:
         final_dir = os.path.join(t.output_dir, "final")
         if info.is_main:
-            save_final(model, final_dir, pre)
+            task.save(final_dir, pre.text.tokenizer)
         D.barrier()
     stopped_by = signal.Signals(stop_signal).name if step < total and stop_signal else None
     summary = {
@@ -346,13 +344,3 @@ def _train(
     return TrainResult(
         step, summary["samples_per_s"], dict(skipped_total), last_loss, final_dir, last_ckpt, stopped_by
     )
-
-
-def save_final(model: nn.Module, path: str, pre: Preprocessor) -> None:
-    """Write the trained model in the loadable format (`blip2.load`), with its image processor and
-    tokenizer (the `Captioner` or `Retriever` of its kind: `save_pretrained`)."""
-    from blip2.pipelines import pipeline_for
-
-    v = model.config.vision
-    processor = ImageProcessor(v.image_size, v.image_mean, v.image_std)
-    pipeline_for(model, processor, pre.text.tokenizer).save_pretrained(path)

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from blip2 import distributed as D
-from blip2.config import Blip2Config
 from blip2.data.batching import SKIP_REASONS, sample_seed
 from blip2.errors import UserError
 from blip2.losses import Gather
@@ -138,11 +137,11 @@ def reduce_window(
 
 
 def evaluator(
-    cfg: TrainConfig, task: Task, config: Blip2Config, info: D.DistInfo, tower: nn.Module
+    cfg: TrainConfig, task: Task, info: D.DistInfo
 ) -> Callable[[nn.Module, Gather], dict[str, float]]:
     """Validation loss on `eval_data` (eval transform, fixed batches), averaged over ranks."""
     section = cfg.eval_data
-    pre = preprocessor(cfg, section, config, train=False, tower=tower)
+    pre = preprocessor(cfg, task, section, train=False)
 
     def evaluate(wrapped: nn.Module, gather: Gather) -> dict[str, float]:
         batches = make_loader(cfg, section, pre, info, DataPosition(), train=False)
