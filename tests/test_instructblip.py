@@ -136,6 +136,9 @@ def test_generation_token_identical(pair, batch, search):
     ref = ref[:, enc["input_ids"].shape[1] :] if kind == "opt" else ref[:, 1:]  # new tokens only
     assert len({t for row in ref.tolist() for t in row}) >= 2 and ref[0].tolist() != ref[1].tolist()
     assert got.tolist() == ref.tolist()
+    for mode in ("fast", "static", "transformers"):  # the captioner's decode paths: the same tokens
+        fast = pipe.decoding.generate(pipe.model, enc["pixel_values"], **ours, mode=mode, **options)
+        assert fast.tolist() == ref.tolist(), mode
 
 
 def test_lm_loss_equals_transformers(pair):
