@@ -25,7 +25,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 # the model kinds a config can describe (`Blip2Config.kind`); each has its model type (`blip2.models`),
 # its user-facing object (`blip2.pipelines`) and its checkpoint layouts (`blip2.interop`)
-KINDS = ("retrieval", "generation")
+KINDS = ("retrieval", "generation", "instruct")
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,8 @@ class QFormerConfig:
         text: the text side exists (word/position embeddings and the text feed-forward); stage-2
             checkpoints drop it.
         itg_head: the BERT LM head used for ITG (decoder tied to the word embeddings).
+        instruction: the Q-Former reads an instruction beside the queries (InstructBLIP, Dai et al.
+            2023): it needs its text side and has no ITG head.
         vocab_size: bert-base-uncased + `[DEC]` = 30523.
     """
 
@@ -103,6 +105,7 @@ class QFormerConfig:
     attention_dropout: float = 0.1
     text: bool = True
     itg_head: bool = True
+    instruction: bool = False
     pad_token_id: int = 0
     cls_token_id: int = 101
     sep_token_id: int = 102
@@ -173,6 +176,12 @@ class Blip2Config:
             object.__setattr__(
                 self, "qformer", dataclasses.replace(self.qformer, encoder_width=self.vision.width)
             )
+        q = self.qformer
+        if q.instruction and (self.llm is None or not q.text or q.itg_head):
+            raise ValueError(
+                "a Q-Former that reads instructions prompts an LLM (llm set), has its text side "
+                "(text=True) and no ITG head (itg_head=False)"
+            )
         for dt in (self.vision.dtype, self.llm.dtype if self.llm else "float32"):
             if dt not in DTYPES:
                 raise ValueError(f"unknown dtype {dt!r}: use one of {', '.join(DTYPES)}")
@@ -180,9 +189,12 @@ class Blip2Config:
     @property
     def kind(self) -> str:
         """The model kind this config describes, one of `KINDS`: "retrieval" (stage 1: the Q-Former
-        with its ITC / ITM / ITG heads, no LLM) or "generation" (stage 2: the queries prompt a frozen
-        LLM). The one place that tells the kinds apart; everything else looks the kind up in a table."""
-        return "retrieval" if self.llm is None else "generation"
+        with its ITC / ITM / ITG heads, no LLM), "generation" (stage 2: the queries prompt a frozen
+        LLM) or "instruct" (InstructBLIP: stage 2 with a Q-Former that also reads the instruction).
+        The one place that tells the kinds apart; everything else looks the kind up in a table."""
+        if self.llm is None:
+            return "retrieval"
+        return "instruct" if self.qformer.instruction else "generation"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -297,6 +309,44 @@ def _stage2(llm: dict, llm_name: str, image_size: int, name: str, prompt: str = 
     )
 
 
+def _vicuna(hidden: int, ffn: int, layers: int, heads: int, name: str) -> dict[str, Any]:
+    """Vicuna v1.1 as InstructBLIP uses it: a Llama with `[PAD]` added (vocabulary 32001)."""
+    return {
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "vocab_size": 32001,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 32000,
+        "_name_or_path": name,
+    }
+
+
+def _instruct(llm: dict, llm_name: str, name: str) -> Blip2Config:
+    """InstructBLIP (Dai et al., 2023): the stage-2 layout at 224 px with a Q-Former that keeps its text
+    side (vocabulary 30523) to read the instruction; the paper's short-answer question template."""
+    config = _stage2(llm, llm_name, 224, name)
+    is_t5 = config.llm.is_encoder_decoder
+    return dataclasses.replace(
+        config,
+        qformer=QFormerConfig(itg_head=False, instruction=True),
+        llm=dataclasses.replace(
+            config.llm,
+            vqa_prompt="Question: {} Short answer:",
+            eos_text=None,  # the LM's EOS (Vicuna's "</s>", FlanT5's "</s>"), as transformers ends
+            image_token_id=32100 if is_t5 else None,
+            max_txt_len=128,
+        ),
+    )
+
+
 def _tiny_vision(image_size: int = 16) -> VisionConfig:
     return VisionConfig(
         hf_config={
@@ -381,6 +431,12 @@ def _tiny_stage2(kind: str) -> Blip2Config:
     )
 
 
+def _tiny_instruct(kind: str) -> Blip2Config:
+    config = _tiny_stage2(kind)
+    qformer = _tiny_qformer(vocab_size=30523, itg_head=False, instruction=True)
+    return dataclasses.replace(config, qformer=qformer, name=f"tiny-instruct-{kind}")
+
+
 PRESETS: dict[str, Any] = {
     # stage 1 (Q-Former with ITC / ITM / ITG heads)
     "blip2-stage1-vit-g": lambda: _stage1(224, name="blip2-stage1-vit-g"),
@@ -412,6 +468,21 @@ PRESETS: dict[str, Any] = {
     "blip2-flan-t5-xxl": lambda: _stage2(
         _flan_t5(4096, 10240, 64, "google/flan-t5-xxl"), "google/flan-t5-xxl", 224, "blip2-flan-t5-xxl"
     ),
+    # InstructBLIP (the Q-Former also reads the instruction)
+    "instructblip-vicuna-7b": lambda: _instruct(
+        _vicuna(4096, 11008, 32, 32, "lmsys/vicuna-7b-v1.1"), "lmsys/vicuna-7b-v1.1", "instructblip-vicuna-7b"
+    ),
+    "instructblip-vicuna-13b": lambda: _instruct(
+        _vicuna(5120, 13824, 40, 40, "lmsys/vicuna-13b-v1.1"),
+        "lmsys/vicuna-13b-v1.1",
+        "instructblip-vicuna-13b",
+    ),
+    "instructblip-flan-t5-xl": lambda: _instruct(
+        _flan_t5(2048, 5120, 32, "google/flan-t5-xl"), "google/flan-t5-xl", "instructblip-flan-t5-xl"
+    ),
+    "instructblip-flan-t5-xxl": lambda: _instruct(
+        _flan_t5(4096, 10240, 64, "google/flan-t5-xxl"), "google/flan-t5-xxl", "instructblip-flan-t5-xxl"
+    ),
     # tiny models for tests
     "tiny-stage1": lambda: Blip2Config(
         vision=_tiny_vision(), qformer=_tiny_qformer(), embed_dim=16, name="tiny-stage1"
@@ -419,6 +490,8 @@ PRESETS: dict[str, Any] = {
     "tiny-opt": lambda: _tiny_stage2("opt"),
     "tiny-gpt2": lambda: _tiny_stage2("gpt2"),
     "tiny-t5": lambda: _tiny_stage2("t5"),
+    "tiny-instruct-opt": lambda: _tiny_instruct("opt"),
+    "tiny-instruct-t5": lambda: _tiny_instruct("t5"),
     # the Q-Former shape of MiniLM-L6-H384 (the offline stand-in for bert-base-uncased)
     "minilm-stage1": lambda: Blip2Config(
         vision=_tiny_vision(),
