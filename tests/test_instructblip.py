@@ -18,11 +18,11 @@ from transformers import InstructBlipForConditionalGeneration, InstructBlipProce
 
 import blip2
 from blip2 import losses
-from blip2.config import preset
 from blip2.interop import hf as hf_layout
 from blip2.interop.checkpoint import build_model
 from blip2.models import InstructBridge
 from blip2.pipelines import Captioner, InstructCaptioner
+from blip2.presets import preset
 
 ATOL = 1e-5
 SHAPE = "a"
