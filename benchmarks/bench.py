@@ -28,11 +28,12 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-from blip2.config import TINY_LLMS, Blip2Config, LLMConfig, QFormerConfig, VisionConfig, preset
+from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 from blip2.generation import Decoding
 from blip2.interop import hf as hf_map
 from blip2.interop.keymap import convert, unique_state_dict
 from blip2.models import LanguageBridge, RetrievalModel
+from blip2.presets import TINY_LLMS, preset
 from blip2.tasks.stage1 import Stage1Task
 from blip2.tasks.stage2 import Stage2Task
 

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from blip2 import distributed as D
-from blip2.config import Blip2Config, preset
+from blip2.config import Blip2Config
+from blip2.presets import preset
 
 GLOBAL_BATCH = 8
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import blip2
-from blip2.config import Blip2Config, preset
+from blip2.config import Blip2Config
 from blip2.models.encoders import ImageEncoder
+from blip2.presets import preset
 
 
 @pytest.mark.parametrize("name", blip2.list_presets())

@@ -16,10 +16,10 @@ import pytest
 import torch
 from test_stage2 import _prompts, images, make, pad
 
-from blip2.config import preset
 from blip2.generation import Decoding
 from blip2.generation import greedy as decode
 from blip2.models import RetrievalModel
+from blip2.presets import preset
 from blip2.tasks.stage1 import Stage1Task
 
 KINDS = ["tiny-opt", "tiny-gpt2", "tiny-t5"]
@@ -301,7 +301,7 @@ def test_models_know_nothing_of_the_decode_policy():
     import sys
 
     code = (
-        "import sys; from blip2.config import preset; from blip2.models import LanguageBridge; "
+        "import sys; from blip2.presets import preset; from blip2.models import LanguageBridge; "
         "LanguageBridge(preset('tiny-opt')); print('blip2.generation' in sys.modules)"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -17,9 +17,9 @@ import torch
 from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
 import blip2
-from blip2.config import preset
 from blip2.interop.checkpoint import build_model
 from blip2.pipelines import Captioner, Retriever
+from blip2.presets import preset
 from blip2.processing import ImageProcessor
 from blip2.tasks.stage2 import Stage2Task
 from blip2.tokenizers import qformer_tokenizer
@@ -209,7 +209,8 @@ def test_stage1_with_itg_head_round_trips(tmp_path):
 
 
 def test_model_without_transformers_class_round_trips(tmp_path):
-    from blip2.config import CLIP_VIT_L, VisionConfig
+    from blip2.config import VisionConfig
+    from blip2.presets import CLIP_VIT_L
 
     vision = VisionConfig(
         hf_config={**CLIP_VIT_L, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,

@@ -19,10 +19,10 @@ from transformers import Blip2ForImageTextRetrieval
 import blip2
 import blip2.errors
 import blip2.interop.keymap
-from blip2.config import preset
 from blip2.interop import checkpoint, lavis
 from blip2.interop.keymap import convert, unique_state_dict
 from blip2.pipelines import Captioner
+from blip2.presets import preset
 from blip2.processing import ImageProcessor
 from blip2.tasks.stage2 import Stage2Task
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from blip2 import losses
-from blip2.config import preset
 from blip2.models import RetrievalModel
+from blip2.presets import preset
 from blip2.tasks.stage1 import Stage1Task
 
 B, L = 4, 9

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from blip2.config import TINY_LLMS, LLMConfig, preset
+from blip2.config import LLMConfig
 from blip2.models import LanguageBridge, RetrievalModel, language
+from blip2.presets import TINY_LLMS, preset
 from blip2.tasks.stage2 import Stage2Task
 
 KINDS = ["tiny-opt", "tiny-gpt2", "tiny-t5"]

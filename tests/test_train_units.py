@@ -193,8 +193,9 @@ def test_prefix_lm_split_cuts_each_caption_in_its_first_half():
 
 
 def _saved_llm(folder, kind: str, **fields):
-    from blip2.config import TINY_LLMS, LLMConfig
+    from blip2.config import LLMConfig
     from blip2.models import language
+    from blip2.presets import TINY_LLMS
 
     torch.manual_seed(0)
     llm = language.build_llm(LLMConfig(hf_config={**TINY_LLMS[kind], **fields}))
@@ -209,8 +210,8 @@ def test_a_pretrained_stage2_llm_keeps_the_preset_conventions_and_its_real_archi
 
     import torch.nn.functional as F
 
-    from blip2.config import preset
     from blip2.models import LanguageBridge, RetrievalModel
+    from blip2.presets import preset
     from blip2.tasks.stage2 import llm_for_stage2
 
     saved = _saved_llm(tmp_path / "opt", "opt", vocab_size=120)

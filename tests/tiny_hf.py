@@ -4,6 +4,7 @@ Every weight is randomized, LayerNorms and biases included (default init hides m
 LayerNorm of ones and zeros looks right). Shapes come in two flavours so a map cannot rely on one:
 `SHAPES["a"]` (cross-attention every layer, 8 queries, vision 48 wide vs Q-Former 32, 16 px) and
 `SHAPES["b"]` (cross-attention every 2nd of 3 layers, 5 queries, vision 40 vs 24, 20 px, patch 5).
+`instruct_model` builds InstructBLIP (`InstructBlipForConditionalGeneration`) the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from transformers import (
     Blip2QFormerConfig,
     Blip2VisionConfig,
     BlipImageProcessorPil,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    InstructBlipProcessor,
+    InstructBlipQFormerConfig,
+    InstructBlipVisionConfig,
     OPTConfig,
     PreTrainedTokenizerFast,
     T5Config,
@@ -174,6 +180,59 @@ def retrieval_model(shape: str = "a", seed: int = 0) -> tuple[Blip2ForImageTextR
         image_text_hidden_size=16,
     )
     return randomize(Blip2ForImageTextRetrieval(config), seed).eval(), tok
+
+
+def instruct_model(
+    kind: str, shape: str = "a", seed: int = 0
+) -> tuple[InstructBlipForConditionalGeneration, InstructBlipProcessor]:
+    """A random `InstructBlipForConditionalGeneration` (OPT or T5 LM) and its processor, whose Q-Former
+    tokenizer is bert-base-uncased's vocabulary + [DEC] (30523), truncating from the left."""
+    from blip2.tokenizers import qformer_tokenizer
+
+    tok, qtok = word_tokenizer(kind), qformer_tokenizer(bert_tokenizer_dir(), truncation_side="left")
+    size = SHAPES[shape]["image"]
+    processor = InstructBlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": size, "width": size}),
+        tokenizer=tok,
+        qformer_tokenizer=qtok,
+        num_query_tokens=SHAPES[shape]["queries"],
+    )
+    vision, qformer = vision_qformer(shape, vocab=len(qtok), text=True)
+    qformer = InstructBlipQFormerConfig(**{k: getattr(qformer, k) for k in QFORMER_FIELDS})
+    config = InstructBlipConfig(
+        vision_config=InstructBlipVisionConfig(**{k: getattr(vision, k) for k in VISION_FIELDS}),
+        qformer_config=qformer,
+        text_config=text_config(kind),
+        num_query_tokens=SHAPES[shape]["queries"],
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    model = randomize(InstructBlipForConditionalGeneration(config), seed).eval()
+    if kind == "t5":  # FlanT5's LM head is its own tensor
+        lm = model.language_model
+        g = torch.Generator().manual_seed(seed + 1)
+        lm.lm_head.weight = torch.nn.Parameter(torch.randn(lm.lm_head.weight.shape, generator=g) * 0.1)
+        lm.config.tie_word_embeddings = False
+    return model, processor
+
+
+# the fields `vision_qformer` sets, copied into InstructBLIP's config classes
+VISION_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+)
+QFORMER_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "cross_attention_frequency",
+    "max_position_embeddings",
+)
 
 
 def save_generation(model: Blip2ForConditionalGeneration, processor: Blip2Processor, path: Path) -> Path:

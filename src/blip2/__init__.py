@@ -6,7 +6,8 @@ model (caption, ask, chat, stream, generate), a `Retriever` for a stage-1 one (m
 search, embeddings). `blip2.preset(name, **overrides)` gives a named `Blip2Config` with fields replaced.
 """
 
-from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig, list_presets, preset
+from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
+from blip2.presets import list_presets, preset
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
-"""Configuration dataclasses and named presets.
+"""Configuration dataclasses.
 
-One frozen dataclass per component, a `Blip2Config` that holds them, and presets by name: the public
-checkpoints (real sizes) and tiny models for tests. No torch import here, so configs can be read and
+One frozen dataclass per component and a `Blip2Config` that holds them (named presets of it:
+`blip2.presets`). No torch import here, so configs can be read and
 written anywhere. Every config round-trips through JSON (`to_dict` / `from_dict`).
 
 The frozen towers (image encoder, LLM) are transformers models; their architecture is stored as a
@@ -16,8 +16,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from blip2.errors import UserError
-
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -25,7 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 # the model kinds a config can describe (`Blip2Config.kind`); each has its model type (`blip2.models`),
 # its user-facing object (`blip2.pipelines`) and its checkpoint layouts (`blip2.interop`)
-KINDS = ("retrieval", "generation")
+KINDS = ("retrieval", "generation", "instruct")
 
 
 @dataclass(frozen=True)
@@ -86,6 +84,8 @@ class QFormerConfig:
         text: the text side exists (word/position embeddings and the text feed-forward); stage-2
             checkpoints drop it.
         itg_head: the BERT LM head used for ITG (decoder tied to the word embeddings).
+        instruction: the Q-Former reads an instruction beside the queries (InstructBLIP, Dai et al.
+            2023): it needs its text side and has no ITG head.
         vocab_size: bert-base-uncased + `[DEC]` = 30523.
     """
 
@@ -103,6 +103,7 @@ class QFormerConfig:
     attention_dropout: float = 0.1
     text: bool = True
     itg_head: bool = True
+    instruction: bool = False
     pad_token_id: int = 0
     cls_token_id: int = 101
     sep_token_id: int = 102
@@ -173,6 +174,12 @@ class Blip2Config:
             object.__setattr__(
                 self, "qformer", dataclasses.replace(self.qformer, encoder_width=self.vision.width)
             )
+        q = self.qformer
+        if q.instruction and (self.llm is None or not q.text or q.itg_head):
+            raise ValueError(
+                "a Q-Former that reads instructions prompts an LLM (llm set), has its text side "
+                "(text=True) and no ITG head (itg_head=False)"
+            )
         for dt in (self.vision.dtype, self.llm.dtype if self.llm else "float32"):
             if dt not in DTYPES:
                 raise ValueError(f"unknown dtype {dt!r}: use one of {', '.join(DTYPES)}")
@@ -180,9 +187,12 @@ class Blip2Config:
     @property
     def kind(self) -> str:
         """The model kind this config describes, one of `KINDS`: "retrieval" (stage 1: the Q-Former
-        with its ITC / ITM / ITG heads, no LLM) or "generation" (stage 2: the queries prompt a frozen
-        LLM). The one place that tells the kinds apart; everything else looks the kind up in a table."""
-        return "retrieval" if self.llm is None else "generation"
+        with its ITC / ITM / ITG heads, no LLM), "generation" (stage 2: the queries prompt a frozen
+        LLM) or "instruct" (InstructBLIP: stage 2 with a Q-Former that also reads the instruction).
+        The one place that tells the kinds apart; everything else looks the kind up in a table."""
+        if self.llm is None:
+            return "retrieval"
+        return "instruct" if self.qformer.instruction else "generation"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -212,275 +222,3 @@ class Blip2Config:
     @classmethod
     def from_json(cls, text: str) -> Blip2Config:
         return cls.from_dict(json.loads(text))
-
-
-# ----------------------------------------------------------------------------------------------- presets
-
-EVA_VIT_G = {"model_type": "blip_2_vision_model"}  # 39 blocks, 1408 wide, 16 heads, patch 14, eps 1e-6
-CLIP_VIT_L = {  # OpenAI CLIP ViT-L/14 without its last block (LAVIS uses the second-to-last layer)
-    "model_type": "clip_vision_model",
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_hidden_layers": 23,
-    "num_attention_heads": 16,
-    "patch_size": 14,
-    "projection_dim": 768,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-}
-
-
-def _opt(hidden: int, ffn: int, name: str) -> dict[str, Any]:
-    return {
-        "model_type": "opt",
-        "hidden_size": hidden,
-        "word_embed_proj_dim": hidden,
-        "ffn_dim": ffn,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "vocab_size": 50304,  # 50272 + <image>, padded to a multiple of 64 (the transformers checkpoints)
-        "max_position_embeddings": 2048,
-        "bos_token_id": 2,
-        "eos_token_id": 50118,  # "\n" ends a caption
-        "pad_token_id": 1,
-        "_name_or_path": name,
-    }
-
-
-def _flan_t5(d_model: int, d_ff: int, heads: int, name: str) -> dict[str, Any]:
-    return {
-        "model_type": "t5",
-        "d_model": d_model,
-        "d_kv": 64,
-        "d_ff": d_ff,
-        "num_layers": 24,
-        "num_decoder_layers": 24,
-        "num_heads": heads,
-        "vocab_size": 32128,
-        "feed_forward_proj": "gated-gelu",
-        "dense_act_fn": "gelu",  # exact GELU, as LAVIS and the transformers conversion set it
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 1,
-        "pad_token_id": 0,
-        "decoder_start_token_id": 0,
-        "_name_or_path": name,
-    }
-
-
-def _stage1(image_size: int = 224, vision: dict | None = None, name: str = "") -> Blip2Config:
-    return Blip2Config(
-        vision=VisionConfig(
-            hf_config={**(vision or EVA_VIT_G), "image_size": image_size}, image_size=image_size
-        ),
-        qformer=QFormerConfig(),
-        name=name,
-    )
-
-
-def _stage2(llm: dict, llm_name: str, image_size: int, name: str, prompt: str = "") -> Blip2Config:
-    is_t5 = llm["model_type"] == "t5"
-    return Blip2Config(
-        vision=VisionConfig(
-            hf_config={**EVA_VIT_G, "image_size": image_size}, image_size=image_size, dtype="float16"
-        ),
-        qformer=QFormerConfig(text=False, itg_head=False),
-        llm=LLMConfig(
-            hf_config=llm,
-            name=llm_name,
-            dtype="bfloat16" if is_t5 else "float16",
-            prompt=prompt,
-            eos_text=None if is_t5 else "\n",
-            image_token_id=32100 if is_t5 else 50265,
-        ),
-        name=name,
-    )
-
-
-def _tiny_vision(image_size: int = 16) -> VisionConfig:
-    return VisionConfig(
-        hf_config={
-            "model_type": "blip_2_vision_model",
-            "hidden_size": 48,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": image_size,
-            "patch_size": 4,
-            "initializer_range": 0.02,  # transformers' default (1e-10) makes a random tower output constants
-        },
-        image_size=image_size,
-    )
-
-
-def _tiny_qformer(**kw: Any) -> QFormerConfig:
-    base = dict(
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=37,
-        cross_attention_freq=1,
-        num_query_tokens=8,
-        max_position_embeddings=64,
-    )
-    return QFormerConfig(**{**base, **kw})
-
-
-TINY_LLMS: dict[str, dict[str, Any]] = {
-    "opt": {
-        "model_type": "opt",
-        "vocab_size": 99,
-        "hidden_size": 16,
-        "word_embed_proj_dim": 16,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "ffn_dim": 32,
-        "max_position_embeddings": 128,
-        "bos_token_id": 2,
-        "eos_token_id": 2,
-        "pad_token_id": 1,
-    },
-    "gpt2": {
-        "model_type": "gpt2",
-        "vocab_size": 99,
-        "n_embd": 16,
-        "n_layer": 2,
-        "n_head": 4,
-        "n_positions": 128,
-        "bos_token_id": 2,
-        "eos_token_id": 2,
-        "pad_token_id": 1,
-    },
-    "t5": {
-        "model_type": "t5",
-        "vocab_size": 99,
-        "d_model": 16,
-        "d_kv": 4,
-        "d_ff": 32,
-        "num_layers": 2,
-        "num_decoder_layers": 2,
-        "num_heads": 4,
-        "feed_forward_proj": "gated-gelu",
-        "dense_act_fn": "gelu",
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 1,
-        "pad_token_id": 0,
-        "decoder_start_token_id": 0,
-    },
-}
-
-
-def _tiny_stage2(kind: str) -> Blip2Config:
-    return Blip2Config(
-        vision=_tiny_vision(),
-        qformer=_tiny_qformer(text=False, itg_head=False),
-        llm=LLMConfig(hf_config=dict(TINY_LLMS[kind])),
-        embed_dim=16,
-        name=f"tiny-{kind}",
-    )
-
-
-PRESETS: dict[str, Any] = {
-    # stage 1 (Q-Former with ITC / ITM / ITG heads)
-    "blip2-stage1-vit-g": lambda: _stage1(224, name="blip2-stage1-vit-g"),
-    "blip2-stage1-vit-g-coco": lambda: _stage1(364, name="blip2-stage1-vit-g-coco"),
-    "blip2-stage1-vit-l": lambda: _stage1(224, CLIP_VIT_L, name="blip2-stage1-vit-l"),
-    # stage 2 (Q-Former as soft visual prompts for a frozen LLM)
-    "blip2-opt-2.7b": lambda: _stage2(
-        _opt(2560, 10240, "facebook/opt-2.7b"), "facebook/opt-2.7b", 224, "blip2-opt-2.7b"
-    ),
-    "blip2-opt-6.7b": lambda: _stage2(
-        _opt(4096, 16384, "facebook/opt-6.7b"), "facebook/opt-6.7b", 224, "blip2-opt-6.7b"
-    ),
-    "blip2-opt-2.7b-coco": lambda: _stage2(
-        _opt(2560, 10240, "facebook/opt-2.7b"), "facebook/opt-2.7b", 364, "blip2-opt-2.7b-coco", "a photo of"
-    ),
-    "blip2-opt-6.7b-coco": lambda: _stage2(
-        _opt(4096, 16384, "facebook/opt-6.7b"), "facebook/opt-6.7b", 364, "blip2-opt-6.7b-coco", "a photo of"
-    ),
-    "blip2-flan-t5-xl": lambda: _stage2(
-        _flan_t5(2048, 5120, 32, "google/flan-t5-xl"), "google/flan-t5-xl", 224, "blip2-flan-t5-xl"
-    ),
-    "blip2-flan-t5-xl-coco": lambda: _stage2(
-        _flan_t5(2048, 5120, 32, "google/flan-t5-xl"),
-        "google/flan-t5-xl",
-        364,
-        "blip2-flan-t5-xl-coco",
-        "a photo of",
-    ),
-    "blip2-flan-t5-xxl": lambda: _stage2(
-        _flan_t5(4096, 10240, 64, "google/flan-t5-xxl"), "google/flan-t5-xxl", 224, "blip2-flan-t5-xxl"
-    ),
-    # tiny models for tests
-    "tiny-stage1": lambda: Blip2Config(
-        vision=_tiny_vision(), qformer=_tiny_qformer(), embed_dim=16, name="tiny-stage1"
-    ),
-    "tiny-opt": lambda: _tiny_stage2("opt"),
-    "tiny-gpt2": lambda: _tiny_stage2("gpt2"),
-    "tiny-t5": lambda: _tiny_stage2("t5"),
-    # the Q-Former shape of MiniLM-L6-H384 (the offline stand-in for bert-base-uncased)
-    "minilm-stage1": lambda: Blip2Config(
-        vision=_tiny_vision(),
-        qformer=QFormerConfig(
-            hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, num_query_tokens=8
-        ),
-        embed_dim=64,
-        name="minilm-stage1",
-    ),
-}
-
-
-class ConfigError(UserError, ValueError):
-    """An unknown preset or config field (a `UserError`: one sentence on the command line)."""
-
-
-SECTIONS = {"vision": VisionConfig, "qformer": QFormerConfig, "llm": LLMConfig}
-
-
-def preset(name: str, /, **overrides: Any) -> Blip2Config:
-    """The named preset's config, with fields replaced.
-
-    ```python
-    blip2.preset("tiny-stage1", embed_dim=32, qformer={"num_layers": 4})
-    ```
-
-    Args:
-        name: a preset (`list_presets()`, `blip2 presets`).
-        overrides: `Blip2Config` fields. A section (`vision`, `qformer`, `llm`) takes a dict of its own
-            fields to replace (or a whole `VisionConfig` / `QFormerConfig` / `LLMConfig`, or None
-            for no LLM).
-
-    Raises:
-        ConfigError: an unknown preset name or field (one sentence listing the known ones).
-    """
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
-    config = PRESETS[name]()
-    if not overrides:
-        return config
-    fields = {f.name for f in dataclasses.fields(Blip2Config)}
-    changes: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if key not in fields:
-            raise ConfigError(f"Blip2Config has no field {key!r}; its fields are {', '.join(sorted(fields))}")
-        section = SECTIONS.get(key)
-        if section is not None and isinstance(value, dict):
-            known = {f.name for f in dataclasses.fields(section)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ConfigError(
-                    f"{section.__name__} has no field {unknown[0]!r}; its fields are {', '.join(sorted(known))}"
-                )
-            current = getattr(config, key)
-            value = dataclasses.replace(current, **value) if current is not None else section(**value)
-        changes[key] = value
-    given = overrides.get("qformer")
-    explicit = isinstance(given, QFormerConfig) or (isinstance(given, dict) and "encoder_width" in given)
-    if "vision" in changes and not explicit:  # the Q-Former reads the new tower's width, as when built anew
-        changes["qformer"] = dataclasses.replace(changes.get("qformer", config.qformer), encoder_width=0)
-    return dataclasses.replace(config, **changes)
-
-
-def list_presets() -> list[str]:
-    return sorted(PRESETS)

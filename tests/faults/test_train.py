@@ -164,8 +164,8 @@ def test_hard_negatives_are_never_positives_and_rows_without_one_get_minus_one()
 
 
 def test_itm_leaves_out_rows_without_a_negative_and_keeps_the_graph():
-    from blip2.config import preset
     from blip2.models import RetrievalModel
+    from blip2.presets import preset
     from blip2.tasks.stage1 import Stage1Task
 
     torch.manual_seed(0)
@@ -214,7 +214,7 @@ def test_two_ranks_train_on_when_only_one_rank_meets_unreadable_images(tmp_path)
 
 def _resnet_stage1(tmp_path) -> str:
     """tiny-stage1 around a small unfrozen transformers ResNet (BatchNorm: running statistics)."""
-    from blip2.config import preset
+    from blip2.presets import preset
 
     d = preset("tiny-stage1").to_dict()
     d["vision"].update(

@@ -10,8 +10,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blip2.config import PRESETS, list_presets, preset
     from blip2.errors import UserError
+    from blip2.presets import PRESETS, list_presets, preset
 
     if args.name:
         if args.name not in PRESETS:

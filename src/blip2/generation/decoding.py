@@ -83,16 +83,22 @@ class Decoding:
         *,
         image_features: Tensor | None = None,
         mode: str | None = None,
+        qformer_input_ids: Tensor | None = None,
+        qformer_attention_mask: Tensor | None = None,
         **generate_kwargs: Any,
     ) -> Tensor:
         """`model.generate(pixel_values, input_ids, attention_mask, ...)`, the same tokens and outputs,
-        decoded the `mode` way (default `self.mode`; a `ValueError` for an unknown one).
+        decoded the `mode` way (default `self.mode`; a `ValueError` for an unknown one). An instruction
+        for the Q-Former (`qformer_input_ids`, InstructBLIP) runs the image side without a graph.
 
         Greedy search with only `max_new_tokens`, `min_new_tokens`, `repetition_penalty`, EOS and pad
         ids runs the lean loop; any other options run the model's plain path.
         """
         mode = self._check(mode or self.mode)
-        prefix = self.prefix(model, pixel_values, image_features, mode)  # (B, Q, E), once per image
+        if qformer_input_ids is None:
+            prefix = self.prefix(model, pixel_values, image_features, mode)  # (B, Q, E), once per image
+        else:
+            prefix = model.prefix(pixel_values, image_features, qformer_input_ids, qformer_attention_mask)
         embeds, mask, options = model.generation_inputs(prefix, input_ids, attention_mask, **generate_kwargs)
         tokens = self.greedy(model.llm, embeds, mask, options, mode)  # None: options it lacks
         if tokens is None:

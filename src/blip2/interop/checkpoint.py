@@ -88,16 +88,17 @@ def build_model(
     llm: nn.Module | None = None,
     init: bool = False,
 ) -> nn.Module:
-    """The model of `config`'s kind (a `RetrievalModel` or a `LanguageBridge`); without `init` its
-    weights are left uninitialized (fast for real sizes), to be filled by `load_state`."""
+    """The model of `config`'s kind (a `RetrievalModel`, `LanguageBridge` or `InstructBridge`); without
+    `init` its weights are left uninitialized (fast for real sizes), to be filled by `load_state`."""
     from transformers.initialization import no_init_weights
 
-    from blip2.models import LanguageBridge, RetrievalModel
+    from blip2.models import InstructBridge, LanguageBridge, RetrievalModel
 
     with _maybe(no_init_weights(), not init):
         if config.kind == "retrieval":
             return RetrievalModel(config, vision_tower=vision_tower)
-        model = LanguageBridge(config, vision_tower=vision_tower, llm=llm)
+        bridge = InstructBridge if config.kind == "instruct" else LanguageBridge
+        model = bridge(config, vision_tower=vision_tower, llm=llm)
     model.llm.tie_weights()  # skipped with the initialization: tied tables are one tensor again
     return model
 
@@ -152,7 +153,7 @@ def load_folder(path: Path, config: Blip2Config) -> nn.Module:
     """Our own folder (either layout; see the module docstring), or a plain transformers one."""
     state, meta = read_state_dict(path)
     if meta.get("format") != OUR_FORMAT:
-        state = convert(state, hf.rules(), to="ours", source=str(path))
+        state = convert(state, hf.rules(config.kind), to="ours", source=str(path))
     if (path / EXTRAS).is_file():
         extras, _ = read_state_dict(path / EXTRAS)
         state.update(extras)
@@ -180,7 +181,7 @@ def save_folder(model: nn.Module, path: str | os.PathLike[str]) -> None:
         return
     extra = hf.extra_keys(config)
     extras = {k: v for k, v in state.items() if extra.match(k)}
-    theirs = convert({k: v for k, v in state.items() if k not in extras}, hf.rules(), to="theirs")
+    theirs = convert({k: v for k, v in state.items() if k not in extras}, hf.rules(config.kind), to="theirs")
     save_file(theirs, str(path / WEIGHTS), metadata={"format": "pt"})
     if extras:
         save_file(extras, str(path / EXTRAS), metadata={"format": OUR_FORMAT})

@@ -1,11 +1,12 @@
-"""The transformers layout: `Blip2ForConditionalGeneration` (stage 2) and `Blip2ForImageTextRetrieval`
-(stage 1), configs and state-dict keys, both ways.
+"""The transformers layout: `Blip2ForConditionalGeneration` (stage 2), `Blip2ForImageTextRetrieval`
+(stage 1) and `InstructBlipForConditionalGeneration` (InstructBLIP), configs and state-dict keys, both ways.
 
 Our modules line up with transformers' one to one, except:
 
 * the vision tower's `post_layernorm` is our `visual.ln_vision` (moved out of the tower);
-* the Q-Former's input LayerNorm `qformer.layernorm` is our `qformer.embeddings.norm`, and the text
-  embeddings, which transformers keeps at the top level (`embeddings.*`, retrieval model only), are
+* the Q-Former's input LayerNorm `qformer.layernorm` (InstructBLIP: `qformer.embeddings.layernorm`) is
+  our `qformer.embeddings.norm`, and the text embeddings, which BLIP-2 keeps at the top level
+  (`embeddings.*`, retrieval model only) and InstructBLIP in its Q-Former (`qformer.embeddings.*`), are
   our `qformer.embeddings.{word,position}`;
 * transformers has no place for the ITC temperature (`temp`), the ITG head (`qformer.lm_head`) or, in
   the generation model, the Q-Former's text side: `extra_keys` lists them, and a saved directory keeps
@@ -25,6 +26,7 @@ from blip2.interop.keymap import Rule, rename
 EVA_TOWER = "blip_2_vision_model"
 GENERATION = "Blip2ForConditionalGeneration"
 RETRIEVAL = "Blip2ForImageTextRetrieval"
+INSTRUCT = "InstructBlipForConditionalGeneration"
 
 # Q-Former layer parts: ours (after `qformer.layers.{i}.`) -> transformers (after
 # `qformer.encoder.layer.{i}.`). LAVIS uses the same names with `self` for `attention`.
@@ -76,15 +78,18 @@ def qformer_layer_rules(theirs_prefix: str, attn: str) -> list[Rule]:
     ]
 
 
-def rules() -> list[Rule]:
-    """Our keys <-> transformers' keys (both BLIP-2 classes; the most specific templates first)."""
+def rules(kind: str = "generation") -> list[Rule]:
+    """Our keys <-> transformers' keys for a model kind (`Blip2Config.kind`; the BLIP-2 classes share
+    theirs; the most specific templates first)."""
+    layout = LAYOUTS[kind]
+    text = layout.text_embeddings
     return [
         rename("visual.ln_vision.{p}", "vision_model.post_layernorm.{p}"),
         rename("visual.tower.{rest}", "vision_model.{rest}"),
         rename("query_tokens", "query_tokens"),
-        rename("qformer.embeddings.norm.{p}", "qformer.layernorm.{p}"),
-        rename("qformer.embeddings.word.weight", "embeddings.word_embeddings.weight"),
-        rename("qformer.embeddings.position.weight", "embeddings.position_embeddings.weight"),
+        rename("qformer.embeddings.norm.{p}", f"{layout.qformer_norm}.{{p}}"),
+        rename("qformer.embeddings.word.weight", f"{text}.word_embeddings.weight"),
+        rename("qformer.embeddings.position.weight", f"{text}.position_embeddings.weight"),
         *qformer_layer_rules("qformer.encoder.layer", attn="attention"),
         rename("vision_proj.{p}", "vision_projection.{p}"),
         rename("text_proj.{p}", "text_projection.{p}"),
@@ -103,11 +108,17 @@ class Layout:
         extra: our keys that class has no place for (stored beside `model.safetensors`).
         text_input: the class feeds text to the Q-Former (`use_qformer_text_input`), so the Q-Former
             must have its text side.
+        model_type: the `model_type` of the class's config ("blip-2", "instructblip").
+        qformer_norm: where the Q-Former's input LayerNorm lives.
+        text_embeddings: where the Q-Former's word and position embeddings live.
     """
 
     architecture: str
     extra: re.Pattern[str]
     text_input: bool
+    model_type: str = "blip-2"
+    qformer_norm: str = "qformer.layernorm"
+    text_embeddings: str = "embeddings"
 
 
 LAYOUTS = {
@@ -118,6 +129,14 @@ LAYOUTS = {
             r"qformer\.lm_head\.|qformer\.embeddings\.(word|position)\.|qformer\.layers\.\d+\.text_ffn\."
         ),
         text_input=False,
+    ),
+    "instruct": Layout(
+        INSTRUCT,
+        re.compile(r"qformer\.lm_head\."),  # nothing: an instruction-reading Q-Former has no ITG head
+        text_input=True,
+        model_type="instructblip",
+        qformer_norm="qformer.embeddings.layernorm",
+        text_embeddings="qformer.embeddings",
     ),
 }
 
@@ -150,28 +169,37 @@ def _arch_dict(sub: Any) -> dict[str, Any]:
 
 
 def config_from_transformers(hf: dict[str, Any] | Any, name: str = "") -> Blip2Config:
-    """Our `Blip2Config` from a transformers BLIP-2 `config.json` (a dict or a `Blip2Config`).
+    """Our `Blip2Config` from a transformers BLIP-2 or InstructBLIP `config.json` (a dict or a config).
 
-    The retrieval class (`architectures: ["Blip2ForImageTextRetrieval"]`, or a Q-Former with its text
-    input and no real LM) gives a stage-1 config; the generation classes a stage-2 one.
+    InstructBLIP (`model_type` "instructblip") gives an "instruct" config; for BLIP-2, the retrieval
+    class (`architectures: ["Blip2ForImageTextRetrieval"]`, or a Q-Former with its text input and no
+    real LM) gives a stage-1 config, the generation classes a stage-2 one.
     """
     import transformers
 
     if isinstance(hf, dict):
-        if hf.get("model_type") not in ("blip-2", None):
+        types = {layout.model_type for layout in LAYOUTS.values()}
+        if hf.get("model_type") not in (*types, None):
             raise UserError(
-                f"config.json describes a {hf.get('model_type')!r} model, not BLIP-2 (model_type 'blip-2')"
+                f"config.json describes a {hf.get('model_type')!r} model, not BLIP-2 (model_type 'blip-2') "
+                "or InstructBLIP ('instructblip')"
             )
         d = {k: v for k, v in hf.items() if k not in ("architectures", "transformers_version")}
         archs = hf.get("architectures") or []
-        hf = transformers.Blip2Config(**d)
+        cls = (
+            transformers.InstructBlipConfig
+            if hf.get("model_type") == "instructblip"
+            else transformers.Blip2Config
+        )
+        hf = cls(**d)
     else:
         archs = hf.architectures or []
     q = hf.qformer_config
     if q.hidden_act != "gelu":
         raise UserError(f"the Q-Former uses hidden_act {q.hidden_act!r}; only 'gelu' is supported")
-    retrieval = RETRIEVAL in archs or (not archs and q.use_qformer_text_input)
-    vision = _arch_dict(hf.vision_config)
+    instruct = hf.model_type == "instructblip"
+    retrieval = not instruct and (RETRIEVAL in archs or (not archs and q.use_qformer_text_input))
+    vision = {**_arch_dict(hf.vision_config), "model_type": EVA_TOWER}  # InstructBLIP's is the same tower
     qformer = QFormerConfig(
         hidden_size=q.hidden_size,
         num_layers=q.num_hidden_layers,
@@ -185,8 +213,9 @@ def config_from_transformers(hf: dict[str, Any] | Any, name: str = "") -> Blip2C
         layer_norm_eps=q.layer_norm_eps,
         dropout=q.hidden_dropout_prob,
         attention_dropout=q.attention_probs_dropout_prob,
-        text=bool(retrieval),
+        text=bool(retrieval or instruct),
         itg_head=False,
+        instruction=instruct,
         pad_token_id=q.pad_token_id if q.pad_token_id is not None else 0,
     )
     llm = None
@@ -196,23 +225,25 @@ def config_from_transformers(hf: dict[str, Any] | Any, name: str = "") -> Blip2C
         vision=VisionConfig(hf_config=vision, image_size=hf.vision_config.image_size),
         qformer=qformer,
         llm=llm,
-        embed_dim=hf.image_text_hidden_size,
+        embed_dim=getattr(hf, "image_text_hidden_size", Blip2Config.embed_dim),
         name=name,
     )
 
 
 def config_to_transformers(config: Blip2Config) -> Any:
-    """The transformers `Blip2Config` of one of our configs (`has_counterpart(config)` must hold)."""
+    """The transformers config (`Blip2Config` or `InstructBlipConfig`) of one of our configs
+    (`has_counterpart(config)` must hold)."""
     import transformers
 
     if not has_counterpart(config):
         raise UserError(
             f"a model with a {config.vision.model_type!r} image encoder has no transformers BLIP-2 class"
         )
+    layout = LAYOUTS[config.kind]
     v = {k: val for k, val in config.vision.hf_config.items() if k not in ("model_type", "_name_or_path")}
     v["image_size"] = config.vision.image_size
     q = config.qformer
-    qformer = transformers.Blip2QFormerConfig(
+    qformer = dict(
         vocab_size=q.vocab_size,
         hidden_size=q.hidden_size,
         num_hidden_layers=q.num_layers,
@@ -226,19 +257,30 @@ def config_to_transformers(config: Blip2Config) -> Any:
         pad_token_id=q.pad_token_id,
         cross_attention_frequency=q.cross_attention_freq,
         encoder_hidden_size=q.encoder_width,
-        use_qformer_text_input=LAYOUTS[config.kind].text_input,
     )
     text = None
     if config.llm is not None:
         t = {k: val for k, val in config.llm.hf_config.items() if k != "_name_or_path"}
         text = transformers.AutoConfig.for_model(t.pop("model_type"), **t)
-    hf = transformers.Blip2Config(
-        vision_config=transformers.Blip2VisionConfig(**v),
-        qformer_config=qformer,
-        text_config=text,
-        num_query_tokens=q.num_query_tokens,
-        image_text_hidden_size=config.embed_dim,
-        image_token_index=config.llm.image_token_id if config.llm is not None else None,
-    )
-    hf.architectures = [architecture(config)]
+    image_token = config.llm.image_token_id if config.llm is not None else None
+    if layout.model_type == "instructblip":
+        hf = transformers.InstructBlipConfig(
+            vision_config=transformers.InstructBlipVisionConfig(**v),
+            qformer_config=transformers.InstructBlipQFormerConfig(**qformer),
+            text_config=text,
+            num_query_tokens=q.num_query_tokens,
+            image_token_index=image_token,
+        )
+    else:
+        hf = transformers.Blip2Config(
+            vision_config=transformers.Blip2VisionConfig(**v),
+            qformer_config=transformers.Blip2QFormerConfig(
+                **qformer, use_qformer_text_input=layout.text_input
+            ),
+            text_config=text,
+            num_query_tokens=q.num_query_tokens,
+            image_text_hidden_size=config.embed_dim,
+            image_token_index=image_token,
+        )
+    hf.architectures = [layout.architecture]
     return hf

@@ -251,8 +251,9 @@ def _language_heads(config: Blip2Config) -> list[Rule]:
     return [rename("language_projection.{p}", f"{proj}.{{p}}"), rename("llm.{rest}", f"{model}.{{rest}}")]
 
 
-# each model kind's own parts after the shared query encoder
-HEADS = {"retrieval": _retrieval_heads, "generation": _language_heads}
+# each model kind's own parts after the shared query encoder (InstructBLIP's are BLIP-2's: `llm_*` for
+# Vicuna, `t5_*` for FlanT5; its Q-Former's text side is mapped with the rest of the Q-Former)
+HEADS = {"retrieval": _retrieval_heads, "generation": _language_heads, "instruct": _language_heads}
 
 
 def unwrap(checkpoint: object, source: str) -> dict[str, Tensor]:

@@ -22,10 +22,11 @@ from typing import Any
 
 from torch import nn
 
-from blip2.config import PRESETS, Blip2Config, preset
+from blip2.config import Blip2Config
 from blip2.errors import UserError
 from blip2.hub import looks_like_hub_id, resolve
 from blip2.interop import checkpoint, hf, lavis
+from blip2.presets import PRESETS, preset
 
 # hub repositories whose name is not a preset name
 HUB_PRESETS = {"blip2-itm-vit-g": "blip2-stage1-vit-g", "blip2-itm-vit-g-coco": "blip2-stage1-vit-g-coco"}

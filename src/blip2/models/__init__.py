@@ -5,6 +5,7 @@ reading, no torch.distributed.
   queries);
 * `retrieval.py`: `RetrievalModel`, stage 1's heads (ITC projections, ITM head, ITG head);
 * `bridge.py`: `LanguageBridge`, stage 2's projection into a frozen LLM;
+* `instruct.py`: `InstructBridge`, InstructBLIP's bridge (the Q-Former also reads the instruction);
 * `qformer.py`, `encoders.py`, `language.py`: the Q-Former, the frozen image towers, LLM helpers.
 
 One name per tensor, everywhere:
@@ -19,6 +20,7 @@ One name per tensor, everywhere:
 | `image_feats` | `(B, Q, E)` | normalized `vision_proj(query_output)`, for ITC |
 | `text_feats` | `(B, E)` | normalized `text_proj` of the text's [CLS] output, for ITC |
 | `prefix` | `(B, Q, d_llm)` | `language_projection(query_output)`: the LLM's soft visual prompt |
+| `qformer_input_ids` | `(B, I)` | an instruction in the Q-Former's (BERT) vocabulary, read beside the queries (InstructBLIP) |
 
 Dtypes: a config names one as a string from `blip2.config.DTYPES` ("float32", "bfloat16",
 "float16"); code holds a `torch.dtype` (`encoders.torch_dtype` turns one into the other).
@@ -26,6 +28,7 @@ Dtypes: a config names one as a string from `blip2.config.DTYPES` ("float32", "b
 
 from blip2.models.bridge import LanguageBridge, LMOutput
 from blip2.models.encoders import ImageEncoder
+from blip2.models.instruct import InstructBridge
 from blip2.models.qformer import QFormer, QFormerOutput
 from blip2.models.query_encoder import QueryEncoder
 from blip2.models.retrieval import ImageEmbedding, ITGOutput, RetrievalModel
@@ -34,6 +37,7 @@ __all__ = [
     "ITGOutput",
     "ImageEmbedding",
     "ImageEncoder",
+    "InstructBridge",
     "LMOutput",
     "LanguageBridge",
     "QFormer",

@@ -165,10 +165,24 @@ class LanguageBridge(QueryEncoder):
 
     # ---------------------------------------------------------------------------------- inputs
 
-    def prefix(self, pixel_values: Tensor | None = None, image_features: Tensor | None = None) -> Tensor:
+    def prefix(
+        self,
+        pixel_values: Tensor | None = None,
+        image_features: Tensor | None = None,
+        qformer_input_ids: Tensor | None = None,
+        qformer_attention_mask: Tensor | None = None,
+    ) -> Tensor:
         """The soft visual prompt: `language_projection` of the query outputs `(B, Q, d_llm)`, in the
-        LLM's dtype (inputs as `query_output`; the projection also under autocast to `autocast_dtype`)."""
-        query_output = self.query_output(pixel_values, image_features)  # (B, Q, D)
+        LLM's dtype (inputs as `query_output`; the projection also under autocast to `autocast_dtype`).
+        This Q-Former reads no instruction (`qformer_input_ids`: an `InstructBridge`'s does)."""
+        if qformer_input_ids is not None:
+            raise ValueError(
+                "this model's Q-Former reads no instruction (qformer_input_ids); InstructBLIP's does"
+            )
+        return self.project(self.query_output(pixel_values, image_features))
+
+    def project(self, query_output: Tensor) -> Tensor:
+        """`language_projection` of query outputs `(B, Q, D) -> (B, Q, d_llm)`, in the LLM's dtype."""
         with self.autocast():
             projected = self.language_projection(query_output)
         return projected.to(language.llm_dtype(self.llm))
@@ -204,6 +218,8 @@ class LanguageBridge(QueryEncoder):
         prompt_lengths: Tensor | int | None = None,
         decoder_attention_mask: Tensor | None = None,
         loss_only: bool = False,
+        qformer_input_ids: Tensor | None = None,
+        qformer_attention_mask: Tensor | None = None,
     ) -> LMOutput:
         """The LLM's logits on `[soft prompt][text]` and the targets of a language-modeling loss.
 
@@ -229,8 +245,11 @@ class LanguageBridge(QueryEncoder):
             loss_only: a decoder-only LM applies its output layer only from the first position that
                 predicts a counted target on (not to the queries and prompt): what a loss needs, in
                 less time and memory.
+            qformer_input_ids, qformer_attention_mask: `(B, I)` the instruction the Q-Former reads
+                (an `InstructBridge`) in its own vocabulary, and its padding mask.
         """
-        prefix = self.prefix(pixel_values, image_features)  # (B, Q, E)
+        instruction = (qformer_input_ids, qformer_attention_mask)
+        prefix = self.prefix(pixel_values, image_features, *instruction)  # (B, Q, E)
         if self.is_encoder_decoder:
             return self._forward_encoder_decoder(
                 prefix, input_ids, attention_mask, labels, decoder_attention_mask
@@ -344,6 +363,8 @@ class LanguageBridge(QueryEncoder):
         attention_mask: Tensor | None = None,
         *,
         image_features: Tensor | None = None,
+        qformer_input_ids: Tensor | None = None,
+        qformer_attention_mask: Tensor | None = None,
         **generate_kwargs: Any,
     ) -> Tensor:
         """Generate text for images, optionally continuing a prompt; returns the new token ids only.
@@ -362,6 +383,7 @@ class LanguageBridge(QueryEncoder):
             image_features: `(B, N, Dv)` cached frozen features.
             input_ids: `(B, L)` prompt ids, or `(1, L)` for one prompt shared by all images.
             attention_mask: `(B, L)` prompt padding mask.
+            qformer_input_ids, qformer_attention_mask: the instruction the Q-Former reads, as `forward`.
 
         Raises:
             UserError: the queries, the prompt and `max_new_tokens` (or `max_length`) need more
@@ -372,7 +394,8 @@ class LanguageBridge(QueryEncoder):
             pad id after their EOS. With `return_dict_in_generate=True`, transformers' output object
             (scores and all) with these `sequences`.
         """
-        prefix = self.prefix(pixel_values, image_features)  # (B, Q, E), once per image
+        instruction = (qformer_input_ids, qformer_attention_mask)
+        prefix = self.prefix(pixel_values, image_features, *instruction)  # (B, Q, E), once per image
         embeds, mask, options = self.generation_inputs(prefix, input_ids, attention_mask, **generate_kwargs)
         return self.generate_from_embeds(embeds, mask, **options)
 

@@ -1,6 +1,7 @@
 """What users call: `blip2.load()` returns the object of the checkpoint's kind.
 
 * `Captioner` (stage 2: a frozen LLM): `caption`, `ask`, `chat`, `stream`, `generate`;
+  `InstructCaptioner` (InstructBLIP), the same with each prompt also read by the Q-Former;
 * `Retriever` (stage 1: ITC / ITM heads): `match`, `similarity`, `pair_scores`, `search`,
   `embed_images`, `embed_texts`;
 
@@ -18,6 +19,7 @@ from blip2.pipelines.captioner import (
     Captioner,
     check_generation_options,
 )
+from blip2.pipelines.instruct import InstructCaptioner
 from blip2.pipelines.load import load, pipeline_class, pipeline_for
 from blip2.pipelines.retriever import Retriever, SearchHit
 
@@ -26,6 +28,7 @@ __all__ = [
     "CAPTION_DEFAULTS",
     "GENERATION_OPTIONS",
     "Captioner",
+    "InstructCaptioner",
     "Pipeline",
     "Retriever",
     "SearchHit",

@@ -134,9 +134,10 @@ class Captioner(Pipeline):
         )
         return tok.decode(ids[:room], skip_special_tokens=True)
 
-    def _encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor | None, Tensor | None]:
-        """LLM input ids and mask of the prompts on the device (None, None for empty prompts), each cut
-        to the LLM's `max_txt_len` tokens as LAVIS does, with a `TruncationWarning` when one is cut."""
+    def _encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """The model's inputs for the prompts, on the device: the LLM's `input_ids` and `attention_mask`
+        (none for empty prompts), each cut to the LLM's `max_txt_len` tokens as LAVIS does, with a
+        `TruncationWarning` when one is cut. The one place prompts become model inputs."""
         tok, limit = self.llm_tokenizer, self.config.llm.max_txt_len
         longest = max((len(ids) for ids in tok(list(prompts))["input_ids"]), default=0)
         if longest > limit:
@@ -149,8 +150,11 @@ class Captioner(Pipeline):
             tok.padding_side = "left" if not self.model.is_encoder_decoder else "right"
             enc = tok(list(prompts), padding=True, truncation=True, max_length=limit, return_tensors="pt")
         if enc["input_ids"].shape[1] == 0:
-            return None, None
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+            return {}
+        return {
+            "input_ids": enc["input_ids"].to(self.device),
+            "attention_mask": enc["attention_mask"].to(self.device),
+        }
 
     def check_generation_length(self, prompts: Sequence[str], generate_options: Mapping[str, Any]) -> None:
         """Refuse (`UserError`) generation options (`max_new_tokens`, or else `max_length`) that, after
@@ -190,18 +194,15 @@ class Captioner(Pipeline):
     ) -> list[str]:
         """`generate` on already processed `(B, 3, S, S)` pixels (`image_processor` output), one batch."""
         check_generation_options(generate_options)
-        input_ids, mask = self._encode_prompts(prompts)
-        ids = self._generate_ids(pixel_values.to(self.device), input_ids, mask, **generate_options)
+        inputs = self._encode_prompts(prompts)
+        ids = self._generate_ids(pixel_values.to(self.device), **inputs, **generate_options)
         return [t.strip() for t in self.llm_tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    def _generate_ids(
-        self, pixel_values: Tensor, input_ids: Tensor | None, mask: Tensor | None, **generate_options: Any
-    ) -> Tensor:
-        """The model's new token ids, decoded by `self.decoding` (`decode_mode` picks the way)."""
-        mode = generate_options.pop("decode_mode", None)
-        return self.decoding.generate(
-            self.model, pixel_values, input_ids, mask, mode=mode, **generate_options
-        )
+    def _generate_ids(self, pixel_values: Tensor, **inputs_and_options: Any) -> Tensor:
+        """The model's new token ids for its inputs (`_encode_prompts`) under the generate options,
+        decoded by `self.decoding` (`decode_mode` picks the way)."""
+        mode = inputs_and_options.pop("decode_mode", None)
+        return self.decoding.generate(self.model, pixel_values, mode=mode, **inputs_and_options)
 
     def stream(self, image: ImageLike, prompt: str | None = None, **generate_options: Any) -> Iterator[str]:
         """Generate for one image after `prompt`, yielding the text piece by piece as it is produced.
@@ -218,14 +219,14 @@ class Captioner(Pipeline):
         check_generation_options(opts)
         prompt = self.config.llm.prompt if prompt is None else prompt
         pixels = self.pixels(image)  # errors about the image surface here, before the thread starts
-        input_ids, mask = self._encode_prompts([prompt])
+        inputs = self._encode_prompts([prompt])
         streamer = TextIteratorStreamer(self.llm_tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
 
         def work() -> None:
             try:
                 with torch.no_grad():
-                    self._generate_ids(pixels, input_ids, mask, streamer=streamer, **opts)
+                    self._generate_ids(pixels, **inputs, streamer=streamer, **opts)
             except BaseException as e:  # re-raised in the caller's thread
                 failure.append(e)
                 streamer.end()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from blip2.interop.processor import image_processor
 from blip2.interop.surgery import ensure_image_token
 from blip2.pipelines.base import has_tokenizer, tokenizer_source
 from blip2.pipelines.captioner import Captioner
+from blip2.pipelines.instruct import QFORMER_TOKENIZER, InstructCaptioner
 from blip2.pipelines.retriever import Retriever
 from blip2.processing import ImageProcessor
 
@@ -38,15 +40,17 @@ def load(
     """Load a BLIP-2 checkpoint as the object of its kind.
 
     A stage-2 checkpoint (with an LLM) gives a `Captioner` (`caption`, `ask`, `chat`, `stream`,
-    `generate`); a stage-1 checkpoint gives a `Retriever` (`match`, `similarity`, `search`,
+    `generate`), an InstructBLIP one an `InstructCaptioner` (a `Captioner` whose prompts also reach the
+    Q-Former); a stage-1 checkpoint gives a `Retriever` (`match`, `similarity`, `search`,
     `embed_images`, `embed_texts`, `pair_scores`). Each has only the methods its kind can serve:
     `isinstance(model, blip2.Captioner)` tells which one was loaded.
 
     Args:
         name_or_path: one of
             - a hub id (`Salesforce/blip2-opt-2.7b`, `-opt-6.7b`, `-flan-t5-xl`, `-flan-t5-xxl`, the
-              `-coco` variants, `blip2-itm-vit-g`): downloaded or taken from the hub cache;
-            - a transformers BLIP-2 folder (`config.json` + weights), or a folder from `save_pretrained`;
+              `-coco` variants, `blip2-itm-vit-g`, `Salesforce/instructblip-vicuna-7b`, `-vicuna-13b`,
+              `-flan-t5-xl`, `-flan-t5-xxl`): downloaded or taken from the hub cache;
+            - a transformers BLIP-2 or InstructBLIP folder (`config.json` + weights), or a folder from `save_pretrained`;
             - a LAVIS checkpoint file (`blip2_pretrained_opt2.7b.pth`, ...); give `preset` unless the
               file has its released name, or `config` when its sizes match no preset.
         device: where to put the model (default CPU).
@@ -85,14 +89,21 @@ def load(
     )
     model, folder = loaded.model, loaded.folder
     kind = pipeline_class(model.config)
-    pipe = kind(model, image_processor(folder, model.config), _tokenizer(kind, loaded, tokenizer, hub))
+    texts = [_tokenizer(kind, loaded, tokenizer, hub)]
+    if issubclass(kind, InstructCaptioner):  # and the Q-Former's, for the instructions
+        texts.append(_instruction_tokenizer(folder))
+    pipe = kind(model, image_processor(folder, model.config), *texts)
     if loaded.from_lavis and isinstance(pipe, Captioner):  # to transformers' conventions, as released
         ensure_image_token(pipe.model, pipe.llm_tokenizer)
     return pipe.to(device) if device is not None else pipe
 
 
 # what users get for each model kind (`Blip2Config.kind`)
-PIPELINES: dict[str, type[Captioner] | type[Retriever]] = {"retrieval": Retriever, "generation": Captioner}
+PIPELINES: dict[str, type[Captioner] | type[Retriever]] = {
+    "retrieval": Retriever,
+    "generation": Captioner,
+    "instruct": InstructCaptioner,
+}
 
 
 def pipeline_class(config: Blip2Config) -> type[Captioner] | type[Retriever]:
@@ -128,6 +139,16 @@ def _tokenizer(
             "no tokenizer found for the LLM: pass --tokenizer (tokenizer= in blip2.load) a folder or hub id"
         )
     return tokenizers.llm_tokenizer(source)
+
+
+def _instruction_tokenizer(folder: Path | None) -> Any:
+    """The Q-Former's tokenizer saved beside an InstructBLIP checkpoint (its `qformer_tokenizer`
+    subfolder), else None (the default: bert-base-uncased)."""
+    from blip2 import tokenizers
+
+    if folder is None or not has_tokenizer(folder / QFORMER_TOKENIZER):
+        return None
+    return tokenizers.qformer_tokenizer(str(folder / QFORMER_TOKENIZER), truncation_side="left")
 
 
 def _dtype_name(dtype: str | torch.dtype | None) -> str | None:

@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from blip2.config import Blip2Config, preset
+from blip2.config import Blip2Config
 from blip2.errors import UserError
 from blip2.losses import Gather
+from blip2.presets import preset
 
 if TYPE_CHECKING:
     from blip2.data.batching import TextSpec

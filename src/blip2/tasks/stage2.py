@@ -19,10 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from blip2 import hub, losses
-from blip2.config import PRESETS, Blip2Config, LLMConfig, preset
+from blip2.config import Blip2Config, LLMConfig
 from blip2.errors import UserError
 from blip2.losses import Gather
 from blip2.models.bridge import LanguageBridge
+from blip2.presets import PRESETS, preset
 from blip2.tasks.base import Task
 
 if TYPE_CHECKING:

@@ -1,0 +1,81 @@
+"""InstructBLIP's bridge: the Q-Former reads the instruction beside the queries.
+
+Dai et al. (2023), section 2.2. BLIP-2's queries see only the image; InstructBLIP also gives the
+Q-Former the instruction (its own BERT tokens), so the visual tokens carry what the question asks about:
+
+    [queries; instruction] -> Q-Former self-attention, bidirectional (padded instruction keys hidden)
+    queries only           -> cross-attention to the image, query feed-forward
+    instruction tokens     -> word + position embeddings, text feed-forward
+    hidden[:, :Q]          -> language_projection -> soft prompt of the frozen LLM, as in BLIP-2
+
+Everything after the soft prompt (the LM loss of `forward`, `generate`) is `LanguageBridge`'s; the
+instruction goes in as `qformer_input_ids` / `qformer_attention_mask` (transformers' names), and the LLM
+reads its own copy of the prompt through `input_ids` as before.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from blip2.config import Blip2Config
+from blip2.models.bridge import LanguageBridge
+from blip2.models.encoders import ImageEncoder
+
+
+class InstructBridge(LanguageBridge):
+    """Frozen image encoder -> Q-Former over `[queries; instruction]` -> `language_projection` -> frozen LLM.
+
+    Args:
+        config: an "instruct" `Blip2Config` (`config.llm` set, `config.qformer.instruction` true).
+        vision_tower, llm: as `LanguageBridge`.
+    """
+
+    def __init__(
+        self,
+        config: Blip2Config,
+        vision_tower: nn.Module | ImageEncoder | None = None,
+        llm: nn.Module | None = None,
+    ):
+        if not config.qformer.instruction:
+            raise ValueError(
+                "an InstructBLIP model needs a Q-Former that reads instructions (qformer.instruction)"
+            )
+        super().__init__(config, vision_tower, llm)
+
+    def query_output(
+        self,
+        pixel_values: Tensor | None = None,
+        image_features: Tensor | None = None,
+        qformer_input_ids: Tensor | None = None,
+        qformer_attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Query outputs `(B, Q, D)` of the Q-Former reading the image and the instruction.
+
+        Args:
+            pixel_values, image_features: the images, as `encode_image`.
+            qformer_input_ids: `(B, I)` instruction ids in the Q-Former's vocabulary (BERT's); None:
+                the queries alone, as BLIP-2.
+            qformer_attention_mask: `(B, I)` their padding mask (1 = token); default all ones.
+        """
+        image_embeds = self.encode_image(pixel_values, image_features)  # (B, N, Dv), no autocast
+        with self.autocast():
+            hidden = self.qformer(
+                queries=self.queries(image_embeds.shape[0]),
+                input_ids=qformer_input_ids,
+                attention_mask=qformer_attention_mask,
+                image_embeds=image_embeds,
+                mode="bidirectional",
+            ).hidden  # (B, Q + I, D)
+        return hidden[:, : self.config.qformer.num_query_tokens]
+
+    def prefix(
+        self,
+        pixel_values: Tensor | None = None,
+        image_features: Tensor | None = None,
+        qformer_input_ids: Tensor | None = None,
+        qformer_attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """The soft visual prompt `(B, Q, d_llm)`: the projected query outputs of `query_output`."""
+        return self.project(
+            self.query_output(pixel_values, image_features, qformer_input_ids, qformer_attention_mask)
+        )
