@@ -69,7 +69,13 @@ class InstructTask(Stage2Task):
                 f"model.qformer_text_from: {cfg.model.qformer_text_from} has no Q-Former text side; "
                 "name a stage-1 model (one with ITC/ITM heads)"
             )
-        return InstructBridge.from_bridge(model, text_from=text_from)
+        try:
+            return InstructBridge.from_bridge(model, text_from=text_from)
+        except RuntimeError as e:  # load_state_dict: tensors of other shapes
+            raise UserError(
+                f"model.qformer_text_from: {cfg.model.qformer_text_from}'s Q-Former is not the size of "
+                f"{cfg.model.init_from}'s ({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})"
+            ) from None
 
     @classmethod
     def text_spec(cls, cfg: TrainConfig, section: DataSection, config: Blip2Config) -> TextSpec:

@@ -111,7 +111,8 @@ class DataSection:
         """The annotation datasets this section reads: its `sources` for a mixture, else itself."""
         if self.kind != "mixture":
             return [self]
-        return [dataclasses.replace(self, kind="", sources=[], **source) for source in self.sources]
+        blank = {"path": "", "images": "", "split": "train", "questions": "", "sources": []}
+        return [dataclasses.replace(self, **{**blank, **source}) for source in self.sources]
 
 
 SOURCE_FIELDS = ("kind", "path", "images", "split", "questions")
