@@ -10,7 +10,7 @@ import torch
 
 from blip2.data.annotations import Record, load_records
 from blip2.data.instructions import TEMPLATES, instruction_pair, mixture_order, sqrt_weights
-from blip2.data.json_dataset import GlobalBatchSampler
+from blip2.data.json_dataset import MixtureSampler
 from blip2.errors import UserError
 
 
@@ -53,14 +53,11 @@ def test_the_order_depends_on_seed_and_epoch_only():
 
 
 def test_a_resumed_mixture_on_another_world_size_sees_the_same_examples():
-    class Mixed(GlobalBatchSampler):
-        def order(self, epoch: int) -> torch.Tensor:
-            return mixture_order([40, 9], self.seed, epoch)
-
-    one = iter(Mixed(49, 4, 0, 1, seed=5))
+    one = iter(MixtureSampler([40, 9], 4, 0, 1, seed=5))
     first = [i for _ in range(6) for _, i in next(one)]
-    two = [iter(Mixed(49, 2, r, 2, seed=5, start=(0, 12))) for r in range(2)]
+    two = [iter(MixtureSampler([40, 9], 2, r, 2, seed=5, start=(0, 12))) for r in range(2)]
     rest = [i for _ in range(3) for it in two for _, i in next(it)]
+    assert first[:8] == mixture_order([40, 9], 5, 0)[:8].tolist()
     assert rest == first[12:24]
 
 

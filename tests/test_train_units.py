@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -300,3 +301,11 @@ def test_a_crash_while_saving_the_same_step_again_keeps_a_checkpoint_to_resume(t
     path = checkpoint.save(root, 1, {"w": torch.zeros(2)}, {"step": 1})  # a later save cleans up
     assert checkpoint.find(root) == path and torch.equal(checkpoint.load(path)[0]["w"], torch.zeros(2))
     assert sorted(os.listdir(root)) == ["latest", "step-00000001"]
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))))
+def test_every_shipped_config_parses(name):
+    from blip2.train.config import load_config
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", name))
+    assert cfg.task and cfg.train.output_dir

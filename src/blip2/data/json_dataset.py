@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, Sampler
 
 from blip2.data.annotations import Record
 from blip2.data.batching import BadSample, Preprocessor, merge_skips, sample_seed
+from blip2.data.instructions import mixture_order, sqrt_weights
 from blip2.errors import UserError
 
 
@@ -132,3 +133,30 @@ class GlobalBatchSampler(Sampler):
 
     def __len__(self) -> int:  # one epoch; iteration itself does not stop
         return self.steps_per_epoch
+
+
+class MixtureSampler(GlobalBatchSampler):
+    """`GlobalBatchSampler` over datasets laid end to end, each epoch in `mixture_order`: the cursor
+    `(epoch, offset)` means the same examples on any number of ranks, as for one dataset.
+
+    Args:
+        sizes: the number of examples of each dataset, in the order they are laid end to end.
+        batch_size, rank, world_size, seed, shuffle, start: as `GlobalBatchSampler`.
+    """
+
+    def __init__(
+        self,
+        sizes: list[int],
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        start: tuple[int, int] = (0, 0),
+    ):
+        sqrt_weights(sizes)  # every dataset has examples
+        self.sizes = list(sizes)
+        super().__init__(sum(sizes), batch_size, rank, world_size, seed, shuffle, start)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        return mixture_order(self.sizes, self.seed, epoch, self.shuffle)

@@ -15,11 +15,17 @@ reads its own copy of the prompt through `input_ids` as before.
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import Tensor, nn
 
 from blip2.config import Blip2Config
 from blip2.models.bridge import LanguageBridge
 from blip2.models.encoders import ImageEncoder
+from blip2.models.query_encoder import QueryEncoder
+
+# the Q-Former's text side: what reading an instruction needs and BLIP-2's stage-2 checkpoints dropped
+TEXT_SIDE = ("qformer.embeddings.word.", "qformer.embeddings.position.", ".text_ffn.")
 
 
 class InstructBridge(LanguageBridge):
@@ -41,6 +47,41 @@ class InstructBridge(LanguageBridge):
                 "an InstructBLIP model needs a Q-Former that reads instructions (qformer.instruction)"
             )
         super().__init__(config, vision_tower, llm)
+
+    @classmethod
+    def from_bridge(cls, bridge: LanguageBridge, text_from: QueryEncoder | None = None) -> InstructBridge:
+        """InstructBLIP from a BLIP-2 stage-2 model, where instruction tuning starts (Dai et al., 2023).
+
+        The bridge's image encoder and LLM are taken as they are (the same modules), its Q-Former,
+        queries and projection copied. The Q-Former's text side comes from `text_from`, a stage-1
+        model (its word and position embeddings and each layer's text feed-forward; InstructBLIP took
+        them from BLIP-2's stage-1 checkpoint); without one, the text feed-forward starts as a copy of
+        the query feed-forward (as BLIP-2's stage 1 started its query one from BERT's) and the
+        embeddings start fresh.
+
+        Args:
+            bridge: the stage-2 model (its modules are shared, so leave it unused afterwards).
+            text_from: a model whose Q-Former has the text side, of the same Q-Former size.
+        """
+        qformer = dataclasses.replace(bridge.config.qformer, text=True, itg_head=False, instruction=True)
+        config = dataclasses.replace(bridge.config, qformer=qformer, name="")
+        device = bridge.query_tokens.device
+        model = cls(config, vision_tower=bridge.visual, llm=bridge.llm).to(device)
+        state = bridge.state_dict()
+        if text_from is not None:
+            text = {
+                k: v for k, v in text_from.state_dict().items() if k.startswith("qformer.") and _text_side(k)
+            }
+        else:
+            text = {k.replace(".query_ffn.", ".text_ffn."): v for k, v in state.items() if ".query_ffn." in k}
+        missing, unexpected = model.load_state_dict({**state, **text}, strict=False)
+        fresh = [k for k in missing if text_from is None and k.startswith("qformer.embeddings.")]
+        if unexpected or sorted(missing) != sorted(fresh):
+            raise ValueError(
+                f"cannot build InstructBLIP from this bridge: missing {sorted(set(missing) - set(fresh))}, "
+                f"unexpected {sorted(unexpected)}"
+            )
+        return model
 
     def query_output(
         self,
@@ -79,3 +120,7 @@ class InstructBridge(LanguageBridge):
         return self.project(
             self.query_output(pixel_values, image_features, qformer_input_ids, qformer_attention_mask)
         )
+
+
+def _text_side(key: str) -> bool:
+    return any(part in key for part in TEXT_SIDE)

@@ -13,6 +13,7 @@ BUILTIN = {
     "stage2": "blip2.tasks.stage2:Stage2Task",
     "caption": "blip2.tasks.stage2:CaptionTask",
     "vqa": "blip2.tasks.stage2:VQATask",
+    "instruct": "blip2.tasks.instruct:InstructTask",
 }
 _REGISTERED: dict[str, Any] = {}
 

@@ -77,9 +77,12 @@ class Stage2Task(Task):
         labels: Tensor | None = None,
         prompt_lengths: Tensor | int | None = None,
         decoder_attention_mask: Tensor | None = None,
+        qformer_input_ids: Tensor | None = None,
+        qformer_attention_mask: Tensor | None = None,
         return_logits: bool = True,
     ) -> Stage2Output:
-        """The stage-2 loss (arguments as in `LanguageBridge.forward`).
+        """The stage-2 loss (arguments as in `LanguageBridge.forward`; the instruction the Q-Former
+        reads, `qformer_input_ids`, only for an InstructBLIP model).
 
         Args:
             return_logits: False: the loss only (what training needs); a decoder-only LM then applies
@@ -95,6 +98,8 @@ class Stage2Task(Task):
             prompt_lengths=prompt_lengths,
             decoder_attention_mask=decoder_attention_mask,
             loss_only=not return_logits,
+            qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask,
         )
         if self.model.is_encoder_decoder:
             loss = losses.seq2seq_loss(out.logits, out.labels)

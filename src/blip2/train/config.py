@@ -53,6 +53,9 @@ class ModelSection:
         llm_tokenizer: the LLM tokenizer (folder or hub id); default `config.llm.name` or `llm`.
         qformer_init: a BERT checkpoint (folder or hub id) to initialize a new Q-Former from, as the
             paper does (`bert-base-uncased`); unused with `init_from`.
+        qformer_text_from: instruction tuning from a BLIP-2 stage-2 model: a stage-1 model (folder or
+            hub id) whose Q-Former text side the instruction reader starts from (stage-2 checkpoints
+            drop it; see `blip2.tasks.instruct`).
     """
 
     preset: str | None = None
@@ -63,6 +66,7 @@ class ModelSection:
     tokenizer: str | None = None
     llm_tokenizer: str | None = None
     qformer_init: str | None = None
+    qformer_text_from: str | None = None
 
 
 @dataclass
@@ -70,8 +74,9 @@ class DataSection:
     """Where examples come from.
 
     Attributes:
-        kind: `webdataset` (tar shards) or an annotation layout (`captions`, `karpathy`, `coco`, `vqa`,
-            `retrieval`, see `blip2.data.annotations`).
+        kind: `webdataset` (tar shards), an annotation layout (`captions`, `karpathy`, `coco`, `vqa`,
+            `retrieval`, `instructions`, see `blip2.data.annotations`), or `mixture`: the annotation
+            files of `sources` drawn in proportion to the square root of their sizes (InstructBLIP).
         path: shard pattern (`data/{00000..00099}.tar`) or annotation JSON.
         images: image root for annotation files.
         split: Karpathy split.
@@ -84,6 +89,8 @@ class DataSection:
         num_workers: DataLoader worker processes per rank.
         max_len: text token budget.
         prompt: stage-2 caption prompt (default: the model's `llm.prompt`).
+        sources: with `kind: mixture`, the datasets mixed: each `{kind, path, images, split,
+            questions}` (an annotation layout and its files, as these fields of a section).
     """
 
     kind: str = "webdataset"
@@ -98,6 +105,17 @@ class DataSection:
     num_workers: int = 2
     max_len: int = 32
     prompt: str | None = None
+    sources: list[dict[str, Any]] = field(default_factory=list)
+
+    def datasets(self) -> list[DataSection]:
+        """The annotation datasets this section reads: its `sources` for a mixture, else itself."""
+        if self.kind != "mixture":
+            return [self]
+        blank = {"path": "", "images": "", "split": "train", "questions": "", "sources": []}
+        return [dataclasses.replace(self, **{**blank, **source}) for source in self.sources]
+
+
+SOURCE_FIELDS = ("kind", "path", "images", "split", "questions")
 
 
 @dataclass
@@ -178,7 +196,8 @@ class TrainConfig:
 
     Attributes:
         task: the objective (`blip2.tasks`): `stage1`, `retrieval` (stage-1 losses; captions of one
-            image are positives of each other), `stage2`, `caption`, `vqa` (the LLM's loss), or a name
+            image are positives of each other), `stage2`, `caption`, `vqa` (the LLM's loss), `instruct`
+            (InstructBLIP's instruction tuning), or a name
             given to `blip2.tasks.register`.
     """
 
@@ -258,10 +277,38 @@ class TrainConfig:
             raise UserError(f"optim.betas must both lie in [0, 1), not {list(o.betas)}")
         if t.max_steps == 0 and t.epochs == 0:
             raise UserError("set train.max_steps or train.epochs: both are 0, so there is nothing to train")
-        if not self.data.path:
+        for section, name in ((d, "data"), (self.eval_data, "eval_data")):
+            if section is not None:
+                _check_sources(section, name)
+        if not self.data.path and self.data.kind != "mixture":
             raise UserError("set data.path (shard pattern or annotation file)")
         if self.data.kind == "webdataset" and self.train.max_steps <= 0:
             raise UserError("webdataset training runs by steps: set train.max_steps")
+
+
+def _check_sources(section: DataSection, name: str) -> None:
+    """A mixture's sources are annotation files (no shards, no nested mixtures); other kinds have none."""
+    from blip2.data.annotations import KINDS
+
+    if section.kind != "mixture":
+        if section.sources:
+            raise UserError(f"{name}.sources is for kind: mixture, not {section.kind!r}")
+        return
+    if not section.sources:
+        raise UserError(f"{name}.kind mixture needs {name}.sources: a list of {{kind, path, images}}")
+    for i, source in enumerate(section.sources):
+        where = f"{name}.sources[{i}]"
+        if not isinstance(source, dict):
+            raise UserError(f"{where} must be a mapping with {', '.join(SOURCE_FIELDS)}")
+        unknown = set(source) - set(SOURCE_FIELDS)
+        if unknown:
+            raise UserError(
+                f"unknown field(s) in {where}: {', '.join(sorted(unknown))}; known: {', '.join(SOURCE_FIELDS)}"
+            )
+        if source.get("kind") not in KINDS:
+            raise UserError(f"{where}.kind must be one of {', '.join(KINDS)}, not {source.get('kind')!r}")
+        if not source.get("path"):
+            raise UserError(f"set {where}.path (its annotation file)")
 
 
 def _section(cls, value: dict[str, Any], name: str):
@@ -315,6 +362,8 @@ def _typed(where: str, kind: str, v: Any) -> Any:
         return v
     if kind.startswith("dict") and not isinstance(v, dict):
         raise UserError(f"{where} must be a mapping, not {v!r}")
+    if kind.startswith("list") and not isinstance(v, list):
+        raise UserError(f"{where} must be a list, not {v!r}")
     return v
 
 

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from blip2 import distributed as D
-from blip2.data.annotations import load_records
+from blip2.data.annotations import Record, load_records
 from blip2.data.batching import Preprocessor
 from blip2.data.features import FeatureStore
-from blip2.data.json_dataset import GlobalBatchSampler, JsonDataset
+from blip2.data.json_dataset import GlobalBatchSampler, JsonDataset, MixtureSampler
 from blip2.data.shards import ShardStream, expand_braces, worker_init
 from blip2.errors import UserError, worker_sentence
 from blip2.processing import ImageProcessor
@@ -30,6 +30,8 @@ MODEL_INPUTS = (
     "prompt_lengths",
     "labels",
     "decoder_attention_mask",
+    "qformer_input_ids",
+    "qformer_attention_mask",
 )
 
 
@@ -113,18 +115,34 @@ def make_loader(
         )
         stream.check(section.num_workers)
         return Batches(iter(DataLoader(stream, batch_size=None, **common)))
-    if section.images and not os.path.isdir(section.images):
-        raise UserError(_missing_images(section))
-    records = load_records(section.kind, section.path, section.images, section.split, section.questions)
+    records, sizes = section_records(section)
     ds = JsonDataset(records, pre, seed=seed)
     cursor = start.sample or (0, 0)
     if start.sample is None and start.micro_step:  # an older checkpoint: its step count as a cursor
         epoch, s = divmod(start.micro_step, max(1, len(ds) // start.legacy_global_batch))
         cursor = (epoch, s * start.legacy_global_batch)
-    sampler = GlobalBatchSampler(
-        len(ds), t.batch_size, info.rank, info.world_size, seed, section.shuffle, start=cursor
-    )
+    if section.kind == "mixture":
+        sampler = MixtureSampler(
+            sizes, t.batch_size, info.rank, info.world_size, seed, section.shuffle, cursor
+        )
+    else:
+        sampler = GlobalBatchSampler(
+            len(ds), t.batch_size, info.rank, info.world_size, seed, section.shuffle, start=cursor
+        )
     return Batches(iter(DataLoader(ds, batch_sampler=sampler, collate_fn=ds.collate, **common)), sampler)
+
+
+def section_records(section: DataSection) -> tuple[list[Record], list[int]]:
+    """The records of an annotation section (a mixture's sources laid end to end) and the size of each
+    dataset."""
+    records, sizes = [], []
+    for source in section.datasets():
+        if source.images and not os.path.isdir(source.images):
+            raise UserError(_missing_images(source))
+        recs = load_records(source.kind, source.path, source.images, source.split, source.questions)
+        records += recs
+        sizes.append(len(recs))
+    return records, sizes
 
 
 def _missing_images(section: DataSection) -> str:
@@ -190,8 +208,7 @@ def _worker_init(worker_id: int) -> None:
 
 
 def steps_per_epoch(cfg: TrainConfig, world_size: int) -> int:
-    d = cfg.data
-    n = len(load_records(d.kind, d.path, d.images, d.split, d.questions))
+    n = len(section_records(cfg.data)[0])
     return n // (cfg.train.batch_size * world_size * cfg.train.grad_accum)
 
 

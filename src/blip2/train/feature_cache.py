@@ -32,14 +32,14 @@ OWN_NAMES = r"(part-r\d{3}-\d{5}\.(npy|json)|meta\.json|manifest\.json)(\.tmp)?"
 
 def _work(cfg, rank: int, world_size: int) -> list:
     """This rank's share of the data: annotation records (one per image path), or shards."""
-    from blip2.data.annotations import load_records
     from blip2.data.shards import expand_braces
+    from blip2.train.data import section_records
 
     d = cfg.data
     if d.kind == "webdataset":
         return expand_braces(d.path)[rank::world_size]
     seen, out = set(), []
-    for rec in load_records(d.kind, d.path, d.images, d.split, d.questions):
+    for rec in section_records(d)[0]:
         if rec.key not in seen:
             seen.add(rec.key)
             out.append(rec)
