@@ -36,6 +36,21 @@ def generation_folder(path: Path, seed: int = 3) -> Path:
     return tiny_hf.save_generation(model, processor, path)
 
 
+def instruct_folder(path: Path, seed: int = 1) -> Path:
+    """A tiny transformers InstructBLIP (OPT) whose LM favours real words, as `generation_folder`."""
+    model, processor = tiny_hf.instruct_model("opt", "a", seed=seed)
+    tok = processor.tokenizer
+    words = torch.tensor([tok.convert_tokens_to_ids(w) for w in tiny_hf.WORDS])
+    with torch.no_grad():
+        table = model.language_model.get_input_embeddings().weight
+        keep = torch.zeros(table.shape[0], dtype=torch.bool)
+        keep[words] = True
+        table[~keep] = 0.0
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 def retrieval_folder(path: Path, seed: int = 4) -> Path:
     model, tok = tiny_hf.retrieval_model("a", seed=seed)
     return tiny_hf.save_retrieval(model, tok, path)

@@ -178,6 +178,48 @@ def test_vqa_plain_list_with_few_answers_scores_without_leave_one_out(models, tm
     )
 
 
+def test_instructblip_is_evaluated_with_its_own_zero_shot_settings(tmp_path):
+    """InstructBLIP's prompts reach the Q-Former and the LLM, with the paper's settings: "A short image
+    description:" for captions (beam 5, up to 256 tokens, repetition penalty 1.5), "Question: {} Short
+    answer:" for VQA (beam 5, up to 10 tokens, length penalty -1)."""
+    from blip2.eval.settings import caption_settings, vqa_settings
+
+    folder = fx.instruct_folder(tmp_path / "instruct")
+    pipe = blip2.load(folder)
+    assert pipe.config.kind == "instruct"
+    names = [fx.coco_name(i) for i in fx.COCO_IDS]
+    fx.write_images(tmp_path / "images", names)
+    images = [str(tmp_path / "images" / n) for n in names]
+    vqa = vqa_settings("instruct")
+    template = vqa.pop("prompt")
+    expected = pipe.generate(images, [template.format(q) for q in QUESTIONS], **{**vqa, "max_new_tokens": 4})
+    assert expected != pipe.generate(
+        images, [template.format("what") for _ in QUESTIONS], **{**vqa, "max_new_tokens": 4}
+    )
+    ann = tmp_path / "vqa.json"
+    ann.write_text(
+        json.dumps(
+            [{"image": n, "question": q, "answer": "yes"} for n, q in zip(names, QUESTIONS, strict=True)]
+        )
+    )
+    args = ["--model", str(folder), "--dataset", str(ann), "--images", str(tmp_path / "images")]
+    assert _eval("vqa", *args, "--out", str(tmp_path / "vqa"), "--max-new-tokens", "4") == 0
+    assert [p["answer"] for p in _read(tmp_path / "vqa" / "predictions.json")] == expected
+    record = _read(tmp_path / "vqa" / "metrics.json")
+    assert record["settings"] == {**vqa_settings("instruct"), "max_new_tokens": 4}
+
+    caption = caption_settings("instruct")
+    assert caption["prompt"] == "A short image description:" and caption["max_new_tokens"] == 256
+    items = [{"image": n, "caption": "a photo"} for n in names]
+    ann = tmp_path / "captions.json"
+    ann.write_text(json.dumps(items))
+    args = ["--model", str(folder), "--dataset", str(ann), "--images", str(tmp_path / "images")]
+    assert _eval("caption", *args, "--out", str(tmp_path / "cap"), "--max-new-tokens", "6", "--no-java") == 0
+    prompt = caption.pop("prompt")
+    want = pipe.generate(images, [prompt] * 4, **{**caption, "max_new_tokens": 6})
+    assert [p["caption"] for p in _read(tmp_path / "cap" / "predictions.json")] == want
+
+
 def test_vqa_test_dev_without_answers_writes_predictions_only(models, tmp_path):
     gen, _, _, _ = models
     q_file, _ = fx.vqav2(tmp_path, QUESTIONS[:2], [["x"] * 10] * 2)

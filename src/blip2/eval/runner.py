@@ -26,22 +26,9 @@ from blip2.distributed import DistInfo, barrier
 from blip2.errors import InputFailed, UserError
 from blip2.eval import metrics
 from blip2.eval.datasets import CaptionSample, RetrievalSet, VqaSample
+from blip2.eval.settings import caption_settings, vqa_settings
 from blip2.processing import clean_caption, clean_question, load_image
 
-# Generation settings of the original evaluation configs (LAVIS `projects/blip2/eval/*.yaml`).
-CAPTION_SETTINGS: dict[str, Any] = {
-    "prompt": "a photo of",
-    "num_beams": 5,
-    "max_new_tokens": 30,
-    "min_new_tokens": 8,
-}
-VQA_SETTINGS: dict[str, Any] = {
-    "prompt": None,  # the model's VQA template ("Question: {} Short answer:" for FlanT5)
-    "num_beams": 5,
-    "max_new_tokens": 10,
-    "min_new_tokens": 1,
-    "length_penalty": None,  # -1 for FlanT5 (encoder-decoder), 0 for OPT (decoder-only)
-}
 RETRIEVAL_K = 128  # ITC candidates re-ranked by ITM per query (the paper's k)
 RETRIEVAL_MAX_TXT_LEN = 35  # the original retrieval evaluation's text length
 
@@ -173,8 +160,8 @@ def evaluate_captions(
         pipe: a `blip2.Captioner`.
         samples: the benchmark (`datasets.caption_samples`).
         out: output folder (also holds the resumable part files).
-        settings: generation settings over `CAPTION_SETTINGS` (`prompt` and transformers `generate`
-            options).
+        settings: generation settings over the model kind's zero-shot ones (`eval.settings`: `prompt`
+            and transformers `generate` options).
         run: what identifies the run besides the settings (model, data); a resumed run must match.
         batch_size: images per generation batch (per rank).
         workers: image-decoding processes.
@@ -188,7 +175,7 @@ def evaluate_captions(
     """
     info = info or DistInfo()
     out = Path(out)
-    opts = {**CAPTION_SETTINGS, **(settings or {})}
+    opts = {**caption_settings(pipe.config.kind), **(settings or {})}
     if opts.get("min_new_tokens") and opts.get("max_new_tokens"):  # a lowered maximum wins
         opts["min_new_tokens"] = min(opts["min_new_tokens"], opts["max_new_tokens"])
     _prepare_out(out, {**(run or {}), "task": "caption", "settings": opts}, overwrite, info)
@@ -267,7 +254,7 @@ def evaluate_vqa(
         pipe: a `blip2.Captioner`.
         samples: the questions (`datasets.vqa_samples`).
         metric: "vqa" (official accuracy, per answer type) or "gqa" (exact match).
-        settings: over `VQA_SETTINGS`: `prompt` (a template with `{}` for the question; default the
+        settings: over the model kind's (`eval.settings`): `prompt` (a template with `{}` for the question; default the
             model's), `length_penalty` (default -1 for FlanT5, 0 for OPT) and other `generate` options.
         Others as `evaluate_captions`.
 
@@ -279,7 +266,7 @@ def evaluate_vqa(
         raise ValueError(f"unknown VQA metric {metric!r}")
     info = info or DistInfo()
     out = Path(out)
-    opts = {**VQA_SETTINGS, **(settings or {})}
+    opts = {**vqa_settings(pipe.config.kind), **(settings or {})}
     if opts["prompt"] is None:
         opts["prompt"] = pipe.config.llm.vqa_template
     if opts["length_penalty"] is None:
