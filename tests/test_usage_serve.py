@@ -411,3 +411,31 @@ def test_web_page_upload_caption_and_ask(server, pipes, images):
             assert page.inner_text("#status") == ""
         finally:
             browser.close()
+
+
+def test_instructblip_is_served_with_each_question_reaching_its_qformer(tmp_path, images):
+    """An InstructBLIP model behind /caption and /ask; concurrent questions batched together each get
+    the answer their own question gives alone (the question is also the Q-Former's instruction)."""
+    import eval_fixtures as fx
+
+    pipe = blip2.load(fx.instruct_folder(tmp_path / "instruct"))
+    assert pipe.config.kind == "instruct"
+    questions = ["what is the sky ?", "what is on the couch ?", "what is red ?", "what is the cat ?"]
+    alone = [pipe.ask(images[i], q, num_beams=1) for i, q in enumerate(questions)]
+    assert len(set(alone)) > 1  # the questions change the answers
+    settings = ServerSettings(batch_wait_ms=300, max_batch=8)
+    with Server(create_app([pipe], settings)) as s:
+
+        def ask(i: int) -> str:
+            data = {"question": questions[i], "num_beams": 1}
+            r = httpx.post(s.url + "/ask", files=upload(images[i]), data=data, timeout=TIMEOUT)
+            assert r.status_code == 200, r.text
+            return r.json()["answer"]
+
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(ask, range(4))) == alone
+        health = httpx.get(s.url + "/health", timeout=TIMEOUT).json()
+        assert health["requests"] == 4 and health["batches"] < 4  # some questions shared a batch
+        r = httpx.post(s.url + "/caption", files=upload(images[0]), data={"num_beams": 1}, timeout=TIMEOUT)
+        assert r.status_code == 200 and r.json()["caption"] == pipe.caption(images[0], num_beams=1)
+        assert {"caption", "ask"} <= set(httpx.get(s.url + "/health", timeout=TIMEOUT).json()["methods"])
