@@ -273,3 +273,24 @@ def test_torchrun_every_rank_says_rank_0s_refusal_of_the_results_file(captioner,
     assert result.returncode != 0
     sentence = f"error: {out} is a folder: give --out a file name such as captions.jsonl"
     assert result.stderr.count(sentence) == 2, result.stderr[-3000:]  # (the ranks' lines may interleave)
+
+
+def test_instructblip_from_the_command_line(tmp_path, capsys):
+    """`blip2 ask` and `blip2 caption` on an InstructBLIP folder answer as its Python API does (the
+    question is also the Q-Former's instruction)."""
+    import eval_fixtures as fx
+
+    import blip2
+
+    folder = str(fx.instruct_folder(tmp_path / "instruct"))
+    pipe = blip2.load(folder)
+    paths = uh.make_images(tmp_path / "images", 2)
+    questions = ["what is the sky ?", "what is red ?"]
+    assert main(["ask", "--model", folder, str(paths[0]), *questions, "--num-beams", "1"]) == 0
+    answers = capsys.readouterr().out.splitlines()
+    assert answers == pipe.ask([paths[0]] * 2, questions, num_beams=1)
+    assert len(set(answers)) == 2  # each question reached the model
+    out = tmp_path / "captions.jsonl"
+    assert main(["caption", "--model", folder, *map(str, paths), "--out", str(out), *FAST]) == 0
+    rows = read_results(out)
+    assert [r["caption"] for r in rows] == pipe.caption(paths, num_beams=1, max_new_tokens=4)
