@@ -101,7 +101,7 @@ def test_instruction_batches_carry_the_instruction_for_the_llm_and_the_qformer(t
     from PIL import Image
 
     Image.new("RGB", (8, 8), (200, 10, 10)).save(image)
-    spec = TextSpec("causal", llm_tok, instruct=True, qformer_tokenizer=qtok, instruction_max_len=6)
+    spec = TextSpec("causal", llm_tok, templates=TEMPLATES, qformer_tokenizer=qtok, instruction_max_len=6)
     pre = Preprocessor(spec, images=ImageProcessor(8), augment=False)
     recs = [
         Record("x", image, instruction="is it red?", text="yes"),

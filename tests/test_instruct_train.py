@@ -181,3 +181,27 @@ def test_instruction_tuning_on_two_ranks_resumes_on_one(world):
     assert a["positions"][0]["sample"] == b["positions"][0]["sample"] == [1, 6]  # 30 examples, 6 a step
     losses = _losses(root / "ranks2")
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+
+
+def test_each_bridge_type_takes_only_its_own_kind(world, tmp_path):
+    from blip2.models import InstructBridge
+
+    with pytest.raises(
+        ValueError, match="LanguageBridge cannot build a 'instruct' model: use InstructBridge"
+    ):
+        LanguageBridge(blip2.preset("tiny-instruct-opt"))
+    with pytest.raises(
+        ValueError, match="InstructBridge cannot build a 'generation' model: use LanguageBridge"
+    ):
+        InstructBridge(blip2.preset("tiny-opt"))
+    # BLIP-2's stage-2 objective refuses an InstructBLIP model, new or saved
+    root, tok = world[0], world[1]
+    cfg = {
+        "task": "stage2",
+        "model": {"preset": "tiny-instruct-opt", "llm_tokenizer": tok},
+        "data": {"kind": "captions", "path": world[2], "images": world[3], "num_workers": 0},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "device": "cpu"},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UserError, match="is an InstructBLIP model: use task: instruct"):
+        train(load_config(str(tmp_path / "cfg.yaml")))

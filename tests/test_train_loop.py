@@ -80,7 +80,7 @@ def test_resume_after_a_stop_is_bit_exact_on_json_data(tmp_path):
 
 def test_webdataset_resume_continues_at_the_shard_position(tmp_path):
     pattern = make_shards(str(tmp_path / "shards"), shards=4, per_shard=8)
-    pre = Preprocessor(TextSpec("stage1", qformer_tokenizer(), max_len=16), images=ImageProcessor(16))
+    pre = Preprocessor(TextSpec("qformer", qformer_tokenizer(), max_len=16), images=ImageProcessor(16))
 
     def stream(start=None):
         return iter(

@@ -62,7 +62,7 @@ class ToyTask(Task):
     @classmethod
     def text_spec(cls, cfg, section, config):
         return TextSpec(
-            "stage1", qformer_tokenizer(cfg.model.tokenizer or config.tokenizer), max_len=section.max_len
+            "qformer", qformer_tokenizer(cfg.model.tokenizer or config.tokenizer), max_len=section.max_len
         )
 
 

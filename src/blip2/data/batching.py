@@ -7,7 +7,7 @@ and count it under that reason, and the training loop reports the counts.
 
 Text, per objective:
 
-* `stage1`: the cleaned caption, Q-Former BERT ids padded to `max_len` (LAVIS: 32);
+* `qformer`: the cleaned caption, Q-Former BERT ids padded to `max_len` (LAVIS: 32; stage 1);
 * `causal` (decoder-only LLM, e.g. OPT): `prompt + caption + eos_text`, with the prompt's tokens (BOS
   included) excluded from the loss; VQA uses the question template as prompt and the first answer;
 * `seq2seq` (encoder-decoder LLM, e.g. FlanT5): encoder text = prompt (or the question), decoder
@@ -15,10 +15,10 @@ Text, per objective:
   at a random word in its first half: the head goes to the encoder, the rest is the target (the paper's
   prefix-LM loss; LAVIS issue #139).
 
-Instruction tuning (`TextSpec.instruct`, InstructBLIP) runs the LLM text as `causal` or `seq2seq` with
-the record's instruction as the prompt (`blip2.data.instructions`: a template per caption or VQA
-record, one's own instructions as they are), and tokenizes the instruction a second time for the
-Q-Former (`qformer_input_ids`, `qformer_attention_mask`; long instructions lose their start, as
+With instruction templates (`TextSpec.templates`; InstructBLIP's instruction tuning) every record
+becomes an instruction and its answer (`blip2.data.instructions`: a template per caption or VQA record,
+one's own instructions as they are): the LLM text is `causal` or `seq2seq` with the instruction as the
+prompt, and the instruction is tokenized a second time for the Q-Former (`qformer_input_ids`, `qformer_attention_mask`; long instructions lose their start, as
 InstructBLIP truncates on the left).
 
 Augmentation (random resized crop 0.5-1 + flip) draws from a per-sample generator seeded by
@@ -41,7 +41,7 @@ from blip2.data.instructions import instruction_pair
 from blip2.errors import UserError
 from blip2.processing import ImageError, ImageProcessor, clean_caption, clean_question
 
-MODES = ("stage1", "causal", "seq2seq")
+MODES = ("qformer", "causal", "seq2seq")
 
 
 SKIP_REASONS = ("image", "text", "shard")  # every counter a skipped sample is reported under
@@ -68,15 +68,15 @@ class TextSpec:
     """How texts become token ids.
 
     Attributes:
-        mode: "stage1", "causal" or "seq2seq" (see the module docstring).
-        tokenizer: Q-Former BERT tokenizer (stage1) or the LLM's tokenizer.
+        mode: "qformer", "causal" or "seq2seq" (see the module docstring).
+        tokenizer: the Q-Former's BERT tokenizer ("qformer") or the LLM's.
         max_len: token budget of the caption / answer (LAVIS: 32).
         prompt: caption prompt for stage 2 ("a photo of" for COCO captioning; "" for pre-training).
         eos_text: appended to each target (OPT: "\\n"); None for the tokenizer's own EOS handling.
         vqa_template: question format for VQA records.
         prefix_split: seq2seq pre-training: split captions into encoder prefix and target.
-        instruct: instruction tuning: every record as `(instruction, answer)`, the instruction as the
-            prompt.
+        templates: instruction templates per record kind (`blip2.data.instructions.TEMPLATES`): every
+            record becomes `(instruction, answer)`, the instruction the prompt; None: records as they are.
         qformer_tokenizer: the Q-Former's BERT tokenizer, for the instruction the Q-Former reads.
         instruction_max_len: token budget of that instruction (InstructBLIP: 128).
     """
@@ -88,7 +88,7 @@ class TextSpec:
     eos_text: str | None = None
     vqa_template: str = "Question: {} Answer:"
     prefix_split: bool = False
-    instruct: bool = False
+    templates: dict[str, tuple[str, ...]] | None = None
     qformer_tokenizer: Any = None
     instruction_max_len: int = 128
 
@@ -130,7 +130,7 @@ class Preprocessor:
         """Decode one record; raises `BadSample` for one to skip."""
         gen = torch.Generator().manual_seed(seed)
         sample: dict[str, Any] = {"image_id": rec.image_id, "key": rec.key}
-        sample.update(self._instruction(rec, seed) if self.text.instruct else self._texts(rec, gen))
+        sample.update(self._instruction(rec, seed) if self.text.templates else self._texts(rec, gen))
         if self.features is not None:
             sample["image_features"] = self._cached(rec)
         else:
@@ -168,7 +168,7 @@ class Preprocessor:
 
     def _instruction(self, rec: Record, seed: int) -> dict[str, str]:
         try:
-            instruction, answer = instruction_pair(rec, seed)
+            instruction, answer = instruction_pair(rec, seed, self.text.templates)
         except UserError as e:
             raise BadSample("text", str(e)) from None
         answer = clean_caption(answer) if rec.question is None and rec.instruction is None else answer.strip()
@@ -181,13 +181,13 @@ class Preprocessor:
         if rec.question is not None:  # VQA
             if not rec.answers or not str(rec.answers[0]).strip():
                 raise BadSample("text", f"{rec.key}: question without an answer")
-            if t.mode == "stage1":
+            if t.mode == "qformer":
                 return {"text": clean_caption(f"{rec.question} {rec.answers[0]}")}
             return {"prompt": t.vqa_template.format(clean_question(rec.question)), "target": rec.answers[0]}
         if rec.text is None or not str(rec.text).strip():
             raise BadSample("text", f"{rec.key}: no caption")
         caption = clean_caption(str(rec.text))
-        if t.mode == "stage1":
+        if t.mode == "qformer":
             return {"text": caption}
         if t.mode == "seq2seq" and t.prefix_split and not t.prompt:
             words = caption.split(" ")
@@ -206,7 +206,7 @@ class Preprocessor:
             if k in samples[0]:
                 batch[k] = torch.stack([s[k] for s in samples])
         t, tok = self.text, self.text.tokenizer
-        if t.mode == "stage1":
+        if t.mode == "qformer":
             enc = tok(
                 [s["text"] for s in samples],
                 padding="max_length",

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -71,7 +71,12 @@ class LanguageBridge(QueryEncoder):
             caller sets it from `config.llm.eos_text` with its tokenizer (OPT: "\\n" = 50118).
         autocast_dtype: compute dtype of the Q-Former and projection under `torch.autocast` (e.g.
             `torch.bfloat16`); None (default) computes in the weights' dtype (fp32).
+        reads_instruction: whether the Q-Former reads the instruction (InstructBLIP's
+            `InstructBridge`); a config says the same in `qformer.instruction`, and each type takes
+            only its own kind.
     """
+
+    reads_instruction: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -83,6 +88,9 @@ class LanguageBridge(QueryEncoder):
             raise ValueError(
                 "a stage-2 model needs an LLM: set Blip2Config.llm (for example preset('tiny-opt'))"
             )
+        if config.qformer.instruction != self.reads_instruction:
+            wanted = "InstructBridge" if config.qformer.instruction else "LanguageBridge"
+            raise ValueError(f"{type(self).__name__} cannot build a {config.kind!r} model: use {wanted}")
         super().__init__(config, vision_tower)
         self.llm = language.freeze(
             llm if llm is not None else language.build_llm(config.llm), config.llm.dtype

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from blip2.config import Blip2Config
 from blip2.models.bridge import LanguageBridge
-from blip2.models.encoders import ImageEncoder
 from blip2.models.query_encoder import QueryEncoder
 
 # the Q-Former's text side: what reading an instruction needs and BLIP-2's stage-2 checkpoints dropped
@@ -36,17 +34,7 @@ class InstructBridge(LanguageBridge):
         vision_tower, llm: as `LanguageBridge`.
     """
 
-    def __init__(
-        self,
-        config: Blip2Config,
-        vision_tower: nn.Module | ImageEncoder | None = None,
-        llm: nn.Module | None = None,
-    ):
-        if not config.qformer.instruction:
-            raise ValueError(
-                "an InstructBLIP model needs a Q-Former that reads instructions (qformer.instruction)"
-            )
-        super().__init__(config, vision_tower, llm)
+    reads_instruction = True
 
     @classmethod
     def from_bridge(cls, bridge: LanguageBridge, text_from: QueryEncoder | None = None) -> InstructBridge:

@@ -20,7 +20,7 @@ class MyTask(Task):
         return RetrievalModel(config)
     @classmethod
     def text_spec(cls, cfg, section, config):  # how its texts are tokenized
-        return TextSpec("stage1", qformer_tokenizer(config.tokenizer), max_len=section.max_len)
+        return TextSpec("qformer", qformer_tokenizer(config.tokenizer), max_len=section.max_len)
 
 blip2.tasks.register("mine", MyTask)  # then `task: mine` in a training config
 ```

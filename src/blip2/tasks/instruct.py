@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from blip2.config import Blip2Config
+from blip2.data.instructions import TEMPLATES
 from blip2.errors import UserError
 from blip2.losses import Gather
 from blip2.models.instruct import InstructBridge
@@ -83,4 +84,4 @@ class InstructTask(Stage2Task):
 
         spec = super().text_spec(cfg, section, config)
         instructions = qformer_tokenizer(cfg.model.tokenizer or config.tokenizer, truncation_side="left")
-        return dataclasses.replace(spec, prompt="", instruct=True, qformer_tokenizer=instructions)
+        return dataclasses.replace(spec, prompt="", templates=TEMPLATES, qformer_tokenizer=instructions)

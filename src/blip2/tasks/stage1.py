@@ -192,7 +192,7 @@ class Stage1Task(Task):
         from blip2.tokenizers import qformer_tokenizer
 
         tok = qformer_tokenizer(cfg.model.tokenizer or config.tokenizer)
-        return TextSpec("stage1", tok, max_len=section.max_len)
+        return TextSpec("qformer", tok, max_len=section.max_len)
 
 
 class RetrievalTask(Stage1Task):

@@ -117,8 +117,9 @@ class Stage2Task(Task):
 
     @classmethod
     def new_model(cls, config: Blip2Config, cfg: TrainConfig) -> LanguageBridge:
-        if config.llm is None:
+        if config.kind == "retrieval":
             raise UserError(f"task {cfg.task!r} needs a stage-2 model (one with an LLM)")
+        _refuse_instruct(config, cfg)
         llm_config, llm = llm_for_stage2(None, config.llm)
         return LanguageBridge(dataclasses.replace(config, llm=llm_config), llm=llm)
 
@@ -129,6 +130,7 @@ class Stage2Task(Task):
             return LanguageBridge.from_stage1(
                 model, llm if llm is not None else llm_config, llm_config=llm_config
             )
+        _refuse_instruct(model.config, cfg)
         return model
 
     @classmethod
@@ -163,6 +165,14 @@ class VQATask(Stage2Task):
     """VQA fine-tuning: the LM loss on answers after their question (`LLMConfig.vqa_template`)."""
 
     prefix_split = False
+
+
+def _refuse_instruct(config: Blip2Config, cfg: TrainConfig) -> None:
+    if config.kind == "instruct":
+        raise UserError(
+            f"task {cfg.task!r} trains BLIP-2's language bridge, and {config.name or 'this model'} is an "
+            "InstructBLIP model: use task: instruct"
+        )
 
 
 def llm_for_stage2(name: str | None, base: LLMConfig | None) -> tuple[LLMConfig, nn.Module | None]:
