@@ -195,7 +195,7 @@ def test_each_bridge_type_takes_only_its_own_kind(world, tmp_path):
     ):
         InstructBridge(blip2.preset("tiny-opt"))
     # BLIP-2's stage-2 objective refuses an InstructBLIP model, new or saved
-    root, tok = world[0], world[1]
+    tok = world[1]
     cfg = {
         "task": "stage2",
         "model": {"preset": "tiny-instruct-opt", "llm_tokenizer": tok},
