@@ -5,16 +5,18 @@ embeddings. For the options captioning uses, most of its time is overhead, not a
 `Decoding.generate(model, ...)` removes it, reusing the model's own steps (`generation_inputs`,
 `generate_from_embeds`) around a faster image side and greedy loop:
 
-* "fast": greedy search runs the lean loop of `blip2.generation.greedy` with the LM's dynamic cache;
-* "static": the lean loop over a preallocated `StaticCache` (decoder-only LMs): fixed shapes per step;
+* "fast": greedy search runs the lean loop of `blip2.generation.greedy` with the LM's dynamic cache,
+  beam search the search of `blip2.generation.beam` (the prefix prefilled once per image, shared by
+  its beams);
+* "static": the greedy loop over a preallocated `StaticCache` (decoder-only LMs): fixed shapes per step;
   on CUDA the step is compiled into a CUDA graph, and the image side (tower, Q-Former, projection) is
   replayed from a CUDA graph captured once per batch shape (`GraphCache`);
 * "compiled": "static" with the step compiled by `torch.compile` on any device (inductor kernels on
   CPU; the first call of each batch shape compiles, so it pays off over many batches);
 * "transformers": always the model's plain `generate`.
 
-Options the lean loop does not implement (beams, sampling, scores, ...) always go to the plain path;
-the tokens are the same either way. The state (static caches, compiled steps, image-side graphs) lives
+Beam search runs on the dynamic cache in every mode but "transformers". Options neither loop
+implements (sampling, scores, ...) always go to the plain path; the tokens are the same either way. The state (static caches, compiled steps, image-side graphs) lives
 here, one `Decoding` per loaded model, held by whoever picks the policy (`blip2.pipelines.Captioner`):
 it goes when its holder goes, and a copy (`copy.deepcopy`, pickling) starts with empty caches.
 """
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from blip2.generation import beam
 from blip2.generation import greedy as lean
 from blip2.generation.graphs import GraphCache
 from blip2.models.language import forward_params, pad_after_eos
@@ -89,12 +92,16 @@ class Decoding:
         decoded the `mode` way (default `self.mode`; a `ValueError` for an unknown one).
 
         Greedy search with only `max_new_tokens`, `min_new_tokens`, `repetition_penalty`, EOS and pad
-        ids runs the lean loop; any other options run the model's plain path.
+        ids runs the lean loop, beam search with these and `length_penalty`, `early_stopping` and
+        `num_return_sequences` our beam search; any other options run the model's plain path.
         """
         mode = self._check(mode or self.mode)
         prefix = self.prefix(model, pixel_values, image_features, mode)  # (B, Q, E), once per image
         embeds, mask, options = model.generation_inputs(prefix, input_ids, attention_mask, **generate_kwargs)
-        tokens = self.greedy(model.llm, embeds, mask, options, mode)  # None: options it lacks
+        if options.get("num_beams", 1) == 1:
+            tokens = self.greedy(model.llm, embeds, mask, options, mode)  # None: options it lacks
+        else:
+            tokens = self.beams(model.llm, embeds, mask, options, mode)
         if tokens is None:
             return model.generate_from_embeds(embeds, mask, **options)
         return pad_after_eos(tokens, options["eos_token_id"], options.get("pad_token_id"))
@@ -138,6 +145,15 @@ class Decoding:
             return self._static_cache(llm, batch, length, dtype, device)
 
         return lean.greedy(llm, embeds, mask, params=params, static_cache=static_cache, step=step, **options)
+
+    def beams(
+        self, llm: nn.Module, embeds: Tensor, mask: Tensor, options: dict[str, Any], mode: str
+    ) -> Tensor | None:
+        """The new tokens of beam search (`(B * num_return_sequences, T)`), or None where `mode` or
+        `options` call for transformers; arguments as `greedy`'s."""
+        if mode == "transformers" or not beam.supports(llm, options):
+            return None
+        return beam.beam_search(llm, embeds, mask, params=forward_params(llm), **options)
 
     def _static_cache(
         self, llm: nn.Module, batch: int, length: int, dtype: torch.dtype, device: torch.device
