@@ -69,8 +69,9 @@ def test_beam_search_gives_the_tokens_of_transformers(model, batch, beams):
             }
             assert beam.supports(model.llm, {**options, "pad_token_id": model.pad_token_id})
             plain = model.generate(px, ids, mask, **options)
-            ours = decoding.generate(model, px, ids, mask, **options)
-            assert ours.tolist() == plain.tolist(), options
+            for mode in ["fast"] if model.is_encoder_decoder else ["fast", "static"]:
+                ours = decoding.generate(model, px, ids, mask, mode=mode, **options)
+                assert ours.tolist() == plain.tolist(), (mode, options)
             assert ours.shape[0] == batch * options.get("num_return_sequences", 1)
             rows = plain.tolist()
             ended_early += any(eos_at(row, eos) < len(row) - 1 for row in rows)

@@ -34,6 +34,7 @@ The result is each image's `num_return_sequences` best hypotheses, best first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -246,6 +247,8 @@ def beam_search(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     params: frozenset[str] | None = None,
+    static_cache: Callable[[int, int, torch.dtype, torch.device], Any] | None = None,
+    step: Callable | None = None,
     **inert: Any,
 ) -> Tensor:
     """Beam search from `inputs_embeds`: the new tokens `(B * num_return_sequences, T)`, each image's
@@ -260,6 +263,10 @@ def beam_search(
             num_return_sequences, eos_token_id, pad_token_id: as in transformers' `generate` (None:
             the LM's generation config, else transformers' default).
         params: the LM's `forward` argument names (`forward_params`; looked up when None).
+        static_cache: decoder-only: `(batch, length, dtype, device) -> StaticCache`, to decode the
+            `B x beams` rows over a preallocated cache (fixed shapes per step; the prefix is still
+            prefilled once per image, then copied in); None: the LM's dynamic cache.
+        step: with `static_cache`, the decode step to call (`greedy.decode_step`, or a compiled one).
         inert: sampling-only options (temperature, top_p, ...) that beam search ignores.
     """
     del inert
@@ -286,7 +293,19 @@ def beam_search(
     params = forward_params(llm) if params is None else params
     if is_enc_dec:
         return _encoder_decoder(llm, inputs_embeds, attention_mask, search, params)
+    if static_cache is not None:
+        step = step or lean.decode_step(llm, params)
+        return _decoder_only_static(llm, inputs_embeds, attention_mask, search, params, static_cache, step)
     return _decoder_only(llm, inputs_embeds, attention_mask, search, params)
+
+
+def _prefill(llm: nn.Module, embeds: Tensor, mask: Tensor, params: frozenset[str]) -> tuple[Tensor, Any]:
+    """The prefix through the LM once per image: its last position's logits `(B, V)` and its cache."""
+    kwargs = {"position_ids": position_ids(mask)} if "position_ids" in params else {}
+    out = llm(
+        inputs_embeds=embeds, attention_mask=mask, use_cache=True, **kwargs, **lean.last_logits_only(params)
+    )
+    return out.logits[:, -1], lean.out_cache(out)
 
 
 def _decoder_only(
@@ -294,17 +313,13 @@ def _decoder_only(
 ) -> Tensor:
     cache_arg, k = lean.cache_key(params), search.beams
     takes_positions = "position_ids" in params
-    pos = position_ids(mask)
-    kwargs: dict[str, Any] = {"position_ids": pos} if takes_positions else {}
+    next_pos = position_ids(mask)[:, -1:].repeat_interleave(k, dim=0) + 1  # (B * k, 1)
+    kwargs: dict[str, Any] = {}
     # the prefix once per image, then its cache repeated for the beams: (B * k) rows
-    out = llm(
-        inputs_embeds=embeds, attention_mask=mask, use_cache=True, **kwargs, **lean.last_logits_only(params)
-    )
-    cache = lean.out_cache(out)
+    logits, cache = _prefill(llm, embeds, mask, params)
     cache.batch_repeat_interleave(k)
-    logits = out.logits[:, -1].repeat_interleave(k, dim=0)  # (B * k, V)
+    logits = logits.repeat_interleave(k, dim=0)  # (B * k, V)
     mask = mask.repeat_interleave(k, dim=0)
-    next_pos = pos[:, -1:].repeat_interleave(k, dim=0) + 1
     while True:
         tokens, origin = search(logits)
         if search.done:
@@ -344,3 +359,39 @@ def _encoder_decoder(
             return search.result()
         # the cross-attention keys and values are the same for all of an image's beams
         getattr(cache, "self_attention_cache", cache).reorder_cache(origin)
+
+
+def _decoder_only_static(
+    llm: nn.Module,
+    embeds: Tensor,
+    mask: Tensor,
+    search: Beams,
+    params: frozenset[str],
+    static_cache: Callable[[int, int, torch.dtype, torch.device], Any],
+    step: Callable,
+) -> Tensor:
+    """`_decoder_only` over a `StaticCache` of `B x beams` rows (fixed-shape steps, a full-length mask
+    buffer), reordered in place: its tensors keep their addresses for a compiled step."""
+    k, (b, p) = search.beams, mask.shape
+    total = -(-(p + search.max_new_tokens) // 32) * 32  # rounded up: fewer distinct shapes to compile
+    logits, prefix = _prefill(llm, embeds, mask, params)
+    cache = static_cache(b * k, total, embeds.dtype, embeds.device)
+    for i, layer in enumerate(prefix.layers):  # the prefix's keys and values, once per beam
+        keys, values = layer.keys.repeat_interleave(k, dim=0), layer.values.repeat_interleave(k, dim=0)
+        cache.update(keys, values, i, {"cache_position": torch.arange(p, device=mask.device)})
+    full = torch.zeros(b * k, total, dtype=mask.dtype, device=mask.device)  # filled in place, never reshaped
+    full[:, :p] = mask.repeat_interleave(k, dim=0)
+    next_pos = position_ids(mask)[:, -1:].repeat_interleave(k, dim=0) + 1  # (B * k, 1)
+    logits = logits.repeat_interleave(k, dim=0)  # (B * k, V)
+    at = p  # the cache position of the next token
+    while True:
+        tokens, origin = search(logits)
+        if search.done:
+            return search.result()
+        for layer in cache.layers:
+            layer.keys.copy_(layer.keys.index_select(0, origin))
+            layer.values.copy_(layer.values.index_select(0, origin))
+        full[:, at] = 1
+        cache_position = torch.full((1,), at, dtype=torch.long, device=mask.device)
+        logits = step(tokens[:, None], full, next_pos, cache_position, cache)
+        next_pos, at = next_pos + 1, at + 1
