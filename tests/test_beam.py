@@ -7,6 +7,7 @@ sequences, padded prompts of different lengths. Options it does not implement go
 from __future__ import annotations
 
 import pytest
+import torch
 from test_stage2 import _prompts, images, make, pad
 
 from blip2.generation import Decoding, beam
@@ -149,3 +150,32 @@ def test_options_beam_search_does_not_cover_go_to_transformers():
     assert decoding.generate(model, px, max_new_tokens=4, num_beams=3, mode="transformers").tolist() == (
         model.generate(px, max_new_tokens=4, num_beams=3).tolist()
     )
+
+
+def test_compiled_beam_search_on_cpu_gives_the_tokens_of_transformers():
+    """decode_mode="compiled": the beams' static-cache step through torch.compile (inductor on CPU),
+    the cache reordered in place between calls."""
+    model = make("tiny-opt", lively=True).eval()
+    px, ids, mask = inputs(model, 3)
+    options = {"max_new_tokens": 6, "num_beams": 3, "num_return_sequences": 2, "length_penalty": 2.0}
+    plain = model.generate(px, ids, mask, **options)
+    decoding = Decoding()
+    for _ in range(2):  # the second call reuses the compiled step and the static cache
+        assert decoding.generate(model, px, ids, mask, mode="compiled", **options).tolist() == plain.tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_beam_search_on_cuda_gives_the_tokens_of_transformers():
+    model = make("tiny-opt", lively=True).eval().cuda()
+    px, ids, mask = (t.cuda() for t in inputs(model, 3))
+    eos = ending_ids(model, px, ids, mask, 4)
+    decoding = Decoding()
+    for options in (
+        {"max_new_tokens": 6, "num_beams": 4, "eos_token_id": eos},
+        {"max_new_tokens": 6, "num_beams": 4, "num_return_sequences": 2, "length_penalty": 0.5},
+    ):
+        plain = model.generate(px, ids, mask, **options)
+        for mode in ("fast", "static", "compiled", "compiled"):  # twice: the graphs replayed
+            assert decoding.generate(model, px, ids, mask, mode=mode, **options).tolist() == plain.tolist(), (
+                mode
+            )
