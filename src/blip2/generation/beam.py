@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from blip2.generation import greedy as lean
 from blip2.models.language import forward_params, position_ids
@@ -299,6 +300,21 @@ def beam_search(
     return _decoder_only(llm, inputs_embeds, attention_mask, search, params)
 
 
+def reorder(cache: Any, origin: Tensor, start: int, end: int | None = None) -> None:
+    """Reorder a decoder-only LM's cache in place: row `i` takes row `origin[i]`'s keys and values.
+
+    Only the positions from `start` (the first new token) to `end` (default: all) move: before it lies
+    the prefix, the same in every beam of an image, and a beam continues a beam of its own image.
+    Layers of other kinds (sliding windows, ...) are reordered whole, by their own `reorder_cache`.
+    """
+    for layer in cache.layers:
+        if type(layer) not in (DynamicLayer, StaticLayer):
+            layer.reorder_cache(origin)
+            continue
+        for t in (layer.keys, layer.values):  # (B * k, heads, positions, head dim)
+            t[:, :, start:end] = t[:, :, start:end].index_select(0, origin)
+
+
 def _prefill(llm: nn.Module, embeds: Tensor, mask: Tensor, params: frozenset[str]) -> tuple[Tensor, Any]:
     """The prefix through the LM once per image: its last position's logits `(B, V)` and its cache."""
     kwargs = {"position_ids": position_ids(mask)} if "position_ids" in params else {}
@@ -311,7 +327,7 @@ def _prefill(llm: nn.Module, embeds: Tensor, mask: Tensor, params: frozenset[str
 def _decoder_only(
     llm: nn.Module, embeds: Tensor, mask: Tensor, search: Beams, params: frozenset[str]
 ) -> Tensor:
-    cache_arg, k = lean.cache_key(params), search.beams
+    cache_arg, k, p = lean.cache_key(params), search.beams, mask.shape[1]
     takes_positions = "position_ids" in params
     next_pos = position_ids(mask)[:, -1:].repeat_interleave(k, dim=0) + 1  # (B * k, 1)
     kwargs: dict[str, Any] = {}
@@ -324,7 +340,7 @@ def _decoder_only(
         tokens, origin = search(logits)
         if search.done:
             return search.result()
-        cache.reorder_cache(origin)
+        reorder(cache, origin, start=p)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         if takes_positions:
             kwargs["position_ids"] = next_pos
@@ -388,9 +404,7 @@ def _decoder_only_static(
         tokens, origin = search(logits)
         if search.done:
             return search.result()
-        for layer in cache.layers:
-            layer.keys.copy_(layer.keys.index_select(0, origin))
-            layer.values.copy_(layer.values.index_select(0, origin))
+        reorder(cache, origin, start=p, end=at)
         full[:, at] = 1
         cache_position = torch.full((1,), at, dtype=torch.long, device=mask.device)
         logits = step(tokens[:, None], full, next_pos, cache_position, cache)
