@@ -179,3 +179,22 @@ def test_beam_search_on_cuda_gives_the_tokens_of_transformers():
             assert decoding.generate(model, px, ids, mask, mode=mode, **options).tolist() == plain.tolist(), (
                 mode
             )
+
+
+def test_the_lms_own_search_settings_apply_when_not_passed(model):
+    """`length_penalty` and `early_stopping` from the LM's generation config, as transformers reads
+    them when `generate` does not get them (its `num_return_sequences` goes to transformers, which
+    refuses it)."""
+    px, ids, mask = inputs(model, 3)
+    eos = ending_ids(model, px, ids, mask, 3)
+    config = model.llm.generation_config
+    options = {"max_new_tokens": NEW_TOKENS, "num_beams": 3, "eos_token_id": eos}
+    try:
+        for config.length_penalty, config.early_stopping in ((1.0, False), (0.5, True), (2.0, "never")):
+            assert beam.supports(model.llm, {**options, "pad_token_id": model.pad_token_id})
+            plain = model.generate(px, ids, mask, **options)
+            assert Decoding().generate(model, px, ids, mask, **options).tolist() == plain.tolist()
+        config.num_return_sequences = 2
+        assert not beam.supports(model.llm, options)
+    finally:
+        config.length_penalty, config.early_stopping, config.num_return_sequences = 1.0, False, 1

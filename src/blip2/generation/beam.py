@@ -72,7 +72,7 @@ _CONFIG_NEUTRAL = {
     "remove_invalid_values": False,
     "low_memory": False,
 }
-_SETTING_DEFAULTS = {"length_penalty": 1.0, "early_stopping": False, "num_return_sequences": 1}
+_SETTING_DEFAULTS = {"length_penalty": 1.0, "early_stopping": False}
 
 
 def _setting(llm: nn.Module, options: dict[str, Any], key: str) -> Any:
@@ -95,9 +95,12 @@ def supports(llm: nn.Module, options: dict[str, Any]) -> bool:
         return False
     if not isinstance(options.get("max_new_tokens"), int) or options["max_new_tokens"] < 1:
         return False
-    returned = _setting(llm, options, "num_return_sequences")
+    returned = options.get("num_return_sequences", 1)
     if not isinstance(returned, int) or not 1 <= returned <= beams:
         return False
+    config = getattr(llm, "generation_config", None)
+    if "num_return_sequences" not in options and getattr(config, "num_return_sequences", 1) not in (1, None):
+        return False  # transformers refuses it (it checks it before it reads num_beams)
     if _setting(llm, options, "early_stopping") not in (True, False, "never"):
         return False
     if not isinstance(_setting(llm, options, "length_penalty"), int | float):
@@ -271,11 +274,7 @@ def beam_search(
         inert: sampling-only options (temperature, top_p, ...) that beam search ignores.
     """
     del inert
-    options = {
-        "length_penalty": length_penalty,
-        "early_stopping": early_stopping,
-        "num_return_sequences": num_return_sequences,
-    }
+    options = {"length_penalty": length_penalty, "early_stopping": early_stopping}
     is_enc_dec = bool(getattr(llm.config, "is_encoder_decoder", False))
     search = Beams(
         inputs_embeds.shape[0],
@@ -286,7 +285,7 @@ def beam_search(
         repetition_penalty=repetition_penalty or 1.0,
         length_penalty=_setting(llm, options, "length_penalty"),
         early_stopping=_setting(llm, options, "early_stopping"),
-        num_return_sequences=_setting(llm, options, "num_return_sequences"),
+        num_return_sequences=num_return_sequences or 1,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         start=llm.config.decoder_start_token_id if is_enc_dec else None,
