@@ -14,7 +14,7 @@ with the options captioning uses needs, on the same model and the same key/value
 
 It gives the tokens transformers' greedy search gives (`tests/test_decode.py` checks it for OPT,
 GPT-2 and T5 LMs, batched with left padding). `supports` says which `generate` options it covers;
-anything else (beams, sampling, scores, streamers, ...) goes to transformers.
+anything else goes to beam search (`blip2.generation.beam`) or transformers (sampling, scores, ...).
 
 Static cache (decoder-only LMs): `greedy(..., static_cache=...)` decodes over a transformers
 `StaticCache` sized to the prompt plus `max_new_tokens`, and every decode step has the same shapes, so
