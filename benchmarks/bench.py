@@ -342,7 +342,7 @@ def run_caption(
     agree = (a == b).all(dim=1).float().mean().item() if a.shape == b.shape else 0.0
     res = interleaved(clock, {"ours": mine, "theirs": hf}, args.repeats)
     out = row(name, batch, res, unit="captions/s", agreement=f"{agree:.0%} rows token-identical")
-    out["decode_mode"] = ours_mode if beams == 1 else "transformers (beam search)"
+    out["decode_mode"] = ours_mode if beams == 1 else f"{ours_mode} (blip2.generation.beam)"
     if batch == 1:
         out["latency_ms"] = {side: 1000 * res[side]["median_s"] for side in res}
         out["agreement"] += f"; {out['latency_ms']['ours']:.0f} vs {out['latency_ms']['theirs']:.0f} ms"
@@ -594,8 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         "--cpu-decode",
         default="compiled",
         choices=["fast", "compiled", "static", "transformers"],
-        help="our greedy decode mode (compiled: a torch.compile'd static-cache step, CUDA graphs on CUDA; "
-        "compile time excluded)",
+        help="our decode mode, greedy and beams (compiled: a torch.compile'd static-cache step, CUDA graphs "
+        "on CUDA; compile time excluded)",
     )
     p.add_argument("--out", default=None, help="write the rows and environment as JSON here")
     p.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE, help="for the fraction of peak")

@@ -3,18 +3,20 @@
 `LanguageBridge.generate` is the plain path: transformers' `generate` on `[soft prompt][prompt]`
 embeddings. For the options captioning uses, most of its time is overhead, not arithmetic, and
 `Decoding.generate(model, ...)` removes it, reusing the model's own steps (`generation_inputs`,
-`generate_from_embeds`) around a faster image side and greedy loop:
+`generate_from_embeds`) around a faster image side, greedy loop and beam search:
 
-* "fast": greedy search runs the lean loop of `blip2.generation.greedy` with the LM's dynamic cache;
-* "static": the lean loop over a preallocated `StaticCache` (decoder-only LMs): fixed shapes per step;
-  on CUDA the step is compiled into a CUDA graph, and the image side (tower, Q-Former, projection) is
+* "fast": greedy search runs the lean loop of `blip2.generation.greedy` with the LM's dynamic cache,
+  beam search the search of `blip2.generation.beam` (the prefix prefilled once per image, shared by
+  its beams);
+* "static": both over a preallocated `StaticCache` (decoder-only LMs): fixed shapes per step; on CUDA
+  the step is compiled into a CUDA graph, and the image side (tower, Q-Former, projection) is
   replayed from a CUDA graph captured once per batch shape (`GraphCache`);
 * "compiled": "static" with the step compiled by `torch.compile` on any device (inductor kernels on
   CPU; the first call of each batch shape compiles, so it pays off over many batches);
 * "transformers": always the model's plain `generate`.
 
-Options the lean loop does not implement (beams, sampling, scores, ...) always go to the plain path;
-the tokens are the same either way. The state (static caches, compiled steps, image-side graphs) lives
+Options neither loop implements (sampling, scores, ...) always go to the plain path; the tokens are
+the same either way. The state (static caches, compiled steps, image-side graphs) lives
 here, one `Decoding` per loaded model, held by whoever picks the policy (`blip2.pipelines.Captioner`):
 it goes when its holder goes, and a copy (`copy.deepcopy`, pickling) starts with empty caches.
 """
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from blip2.generation import beam
 from blip2.generation import greedy as lean
 from blip2.generation.graphs import GraphCache
 from blip2.models.language import forward_params, pad_after_eos
@@ -92,7 +95,8 @@ class Decoding:
         for the Q-Former (`qformer_input_ids`, InstructBLIP) runs the image side without a graph.
 
         Greedy search with only `max_new_tokens`, `min_new_tokens`, `repetition_penalty`, EOS and pad
-        ids runs the lean loop; any other options run the model's plain path.
+        ids runs the lean loop, beam search with these and `length_penalty`, `early_stopping` and
+        `num_return_sequences` our beam search; any other options run the model's plain path.
         """
         mode = self._check(mode or self.mode)
         if qformer_input_ids is None:
@@ -100,7 +104,10 @@ class Decoding:
         else:
             prefix = model.prefix(pixel_values, image_features, qformer_input_ids, qformer_attention_mask)
         embeds, mask, options = model.generation_inputs(prefix, input_ids, attention_mask, **generate_kwargs)
-        tokens = self.greedy(model.llm, embeds, mask, options, mode)  # None: options it lacks
+        if options.get("num_beams", 1) == 1:
+            tokens = self.greedy(model.llm, embeds, mask, options, mode)  # None: options it lacks
+        else:
+            tokens = self.beams(model.llm, embeds, mask, options, mode)
         if tokens is None:
             return model.generate_from_embeds(embeds, mask, **options)
         return pad_after_eos(tokens, options["eos_token_id"], options.get("pad_token_id"))
@@ -134,16 +141,33 @@ class Decoding:
         if mode == "transformers" or not lean.supports(llm, options):
             return None
         params = forward_params(llm)
-        is_enc_dec = bool(getattr(llm.config, "is_encoder_decoder", False))
-        if mode == "fast" or is_enc_dec:
-            return lean.greedy(llm, embeds, mask, params=params, **options)
+        return lean.greedy(
+            llm, embeds, mask, params=params, **self._static(llm, params, embeds, mode), **options
+        )
+
+    def beams(
+        self, llm: nn.Module, embeds: Tensor, mask: Tensor, options: dict[str, Any], mode: str
+    ) -> Tensor | None:
+        """The new tokens of beam search (`(B * num_return_sequences, T)`), or None where `mode` or
+        `options` call for transformers; arguments as `greedy`'s."""
+        if mode == "transformers" or not beam.supports(llm, options):
+            return None
+        params = forward_params(llm)
+        static = self._static(llm, params, embeds, mode)
+        return beam.beam_search(llm, embeds, mask, params=params, **static, **options)
+
+    def _static(self, llm: nn.Module, params: frozenset[str], embeds: Tensor, mode: str) -> dict[str, Any]:
+        """The static cache and decode step a loop takes in `mode` (none for "fast" and encoder-decoder
+        LMs: their dynamic cache)."""
+        if mode == "fast" or getattr(llm.config, "is_encoder_decoder", False):
+            return {}
         compile = mode == "compiled" or embeds.device.type == "cuda"
         step = self._compiled_step(llm, params, embeds.device.type) if compile else None
 
         def static_cache(batch: int, length: int, dtype: torch.dtype, device: torch.device) -> Any:
             return self._static_cache(llm, batch, length, dtype, device)
 
-        return lean.greedy(llm, embeds, mask, params=params, static_cache=static_cache, step=step, **options)
+        return {"static_cache": static_cache, "step": step}
 
     def _static_cache(
         self, llm: nn.Module, batch: int, length: int, dtype: torch.dtype, device: torch.device

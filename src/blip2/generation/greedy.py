@@ -14,7 +14,7 @@ with the options captioning uses needs, on the same model and the same key/value
 
 It gives the tokens transformers' greedy search gives (`tests/test_decode.py` checks it for OPT,
 GPT-2 and T5 LMs, batched with left padding). `supports` says which `generate` options it covers;
-anything else (beams, sampling, scores, streamers, ...) goes to transformers.
+anything else goes to beam search (`blip2.generation.beam`) or transformers (sampling, scores, ...).
 
 Static cache (decoder-only LMs): `greedy(..., static_cache=...)` decodes over a transformers
 `StaticCache` sized to the prompt plus `max_new_tokens`, and every decode step has the same shapes, so
@@ -33,7 +33,7 @@ from blip2.models.language import forward_params, position_ids
 
 # generate options the loop implements, and the values that keep it greedy
 _HANDLED = {"max_new_tokens", "min_new_tokens", "repetition_penalty", "eos_token_id", "pad_token_id"}
-_NEUTRAL: dict[str, Any] = {
+NEUTRAL: dict[str, Any] = {
     "num_beams": 1,
     "do_sample": False,
     "num_return_sequences": 1,
@@ -48,7 +48,7 @@ _NEUTRAL: dict[str, Any] = {
 # sampling-only settings: inert under greedy search (transformers ignores them with a warning)
 _INERT = {"temperature", "top_p", "top_k", "min_p", "typical_p", "length_penalty", "early_stopping"}
 # fields of the LM's own generation config that would change what greedy search does
-_CONFIG_NEUTRAL: dict[str, Any] = {
+CONFIG_NEUTRAL: dict[str, Any] = {
     "do_sample": False,
     "num_beams": 1,
     "num_return_sequences": 1,
@@ -84,21 +84,35 @@ def supports(llm: nn.Module, options: dict[str, Any]) -> bool:
     True for greedy search with `max_new_tokens`, `min_new_tokens`, `repetition_penalty`, EOS and pad
     ids, when the LM's own generation config adds nothing that changes greedy search.
     """
+    return options_supported(llm, options, _HANDLED | _INERT, NEUTRAL, CONFIG_NEUTRAL)
+
+
+def options_supported(
+    llm: nn.Module,
+    options: dict[str, Any],
+    handled: set[str],
+    neutral: dict[str, Any],
+    config_neutral: dict[str, Any],
+) -> bool:
+    """Whether a lean loop that implements the `handled` options does what `llm.generate(**options)`
+    would: every other option has its `neutral` value, `max_new_tokens` is given, and the LM's own
+    generation config has the `config_neutral` value of each field (unless `options` set it) and the
+    defaults of the fields transformers reads when they are not passed (`min_new_tokens`, ...)."""
     for key, value in options.items():
-        if key in _HANDLED or key in _INERT:
+        if key in handled:
             continue
-        if key not in _NEUTRAL or value != _NEUTRAL[key]:
+        if key not in neutral or value != neutral[key]:
             return False
     if "max_new_tokens" not in options:
         return False
     config = getattr(llm, "generation_config", None)
     if config is None:
         return True
-    for key, neutral in _CONFIG_NEUTRAL.items():
-        value = getattr(config, key, neutral)
+    for key, default in config_neutral.items():
+        value = getattr(config, key, default)
         if key in options:
             value = options[key]
-        if value is not None and value != neutral:
+        if value is not None and value != default:
             return False
     for key, default in _CONFIG_DEFAULTS.items():  # used by transformers only when not passed
         if key in options or key == "max_length":
@@ -108,14 +122,30 @@ def supports(llm: nn.Module, options: dict[str, Any]) -> bool:
     return True
 
 
-def _cache_key(params: frozenset[str]) -> str:
+def cache_key(params: frozenset[str]) -> str:
     """The name of the cache argument (`cache` from transformers 5.2x, `past_key_values` before)."""
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _out_cache(out: Any) -> Any:
+def out_cache(out: Any) -> Any:
+    """The cache an LM call returned (`out.cache` or `out.past_key_values`)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def last_logits_only(params: frozenset[str]) -> dict[str, Any]:
+    """The argument that makes a prefill compute only the last position's logits, where the LM has it."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def repetition_penalty(scores: Tensor, history: Tensor, penalty: float) -> Tensor:
+    """`(N, V)` scores with each row's `history` tokens `(N, T)` penalized as transformers does:
+    divided by `penalty` where positive, multiplied where negative."""
+    if not history.shape[1]:
+        return scores
+    picked = scores.gather(1, history)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(1, history, picked)
 
 
 class Selector:
@@ -151,10 +181,8 @@ class Selector:
     def __call__(self, logits: Tensor) -> Tensor:
         """`(B, V)` logits of the next position -> `(B,)` tokens."""
         scores = logits.float()
-        if self.penalty != 1.0 and self.history.shape[1]:
-            picked = scores.gather(1, self.history)
-            picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
-            scores = scores.scatter(1, self.history, picked)
+        if self.penalty != 1.0:
+            scores = repetition_penalty(scores, self.history, self.penalty)
         if self.count < self.min_new_tokens and self.eos.numel():
             scores[:, self.eos] = -float("inf")
         token = scores.argmax(dim=-1)  # (B,)
@@ -249,19 +277,15 @@ def greedy(
     return _greedy_decoder(llm, inputs_embeds, attention_mask, max_new_tokens, select, params)
 
 
-def _lm_kwargs(params: frozenset[str]) -> dict[str, Any]:
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-
-
 def _greedy_decoder(
     llm: nn.Module, embeds: Tensor, mask: Tensor, steps: int, select: Selector, params: frozenset[str]
 ) -> Tensor:
-    cache_key, extra = _cache_key(params), _lm_kwargs(params)
+    cache_arg, extra = cache_key(params), last_logits_only(params)
     takes_positions = "position_ids" in params
     pos = position_ids(mask)
     kwargs: dict[str, Any] = {"position_ids": pos} if takes_positions else {}
     out = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, **kwargs, **extra)
-    cache, next_pos = _out_cache(out), pos[:, -1:] + 1
+    cache, next_pos = out_cache(out), pos[:, -1:] + 1
     tokens = [select(out.logits[:, -1])]
     for _ in range(steps - 1):
         if select.done():
@@ -270,9 +294,9 @@ def _greedy_decoder(
         if takes_positions:
             kwargs["position_ids"] = next_pos
         out = llm(
-            input_ids=tokens[-1][:, None], attention_mask=mask, use_cache=True, **{cache_key: cache}, **kwargs
+            input_ids=tokens[-1][:, None], attention_mask=mask, use_cache=True, **{cache_arg: cache}, **kwargs
         )
-        cache, next_pos = _out_cache(out), next_pos + 1
+        cache, next_pos = out_cache(out), next_pos + 1
         tokens.append(select(out.logits[:, -1]))
     return select.trim(torch.stack(tokens, dim=1))
 
@@ -280,7 +304,7 @@ def _greedy_decoder(
 def _greedy_encoder_decoder(
     llm: nn.Module, embeds: Tensor, mask: Tensor, steps: int, select: Selector, params: frozenset[str]
 ) -> Tensor:
-    cache_key = _cache_key(params)
+    cache_arg = cache_key(params)
     encoder_outputs = llm.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
     token = select.history[:, -1]  # the decoder start token
     cache = None
@@ -291,9 +315,9 @@ def _greedy_encoder_decoder(
             attention_mask=mask,
             decoder_input_ids=token[:, None],
             use_cache=True,
-            **({cache_key: cache} if cache is not None else {}),
+            **({cache_arg: cache} if cache is not None else {}),
         )
-        cache = _out_cache(out)
+        cache = out_cache(out)
         token = select(out.logits[:, -1])
         tokens.append(token)
         if select.done():
@@ -314,7 +338,7 @@ def _greedy_static(
     """Decoder-only decoding over a `StaticCache`: fixed-shape steps (a full-length mask buffer)."""
     b, p = mask.shape
     total = -(-(p + steps) // 32) * 32  # rounded up: fewer distinct shapes to compile
-    cache_key, extra = _cache_key(params), _lm_kwargs(params)
+    cache_arg, extra = cache_key(params), last_logits_only(params)
     cache = static_cache(b, total, embeds.dtype, embeds.device)
     full = torch.zeros(b, total, dtype=mask.dtype, device=mask.device)  # filled in place, never reshaped
     full[:, :p] = mask
@@ -325,7 +349,7 @@ def _greedy_static(
         attention_mask=full[:, :p],
         cache_position=torch.arange(p, device=mask.device),
         use_cache=True,
-        **{cache_key: cache},
+        **{cache_arg: cache},
         **kwargs,
         **extra,
     )
@@ -346,7 +370,7 @@ def _greedy_static(
 def decode_step(llm: nn.Module, params: frozenset[str]) -> Callable:
     """One static-cache decode step `(token, mask, positions, cache_position, cache) -> (B, V)` float32
     logits (what `Decoding` compiles)."""
-    cache_key, takes_positions = _cache_key(params), "position_ids" in params
+    cache_arg, takes_positions = cache_key(params), "position_ids" in params
 
     def step(token: Tensor, mask: Tensor, positions: Tensor, cache_position: Tensor, cache: Any) -> Tensor:
         kwargs = {"position_ids": positions} if takes_positions else {}
@@ -355,7 +379,7 @@ def decode_step(llm: nn.Module, params: frozenset[str]) -> Callable:
             attention_mask=mask,
             cache_position=cache_position,
             use_cache=True,
-            **{cache_key: cache},
+            **{cache_arg: cache},
             **kwargs,
         )
         return out.logits[:, -1].float()  # a copy: compiled graphs reuse their output buffers
