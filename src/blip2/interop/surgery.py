@@ -2,7 +2,8 @@
 
 transformers' BLIP-2 marks where the query outputs go with an `<image>` token in the LLM's input; LAVIS
 checkpoints (and models trained here) have none. `ensure_image_token` adds it: the token in the
-tokenizer, its id in the config, room for it in the LLM's embedding table (`grow_vocab`).
+tokenizer, its id in the config, room for it in the LLM's embedding table (`grow_vocab`). transformers'
+InstructBLIP video model marks the frames' query outputs with a `<video>` token instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from blip2.config import Blip2Config
 from blip2.errors import UserError
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"  # the placeholder of a video model (`Blip2Config.video_frames`)
 
 
 def first_id(tokenizer: Any, text: str) -> int:
@@ -34,16 +36,17 @@ def ensure_image_token(model: nn.Module, tokenizer: Any) -> None:
     The table only grows when the id does not fit (padded to a multiple of 64 as the released
     checkpoints are; new rows are the mean of the old ones). The EOS text (OPT's "\\n") becomes the
     LLM config's EOS, as in the released transformers checkpoints. A model that has the token already
-    is left as it is.
+    is left as it is. A video model gets `<video>` (transformers' video layout) in the same place.
     """
     from tokenizers import AddedToken
 
     config: Blip2Config = model.config
     if config.llm.image_token_id is not None:
         return
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    token = VIDEO_TOKEN if config.video_frames else IMAGE_TOKEN
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(token, normalized=False, special=True)], special_tokens=True)
+    image_id = tokenizer.convert_tokens_to_ids(token)
     llm = model.llm
     rows = llm.get_input_embeddings().weight.shape[0]
     hf_config = dict(config.llm.hf_config)
