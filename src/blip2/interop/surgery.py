@@ -75,3 +75,29 @@ def grow_vocab(llm: nn.Module, size: int, multiple: int = 64) -> None:
     for table, weight in zip(tables, old, strict=True):
         table.weight[: weight.shape[0]] = weight
         table.weight[weight.shape[0] :] = weight.mean(dim=0)
+
+
+LAVIS_PAD_TOKEN = "[PAD]"
+
+
+def add_lavis_pad_token(model: nn.Module, tokenizer: Any) -> None:
+    """What LAVIS's InstructBLIP Vicuna (`blip2_vicuna_instruct`) does to its LLM and tokenizer, for a
+    model loaded from its `.pth` file: a `[PAD]` pad token, `</s>` as the BOS and unknown token too,
+    and a row for `[PAD]` in the LLM's embedding tables (Vicuna's 32000 -> 32001, the vocabulary of
+    the released InstructBLIP Vicuna models). LAVIS's new row is random; here it is the mean of the
+    others (`grow_vocab`): the row of a padding token that is never attended to nor generated.
+    Other models (InstructBLIP FlanT5, BLIP-2) are left as they are.
+    """
+    config: Blip2Config = model.config
+    if config.kind != "instruct" or config.llm.is_encoder_decoder:
+        return
+    eos = tokenizer.eos_token
+    tokenizer.add_special_tokens({"pad_token": LAVIS_PAD_TOKEN, "bos_token": eos, "unk_token": eos})
+    pad = tokenizer.convert_tokens_to_ids(LAVIS_PAD_TOKEN)
+    llm = model.llm
+    hf_config = dict(config.llm.hf_config)
+    if pad >= llm.get_input_embeddings().weight.shape[0]:
+        grow_vocab(llm, pad + 1, multiple=1)
+        hf_config["vocab_size"] = llm.get_input_embeddings().weight.shape[0]
+    hf_config["pad_token_id"] = llm.config.pad_token_id = llm.generation_config.pad_token_id = pad
+    model.config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, hf_config=hf_config))
