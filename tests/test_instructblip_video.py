@@ -21,6 +21,7 @@ import torch
 from transformers import InstructBlipVideoForConditionalGeneration
 
 import blip2
+from blip2 import losses
 from blip2.interop import hf as hf_layout
 from blip2.pipelines import InstructCaptioner, Video
 from blip2.processing import ImageProcessor
@@ -145,6 +146,29 @@ def test_generation_token_identical(pair, search):
         assert again.tolist() == ref.tolist(), mode
 
 
+def test_lm_loss_equals_transformers(pair):
+    kind, hf, processor, _, pipe = pair
+    theirs, ours = hf_inputs(hf, processor, clips(2), ["a photo of two cat", "what is the sky ? blue"])
+    with torch.no_grad():
+        if kind == "opt":  # the loss counts the tokens after each row's BOS and first two words
+            prompt = torch.tensor([3, 3])
+            text_labels = blip2.models.language.causal_lm_labels(
+                ours["input_ids"], ours["attention_mask"], prompt
+            )
+            labels = torch.cat([torch.full((2, QUERIES * FRAMES), -100), text_labels], dim=1)
+            ref = hf(**theirs, labels=labels).loss
+            out = pipe.model(theirs["pixel_values"], **ours, prompt_lengths=prompt)
+            got = losses.lm_loss(out.logits, out.labels)
+        else:
+            labels = torch.tensor([[5, 6, 7, 1], [8, 9, 1, -100]])
+            ref = hf(**theirs, labels=labels).loss
+            out = pipe.model(theirs["pixel_values"], **ours, labels=labels)
+            got = losses.seq2seq_loss(out.logits, out.labels)
+        reordered = hf(**{**theirs, "pixel_values": theirs["pixel_values"].flip(1)}, labels=labels).loss
+    assert abs(reordered.item() - ref.item()) > 1e-4  # the loss depends on the frames' order
+    assert abs(got.item() - ref.item()) <= ATOL
+
+
 def test_save_loads_in_transformers_video_class(pair, tmp_path):
     kind, hf, processor, _, pipe = pair
     pipe.save_pretrained(tmp_path / "ours")
@@ -164,6 +188,25 @@ def test_save_loads_in_transformers_video_class(pair, tmp_path):
     reloaded = blip2.load(tmp_path / "ours")
     assert isinstance(reloaded, InstructCaptioner) and reloaded.config == pipe.config
     assert reloaded.image_processor.size == SIZE
+
+
+def test_a_video_model_from_a_preset_saves_with_a_video_token(tmp_path):
+    """A model built here has no placeholder token: saving gives it transformers' `<video>`."""
+    from blip2.interop.checkpoint import build_model
+    from blip2.tokenizers import qformer_tokenizer
+
+    model = build_model(blip2.preset("tiny-instruct-opt", video_frames=FRAMES), init=True)
+    tok = tiny_hf.word_tokenizer("opt")
+    pipe = InstructCaptioner(
+        model, ImageProcessor(SIZE), tok, qformer_tokenizer(tiny_hf.bert_tokenizer_dir())
+    )
+    pipe.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "instructblipvideo"
+    assert config["video_token_index"] == tok.convert_tokens_to_ids("<video>") == len(tok) - 1
+    assert "<image>" not in tok.get_vocab()
+    back = InstructBlipVideoForConditionalGeneration.from_pretrained(tmp_path)
+    assert back.language_model.get_input_embeddings().weight.shape[0] > config["video_token_index"]
 
 
 def _expected_answers(hf, processor, pipe, videos, questions, options) -> list[str]:

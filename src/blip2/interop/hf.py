@@ -185,9 +185,8 @@ def config_from_transformers(hf: dict[str, Any] | Any, name: str = "") -> Blip2C
 
     InstructBLIP (`model_type` "instructblip") gives an "instruct" config, InstructBLIP for video
     ("instructblipvideo") one with `video_frames` (and the `<video>` token as `image_token_id`); for
-    BLIP-2, the retrieval
-    class (`architectures: ["Blip2ForImageTextRetrieval"]`, or a Q-Former with its text input and no
-    real LM) gives a stage-1 config, the generation classes a stage-2 one.
+    BLIP-2, the retrieval class (`architectures: ["Blip2ForImageTextRetrieval"]`, or a Q-Former with
+    its text input and no real LM) gives a stage-1 config, the generation classes a stage-2 one.
     """
     import transformers
 
