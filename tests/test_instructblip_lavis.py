@@ -195,7 +195,7 @@ def test_released_file_names_and_sizes():
             f"{proj}.bias": (width,),
         }
         for i in range(12):
-            layer = f"Qformer.bert.encoder.layer.{i}"
+            layer, cross = f"Qformer.bert.encoder.layer.{i}", i % 2 == 0  # cross-attention every 2nd layer
             parts = {f"attention.self.{p}": (768, 768) for p in ("query", "key", "value")}
             parts |= {"attention.output.dense": (768, 768), "intermediate_query.dense": (3072, 768)}
             parts |= {
@@ -203,14 +203,15 @@ def test_released_file_names_and_sizes():
                 "intermediate.dense": (3072, 768),
                 "output.dense": (768, 3072),
             }
-            if i % 2 == 0:
+            if cross:
                 parts |= {"crossattention.self.query": (768, 768), "crossattention.self.key": (768, 1408)}
                 parts |= {"crossattention.self.value": (768, 1408), "crossattention.output.dense": (768, 768)}
             for p, shape in parts.items():
                 keys |= {f"{layer}.{p}.weight": shape, f"{layer}.{p}.bias": (shape[0],)}
-            for norm in ("attention.output", "output_query", "output") + (
-                ("crossattention.output",) if i % 2 == 0 else ()
-            ):
+            norms = ["attention.output", "output_query", "output"] + (
+                ["crossattention.output"] if cross else []
+            )
+            for norm in norms:
                 keys |= {f"{layer}.{norm}.LayerNorm.weight": (768,), f"{layer}.{norm}.LayerNorm.bias": (768,)}
         meta = {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
         with torch.device("meta"):
