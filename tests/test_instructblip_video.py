@@ -265,3 +265,6 @@ def test_cli_ask_video(pair, tmp_path):
     assert out.stdout.strip() == expected
     bad = subprocess.run([*ask, str(tmp_path / "no.mp4"), "what ?"], capture_output=True, text=True)
     assert bad.returncode != 0 and "video file not found" in bad.stderr and "Traceback" not in bad.stderr
+    ask_image = [sys.executable, "-m", "blip2.cli", "ask", "--model", str(folder), "--frames", "2"]
+    bad = subprocess.run([*ask_image, str(path), "what ?"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "give --video too" in bad.stderr and "Traceback" not in bad.stderr

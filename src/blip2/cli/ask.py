@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from blip2.processing import load_image
 
     options.show_notices()
+    if args.frames is not None and not args.video:
+        raise UserError("--frames is the number of frames read from a video: give --video too")
     generate_options = options.generation_options(args)
     pipe = options.load_pipeline(
         args.model, args.device, args.dtype, method="ask", **options.load_options(args)
