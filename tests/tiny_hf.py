@@ -258,3 +258,30 @@ def images(n: int, seed: int = 0) -> list:
         Image.fromarray((torch.rand(20 + 7 * i, 30 - 3 * i, 3, generator=g) * 255).to(torch.uint8).numpy())
         for i in range(n)
     ]
+
+
+def instruct_video_model(
+    kind: str, shape: str = "a", seed: int = 0
+) -> tuple[transformers.InstructBlipVideoForConditionalGeneration, InstructBlipProcessor]:
+    """`instruct_model`'s weights in transformers' `InstructBlipVideoForConditionalGeneration` (the same
+    keys), and the image model's processor, its LLM tokenizer given the `<video>` token. (transformers'
+    `InstructBlipVideoProcessor` needs torchvision: the tests build the video inputs themselves.)"""
+    from tokenizers import AddedToken
+
+    image_model, processor = instruct_model(kind, shape, seed)
+    tok = processor.tokenizer
+    tok.add_tokens([AddedToken("<video>", normalized=False, special=True)], special_tokens=True)
+    c = image_model.config
+    config = transformers.InstructBlipVideoConfig(
+        vision_config=transformers.InstructBlipVideoVisionConfig(**c.vision_config.to_diff_dict()),
+        qformer_config=transformers.InstructBlipVideoQFormerConfig(**c.qformer_config.to_diff_dict()),
+        text_config=c.text_config,
+        num_query_tokens=c.num_query_tokens,
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+    )
+    model = transformers.InstructBlipVideoForConditionalGeneration(config).eval()
+    lm = model.language_model
+    lm.set_input_embeddings(lm.get_input_embeddings())  # T5: the video class leaves its tables untied
+    model.load_state_dict(image_model.state_dict())
+    model.language_model.config.tie_word_embeddings = image_model.language_model.config.tie_word_embeddings
+    return model, processor

@@ -11,7 +11,7 @@ from blip2.presets import list_presets, preset
 
 __version__ = "0.1.0"
 
-_PIPELINES = ("load", "Captioner", "Retriever", "Pipeline", "SearchHit", "TruncationWarning")
+_PIPELINES = ("load", "Captioner", "Retriever", "Pipeline", "SearchHit", "TruncationWarning", "Video")
 
 
 def __getattr__(name: str):  # `load` and the pipelines import torch: only when asked for
@@ -32,6 +32,7 @@ __all__ = [
     "SearchHit",
     "TruncationWarning",
     "VisionConfig",
+    "Video",
     "list_presets",
     "load",
     "preset",

@@ -159,6 +159,9 @@ class Blip2Config:
         embed_dim: width of the ITC projections (`vision_proj`, `text_proj`).
         max_txt_len: Q-Former text length used by training and retrieval.
         tokenizer: hub id or path of the Q-Former's BERT tokenizer.
+        video_frames: an InstructBLIP video model (transformers' `InstructBlipVideoForConditionalGeneration`
+            layout) reading clips of this many frames by default; 0: an image model. The weights are the
+            image model's, and either reads both (`InstructBridge`: 5-D pixels are video).
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -168,6 +171,7 @@ class Blip2Config:
     max_txt_len: int = 32
     tokenizer: str = "bert-base-uncased"
     name: str = ""
+    video_frames: int = 0
 
     def __post_init__(self) -> None:
         if self.qformer.encoder_width == 0:
@@ -180,6 +184,8 @@ class Blip2Config:
                 "a Q-Former that reads instructions prompts an LLM (llm set), has its text side "
                 "(text=True) and no ITG head (itg_head=False)"
             )
+        if self.video_frames < 0 or (self.video_frames and not q.instruction):
+            raise ValueError("video_frames is 0 (images) or the frames per clip of an InstructBLIP model")
         for dt in (self.vision.dtype, self.llm.dtype if self.llm else "float32"):
             if dt not in DTYPES:
                 raise ValueError(f"unknown dtype {dt!r}: use one of {', '.join(DTYPES)}")

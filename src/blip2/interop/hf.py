@@ -1,5 +1,7 @@
 """The transformers layout: `Blip2ForConditionalGeneration` (stage 2), `Blip2ForImageTextRetrieval`
-(stage 1) and `InstructBlipForConditionalGeneration` (InstructBLIP), configs and state-dict keys, both ways.
+(stage 1), `InstructBlipForConditionalGeneration` (InstructBLIP) and
+`InstructBlipVideoForConditionalGeneration` (InstructBLIP for video: the same weights under the same
+keys, another config class), configs and state-dict keys, both ways.
 
 Our modules line up with transformers' one to one, except:
 
@@ -15,6 +17,7 @@ Our modules line up with transformers' one to one, except:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +30,8 @@ EVA_TOWER = "blip_2_vision_model"
 GENERATION = "Blip2ForConditionalGeneration"
 RETRIEVAL = "Blip2ForImageTextRetrieval"
 INSTRUCT = "InstructBlipForConditionalGeneration"
+VIDEO = "InstructBlipVideoForConditionalGeneration"
+VIDEO_FRAMES = 4  # the frames per clip transformers' video model is made for
 
 # Q-Former layer parts: ours (after `qformer.layers.{i}.`) -> transformers (after
 # `qformer.encoder.layer.{i}.`). LAVIS uses the same names with `self` for `attention`.
@@ -81,13 +86,13 @@ def qformer_layer_rules(theirs_prefix: str, attn: str) -> list[Rule]:
 def rules(kind: str = "generation") -> list[Rule]:
     """Our keys <-> transformers' keys for a model kind (`Blip2Config.kind`; the BLIP-2 classes share
     theirs; the most specific templates first)."""
-    layout = LAYOUTS[kind]
-    text = layout.text_embeddings
+    stored = LAYOUTS[kind]
+    text = stored.text_embeddings
     return [
         rename("visual.ln_vision.{p}", "vision_model.post_layernorm.{p}"),
         rename("visual.tower.{rest}", "vision_model.{rest}"),
         rename("query_tokens", "query_tokens"),
-        rename("qformer.embeddings.norm.{p}", f"{layout.qformer_norm}.{{p}}"),
+        rename("qformer.embeddings.norm.{p}", f"{stored.qformer_norm}.{{p}}"),
         rename("qformer.embeddings.word.weight", f"{text}.word_embeddings.weight"),
         rename("qformer.embeddings.position.weight", f"{text}.position_embeddings.weight"),
         *qformer_layer_rules("qformer.encoder.layer", attn="attention"),
@@ -139,11 +144,18 @@ LAYOUTS = {
         text_embeddings="qformer.embeddings",
     ),
 }
+# an "instruct" model with `video_frames` set: InstructBLIP's keys in transformers' video class
+VIDEO_LAYOUT = dataclasses.replace(LAYOUTS["instruct"], architecture=VIDEO, model_type="instructblipvideo")
+
+
+def layout(config: Blip2Config) -> Layout:
+    """How a model of `config` is stored in transformers' layout."""
+    return VIDEO_LAYOUT if config.video_frames else LAYOUTS[config.kind]
 
 
 def extra_keys(config: Blip2Config) -> re.Pattern[str]:
     """Our keys transformers has no place for (stored beside `model.safetensors`)."""
-    return LAYOUTS[config.kind].extra
+    return layout(config).extra
 
 
 def has_counterpart(config: Blip2Config) -> bool:
@@ -151,11 +163,11 @@ def has_counterpart(config: Blip2Config) -> bool:
     where the class reads text)."""
     if config.vision.model_type != EVA_TOWER:
         return False
-    return config.qformer.text or not LAYOUTS[config.kind].text_input
+    return config.qformer.text or not layout(config).text_input
 
 
 def architecture(config: Blip2Config) -> str:
-    return LAYOUTS[config.kind].architecture
+    return layout(config).architecture
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -171,33 +183,34 @@ def _arch_dict(sub: Any) -> dict[str, Any]:
 def config_from_transformers(hf: dict[str, Any] | Any, name: str = "") -> Blip2Config:
     """Our `Blip2Config` from a transformers BLIP-2 or InstructBLIP `config.json` (a dict or a config).
 
-    InstructBLIP (`model_type` "instructblip") gives an "instruct" config; for BLIP-2, the retrieval
-    class (`architectures: ["Blip2ForImageTextRetrieval"]`, or a Q-Former with its text input and no
-    real LM) gives a stage-1 config, the generation classes a stage-2 one.
+    InstructBLIP (`model_type` "instructblip") gives an "instruct" config, InstructBLIP for video
+    ("instructblipvideo") one with `video_frames` (and the `<video>` token as `image_token_id`); for
+    BLIP-2, the retrieval class (`architectures: ["Blip2ForImageTextRetrieval"]`, or a Q-Former with
+    its text input and no real LM) gives a stage-1 config, the generation classes a stage-2 one.
     """
     import transformers
 
     if isinstance(hf, dict):
-        types = {layout.model_type for layout in LAYOUTS.values()}
-        if hf.get("model_type") not in (*types, None):
+        config_classes = {
+            "blip-2": transformers.Blip2Config,
+            "instructblip": transformers.InstructBlipConfig,
+            "instructblipvideo": transformers.InstructBlipVideoConfig,
+        }
+        if hf.get("model_type", "blip-2") not in config_classes:
             raise UserError(
                 f"config.json describes a {hf.get('model_type')!r} model, not BLIP-2 (model_type 'blip-2') "
-                "or InstructBLIP ('instructblip')"
+                "or InstructBLIP ('instructblip', 'instructblipvideo')"
             )
         d = {k: v for k, v in hf.items() if k not in ("architectures", "transformers_version")}
         archs = hf.get("architectures") or []
-        cls = (
-            transformers.InstructBlipConfig
-            if hf.get("model_type") == "instructblip"
-            else transformers.Blip2Config
-        )
-        hf = cls(**d)
+        hf = config_classes[hf.get("model_type", "blip-2")](**d)
     else:
         archs = hf.architectures or []
     q = hf.qformer_config
     if q.hidden_act != "gelu":
         raise UserError(f"the Q-Former uses hidden_act {q.hidden_act!r}; only 'gelu' is supported")
-    instruct = hf.model_type == "instructblip"
+    video = hf.model_type == "instructblipvideo"
+    instruct = video or hf.model_type == "instructblip"
     retrieval = not instruct and (RETRIEVAL in archs or (not archs and q.use_qformer_text_input))
     vision = {**_arch_dict(hf.vision_config), "model_type": EVA_TOWER}  # InstructBLIP's is the same tower
     qformer = QFormerConfig(
@@ -220,26 +233,28 @@ def config_from_transformers(hf: dict[str, Any] | Any, name: str = "") -> Blip2C
     )
     llm = None
     if not retrieval:
-        llm = LLMConfig(hf_config=_arch_dict(hf.text_config), image_token_id=hf.image_token_index)
+        image_token = hf.video_token_index if video else hf.image_token_index
+        llm = LLMConfig(hf_config=_arch_dict(hf.text_config), image_token_id=image_token)
     return Blip2Config(
         vision=VisionConfig(hf_config=vision, image_size=hf.vision_config.image_size),
         qformer=qformer,
         llm=llm,
         embed_dim=getattr(hf, "image_text_hidden_size", Blip2Config.embed_dim),
         name=name,
+        video_frames=VIDEO_FRAMES if video else 0,
     )
 
 
 def config_to_transformers(config: Blip2Config) -> Any:
-    """The transformers config (`Blip2Config` or `InstructBlipConfig`) of one of our configs
-    (`has_counterpart(config)` must hold)."""
+    """The transformers config (`Blip2Config`, `InstructBlipConfig` or `InstructBlipVideoConfig`) of one
+    of our configs (`has_counterpart(config)` must hold)."""
     import transformers
 
     if not has_counterpart(config):
         raise UserError(
             f"a model with a {config.vision.model_type!r} image encoder has no transformers BLIP-2 class"
         )
-    layout = LAYOUTS[config.kind]
+    stored = layout(config)
     v = {k: val for k, val in config.vision.hf_config.items() if k not in ("model_type", "_name_or_path")}
     v["image_size"] = config.vision.image_size
     q = config.qformer
@@ -263,7 +278,15 @@ def config_to_transformers(config: Blip2Config) -> Any:
         t = {k: val for k, val in config.llm.hf_config.items() if k != "_name_or_path"}
         text = transformers.AutoConfig.for_model(t.pop("model_type"), **t)
     image_token = config.llm.image_token_id if config.llm is not None else None
-    if layout.model_type == "instructblip":
+    if stored.model_type == "instructblipvideo":
+        hf = transformers.InstructBlipVideoConfig(
+            vision_config=transformers.InstructBlipVideoVisionConfig(**v),
+            qformer_config=transformers.InstructBlipVideoQFormerConfig(**qformer),
+            text_config=text,
+            num_query_tokens=q.num_query_tokens,
+            video_token_index=image_token,
+        )
+    elif stored.model_type == "instructblip":
         hf = transformers.InstructBlipConfig(
             vision_config=transformers.InstructBlipVisionConfig(**v),
             qformer_config=transformers.InstructBlipQFormerConfig(**qformer),
@@ -275,12 +298,12 @@ def config_to_transformers(config: Blip2Config) -> Any:
         hf = transformers.Blip2Config(
             vision_config=transformers.Blip2VisionConfig(**v),
             qformer_config=transformers.Blip2QFormerConfig(
-                **qformer, use_qformer_text_input=layout.text_input
+                **qformer, use_qformer_text_input=stored.text_input
             ),
             text_config=text,
             num_query_tokens=q.num_query_tokens,
             image_text_hidden_size=config.embed_dim,
             image_token_index=image_token,
         )
-    hf.architectures = [layout.architecture]
+    hf.architectures = [stored.architecture]
     return hf

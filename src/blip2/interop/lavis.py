@@ -9,7 +9,11 @@ LAVIS checkpoints are `torch.load` files holding `{"model": state_dict}` (read h
 * stage 2 (`blip2_pretrained_{opt2.7b,opt6.7b,flant5xl,flant5xxl}.pth`): the Q-Former *without* its
   text side, `query_tokens`, `ln_vision`, `opt_proj` / `t5_proj`; no image encoder, no LLM;
 * fine-tuned with the image encoder unfrozen (`blip2_caption_*.pth`, `blip2_finetune_coco.pth`): the
-  above plus `visual_encoder.*` at 364 px.
+  above plus `visual_encoder.*` at 364 px;
+* InstructBLIP (`instruct_blip_{vicuna7b,vicuna13b,flanxl,flanxxl}_trimmed.pth`): the Q-Former *with*
+  its text side (word and position embeddings, text feed-forward; no ITG head), `query_tokens`,
+  `ln_vision`, `llm_proj` (Vicuna) / `t5_proj` (FlanT5); no image encoder, no LLM. LAVIS gives Vicuna's
+  tokenizer a `[PAD]` token and grows the LLM's vocabulary to 32001 for it (`surgery.add_lavis_pad_token`).
 
 The frozen parts a checkpoint lacks come from their own files: the EVA ViT-g from `eva_vit_g.pth`
 (LAVIS layout, 40 blocks of which BLIP-2 keeps 39), CLIP ViT-L from `clip_vit_L.pth` (OpenAI layout,
@@ -49,6 +53,10 @@ FILES: dict[str, str] = {
     "blip2_caption_opt2.7b.pth": "blip2-opt-2.7b-coco",
     "blip2_caption_opt6.7b.pth": "blip2-opt-6.7b-coco",
     "blip2_caption_flant5xl.pth": "blip2-flan-t5-xl-coco",
+    "instruct_blip_vicuna7b_trimmed.pth": "instructblip-vicuna-7b",
+    "instruct_blip_vicuna13b_trimmed.pth": "instructblip-vicuna-13b",
+    "instruct_blip_flanxl_trimmed.pth": "instructblip-flan-t5-xl",
+    "instruct_blip_flanxxl_trimmed.pth": "instructblip-flan-t5-xxl",
 }
 
 # the frozen image encoder's own LAVIS file, by tower type
@@ -57,9 +65,13 @@ VISION_FILES: dict[str, str] = {EVA_TOWER: "eva_vit_g.pth", CLIP_TOWER: "clip_vi
 
 def llm_prefixes(config: Blip2Config) -> tuple[str, str]:
     """LAVIS names of the projection and the LLM: `opt_proj`/`opt_model`, `t5_proj`/`t5_model`,
-    or `llm_proj`/`llm_model` (other decoder-only LMs, as InstructBLIP's Vicuna)."""
+    or `llm_proj`/`llm_model` (other decoder-only LMs, and every decoder-only LM of InstructBLIP:
+    `blip2_vicuna_instruct`)."""
     assert config.llm is not None
-    kind = {"opt": "opt", "t5": "t5"}.get(config.llm.model_type, "llm")
+    if config.kind == "instruct":
+        kind = "t5" if config.llm.is_encoder_decoder else "llm"
+    else:
+        kind = {"opt": "opt", "t5": "t5"}.get(config.llm.model_type, "llm")
     return f"{kind}_proj", f"{kind}_model"
 
 

@@ -13,13 +13,15 @@ from blip2.processing import ImageProcessor
 
 def image_processor(folder: Path | None, config: Blip2Config) -> ImageProcessor:
     """Our image processor from a folder's `preprocessor_config.json` (hub layout) or
-    `processor_config.json` (transformers 5 layout), else from the config."""
+    `processor_config.json` (transformers 5 layout; a video model's video processor, which processes
+    each frame as this one does an image), else from the config."""
     settings: dict[str, Any] | None = None
     if folder is not None:
         if (folder / "preprocessor_config.json").is_file():
             settings = json.loads((folder / "preprocessor_config.json").read_text())
         elif (folder / "processor_config.json").is_file():
-            settings = json.loads((folder / "processor_config.json").read_text()).get("image_processor")
+            saved = json.loads((folder / "processor_config.json").read_text())
+            settings = saved.get("image_processor") or saved.get("video_processor")
     v = config.vision
     if not settings:
         return ImageProcessor(v.image_size, v.image_mean, v.image_std)

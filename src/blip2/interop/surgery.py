@@ -2,7 +2,8 @@
 
 transformers' BLIP-2 marks where the query outputs go with an `<image>` token in the LLM's input; LAVIS
 checkpoints (and models trained here) have none. `ensure_image_token` adds it: the token in the
-tokenizer, its id in the config, room for it in the LLM's embedding table (`grow_vocab`).
+tokenizer, its id in the config, room for it in the LLM's embedding table (`grow_vocab`). transformers'
+InstructBLIP video model marks the frames' query outputs with a `<video>` token instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from blip2.config import Blip2Config
 from blip2.errors import UserError
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"  # the placeholder of a video model (`Blip2Config.video_frames`)
 
 
 def first_id(tokenizer: Any, text: str) -> int:
@@ -34,16 +36,17 @@ def ensure_image_token(model: nn.Module, tokenizer: Any) -> None:
     The table only grows when the id does not fit (padded to a multiple of 64 as the released
     checkpoints are; new rows are the mean of the old ones). The EOS text (OPT's "\\n") becomes the
     LLM config's EOS, as in the released transformers checkpoints. A model that has the token already
-    is left as it is.
+    is left as it is. A video model gets `<video>` (transformers' video layout) in the same place.
     """
     from tokenizers import AddedToken
 
     config: Blip2Config = model.config
     if config.llm.image_token_id is not None:
         return
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    token = VIDEO_TOKEN if config.video_frames else IMAGE_TOKEN
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(token, normalized=False, special=True)], special_tokens=True)
+    image_id = tokenizer.convert_tokens_to_ids(token)
     llm = model.llm
     rows = llm.get_input_embeddings().weight.shape[0]
     hf_config = dict(config.llm.hf_config)
@@ -72,3 +75,29 @@ def grow_vocab(llm: nn.Module, size: int, multiple: int = 64) -> None:
     for table, weight in zip(tables, old, strict=True):
         table.weight[: weight.shape[0]] = weight
         table.weight[weight.shape[0] :] = weight.mean(dim=0)
+
+
+LAVIS_PAD_TOKEN = "[PAD]"
+
+
+def add_lavis_pad_token(model: nn.Module, tokenizer: Any) -> None:
+    """What LAVIS's InstructBLIP Vicuna (`blip2_vicuna_instruct`) does to its LLM and tokenizer, for a
+    model loaded from its `.pth` file: a `[PAD]` pad token, `</s>` as the BOS and unknown token too,
+    and a row for `[PAD]` in the LLM's embedding tables (Vicuna's 32000 -> 32001, the vocabulary of
+    the released InstructBLIP Vicuna models). LAVIS's new row is random; here it is the mean of the
+    others (`grow_vocab`): the row of a padding token that is never attended to nor generated.
+    Other models (InstructBLIP FlanT5, BLIP-2) are left as they are.
+    """
+    config: Blip2Config = model.config
+    if config.kind != "instruct" or config.llm.is_encoder_decoder:
+        return
+    eos = tokenizer.eos_token
+    tokenizer.add_special_tokens({"pad_token": LAVIS_PAD_TOKEN, "bos_token": eos, "unk_token": eos})
+    pad = tokenizer.convert_tokens_to_ids(LAVIS_PAD_TOKEN)
+    llm = model.llm
+    hf_config = dict(config.llm.hf_config)
+    if pad >= llm.get_input_embeddings().weight.shape[0]:
+        grow_vocab(llm, pad + 1, multiple=1)
+        hf_config["vocab_size"] = llm.get_input_embeddings().weight.shape[0]
+    hf_config["pad_token_id"] = llm.config.pad_token_id = llm.generation_config.pad_token_id = pad
+    model.config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, hf_config=hf_config))

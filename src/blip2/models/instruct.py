@@ -11,6 +11,11 @@ Q-Former the instruction (its own BERT tokens), so the visual tokens carry what 
 Everything after the soft prompt (the LM loss of `forward`, `generate`) is `LanguageBridge`'s; the
 instruction goes in as `qformer_input_ids` / `qformer_attention_mask` (transformers' names), and the LLM
 reads its own copy of the prompt through `input_ids` as before.
+
+Video (transformers' `InstructBlipVideoForConditionalGeneration`): `pixel_values` of shape
+`(B, T, 3, H, W)` are T frames per clip. Each frame goes through the image side alone, reading the
+clip's instruction, and the frames' projected query outputs are laid end to end as the soft prompt
+`(B, T * Q, E)`; the LLM side is unchanged.
 """
 
 from __future__ import annotations
@@ -78,15 +83,25 @@ class InstructBridge(LanguageBridge):
         qformer_input_ids: Tensor | None = None,
         qformer_attention_mask: Tensor | None = None,
     ) -> Tensor:
-        """Query outputs `(B, Q, D)` of the Q-Former reading the image and the instruction.
+        """Query outputs `(B, Q, D)` of the Q-Former reading the image and the instruction; for video,
+        `(B, T, Q, D)`, each frame read alone with its clip's instruction.
 
         Args:
-            pixel_values, image_features: the images, as `encode_image`.
+            pixel_values, image_features: the images, as `encode_image`; video: `(B, T, 3, H, W)`
+                frames, or their features `(B, T, N, Dv)`.
             qformer_input_ids: `(B, I)` instruction ids in the Q-Former's vocabulary (BERT's); None:
                 the queries alone, as BLIP-2.
             qformer_attention_mask: `(B, I)` their padding mask (1 = token); default all ones.
         """
-        image_embeds = self.encode_image(pixel_values, image_features)  # (B, N, Dv), no autocast
+        frames = video_frames(pixel_values, image_features)
+        if frames:  # (B, T, ...) -> (B * T, ...): every frame an image with its clip's instruction
+            pixel_values = pixel_values.flatten(0, 1) if pixel_values is not None else None
+            image_features = image_features.flatten(0, 1) if image_features is not None else None
+            if qformer_input_ids is not None:
+                qformer_input_ids = qformer_input_ids.repeat_interleave(frames, dim=0)
+            if qformer_attention_mask is not None:
+                qformer_attention_mask = qformer_attention_mask.repeat_interleave(frames, dim=0)
+        image_embeds = self.encode_image(pixel_values, image_features)  # (B [* T], N, Dv), no autocast
         with self.autocast():
             hidden = self.qformer(
                 queries=self.queries(image_embeds.shape[0]),
@@ -94,8 +109,9 @@ class InstructBridge(LanguageBridge):
                 attention_mask=qformer_attention_mask,
                 image_embeds=image_embeds,
                 mode="bidirectional",
-            ).hidden  # (B, Q + I, D)
-        return hidden[:, : self.config.qformer.num_query_tokens]
+            ).hidden  # (B [* T], Q + I, D)
+        queries = hidden[:, : self.config.qformer.num_query_tokens]
+        return queries.unflatten(0, (-1, frames)) if frames else queries  # video: (B, T, Q, D)
 
     def prefix(
         self,
@@ -104,10 +120,20 @@ class InstructBridge(LanguageBridge):
         qformer_input_ids: Tensor | None = None,
         qformer_attention_mask: Tensor | None = None,
     ) -> Tensor:
-        """The soft visual prompt `(B, Q, d_llm)`: the projected query outputs of `query_output`."""
-        return self.project(
-            self.query_output(pixel_values, image_features, qformer_input_ids, qformer_attention_mask)
+        """The soft visual prompt `(B, Q, d_llm)`: the projected query outputs of `query_output`; for
+        video `(B, T * Q, d_llm)`, the frames' in order."""
+        query_output = self.query_output(
+            pixel_values, image_features, qformer_input_ids, qformer_attention_mask
         )
+        return self.project(query_output).flatten(1, -2)  # video: (B, T, Q, E) -> (B, T * Q, E)
+
+
+def video_frames(pixel_values: Tensor | None, image_features: Tensor | None) -> int:
+    """Frames per clip of video input (`(B, T, 3, H, W)` pixels or `(B, T, N, Dv)` features), 0 for
+    images."""
+    if image_features is not None:
+        return image_features.shape[1] if image_features.dim() == 4 else 0
+    return pixel_values.shape[1] if pixel_values is not None and pixel_values.dim() == 5 else 0
 
 
 def _text_side(key: str) -> bool:

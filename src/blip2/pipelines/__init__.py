@@ -1,7 +1,8 @@
 """What users call: `blip2.load()` returns the object of the checkpoint's kind.
 
 * `Captioner` (stage 2: a frozen LLM): `caption`, `ask`, `chat`, `stream`, `generate`;
-  `InstructCaptioner` (InstructBLIP), the same with each prompt also read by the Q-Former;
+  `InstructCaptioner` (InstructBLIP), the same with each prompt also read by the Q-Former, and a
+  `Video` (a file or its frames) wherever an image goes;
 * `Retriever` (stage 1: ITC / ITM heads): `match`, `similarity`, `pair_scores`, `search`,
   `embed_images`, `embed_texts`;
 
@@ -19,7 +20,7 @@ from blip2.pipelines.captioner import (
     Captioner,
     check_generation_options,
 )
-from blip2.pipelines.instruct import InstructCaptioner
+from blip2.pipelines.instruct import InstructCaptioner, Video
 from blip2.pipelines.load import load, pipeline_class, pipeline_for
 from blip2.pipelines.retriever import Retriever, SearchHit
 
@@ -33,6 +34,7 @@ __all__ = [
     "Retriever",
     "SearchHit",
     "TruncationWarning",
+    "Video",
     "check_generation_options",
     "load",
     "pipeline_class",

@@ -3,26 +3,64 @@
 ```python
 captioner = blip2.load("Salesforce/instructblip-flan-t5-xl", dtype="bfloat16", device="cuda")
 captioner.ask("dog.jpg", "what is the dog sitting on?")   # the question goes to the Q-Former and the LLM
+captioner.ask(Video("clip.mp4"), "what is the man doing?")  # a video wherever an image goes
 ```
 
 Every prompt (a caption prompt, a question in its template, a conversation) is tokenized twice: by the
 LLM's tokenizer for the LLM, and by the Q-Former's BERT tokenizer (cut from the left to 128 tokens, as
 InstructBLIP does) for the Q-Former.
+
+A `Video` (a file, or a list of frames) goes wherever these methods take an image: its frames are
+processed as images, `(B, T, 3, S, S)`, and the model lays their query outputs end to end
+(`InstructBridge`). A list is still a batch: `[Video(a), Video(b)]` is two clips, and a list of PIL
+images is that many images, never one clip.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from blip2.errors import UserError
+from blip2.interop.hf import VIDEO_FRAMES
+from blip2.pipelines.base import is_batch
 from blip2.pipelines.captioner import Captioner
-from blip2.processing import ImageProcessor
+from blip2.processing import ImageLike, ImageProcessor
 
 INSTRUCTION_TOKENS = 128  # InstructBLIP's Q-Former reads at most this many instruction tokens
 QFORMER_TOKENIZER = "qformer_tokenizer"  # its subfolder in a saved folder (transformers' layout)
+
+
+@dataclass
+class Video:
+    """A video clip, given where `InstructCaptioner` takes an image.
+
+    Attributes:
+        source: a video file (a path, or its bytes), decoded with PyAV and `num_frames` frames sampled
+            uniformly (`blip2.video.read_frames`); or the clip's frames, a list of images (paths, PIL
+            images, arrays, ...) used as given.
+        num_frames: the frames read from a file; None: the model's (`Blip2Config.video_frames`, else 4).
+    """
+
+    source: str | os.PathLike[str] | bytes | Sequence[ImageLike]
+    num_frames: int | None = None
+
+    def frames(self, default: int) -> list[ImageLike]:
+        """The clip's frames: read from the file (`num_frames`, else `default` of them), or as given."""
+        from blip2.video import read_frames
+
+        if isinstance(self.source, (str, os.PathLike, bytes)):
+            return read_frames(self.source, default if self.num_frames is None else self.num_frames)
+        frames = list(self.source)
+        if not frames:
+            raise UserError("a video has no frames: give a video file or a list of at least one image")
+        return frames
 
 
 class InstructCaptioner(Captioner):
@@ -52,6 +90,23 @@ class InstructCaptioner(Captioner):
         qformer_tokenizer.truncation_side = "left"  # the end of an instruction is the question
         self.qformer_tokenizer = qformer_tokenizer
 
+    def pixels(self, images: ImageLike | Video | Sequence[ImageLike | Video]) -> Tensor:
+        """`Captioner.pixels` for images; clips (`Video`) to `(B, T, 3, S, S)` frames on the device,
+        every clip of a batch with as many frames."""
+        batch = list(images) if is_batch(images) else [images]
+        clips = [item for item in batch if isinstance(item, Video)]
+        if not clips:
+            return super().pixels(images)
+        if len(clips) != len(batch):
+            raise UserError("a batch holds both images and videos: ask about them in separate calls")
+        frames = [clip.frames(self.config.video_frames or VIDEO_FRAMES) for clip in clips]
+        if len({len(f) for f in frames}) > 1:
+            raise UserError(
+                f"the videos of one batch have {sorted({len(f) for f in frames})} frames: give each as many"
+            )
+        pixels = self.image_processor([f for clip in frames for f in clip])  # (B * T, 3, S, S)
+        return pixels.unflatten(0, (len(frames), -1)).to(self.device)  # (B, T, 3, S, S)
+
     def _encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         """The LLM's inputs (`Captioner`'s) and the same prompts for the Q-Former (`qformer_input_ids`,
         `qformer_attention_mask`), right padded."""
@@ -66,11 +121,36 @@ class InstructCaptioner(Captioner):
         }
 
     def _save_tokenizer(self, path: Path, image_processor: Any) -> None:
+        """transformers' `InstructBlipProcessor` (both tokenizers, the image processor); for a video model
+        its `InstructBlipVideoProcessor` (`_save_video_processor`)."""
         from transformers import InstructBlipProcessor
 
+        if self.config.video_frames:
+            self._save_video_processor(path, image_processor)
+            return
         InstructBlipProcessor(
             image_processor=image_processor,
             tokenizer=self.llm_tokenizer,
             qformer_tokenizer=self.qformer_tokenizer,
             num_query_tokens=self.config.qformer.num_query_tokens,
         ).save_pretrained(str(path))
+
+    def _save_video_processor(self, path: Path, image_processor: Any) -> None:
+        """What transformers' `InstructBlipVideoProcessor.save_pretrained` writes, written directly (its
+        video processor needs torchvision, which we do not): the LLM's tokenizer, the Q-Former's in
+        `qformer_tokenizer/`, and `processor_config.json` with the image processor's settings as the
+        `InstructBlipVideoVideoProcessor`'s (they process frames alike)."""
+        self.llm_tokenizer.save_pretrained(str(path))
+        self.qformer_tokenizer.save_pretrained(str(path / QFORMER_TOKENIZER))
+        settings = {k: v for k, v in image_processor.to_dict().items() if k != "image_processor_type"}
+        video = {
+            **settings,
+            "do_sample_frames": False,
+            "video_processor_type": "InstructBlipVideoVideoProcessor",
+        }
+        processor = {
+            "num_query_tokens": self.config.qformer.num_query_tokens,
+            "processor_class": "InstructBlipVideoProcessor",
+            "video_processor": dict(sorted(video.items())),
+        }
+        (path / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")

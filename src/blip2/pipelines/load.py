@@ -15,7 +15,7 @@ from blip2.errors import UserError
 from blip2.hub import resolve
 from blip2.interop import loading
 from blip2.interop.processor import image_processor
-from blip2.interop.surgery import ensure_image_token
+from blip2.interop.surgery import add_lavis_pad_token, ensure_image_token
 from blip2.pipelines.base import has_tokenizer, tokenizer_source
 from blip2.pipelines.captioner import Captioner
 from blip2.pipelines.instruct import QFORMER_TOKENIZER, InstructCaptioner
@@ -94,6 +94,7 @@ def load(
         texts.append(_instruction_tokenizer(folder))
     pipe = kind(model, image_processor(folder, model.config), *texts)
     if loaded.from_lavis and isinstance(pipe, Captioner):  # to transformers' conventions, as released
+        add_lavis_pad_token(pipe.model, pipe.llm_tokenizer)  # InstructBLIP Vicuna's [PAD]
         ensure_image_token(pipe.model, pipe.llm_tokenizer)
     return pipe.to(device) if device is not None else pipe
 
