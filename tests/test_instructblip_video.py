@@ -268,3 +268,16 @@ def test_cli_ask_video(pair, tmp_path):
     ask_image = [sys.executable, "-m", "blip2.cli", "ask", "--model", str(folder), "--frames", "2"]
     bad = subprocess.run([*ask_image, str(path), "what ?"], capture_output=True, text=True)
     assert bad.returncode != 0 and "give --video too" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_too_long_video_generation_is_one_sentence(pair):
+    """A clip's soft prompt is frames x queries positions: the length check counts all of them."""
+    kind, hf, _, _, pipe = pair
+    if kind != "opt":
+        pytest.skip("the decoder-only LM's position table bounds queries + prompt + new tokens")
+    limit = hf.config.text_config.max_position_embeddings
+    soft = FRAMES * hf.config.num_query_tokens
+    room = limit - soft - 1  # the prompt's BOS
+    with pytest.raises(blip2.errors.UserError, match=f"but the {soft} image queries"):
+        pipe.model.generate(video_pixels(clips(1)), max_new_tokens=room + 1)
+    assert pipe.model.generate(video_pixels(clips(1)), max_new_tokens=min(room, 3)).shape[0] == 1

@@ -325,10 +325,15 @@ class LanguageBridge(QueryEncoder):
     # ---------------------------------------------------------------------------------- generation
 
     def check_generation_length(
-        self, prompt_tokens: int, max_new_tokens: int | None = None, max_length: int | None = None
+        self,
+        prompt_tokens: int,
+        max_new_tokens: int | None = None,
+        max_length: int | None = None,
+        soft_prompt: int | None = None,
     ) -> None:
         """Refuse (`UserError`, one sentence) a generation longer than the LLM reads: the soft prompt
-        (one position per query), `prompt_tokens` of text and `max_new_tokens` against the LLM's
+        (`soft_prompt` positions; default one per query, a video clip has one per query and frame),
+        `prompt_tokens` of text and `max_new_tokens` against the LLM's
         position limit (`language.position_limit`; an encoder-decoder LM reads the first two in its
         encoder and writes the new tokens, after its start token, in its decoder). Without
         `max_new_tokens`, the new tokens are what transformers' `max_length` leaves: it counts the
@@ -337,7 +342,7 @@ class LanguageBridge(QueryEncoder):
         limit = language.position_limit(self.llm)
         if limit is None or (max_new_tokens is None and max_length is None):
             return
-        q = self.config.qformer.num_query_tokens
+        q = self.config.qformer.num_query_tokens if soft_prompt is None else soft_prompt
         inputs = q + prompt_tokens
         by_length = max_new_tokens is None
         if by_length:
@@ -454,7 +459,7 @@ class LanguageBridge(QueryEncoder):
 
         # before the LM fails on a position past its table
         self.check_generation_length(
-            input_ids.shape[1], options.get("max_new_tokens"), options.get("max_length")
+            input_ids.shape[1], options.get("max_new_tokens"), options.get("max_length"), soft_prompt=q
         )
         if self.is_encoder_decoder:
             embeds, mask = self._encoder_inputs(prefix, input_ids, attention_mask)
