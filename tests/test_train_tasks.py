@@ -105,7 +105,7 @@ class MeanPoolTask(ToyTask):
     def image_tower(self):
         return None
 
-    def save(self, path, tokenizer):
+    def save(self, path, text):
         os.makedirs(path)
         torch.save(self.model.state_dict(), os.path.join(path, "model.pt"))
 

@@ -1,4 +1,6 @@
-"""The image processor both ways: ours from a checkpoint folder, transformers' for a folder we write."""
+"""The processors both ways: our image processor from a checkpoint folder; for a folder we write,
+transformers' image processor and the tokenizers, saved as transformers' processor class of the model's
+kind saves them (`save_processors`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from typing import Any
 from blip2.config import Blip2Config
 from blip2.errors import UserError
 from blip2.processing import ImageProcessor
+
+QFORMER_TOKENIZER = "qformer_tokenizer"  # the Q-Former's tokenizer's subfolder (InstructBLIP's layout)
 
 
 def image_processor(folder: Path | None, config: Blip2Config) -> ImageProcessor:
@@ -53,3 +57,74 @@ def to_transformers(processor: ImageProcessor) -> Any:
         image_std=[float(x) for x in processor.std],
         do_convert_rgb=True,
     )
+
+
+def save_processors(
+    path: str | Path,
+    config: Blip2Config,
+    image_processor: ImageProcessor,
+    tokenizer: Any,
+    qformer_tokenizer: Any = None,
+) -> None:
+    """Write the image processor and the tokenizers beside a model's weights, where `blip2.load` and
+    transformers' processor class of the model's kind read them.
+
+    Args:
+        path: the model's folder.
+        config: the model's config (its kind picks the layout).
+        image_processor: our image processor.
+        tokenizer: the texts' tokenizer: the Q-Former's for a retrieval model, the LLM's otherwise.
+        qformer_tokenizer: an InstructBLIP model's Q-Former tokenizer (the instruction's).
+    """
+    path = Path(path)
+    hf_image_processor = to_transformers(image_processor)
+    hf_image_processor.save_pretrained(str(path))
+    SAVERS[config.kind](path, config, hf_image_processor, tokenizer, qformer_tokenizer)
+
+
+def _save_retrieval(path: Path, config: Blip2Config, image_processor: Any, tokenizer: Any, _: Any) -> None:
+    tokenizer.save_pretrained(str(path))
+
+
+def _save_generation(path: Path, config: Blip2Config, image_processor: Any, tokenizer: Any, _: Any) -> None:
+    from transformers import Blip2Processor
+
+    Blip2Processor(
+        image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=config.qformer.num_query_tokens
+    ).save_pretrained(str(path))
+
+
+def _save_instruct(
+    path: Path, config: Blip2Config, image_processor: Any, tokenizer: Any, qformer_tokenizer: Any
+) -> None:
+    """transformers' `InstructBlipProcessor` (both tokenizers, the image processor); for a video model
+    what its `InstructBlipVideoProcessor.save_pretrained` writes, written directly (its video processor
+    needs torchvision, which we do not): the LLM's tokenizer, the Q-Former's in `qformer_tokenizer/`, and
+    `processor_config.json` with the image processor's settings as the video processor's (they process
+    frames alike)."""
+    from transformers import InstructBlipProcessor
+
+    if qformer_tokenizer is None:
+        raise ValueError("an InstructBLIP model is saved with its Q-Former tokenizer")
+    if not config.video_frames:
+        InstructBlipProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            qformer_tokenizer=qformer_tokenizer,
+            num_query_tokens=config.qformer.num_query_tokens,
+        ).save_pretrained(str(path))
+        return
+    tokenizer.save_pretrained(str(path))
+    qformer_tokenizer.save_pretrained(str(path / QFORMER_TOKENIZER))
+    settings = {k: v for k, v in image_processor.to_dict().items() if k != "image_processor_type"}
+    video = {**settings, "do_sample_frames": False, "video_processor_type": "InstructBlipVideoVideoProcessor"}
+    processor = {
+        "num_query_tokens": config.qformer.num_query_tokens,
+        "processor_class": "InstructBlipVideoProcessor",
+        "video_processor": dict(sorted(video.items())),
+    }
+    (path / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+
+
+# how each model kind's processors are saved (transformers' processor class of the kind)
+SAVERS = {"retrieval": _save_retrieval, "generation": _save_generation, "instruct": _save_instruct}

@@ -18,8 +18,7 @@ from torch import Tensor, nn
 from blip2.config import Blip2Config
 from blip2.errors import UserError
 from blip2.hub import resolve
-from blip2.interop import checkpoint
-from blip2.interop.processor import to_transformers
+from blip2.interop.saving import save_pretrained
 from blip2.processing import ImageLike, ImageProcessor
 
 
@@ -75,15 +74,11 @@ class Pipeline(ABC):
         Where transformers has the class, the folder loads there unchanged
         (`Blip2ForConditionalGeneration` / `Blip2ForImageTextRetrieval.from_pretrained(path)`).
         """
-        path = Path(path)
-        checkpoint.save_folder(self.model, path)
-        processor = to_transformers(self.image_processor)
-        processor.save_pretrained(str(path))
-        self._save_tokenizer(path, processor)
+        save_pretrained(self.model, path, self.image_processor, *self._tokenizers())
 
     @abstractmethod
-    def _save_tokenizer(self, path: Path, image_processor: Any) -> None:
-        """Write the tokenizer (and any processor config of the kind) beside the weights."""
+    def _tokenizers(self) -> tuple[Any, Any]:
+        """The texts' tokenizer and an InstructBLIP model's Q-Former tokenizer (else None), to save."""
 
     # ---------------------------------------------------------------------------- inputs, checked
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 
 from blip2.errors import UserError
 from blip2.generation import Decoding
-from blip2.interop.surgery import ensure_image_token, first_id
+from blip2.interop.surgery import first_id
 from blip2.pipelines.base import Pipeline, TruncationWarning, broadcast, is_batch
 from blip2.processing import ImageLike, ImageProcessor
 
@@ -104,20 +103,8 @@ class Captioner(Pipeline):
         if self.config.llm.eos_text:
             self.model.eos_token_id = first_id(llm_tokenizer, self.config.llm.eos_text)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """`Pipeline.save_pretrained`; a model without an `<image>` token gets one first (added to the
-        tokenizer, the LLM's embedding table grown if needed), as transformers' layout requires."""
-        ensure_image_token(self.model, self.llm_tokenizer)
-        super().save_pretrained(path)
-
-    def _save_tokenizer(self, path: Path, image_processor: Any) -> None:
-        from transformers import Blip2Processor
-
-        Blip2Processor(
-            image_processor=image_processor,
-            tokenizer=self.llm_tokenizer,
-            num_query_tokens=self.config.qformer.num_query_tokens,
-        ).save_pretrained(str(path))
+    def _tokenizers(self) -> tuple[Any, Any]:
+        return self.llm_tokenizer, None
 
     def _truncate_llm_text(self, text: str, what: str, template: str = "{}") -> str:
         """Cut `text` so that `template.format(text)` fits the LLM's `max_txt_len` tokens (special

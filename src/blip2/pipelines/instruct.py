@@ -18,11 +18,9 @@ images is that many images, never one clip.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -34,7 +32,6 @@ from blip2.pipelines.captioner import Captioner
 from blip2.processing import ImageLike, ImageProcessor
 
 INSTRUCTION_TOKENS = 128  # InstructBLIP's Q-Former reads at most this many instruction tokens
-QFORMER_TOKENIZER = "qformer_tokenizer"  # its subfolder in a saved folder (transformers' layout)
 
 
 @dataclass
@@ -120,37 +117,5 @@ class InstructCaptioner(Captioner):
             "qformer_attention_mask": enc["attention_mask"].to(self.device),
         }
 
-    def _save_tokenizer(self, path: Path, image_processor: Any) -> None:
-        """transformers' `InstructBlipProcessor` (both tokenizers, the image processor); for a video model
-        its `InstructBlipVideoProcessor` (`_save_video_processor`)."""
-        from transformers import InstructBlipProcessor
-
-        if self.config.video_frames:
-            self._save_video_processor(path, image_processor)
-            return
-        InstructBlipProcessor(
-            image_processor=image_processor,
-            tokenizer=self.llm_tokenizer,
-            qformer_tokenizer=self.qformer_tokenizer,
-            num_query_tokens=self.config.qformer.num_query_tokens,
-        ).save_pretrained(str(path))
-
-    def _save_video_processor(self, path: Path, image_processor: Any) -> None:
-        """What transformers' `InstructBlipVideoProcessor.save_pretrained` writes, written directly (its
-        video processor needs torchvision, which we do not): the LLM's tokenizer, the Q-Former's in
-        `qformer_tokenizer/`, and `processor_config.json` with the image processor's settings as the
-        `InstructBlipVideoVideoProcessor`'s (they process frames alike)."""
-        self.llm_tokenizer.save_pretrained(str(path))
-        self.qformer_tokenizer.save_pretrained(str(path / QFORMER_TOKENIZER))
-        settings = {k: v for k, v in image_processor.to_dict().items() if k != "image_processor_type"}
-        video = {
-            **settings,
-            "do_sample_frames": False,
-            "video_processor_type": "InstructBlipVideoVideoProcessor",
-        }
-        processor = {
-            "num_query_tokens": self.config.qformer.num_query_tokens,
-            "processor_class": "InstructBlipVideoProcessor",
-            "video_processor": dict(sorted(video.items())),
-        }
-        (path / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    def _tokenizers(self) -> tuple[Any, Any]:
+        return self.llm_tokenizer, self.qformer_tokenizer

@@ -14,11 +14,11 @@ from blip2.devices import check_device
 from blip2.errors import UserError
 from blip2.hub import resolve
 from blip2.interop import loading
-from blip2.interop.processor import image_processor
+from blip2.interop.processor import QFORMER_TOKENIZER, image_processor
 from blip2.interop.surgery import add_lavis_pad_token, ensure_image_token
 from blip2.pipelines.base import has_tokenizer, tokenizer_source
 from blip2.pipelines.captioner import Captioner
-from blip2.pipelines.instruct import QFORMER_TOKENIZER, InstructCaptioner
+from blip2.pipelines.instruct import InstructCaptioner
 from blip2.pipelines.retriever import Retriever
 from blip2.processing import ImageProcessor
 
@@ -108,13 +108,13 @@ PIPELINES: dict[str, type[Captioner] | type[Retriever]] = {
 
 
 def pipeline_class(config: Blip2Config) -> type[Captioner] | type[Retriever]:
-    """The object users get for a model of `config`'s kind: `Retriever` (stage 1), `Captioner` (stage 2)."""
+    """The object users get for a model of `config`'s kind (`PIPELINES`)."""
     return PIPELINES[config.kind]
 
 
 def pipeline_for(model: nn.Module, image_processor: ImageProcessor, tokenizer: Any) -> Captioner | Retriever:
-    """The object of `model`'s kind (`pipeline_class`) with its image processor and tokenizer (the
-    Q-Former's for a `Retriever`, the LLM's for a `Captioner`). Training saves its model through this."""
+    """The object of `model`'s kind (`pipeline_class`) around a model built in Python, with its image
+    processor and tokenizer (the Q-Former's for a `Retriever`, the LLM's for a `Captioner`)."""
     return pipeline_class(model.config)(model, image_processor, tokenizer)
 
 

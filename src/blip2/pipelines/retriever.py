@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -51,8 +50,8 @@ class Retriever(Pipeline):
         super().__init__(model, image_processor)
         self.qformer_tokenizer = qformer_tokenizer
 
-    def _save_tokenizer(self, path: Path, image_processor: Any) -> None:
-        self.qformer_tokenizer.save_pretrained(str(path))
+    def _tokenizers(self) -> tuple[Any, Any]:
+        return self.qformer_tokenizer, None
 
     def _text(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         texts = self._check_texts(texts, "text")

@@ -97,15 +97,16 @@ class Task(nn.Module):
         nothing to check."""
         return self.model.visual.tower
 
-    def save(self, path: str, tokenizer: Any) -> None:
-        """Write the trained model where `blip2.load` reads it, with its image processor and `tokenizer`
-        (the texts' tokenizer): the `Captioner` or `Retriever` of its kind (`save_pretrained`)."""
-        from blip2.pipelines import pipeline_for
+    def save(self, path: str, text: TextSpec) -> None:
+        """Write the trained model where `blip2.load` reads it (and transformers, where it has the
+        class): the weights, the image processor and the tokenizers the texts were read with (`text`:
+        the LLM's or the Q-Former's, and an InstructBLIP model's instruction tokenizer)."""
+        from blip2.interop.saving import save_pretrained
         from blip2.processing import ImageProcessor
 
         v = self.model.config.vision
         processor = ImageProcessor(v.image_size, v.image_mean, v.image_std)
-        pipeline_for(self.model, processor, tokenizer).save_pretrained(path)
+        save_pretrained(self.model, path, processor, text.tokenizer, text.qformer_tokenizer)
 
     # ---------------------------------------------------------------------------------- building
 

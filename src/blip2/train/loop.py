@@ -326,7 +326,7 @@ def _train(
     if step == total and t.save_final:
         final_dir = os.path.join(t.output_dir, "final")
         if info.is_main:
-            task.save(final_dir, pre.text.tokenizer)
+            task.save(final_dir, pre.text)
         D.barrier()
     stopped_by = signal.Signals(stop_signal).name if step < total and stop_signal else None
     summary = {
