@@ -174,114 +174,20 @@ def run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ score
 
 
-def _read_predictions(path: str) -> Any:
-    from blip2.errors import UserError
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"predictions file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read the predictions file {path} ({e})") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); check the file") from None
-
-
 def _score(args: argparse.Namespace) -> int:
     from blip2.data.jsonl import write_atomic
-    from blip2.errors import UserError
-    from blip2.eval import datasets, runner
+    from blip2.eval.score import score_predictions
 
-    preds = _read_predictions(args.predictions)
-    record: dict[str, Any] = {"predictions": str(args.predictions), "dataset": str(args.dataset)}
-    kind = _kind(preds, args.predictions)
-    if kind == "caption":
-        samples = datasets.caption_samples(args.dataset, "", args.layout, args.split)
-        texts = _by_id(preds, "image_id", "caption", [s.id for s in samples], args)
-        java = False if args.no_java else None
-        scores, notes = runner.score_captions(texts, samples, java=java, spice=True if args.spice else None)
-        record |= {"task": "caption", "images": len(samples), "metrics": scores, "notes": notes}
-    elif kind in ("vqa", "gqa"):
-        samples, metric = datasets.vqa_samples(args.dataset, args.answers)
-        if metric != kind:
-            raise UserError(
-                f"{args.predictions} holds {kind.upper()} answers but {args.dataset} is a {metric.upper()} "
-                "questions file: give the file the predictions were made on"
-            )
-        id_field, text_field = ("questionId", "prediction") if kind == "gqa" else ("question_id", "answer")
-        answers = _by_id(preds, id_field, text_field, [s.id for s in samples], args)
-        scores, notes, rules = runner.score_vqa(answers, samples, metric)
-        if not any(s.answers for s in samples):
-            raise UserError(f"{args.dataset} holds no answers to score against: give --answers")
-        record |= {"task": metric, "questions": len(samples), "metrics": scores, "notes": notes}
-        if rules:
-            record["scoring"] = rules
-    else:
-        data = datasets.retrieval_set(args.dataset, "", args.layout, args.split)
-        if preds["texts"] != data.texts or len(preds["images"]) != len(data.images):
-            raise UserError(
-                f"{args.predictions} was made on other images or texts than {args.dataset}: give the "
-                "annotation file the predictions were made on"
-            )
-        scores = _recalls(preds, data)
-        notes = ["recalls from the predictions' top ten lists"]
-        record |= {"task": "retrieval", "images": len(data.images), "texts": len(data.texts)}
-        record |= {"metrics": scores, "notes": notes}
+    record = score_predictions(
+        args.predictions,
+        args.dataset,
+        answers=args.answers,
+        layout=args.layout,
+        split=args.split,
+        java=False if args.no_java else None,
+        spice=True if args.spice else None,
+    )
     if args.out:
         write_atomic(args.out, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     print(json.dumps({"metrics": record["metrics"], "notes": record["notes"]}, indent=1))
     return 0
-
-
-def _kind(preds: Any, path: str) -> str:
-    """caption, vqa, gqa or retrieval, from the layout of a predictions file."""
-    from blip2.errors import UserError
-
-    if isinstance(preds, dict) and {"image_to_text", "text_to_image", "texts", "images"} <= set(preds):
-        return "retrieval"
-    if isinstance(preds, list) and preds and all(isinstance(p, dict) for p in preds):
-        for kind, fields in (
-            ("caption", {"image_id", "caption"}),
-            ("vqa", {"question_id", "answer"}),
-            ("gqa", {"questionId", "prediction"}),
-        ):
-            if all(fields <= set(p) for p in preds):
-                return kind
-    raise UserError(
-        f"{path} is not a predictions file: expected a list of {{image_id, caption}}, {{question_id, "
-        "answer}} or {questionId, prediction} objects, or the predictions.json of `blip2 eval retrieval`"
-    )
-
-
-def _by_id(
-    preds: list[dict], id_field: str, text_field: str, ids: list[Any], args: argparse.Namespace
-) -> dict:
-    """id -> predicted text for every sample id; a sample without a prediction is a `UserError`."""
-    from blip2.data.jsonl import hashable
-    from blip2.errors import UserError
-
-    texts = {hashable(p[id_field]): str(p[text_field]) for p in preds}
-    missing = [i for i in ids if i not in texts]
-    if missing:
-        raise UserError(
-            f"{len(missing)} of the {len(ids)} samples of {args.dataset} have no prediction in "
-            f"{args.predictions} (first: {missing[0]!r}): give the annotation file the predictions were made on"
-        )
-    return {i: texts[i] for i in ids}
-
-
-def _recalls(preds: dict[str, Any], data: Any) -> dict[str, float]:
-    """R@1/5/10 from the top ten lists: a query's rank is the place of its first right answer in its
-    list (10, a miss at every k, when none is there)."""
-    from blip2.eval import metrics
-
-    def ranks(tops: list[list[int]], right: list[list[int]]) -> list[int]:
-        return [
-            next((n for n, c in enumerate(top) if c in set(good)), 10)
-            for top, good in zip(tops, right, strict=True)
-        ]
-
-    txt_ranks = ranks(preds["image_to_text"], data.img2txt)
-    img_ranks = ranks(preds["text_to_image"], [[i] for i in data.txt2img])
-    return metrics.recall_from_ranks(txt_ranks, img_ranks)
