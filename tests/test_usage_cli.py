@@ -16,7 +16,7 @@ import pytest
 import usage_helpers as uh
 
 from blip2.cli import main
-from blip2.cli.caption import merge_parts, part_paths
+from blip2.pipelines.batch import merge_parts, part_paths
 from blip2.data.inputs import Item
 from blip2.data.jsonl import ResultsFile
 from blip2.errors import UserError
