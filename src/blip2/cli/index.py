@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from blip2.cli import options
 from blip2.errors import EXIT_OK, EXIT_SOME_FAILED, UserError
@@ -64,11 +65,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     remove.add_argument("paths", nargs="+", help="the images' paths as the index lists them")
 
 
-def model_of(args: argparse.Namespace, index: str) -> str:
-    """`--model`, or the model an existing index was built with."""
+def load_model(args: argparse.Namespace, device: str | None, index: str | None = None) -> Any:
+    """The `Retriever` of `--model`, or of the model the index records when `--model` is not given."""
     from blip2.index.store import Store
 
-    return args.model or Store.open(index).meta["model"]
+    model = args.model or Store.open(index).meta["model"]
+    try:
+        return options.load_pipeline(model, device, args.dtype, task="search", **options.load_options(args))
+    except UserError as e:
+        if args.model:
+            raise
+        raise UserError(f"{str(e).rstrip('.')} (the model {index} records): give --model") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,17 +98,15 @@ def _embed(args: argparse.Namespace) -> int:
         raise UserError("--batch-size must be at least 1 and --workers at least 0")
     build = args.action == "build"
     path = args.out if build else args.index
-    model = args.model if build else model_of(args, path)
     items = expand_inputs(args.inputs)
     if not items:
         raise UserError("the inputs hold no images (folders and globs count .jpg, .png, ... files only)")
     info = setup(args.device)
     try:
-        pipe = options.load_pipeline(
-            model, str(info.device), args.dtype, task="search", **options.load_options(args)
-        )
+        pipe = load_model(args, str(info.device), None if build else path)
         settings = {"dtype": args.precision, "strategy": args.strategy, "faiss": args.faiss} if build else {}
-        recorded = os.path.abspath(model) if os.path.exists(model) else model
+        model = args.model  # recorded by a new index (an existing one keeps its own)
+        recorded = os.path.abspath(model) if model and os.path.exists(model) else model
         stats = add_images(
             pipe,
             items,

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _search_index(args: argparse.Namespace) -> int:
-    from blip2.cli.index import model_of
+    from blip2.cli.index import load_model
     from blip2.index import Index
     from blip2.index.search import CANDIDATES
 
@@ -100,9 +100,7 @@ def _search_index(args: argparse.Namespace) -> int:
     if candidates < 1:
         raise UserError(f"--candidates must be 1 or more, not {candidates}")
     index = Index.open(args.index)
-    pipe = options.load_pipeline(
-        model_of(args, args.index), args.device, args.dtype, task="search", **options.load_options(args)
-    )
+    pipe = load_model(args, args.device, args.index)
     pipe.batch_size = args.batch_size
     ranked = index.search(
         pipe,
