@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 CANDIDATES = 200  # images scored exactly per query (FAISS's best)
 FLAT_LIMIT = 200_000  # vectors below which FAISS searches exhaustively
 NPROBE = 32  # inverted lists an IVF index searches
+TRAIN_PER_LIST = 64  # training vectors per inverted list (k-means of the coarse quantizer)
+TRAIN_ITERATIONS = 10
+ADD_CHUNK = 8192  # images added to FAISS at a time
 CHUNK = 4096  # images scored at a time by an exhaustive search
 
 
@@ -168,20 +171,27 @@ class Index:
         return self._faiss
 
     def _build_faiss(self, faiss: Any) -> Any:
-        dim, everything = self.store.meta["dim"], np.arange(len(self))
-        if self.store.meta["strategy"] == "pooled":
-            x = self.vectors(everything, pooled=True).numpy()  # (N, E)
-        else:
-            x = self.vectors(everything).numpy().reshape(-1, dim)  # (N * Q, E): vector id = image * Q + query
+        """A new FAISS index of the live images' vectors, trained on a sample and filled a chunk at a time
+        (never all the vectors in memory as float32)."""
+        dim, pooled = self.store.meta["dim"], self.store.meta["strategy"] == "pooled"
+        per_image = 1 if pooled else self.store.meta["queries"]
+
+        def chunk(
+            positions: np.ndarray,
+        ) -> np.ndarray:  # (n, E), or (n * Q, E): vector id = image * Q + query
+            return np.ascontiguousarray(self.vectors(positions, pooled).numpy().reshape(-1, dim))
+
         index = faiss.index_factory(dim, self.factory(), faiss.METRIC_INNER_PRODUCT)
-        if not index.is_trained:
-            sample = np.random.default_rng(0).permutation(len(x))[: 64 * int(math.sqrt(len(x)) + 1)]
-            index.train(np.ascontiguousarray(x[np.sort(sample)]))
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
             ivf.nprobe = NPROBE
-        if len(x):
-            index.add(np.ascontiguousarray(x))
+            ivf.cp.niter = TRAIN_ITERATIONS
+        if not index.is_trained and len(self):
+            wanted = TRAIN_PER_LIST * (ivf.nlist if ivf is not None else 256)
+            sample = np.random.default_rng(0).permutation(len(self))[: max(1, wanted // per_image)]
+            index.train(chunk(np.sort(sample)))
+        for start in range(0, len(self), ADD_CHUNK):
+            index.add(chunk(np.arange(start, min(start + ADD_CHUNK, len(self)))))
         return index
 
     def _candidates(self, text: Tensor, k: int) -> list[np.ndarray]:
