@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how embeddings are stored (default float16: half the size, cosines within about 1e-3)",
     )  # fmt: skip
     build.add_argument(
-        "--strategy", choices=("pooled", "queries"), default="pooled",
-        help="what FAISS indexes: one pooled vector per image (default) or all its query vectors",
+        "--strategy", choices=("queries", "pooled"), default="queries",
+        help="what FAISS indexes: all of an image's query vectors (default) or one pooled vector",
     )  # fmt: skip
     build.add_argument("--faiss", default="auto", help="FAISS index_factory string (default: by size)")
     add = sub.add_parser("add", help="add images to an index (a path added again is replaced)")

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", help="image files, folders, globs, .tar shards, .txt path lists")
     parser.add_argument("--index", help="search this index (`blip2 index build`) instead of INPUTS")
     parser.add_argument(
-        "--candidates", type=int, default=None, help="with --index: images FAISS proposes (default 200)"
+        "--candidates", type=int, default=None, help="with --index: images FAISS proposes (default 100)"
     )
     parser.add_argument("--top-k", type=int, default=10, help="results to print (default 10)")
     parser.add_argument("--rerank", type=int, default=32, help="ITC candidates re-ranked by ITM (default 32)")

@@ -80,7 +80,7 @@ def add_images(
     max_pixels: int | None = None,
     info: DistInfo | None = None,
     dtype: str = "float16",
-    strategy: str = "pooled",
+    strategy: str = "queries",
     faiss: str = "auto",
 ) -> BuildStats:
     """Embed `items` into the index at `path`.

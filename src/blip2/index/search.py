@@ -13,9 +13,11 @@ are re-scored with ITM from their pixels, read again from disk, and ordered by `
 score retrieval evaluation ranks by. With `candidates` at least the size of the index every image is
 scored exactly, and the ranking is that of `blip2 search` over the same images.
 
-The FAISS index is derived data: it is rebuilt when the log has changed since it was written. Below
-`FLAT_LIMIT` vectors it is exact (`Flat`); above, an inverted file (`IVF<sqrt n>,Flat`, `NPROBE` lists
-searched). `benchmarks/index_bench.py` measured these defaults (see the README's index section).
+The FAISS index is derived data: it is rebuilt when the log has changed since it was written. Up to
+`FLAT_LIMIT` vectors it is exact (`Flat`); above, an inverted file over an HNSW coarse quantizer with
+8-bit scalar codes (`IVF<lists>_HNSW32,SQ8`, `NPROBE` lists searched), which only proposes: the exact
+re-score decides. `benchmarks/index_bench.py` measured these defaults against one pooled vector per
+image (see the README's "Image index" section).
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ from blip2.losses import max_over_queries
 if TYPE_CHECKING:
     from blip2.pipelines.retriever import Retriever, SearchHit
 
-CANDIDATES = 200  # images scored exactly per query (FAISS's best)
-FLAT_LIMIT = 200_000  # vectors below which FAISS searches exhaustively
+CANDIDATES = 100  # images scored exactly per query (FAISS's best)
+FLAT_LIMIT = 1 << 18  # vectors up to which FAISS searches exhaustively
 NPROBE = 32  # inverted lists an IVF index searches
 TRAIN_PER_LIST = 64  # training vectors per inverted list (k-means of the coarse quantizer)
 TRAIN_ITERATIONS = 10
@@ -56,6 +58,11 @@ def fingerprint(retriever: Retriever) -> str:
         cached = tower_fingerprint(retriever.model)
         retriever._index_fingerprint = cached  # type: ignore[attr-defined]
     return cached
+
+
+def lists(n: int) -> int:
+    """Inverted lists for n vectors: the power of two at or below sqrt(n)."""
+    return 1 << max(0, int(math.log2(max(1.0, math.sqrt(n)))))
 
 
 def import_faiss() -> Any:
@@ -146,7 +153,7 @@ class Index:
         if chosen != "auto":
             return chosen
         n = len(self) * (self.store.meta["queries"] if self.store.meta["strategy"] == "queries" else 1)
-        return "Flat" if n <= FLAT_LIMIT else f"IVF{int(math.sqrt(n))},Flat"
+        return "Flat" if n <= FLAT_LIMIT else f"IVF{lists(n)}_HNSW32,SQ8"
 
     def faiss_index(self) -> Any:
         """The FAISS index over the live images (loaded, or built and saved when missing or stale)."""
@@ -157,7 +164,7 @@ class Index:
         state = {"log_bytes": self.store.log_size(), "images": len(self), "factory": self.factory()}
         try:
             if json.loads(side.read_text(encoding="utf-8")) == state:
-                self._faiss = faiss.read_index(str(file))
+                self._faiss = self._tune(faiss, faiss.read_index(str(file)))
                 return self._faiss
         except (OSError, ValueError, RuntimeError):
             pass
@@ -170,6 +177,13 @@ class Index:
             pass  # a read-only index: searched with the index built in memory
         return self._faiss
 
+    @staticmethod
+    def _tune(faiss: Any, index: Any) -> Any:
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.nprobe = NPROBE
+        return index
+
     def _build_faiss(self, faiss: Any) -> Any:
         """A new FAISS index of the live images' vectors, trained on a sample and filled a chunk at a time
         (never all the vectors in memory as float32)."""
@@ -181,10 +195,9 @@ class Index:
         ) -> np.ndarray:  # (n, E), or (n * Q, E): vector id = image * Q + query
             return np.ascontiguousarray(self.vectors(positions, pooled).numpy().reshape(-1, dim))
 
-        index = faiss.index_factory(dim, self.factory(), faiss.METRIC_INNER_PRODUCT)
+        index = self._tune(faiss, faiss.index_factory(dim, self.factory(), faiss.METRIC_INNER_PRODUCT))
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
-            ivf.nprobe = NPROBE
             ivf.cp.niter = TRAIN_ITERATIONS
         if not index.is_trained and len(self):
             wanted = TRAIN_PER_LIST * (ivf.nlist if ivf is not None else 256)

@@ -89,7 +89,7 @@ class Store:
         queries: int,
         dim: int,
         dtype: str = "float16",
-        strategy: str = "pooled",
+        strategy: str = "queries",
         faiss: str = "auto",
     ) -> Store:
         """A new, empty index folder (`path` must not exist or be an empty folder)."""
