@@ -100,7 +100,7 @@ class Store:
             )
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise UserError(f"{path} exists and is not a blip2 image index: give --out a new folder")
-        (path / "segments").mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": FORMAT,
             "model": model,
@@ -111,7 +111,7 @@ class Store:
             "strategy": strategy,
             "faiss": faiss,
         }
-        write_atomic(path / "index.json", json.dumps(meta, indent=1) + "\n")
+        write_atomic(path / "index.json", json.dumps(meta, indent=1) + "\n")  # first: the folder is an index
         return cls(path, meta)
 
     # ------------------------------------------------------------------------------------ files
@@ -217,6 +217,7 @@ class SegmentWriter:
         """Add images: their keys, shard members (None for files) and `(n, Q, E)` query embeddings."""
         dtype = self.store.np_dtype
         if self._files is None:
+            self.store.segment_path(self.seg, "").parent.mkdir(exist_ok=True)
             self._files = (
                 open(self.store.segment_path(self.seg, ".vec"), "xb"),  # noqa: SIM115 (closed in close())
                 open(self.store.segment_path(self.seg, ".pool"), "xb"),  # noqa: SIM115
