@@ -1,14 +1,15 @@
 """The image index at scale, on synthetic embeddings: build time, peak memory, query latency and
 recall@10 against exact search, for the two ways to find ITC candidates.
 
-    python benchmarks/index_bench.py --images 1000000 --store /tmp/bench.index     # writes ~16 GB once
-    python benchmarks/index_bench.py --images 100000 --strategy queries pooled
+    python benchmarks/index_bench.py --images 1000000 --store /tmp/1m.index --write-only  # ~16 GB, once
+    python benchmarks/index_bench.py --store /tmp/1m.index --strategy pooled --faiss Flat --candidates 100 1000
+    python benchmarks/index_bench.py --images 100000 --strategy queries pooled   # a new store in /tmp
 
 The embeddings go through the real store (`blip2.index.store.SegmentWriter`, float16, memory-mapped)
 and are searched by `blip2.index.Index.itc`, the ITC stage of `Index.search` (ITM re-ranking reads
 images and is not measured here). Synthetic but clustered like real ones: `--clusters` topic centres;
 each image mixes two topics (its Q query vectors each near one of them, 3 in 4 near the first); a text
-is near one image's first topic. Every vector is unit-normalized, as the model's are.
+is near one topic. Every vector is unit-normalized, as the model's are.
 
 Strategies: `pooled` indexes one vector per image (the mean query, normalized) and scores FAISS's
 `candidates` best exactly (max over the Q query vectors); `queries` indexes all N x Q query vectors
@@ -171,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--candidates", type=int, nargs="+", default=[50, 100, 200, 400])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--write-only", action="store_true", help="write the store and stop (measure in a later run)"
+    )
     p.add_argument(
         "--query-threads", type=int, default=1, help="FAISS threads while searching one text (default 1)"
     )
