@@ -260,3 +260,30 @@ def test_torchrun_two_ranks_build_one_index(retriever, images, tmp_path):
     assert not list(out.glob("segments/*.jsonl"))  # merged
     expected = stored(blip2.load(retriever).index(str(images), tmp_path / "one.index"))
     assert all(torch.allclose(v, expected[k], atol=1e-3) for k, v in stored(index).items())
+
+
+@pytest.mark.parametrize("strategy", ["pooled", "queries"])
+def test_an_inverted_file_proposes_and_the_exact_rescore_decides(tmp_path, strategy):
+    """An approximate FAISS index (IVF) only proposes: the cosines returned are the exact max over queries."""
+    from blip2.index.store import SegmentWriter, Store
+
+    store = Store.create(tmp_path / "s.index", model="m", fingerprint="f", queries=4, dim=8, dtype="float32",
+                         strategy=strategy, faiss="IVF4,Flat")  # fmt: skip
+    feats = torch.nn.functional.normalize(
+        torch.randn(300, 4, 8, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    writer = SegmentWriter(store, 0)
+    writer.append([f"i{n}" for n in range(300)], [None] * 300, feats)
+    writer.close()
+    store.merge_segments()
+    index = Index.open(store.path)
+    assert index.factory() == "IVF4,Flat" and index.faiss_index().is_trained
+    text = torch.nn.functional.normalize(
+        torch.randn(3, 8, generator=torch.Generator().manual_seed(1)), dim=-1
+    )
+    pos, cos = index.itc(text, top_k=5, candidates=40)
+    exact = torch.einsum("iqe,te->tiq", feats, text).amax(dim=-1)  # (T, N)
+    assert torch.allclose(cos, exact.gather(1, pos), atol=1e-6)
+    assert (cos[:, :-1] >= cos[:, 1:]).all() and all(len(set(p.tolist())) == 5 for p in pos)
+    best = index.itc(text, top_k=5, candidates=None)[1]
+    assert (cos[:, 0] <= best[:, 0] + 1e-6).all()
