@@ -79,14 +79,20 @@ def synthetic_images(n: int, q: int, topics: torch.Tensor, noise: float, pool: t
 
 
 def write_store(path: Path, n: int, q: int, dim: int, topics: torch.Tensor, noise: float, seed: int) -> dict:
-    """Write n synthetic images into a new index at `path`; returns the timing."""
-    store = Store.create(path, model="synthetic", fingerprint="synthetic", queries=q, dim=dim)
-    writer = SegmentWriter(store, 0)
-    g = torch.Generator().manual_seed(seed)
+    """Write synthetic images into the index at `path` (new, or one a killed run left: it is merged and
+    continued in a new segment, as `blip2 index build` resumes) until it holds n; returns the timing."""
+    if Store.is_index(path):
+        store = Store.open(path)
+        store.merge_segments()
+        have = len(store.entries())
+    else:
+        store, have = Store.create(path, model="synthetic", fingerprint="synthetic", queries=q, dim=dim), 0
+    writer = SegmentWriter(store, store.next_segment())
+    g = torch.Generator().manual_seed(seed + have)
     pool = noise_pool(dim, g)
     reset_peak()
     start, made = time.perf_counter(), 0.0
-    for i in range(0, n, WRITE_CHUNK):
+    for i in range(have, n, WRITE_CHUNK):
         t = time.perf_counter()
         feats = synthetic_images(min(WRITE_CHUNK, n - i), q, topics, noise, pool, g)
         made += time.perf_counter() - t
@@ -96,7 +102,7 @@ def write_store(path: Path, n: int, q: int, dim: int, topics: torch.Tensor, nois
     store.merge_segments()
     merge = time.perf_counter() - t
     total = time.perf_counter() - start
-    return {"phase": "write", "images": n, "seconds": round(total - made, 1), "generate_s": round(made, 1),
+    return {"phase": "write", "images": n - have, "seconds": round(total - made, 1), "generate_s": round(made, 1),
             "merge_s": round(merge, 1), "peak_rss_gb": round(peak_gb(), 2)}  # fmt: skip
 
 
@@ -153,7 +159,9 @@ def measure(index: Index, text: torch.Tensor, truth: torch.Tensor, strategy: str
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=100_000)
+    p.add_argument(
+        "--images", type=int, default=100_000, help="images in the store (written if it holds fewer)"
+    )
     p.add_argument("--queries", type=int, default=32, help="query vectors per image (Q)")
     p.add_argument("--dim", type=int, default=256, help="embedding size (E)")
     p.add_argument("--clusters", type=int, default=2000, help="topic centres")
@@ -186,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
 
         args.store = tempfile.mkdtemp(prefix="index_bench_") + "/bench.index"
     path = Path(args.store)
-    if not Store.is_index(path):
+    if (
+        not Store.is_index(path)
+        or len(Store.open(path).entries()) < args.images
+        or Store.open(path).segments(".jsonl")
+    ):
         print(
             json.dumps(write_store(path, args.images, args.queries, args.dim, topics, args.noise, args.seed)),
             flush=True,
@@ -195,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     index = Index.open(path)
     open_s = time.perf_counter() - t
     text = texts(args.texts, topics, args.noise, args.seed)
-    cached = path / f"truth-{args.texts}-{args.seed}.pt"  # the exact top 10, kept for the next run
+    cached = path / f"truth-{len(index)}-{args.texts}-{args.seed}.pt"  # the exact top 10, kept
     if cached.is_file():
         truth = torch.load(cached)
     else:
