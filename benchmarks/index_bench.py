@@ -157,6 +157,35 @@ def measure(index: Index, text: torch.Tensor, truth: torch.Tensor, strategy: str
     return rows
 
 
+def estimate_build(index: Index, factory: str, images: int) -> dict:
+    """The `queries` FAISS build when it does not fit a run: train `factory` as `Index` does, add the query
+    vectors of the first `images` images, and extrapolate the add to the whole index (linear in vectors)."""
+    import faiss
+
+    from blip2.index.search import ADD_CHUNK, TRAIN_ITERATIONS, TRAIN_PER_LIST
+
+    q, dim = index.store.meta["queries"], index.store.meta["dim"]
+    built = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(built)
+    ivf.cp.niter = TRAIN_ITERATIONS
+    sample = np.sort(np.random.default_rng(0).permutation(len(index))[: TRAIN_PER_LIST * ivf.nlist // q])
+    reset_peak()
+    t = time.perf_counter()
+    built.train(np.ascontiguousarray(index.vectors(sample).numpy().reshape(-1, dim)))
+    train_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for start in range(0, images, ADD_CHUNK):
+        built.add(
+            np.ascontiguousarray(
+                index.vectors(np.arange(start, min(start + ADD_CHUNK, images))).numpy().reshape(-1, dim)
+            )
+        )
+    add_s = time.perf_counter() - t
+    return {"phase": "estimate", "faiss": factory, "train_s": round(train_s, 1), "added_images": images,
+            "add_s": round(add_s, 1), "estimated_build_s": round(train_s + add_s * len(index) / images),
+            "codes_gb": round(len(index) * q * (dim + 8) / 2**30, 1), "peak_rss_gb": round(peak_gb(), 2)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -218,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(truth, cached)
         print(json.dumps({"phase": "exact", "images": len(index), "open_s": round(open_s, 1),
                           "exact_ms_per_text": round(1000 * exact_s / len(text), 1), "peak_rss_gb": round(peak_gb(), 2)}), flush=True)  # fmt: skip
+    if args.estimate:
+        n = len(index) * args.queries
+        for factory in args.faiss:
+            print(json.dumps(estimate_build(index, factory.replace("{lists}", str(lists(n))), args.estimate)))
+        return 0
     rows = []
     for strategy in args.strategy:
         n = len(index) * (args.queries if strategy == "queries" else 1)
