@@ -212,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--write-only", action="store_true", help="write the store and stop (measure in a later run)"
     )
+    p.add_argument("--estimate", type=int, default=0, metavar="IMAGES",
+                   help="only estimate the build of each --faiss for `queries` from adding this many images")  # fmt: skip
     p.add_argument(
         "--query-threads", type=int, default=1, help="FAISS threads while searching one text (default 1)"
     )
