@@ -16,10 +16,10 @@ import pytest
 import usage_helpers as uh
 
 from blip2.cli import main
-from blip2.pipelines.batch import merge_parts, part_paths
 from blip2.data.inputs import Item
 from blip2.data.jsonl import ResultsFile
 from blip2.errors import UserError
+from blip2.pipelines.batch import merge_parts, part_paths
 
 FAST = ["--num-beams", "1", "--max-new-tokens", "4", "--no-progress"]
 SUBPROCESS_TIMEOUT = 300  # the machine is shared and loaded: be generous

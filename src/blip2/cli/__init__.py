@@ -57,6 +57,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "blip2.cli.search",
         "rank a folder of images for a text query (ITC, then ITM re-ranking)",
     ),
+    "index": ("blip2.cli.index", "a persistent image index for search: build, add, remove, info"),
     "serve": ("blip2.cli.serve", "HTTP API and web page for caption, ask, match and search"),
     "eval": (
         "blip2.cli.eval",

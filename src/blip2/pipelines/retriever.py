@@ -6,15 +6,17 @@ retriever.match(["dog.jpg", "cat.jpg"], ["a dog", "a dog"])       # tensor([0.97
 retriever.similarity(["dog.jpg", "cat.jpg"], ["a dog", "a cat"])  # (2, 2) cosine matrix
 retriever.embed_images(["dog.jpg"]), retriever.embed_texts(["a dog"])  # (1, Q, E), (1, E)
 retriever.search(["dog.jpg", "cat.jpg"], "a dog", top_k=1)       # [SearchHit(index=0, ...)]
+retriever.index(["photos/"], "photos.index").search(retriever, "a dog")  # a persistent index
 ```
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +25,9 @@ from blip2.errors import UserError
 from blip2.losses import rerank_score
 from blip2.pipelines.base import Pipeline, TruncationWarning, broadcast
 from blip2.processing import ImageLike, ImageProcessor
+
+if TYPE_CHECKING:
+    from blip2.index import Index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,3 +221,21 @@ class Retriever(Pipeline):
         if not feats:
             raise UserError("no texts given")
         return torch.cat(feats)
+
+    def index(self, images: str | Sequence[str], path: str | os.PathLike[str], **options: Any) -> Index:
+        """Build an image index at `path` (or resume or grow the one there) and open it.
+
+        Args:
+            images: image files, folders, globs, webdataset `.tar` shards, `.txt` path lists; the index
+                stores their paths, so they are read again to re-rank with ITM.
+            options: `blip2.index.build.add_images` options (`replace`, `batch_size`, `workers`, ...).
+        """
+        from blip2.data.inputs import expand_inputs
+        from blip2.index import Index
+        from blip2.index.build import add_images
+
+        items = expand_inputs([images] if isinstance(images, (str, os.PathLike)) else list(images))
+        if not items:
+            raise UserError("the inputs hold no images (folders and globs count .jpg, .png, ... files only)")
+        add_images(self, items, path, create=True, **options)
+        return Index.open(path)

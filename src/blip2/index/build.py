@@ -1,0 +1,147 @@
+"""Filling an index: images embedded in batches (`Retriever.embed_pixels`, decoded by loader workers),
+each process writing its own segment, resumable after a kill at any point.
+
+```python
+add_images(retriever, expand_inputs(["photos/"]), "photos.index", create=True)  # build, or resume one
+add_images(retriever, expand_inputs(["new/"]), "photos.index", replace=True)    # add; re-added replaces
+```
+
+Under `torchrun` every rank embeds every world_size-th image still missing into its segment, then rank 0
+merges the segment logs and rebuilds the FAISS index. A run killed at any point leaves whole batches
+only; the next run merges them and embeds the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from blip2.data.inputs import Item, loader
+from blip2.distributed import DistInfo, barrier, broadcast_object
+from blip2.errors import UserError
+from blip2.index.search import Index, fingerprint
+from blip2.index.store import SegmentWriter, Store
+from blip2.pipelines.retriever import Retriever
+from blip2.processing import DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class BuildStats:
+    """What one `add_images` call did (`added` and `failed` count this rank's share)."""
+
+    added: int = 0
+    skipped: int = 0  # in the index already (a resumed build)
+    failed: int = 0  # could not be read (reported on stderr, not stored)
+    seconds: float = 0.0
+    images: int = 0  # in the index at the end (rank 0)
+
+
+def _prepare(
+    retriever: Retriever, path: Path, create: bool, model: str, dtype: str, strategy: str, faiss: str
+) -> int:
+    """Rank 0: open (or create) the index, check the model, merge what a killed run left; returns the
+    first segment number of this run."""
+    if create and not Store.is_index(path):
+        size = retriever.image_processor.size
+        feats = retriever.embed_pixels(torch.zeros(1, 3, size, size))  # (1, Q, E)
+        store = Store.create(
+            path,
+            model=model,
+            fingerprint=fingerprint(retriever),
+            queries=feats.shape[1],
+            dim=feats.shape[2],
+            dtype=dtype,
+            strategy=strategy,
+            faiss=faiss,
+        )
+    else:
+        store = Store.open(path)
+        Index(store).check_model(retriever)
+    store.merge_segments()
+    return store.next_segment()
+
+
+def add_images(
+    retriever: Retriever,
+    items: Sequence[Item],
+    path: str | os.PathLike[str],
+    *,
+    create: bool = False,
+    replace: bool = False,
+    model: str | None = None,
+    batch_size: int = 32,
+    workers: int = 0,
+    max_pixels: int | None = None,
+    info: DistInfo | None = None,
+    dtype: str = "float16",
+    strategy: str = "queries",
+    faiss: str = "auto",
+) -> BuildStats:
+    """Embed `items` into the index at `path`.
+
+    Args:
+        retriever: the stage-1 model (an existing index refuses another one).
+        items: from `blip2.data.inputs.expand_inputs`.
+        create: make the index when `path` is not one yet (`path` must then be new or an empty folder);
+            without, `path` must be an index.
+        replace: embed again the items the index holds (re-adding a path replaces it); without, they
+            are skipped (a killed build resumes).
+        model: the model's name recorded in a new index (default the checkpoint's name).
+        batch_size: images per model call.
+        workers: processes decoding images while the model runs.
+        max_pixels: larger images are refused (decompression bombs; default the library's).
+        info: this process's place under torchrun (default one process).
+        dtype, strategy, faiss: a new index's settings (`Store.create`).
+    """
+    info = info or DistInfo()
+    path = Path(path)
+    start = time.perf_counter()
+    refusal, base = None, 0
+    if info.is_main:
+        try:
+            name = model or retriever.config.name or "a blip2 model"
+            base = _prepare(retriever, path, create, name, dtype, strategy, faiss)
+        except UserError as e:
+            refusal = str(e)
+        except OSError as e:
+            refusal = f"cannot write the index {path} ({e.strerror or e}): check the path"
+    refusal, base = broadcast_object((refusal, base))  # every rank stops with rank 0's sentence
+    if refusal:
+        raise UserError(refusal)
+    store = Store.open(path)
+    done = store.entries()
+    pending = list(items) if replace else [it for it in items if it.key not in done]
+    stats = BuildStats(skipped=len(items) - len(pending))
+    mine = pending[info.rank :: info.world_size]
+    writer = SegmentWriter(store, base + info.rank)
+    try:
+        images = loader(
+            mine, retriever.image_processor, batch_size, workers, max_pixels or DEFAULT_MAX_PIXELS
+        )
+        members = {it.key: it.member for it in mine}
+        for batch in images:
+            good = [(k, px) for k, px, err in batch if px is not None]
+            for _, _, err in batch:
+                if err is not None:
+                    print(f"skipped: {err}", file=sys.stderr)
+                    stats.failed += 1
+            if good:
+                feats = retriever.embed_pixels(torch.stack([px for _, px in good]))  # (n, Q, E)
+                writer.append([k for k, _ in good], [members[k] for k, _ in good], feats)
+                stats.added += len(good)
+    finally:
+        writer.close()
+    barrier()
+    if info.is_main:
+        store.merge_segments()
+        index = Index(store)
+        index.faiss_index()  # built now, not at the first search
+        stats.images = len(index)
+    stats.seconds = time.perf_counter() - start
+    return stats

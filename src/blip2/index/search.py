@@ -1,0 +1,329 @@
+"""`Index`: text-to-image search over an index folder, as `Retriever.search` ranks a list of images.
+
+```python
+index = blip2.index.Index.open("photos.index")
+index.search(retriever, "a dog on a beach", top_k=10)  # [SearchHit(index=i, itc, itm, score)]: index.paths[i]
+index.itc(retriever.embed_texts(["a dog"]), top_k=10)  # (positions, cosines) by ITC alone, no model needed
+```
+
+Ranking, in three steps: FAISS gives `candidates` images for the text embedding (by their pooled vector,
+or by all their query vectors: the index's `strategy`); those are scored exactly, the max over the
+image's Q query embeddings (`losses.max_over_queries`, the model's ITC cosine); the best `rerank` of them
+are re-scored with ITM from their pixels, read again from disk, and ordered by `losses.rerank_score`, the
+score retrieval evaluation ranks by. With `candidates` at least the size of the index every image is
+scored exactly, and the ranking is that of `blip2 search` over the same images.
+
+The FAISS index is derived data: it is rebuilt when the log has changed since it was written. Up to
+`FLAT_LIMIT` vectors it is exact (`Flat`); above, an inverted file over an HNSW coarse quantizer with
+8-bit scalar codes (`IVF<lists>_HNSW32,SQ8`, `NPROBE` lists searched), which only proposes: the exact
+re-score decides. `benchmarks/index_bench.py` measured these defaults against one pooled vector per
+image (see the README's "Image index" section).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from blip2.data.features import tower_fingerprint
+from blip2.data.jsonl import write_atomic
+from blip2.errors import UserError
+from blip2.index.store import Entry, Store
+from blip2.losses import max_over_queries
+
+if TYPE_CHECKING:
+    from blip2.pipelines.retriever import Retriever, SearchHit
+
+CANDIDATES = 100  # images scored exactly per query (FAISS's best)
+FLAT_LIMIT = 1 << 18  # vectors up to which FAISS searches exhaustively
+NPROBE = 32  # inverted lists an IVF index searches
+TRAIN_PER_LIST = 64  # training vectors per inverted list (k-means of the coarse quantizer)
+TRAIN_ITERATIONS = 10
+ADD_CHUNK = 8192  # images added to FAISS at a time
+CHUNK = 4096  # images scored at a time by an exhaustive search
+
+
+def fingerprint(retriever: Retriever) -> str:
+    """The weights' fingerprint an index records (`tower_fingerprint` of the whole stage-1 model)."""
+    cached = getattr(retriever, "_index_fingerprint", None)
+    if cached is None:
+        cached = tower_fingerprint(retriever.model)
+        retriever._index_fingerprint = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def lists(n: int) -> int:
+    """Inverted lists for n vectors: the power of two at or below sqrt(n) (1024 for 100,000 images of 32
+    query vectors, 4096 for a million); an HNSW graph over the lists' centres keeps assigning every
+    vector to its list, the build's main cost, far below a scan of all the centres."""
+    return 1 << max(0, int(math.log2(max(1.0, math.sqrt(n)))))
+
+
+def import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        raise UserError("the image index needs FAISS: pip install 'blip2[index]' (faiss-cpu)") from None
+    return faiss
+
+
+class Index:
+    """The live images of an index folder, their stored embeddings and the FAISS candidate index.
+
+    Attributes:
+        paths: the images' keys (paths, or `shard.tar#member`), in index order: `SearchHit.index`
+            is a position in this list.
+    """
+
+    def __init__(self, store: Store):
+        self.store = store
+        entries = store.entries()
+        self.paths: list[str] = list(entries)
+        self._entries: list[Entry] = list(entries.values())
+        self._seg = np.array([e.seg for e in self._entries], dtype=np.int64)
+        self._row = np.array([e.row for e in self._entries], dtype=np.int64)
+        self._faiss: Any = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Index:
+        """The index at `path` (`UserError` when there is none)."""
+        return cls(Store.open(path))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        return f"Index({self.store.path}: {len(self)} images, model {self.store.meta['model']})"
+
+    def info(self) -> dict[str, Any]:
+        """What `blip2 index info` prints: the model, sizes and settings."""
+        meta = self.store.meta
+        rows = sum(len(self.store.vectors(s, pooled=True)) for s in self.store.segments(".vec"))
+        size = sum(p.stat().st_size for p in self.store.path.rglob("*") if p.is_file())
+        return {
+            "path": str(self.store.path),
+            "images": len(self),
+            "unused_rows": rows - len(self),
+            "model": meta["model"],
+            "fingerprint": meta["fingerprint"],
+            "queries": meta["queries"],
+            "dim": meta["dim"],
+            "dtype": meta["dtype"],
+            "strategy": meta["strategy"],
+            "faiss": self.factory(),
+            "bytes": size,
+        }
+
+    # ------------------------------------------------------------------------------- vectors
+
+    def vectors(self, positions: Sequence[int] | np.ndarray, pooled: bool = False) -> Tensor:
+        """The stored embeddings of the images at `positions`: `(n, Q, E)` (or `(n, E)` pooled), float32."""
+        positions = np.asarray(positions, dtype=np.int64)
+        shape = (self.store.meta["dim"],) if pooled else (self.store.meta["queries"], self.store.meta["dim"])
+        out = np.empty((len(positions), *shape), dtype=np.float32)
+        segs = self._seg[positions]
+        for seg in np.unique(segs):
+            at = np.nonzero(segs == seg)[0]
+            out[at] = self.store.vectors(int(seg), pooled)[self._row[positions[at]]]
+        return torch.from_numpy(out)
+
+    def _exact(self, text: Tensor) -> Tensor:
+        """The ITC cosine of every image with each of the `(T, E)` texts: `(T, N)`."""
+        scores = torch.empty(text.shape[0], len(self))
+        for seg in np.unique(self._seg):
+            at = np.nonzero(self._seg == seg)[0]
+            mm = self.store.vectors(int(seg))
+            for i in range(0, len(at), CHUNK):
+                rows = self._row[at[i : i + CHUNK]]
+                feats = torch.from_numpy(np.ascontiguousarray(mm[rows], dtype=np.float32))
+                scores[:, torch.from_numpy(at[i : i + CHUNK])] = max_over_queries(feats, text).T
+        return scores
+
+    # --------------------------------------------------------------------------------- FAISS
+
+    def factory(self) -> str:
+        """The FAISS index type (`faiss.index_factory` string): the index's own, or chosen by size."""
+        chosen = self.store.meta.get("faiss", "auto")
+        if chosen != "auto":
+            return chosen
+        n = len(self) * (self.store.meta["queries"] if self.store.meta["strategy"] == "queries" else 1)
+        return "Flat" if n <= FLAT_LIMIT else f"IVF{lists(n)}_HNSW32,SQ8"
+
+    def faiss_index(self) -> Any:
+        """The FAISS index over the live images (loaded, or built and saved when missing or stale)."""
+        if self._faiss is not None:
+            return self._faiss
+        faiss = import_faiss()
+        side, file = self.store.path / "faiss.json", self.store.path / "faiss.index"
+        state = {"log_bytes": self.store.log_size(), "images": len(self), "factory": self.factory()}
+        try:
+            if json.loads(side.read_text(encoding="utf-8")) == state:
+                self._faiss = self._tune(faiss, faiss.read_index(str(file)))
+                return self._faiss
+        except (OSError, ValueError, RuntimeError):
+            pass
+        self._faiss = self._build_faiss(faiss)
+        try:
+            faiss.write_index(self._faiss, str(file) + ".tmp")
+            os.replace(str(file) + ".tmp", file)
+            write_atomic(side, json.dumps(state) + "\n")
+        except (OSError, RuntimeError):
+            pass  # a read-only index: searched with the index built in memory
+        return self._faiss
+
+    @staticmethod
+    def _tune(faiss: Any, index: Any) -> Any:
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.nprobe = NPROBE
+        return index
+
+    def _build_faiss(self, faiss: Any) -> Any:
+        """A new FAISS index of the live images' vectors, trained on a sample and filled a chunk at a time
+        (never all the vectors in memory as float32)."""
+        dim, pooled = self.store.meta["dim"], self.store.meta["strategy"] == "pooled"
+        per_image = 1 if pooled else self.store.meta["queries"]
+
+        def chunk(
+            positions: np.ndarray,
+        ) -> np.ndarray:  # (n, E), or (n * Q, E): vector id = image * Q + query
+            return np.ascontiguousarray(self.vectors(positions, pooled).numpy().reshape(-1, dim))
+
+        index = self._tune(faiss, faiss.index_factory(dim, self.factory(), faiss.METRIC_INNER_PRODUCT))
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.cp.niter = TRAIN_ITERATIONS
+        if not index.is_trained and len(self):
+            wanted = TRAIN_PER_LIST * (ivf.nlist if ivf is not None else 256)
+            sample = np.random.default_rng(0).permutation(len(self))[: max(1, wanted // per_image)]
+            index.train(chunk(np.sort(sample)))
+        for start in range(0, len(self), ADD_CHUNK):
+            index.add(chunk(np.arange(start, min(start + ADD_CHUNK, len(self)))))
+        return index
+
+    def _candidates(self, text: Tensor, k: int) -> list[np.ndarray]:
+        """FAISS's best `k` images for each of the `(T, E)` texts (positions, best first)."""
+        index = self.faiss_index()
+        q = self.store.meta["queries"]
+        by_query = self.store.meta["strategy"] == "queries"
+        _, ids = index.search(np.ascontiguousarray(text.numpy(), dtype=np.float32), k * q if by_query else k)
+        out = []
+        for row in ids:
+            row = row[row >= 0]
+            if by_query:
+                row = np.asarray(list(dict.fromkeys((row // q).tolist())), dtype=np.int64)
+            out.append(row[:k])
+        return out
+
+    # -------------------------------------------------------------------------------- search
+
+    def itc(
+        self, text_feats: Tensor, top_k: int = 10, candidates: int | None = CANDIDATES
+    ) -> tuple[Tensor, Tensor]:
+        """Rank by ITC alone (no model needed): for `(T, E)` normalized text embeddings (`embed_texts`),
+        the positions `(T, k)` and cosines `(T, k)` of the best images, best first, `k = min(top_k, N)`
+        (fewer when an approximate FAISS index proposes fewer images for some text).
+
+        Args:
+            candidates: images FAISS proposes and that are scored exactly; None (or at least the size of
+                the index) scores every image exactly.
+        """
+        text = text_feats.float().reshape(-1, text_feats.shape[-1])
+        k = min(top_k, len(self))
+        if candidates is None or candidates >= len(self):
+            scores = self._exact(text)
+            best = scores.topk(k, dim=1)
+            return best.indices, best.values
+        positions, cosines = [], []
+        for t, cand in zip(text, self._candidates(text, max(candidates, k)), strict=True):
+            sims = max_over_queries(self.vectors(cand), t[None])[:, 0]  # (C,)
+            order = sims.argsort(descending=True)[:k]
+            positions.append(torch.from_numpy(cand)[order])
+            cosines.append(sims[order])
+        k = min(len(p) for p in positions)
+        return torch.stack([p[:k] for p in positions]), torch.stack([c[:k] for c in cosines])
+
+    def check_model(self, retriever: Retriever) -> None:
+        """Refuse (`UserError`) a model other than the one the index was built with."""
+        from blip2.pipelines.retriever import Retriever
+
+        if not isinstance(retriever, Retriever):
+            raise UserError(
+                "searching an index needs a stage-1 (retrieval) model such as Salesforce/blip2-itm-vit-g"
+            )
+        if fingerprint(retriever) != self.store.meta["fingerprint"]:
+            raise UserError(
+                f"{self.store.path} was built with another model ({self.store.meta['model']}): search it with "
+                "that model, or build a new index with this one"
+            )
+
+    def search(
+        self,
+        retriever: Retriever,
+        query: str,
+        top_k: int = 10,
+        rerank: int = 32,
+        candidates: int | None = CANDIDATES,
+        max_pixels: int | None = None,
+    ) -> list[SearchHit]:
+        """Rank the index's images for a text query: ITC candidates, then ITM re-ranking of the best `rerank`
+        (as `Retriever.search`, and `blip2 search` over a folder, rank).
+
+        Args:
+            retriever: the model the index was built with (another is refused).
+            query: the text.
+            top_k: hits returned.
+            rerank: the best by ITC re-scored with ITM (their images read again); 0 ranks by ITC alone.
+            candidates: see `itc`.
+            max_pixels: larger images are not re-ranked (decompression bombs; default the library's).
+
+        Returns:
+            `SearchHit`s, best first (`index` is a position in `paths`): the re-ranked ones by
+            `rerank_score`, then the rest by ITC. An image that cannot be read again is ranked by ITC,
+            with a warning.
+        """
+        from blip2.data.inputs import ImageItems, Item
+        from blip2.pipelines.retriever import SearchHit
+        from blip2.processing import DEFAULT_MAX_PIXELS
+
+        if not isinstance(query, str) or not query.strip():
+            raise UserError("the query is empty: give the text to search for")
+        if top_k < 1 or rerank < 0:
+            raise UserError(f"top_k must be 1 or more and rerank 0 or more (got {top_k} and {rerank})")
+        self.check_model(retriever)
+        if not len(self):
+            return []
+        positions, cosines = self.itc(retriever.embed_texts([query]), max(top_k, rerank), candidates)
+        order, itc = positions[0].tolist(), cosines[0]
+        items = []
+        for p in order[:rerank]:
+            member = self._entries[p].member
+            path = self.paths[p] if member is None else self.paths[p][: -len(member) - 1]
+            items.append(Item(self.paths[p], path, member))
+        images = ImageItems(items, retriever.image_processor, max_pixels or DEFAULT_MAX_PIXELS)
+        hits, unread = [], []
+        step = max(1, int(retriever.batch_size))
+        for start in range(0, len(items), step):
+            loaded = [(n, images[n]) for n in range(start, min(start + step, len(items)))]
+            good = [(n, px) for n, (_, px, _) in loaded if px is not None]
+            for n, (_, _, err) in loaded:
+                if err is not None:
+                    warnings.warn(f"{err}: ranked by ITC alone", stacklevel=2)
+                    unread.append(n)
+            if good:
+                at = [n for n, _ in good]
+                pixels = torch.stack([px for _, px in good])  # (n, 3, S, S)
+                found = retriever.rerank_pixels(pixels, query, [order[n] for n in at], itc[at])
+                hits += found
+        hits.sort(key=lambda h: -(h.score or 0.0))
+        rest = sorted([*unread, *range(len(items), len(order))])
+        hits += [SearchHit(order[n], float(itc[n]), None) for n in rest]
+        return hits[:top_k]
