@@ -26,9 +26,7 @@ from blip2.errors import EXIT_OK, EXIT_SOME_FAILED, UserError
 
 def _optional_model(parser: argparse.ArgumentParser, help_text: str) -> None:
     """The model options, with `--model` optional (an existing index names its own)."""
-    options.add_model_arguments(parser)
-    model = next(a for a in parser._actions if a.dest == "model")
-    model.required, model.help = False, help_text
+    options.add_model_arguments(parser, model_help=help_text)
 
 
 def _embedding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +69,7 @@ def load_model(args: argparse.Namespace, device: str | None, index: str | None =
 
     model = args.model or Store.open(index).meta["model"]
     try:
-        return options.load_pipeline(model, device, args.dtype, task="search", **options.load_options(args))
+        return options.load_pipeline(model, device, args.dtype, method="search", **options.load_options(args))
     except UserError as e:
         if args.model:
             raise

@@ -64,10 +64,17 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, image_limit: bool = True) -> None:
+def add_model_arguments(
+    parser: argparse.ArgumentParser, image_limit: bool = True, model_help: str | None = None
+) -> None:
     """`--model`, the device options and what a LAVIS checkpoint file needs to load; with
-    `image_limit`, `--max-pixels`."""
-    parser.add_argument("--model", required=True, help="hub id, model folder or LAVIS checkpoint file")
+    `image_limit`, `--max-pixels`. With `model_help`, `--model` is optional and says so (a command
+    that can take the model from elsewhere, as an index names its own)."""
+    parser.add_argument(
+        "--model",
+        required=model_help is None,
+        help=model_help or "hub id, model folder or LAVIS checkpoint file",
+    )
     add_device_arguments(parser)
     add_loading_arguments(parser)
     if image_limit:
