@@ -191,6 +191,8 @@ def run_instruct(
         data = {"kind": "mixture", "sources": sources, "prompt": CAPTION_PROMPT, "features": features}
         result = train(train_config(task, model, data, run_dir, b.steps, engine_budget, seed))
         finals[name], steps[name], curves[name] = result.final_dir, result.steps, _losses(run_dir)
+        if task == "instruct":  # the training engine saves bert-base-uncased as its Q-Former tokenizer
+            _save_qformer_tokenizer(result.final_dir, model["tokenizer"])
         seconds[name] = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -241,6 +243,16 @@ def run_instruct(
         f.write(text)
     echo(text)
     return report
+
+
+def _save_qformer_tokenizer(folder: str, tokenizer: str) -> None:
+    """Save an InstructBLIP model again with the Q-Former tokenizer it was trained with (`tokenizer`)."""
+    from blip2.pipelines import load
+    from blip2.tokenizers import qformer_tokenizer
+
+    pipe = load(folder)
+    pipe.qformer_tokenizer = qformer_tokenizer(tokenizer, truncation_side="left")
+    pipe.save_pretrained(folder)
 
 
 def markdown(report: dict) -> str:
