@@ -57,10 +57,10 @@ class InstructBudget:
         warmup_steps: warm-up length.
     """
 
-    steps: int = 200
+    steps: int = 100
     batch_size: int = 128
-    lr: float = 3e-4
-    warmup_steps: int = 20
+    lr: float = 1e-3  # the demo's stage-2 settings (`run.Budget`), a third of its steps
+    warmup_steps: int = 10
 
     @classmethod
     def quick(cls) -> InstructBudget:
