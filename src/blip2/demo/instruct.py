@@ -28,6 +28,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -188,6 +189,7 @@ def run_instruct(
         began = time.perf_counter()
         echo(f"== {name} (task {task})")
         run_dir = os.path.join(work, name)
+        shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts again (metrics.jsonl appends)
         data = {"kind": "mixture", "sources": sources, "prompt": CAPTION_PROMPT, "features": features}
         result = train(train_config(task, model, data, run_dir, b.steps, engine_budget, seed))
         finals[name], steps[name], curves[name] = result.final_dir, result.steps, _losses(run_dir)
