@@ -283,9 +283,7 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, echo: Callable[[str],
         curves["language_model"] = {"loss": list(enumerate(lm.losses))}
 
     with timer.phase("feature_cache", echo):
-        # the world's whole language (captions, prompts, questions): the Q-Former reads questions
-        # when instruction-tuned (`blip2.demo.instruct`), as BERT's vocabulary covers English
-        qtok = P.qformer_tokenizer(P.grammar_texts(VQA_TEMPLATE, CAPTION_PROMPT))
+        qtok = P.qformer_tokenizer([c for s in world.scenes for c in W.captions(s)])
         config = demo_config(qtok, enc.path)
         tower = transformers.ResNetModel.from_pretrained(enc.path)
         init = RetrievalModel(config, vision_tower=tower)
