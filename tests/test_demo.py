@@ -166,6 +166,46 @@ def test_saved_models_load_and_work(demo):
     assert tuple(scores.shape) == (1, 2)
 
 
+def test_instruct_phase_trains_both_models_alike_and_scores_all_three(demo):
+    """`blip2 demo --instruct` on a finished demo: the training questions are written, BLIP-2 continued
+    and InstructBLIP train the same steps from the demo's model, and the three models are scored per
+    question kind; the instruction-tuned model loads as InstructBLIP and answers."""
+    import blip2
+    from blip2.cli import main
+    from blip2.demo.instruct import MODELS, InstructBudget
+    from blip2.pipelines.instruct import InstructCaptioner
+
+    out, _ = demo
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--instruct", "--quick", "--out", out]) == 0
+    with open(os.path.join(out, "instruct_report.json")) as f:
+        report = json.load(f)
+    steps = InstructBudget.quick().steps
+    assert report["steps"] == {"blip2_continued": steps, "instruction_tuned": steps}
+    assert report["tasks"] == {"blip2_continued": "stage2", "instruction_tuned": "instruct"}
+    for name in ("blip2_continued", "instruction_tuned"):
+        assert [s for s, _ in report["losses"][name]["loss"]] == list(range(1, steps + 1))
+    with open(os.path.join(out, "work", "data", "train_vqa.json")) as f:
+        questions = json.load(f)
+    assert len(questions) == report["data"]["questions"] == 2 * report["data"]["train_images"]
+    assert all(q["answer"] in W.ANSWERS[q["kind"]] for q in questions)
+    for name in MODELS:
+        scores = report["scores"][name]
+        for part in ("vqa", "vqa_heldout_scenes"):
+            kinds = {k for k in W.QUESTIONS if f"vqa_accuracy_{k}" in scores[part]}
+            assert kinds == set(W.QUESTIONS) and 0 <= scores[part]["vqa_accuracy"] <= 1
+        assert f"zero-shot VQA, {name}: {scores['vqa']['vqa_accuracy']:.3f}" in printed.getvalue()
+    assert report["scores"]["instruction_tuned"]["kind"] == "instruct"
+    with open(os.path.join(out, "instruct_report.md")) as f:
+        assert f.read().count("\n| ") == 1 + len(MODELS)
+    tuned = blip2.load(report["models"]["instruction_tuned"])
+    assert isinstance(tuned, InstructCaptioner)
+    image = os.path.join(out, "work", "data", "test", "000000.png")
+    answer = tuned.ask(image, "what colour is the circle?", num_beams=1)
+    assert isinstance(answer, str) and answer
+
+
 def test_parser_reads_every_paraphrase_of_every_scene():
     world = W.World()
     for scene in world.scenes:

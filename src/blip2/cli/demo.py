@@ -7,6 +7,7 @@ training engine, and scores the model on held-out images (see `blip2.demo.run`).
 Examples:
     blip2 demo                    # the full demo (under 10 minutes on 2 CPU cores)
     blip2 demo --quick --out /tmp/demo
+    blip2 demo --instruct         # then instruction tuning vs. stage 2 continued (`blip2.demo.instruct`)
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="folder for the report, figure and models")
     p.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes), used by the tests")
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the weights and the data order")
+    p.add_argument(
+        "--instruct",
+        action="store_true",
+        help="an extra phase on the demo in --out (run first when it has no report.json): instruction "
+        "tuning (InstructBLIP) against BLIP-2 stage 2 continued, the same steps, zero-shot VQA of both",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,8 +36,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out} is a file: give a folder for the demo's report and models")
     from blip2.demo.run import run_demo
 
-    report = run_demo(args.out, quick=args.quick, seed=args.seed)
     out = os.path.abspath(args.out)
+    if args.instruct and os.path.isfile(os.path.join(out, "report.json")):
+        return _instruct(out, args.quick)
+    report = run_demo(args.out, quick=args.quick, seed=args.seed)
     print(f"report: {out}/report.md, {out}/report.json, figure: {out}/figure.png")
     print(f"models: {out}/model (stage 2: caption, ask), {out}/model_stage1 (stage 1: match, similarity)")
     print(
@@ -38,4 +47,15 @@ def run(args: argparse.Namespace) -> int:
         f"print(m.caption('{out}/work/data/test/000000.png'))\""
     )
     print(f"total:  {report['seconds']['total']:.0f} s")
+    return _instruct(out, args.quick) if args.instruct else 0
+
+
+def _instruct(out: str, quick: bool) -> int:
+    from blip2.demo.instruct import MODELS, run_instruct
+
+    report = run_instruct(out, quick=quick)
+    print(f"report: {out}/instruct_report.md, {out}/instruct_report.json")
+    for name in MODELS:
+        scores = report["scores"][name]["vqa"]
+        print(f"zero-shot VQA, {name}: {scores['vqa_accuracy']:.3f}")
     return 0
