@@ -227,6 +227,7 @@ def test_hub_id_loads_with_the_released_conventions(pair, tmp_path):
     loaded = blip2.load(f"Salesforce/{repo}", cache_dir=tmp_path, local_files_only=True)
     assert isinstance(loaded, InstructCaptioner) and loaded.config.name == repo
     assert loaded.config.llm.vqa_template == "Question: {} Short answer:"
+    assert loaded.config.llm.prompt == "A short image description:"  # the paper's caption prompt
     assert loaded.config.llm.max_txt_len == 128 and loaded.config.kind == "instruct"
     state = loaded.model.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in pipe.model.state_dict().items())

@@ -116,7 +116,8 @@ def _vicuna(hidden: int, ffn: int, layers: int, heads: int, name: str) -> dict[s
 
 def _instruct(llm: dict, llm_name: str, name: str) -> Blip2Config:
     """InstructBLIP (Dai et al., 2023): the stage-2 layout at 224 px with a Q-Former that keeps its text
-    side (vocabulary 30523) to read the instruction; the paper's short-answer question template."""
+    side (vocabulary 30523) to read the instruction; the paper's prompts: "A short image description:"
+    for captions, the short-answer question template."""
     config = _stage2(llm, llm_name, 224, name)
     is_t5 = config.llm.is_encoder_decoder
     return dataclasses.replace(
@@ -124,6 +125,7 @@ def _instruct(llm: dict, llm_name: str, name: str) -> Blip2Config:
         qformer=QFormerConfig(itg_head=False, instruction=True),
         llm=dataclasses.replace(
             config.llm,
+            prompt="A short image description:",
             vqa_prompt="Question: {} Short answer:",
             eos_text=None,  # the LM's EOS (Vicuna's "</s>", FlanT5's "</s>"), as transformers ends
             image_token_id=32100 if is_t5 else None,
