@@ -191,6 +191,13 @@ def test_instructblip_is_evaluated_with_its_own_zero_shot_settings(tmp_path):
     fx.write_images(tmp_path / "images", names)
     images = [str(tmp_path / "images" / n) for n in names]
     vqa = vqa_settings("instruct")
+    assert vqa == {
+        "prompt": "Question: {} Short answer:",
+        "num_beams": 5,
+        "max_new_tokens": 10,
+        "min_new_tokens": 1,
+        "length_penalty": -1.0,
+    }
     template = vqa.pop("prompt")
     expected = pipe.generate(images, [template.format(q) for q in QUESTIONS], **{**vqa, "max_new_tokens": 4})
     assert expected != pipe.generate(
