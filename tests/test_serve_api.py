@@ -61,7 +61,7 @@ def index_path(folders) -> Path:
 
 @pytest.fixture(scope="module")
 def server(pipes, index_path):
-    settings = ServerSettings(batch_wait_ms=50, max_upload_mb=1.0)
+    settings = ServerSettings(batch_wait_ms=50, max_upload_mb=1.0, max_pixels=500_000)
     app = create_app(list(pipes), settings, index=Index.open(index_path), model_name=NAME)
     with Server(app) as s:
         yield s
@@ -185,6 +185,22 @@ def test_chat_requests_it_cannot_serve_get_openai_errors(client, server, folders
         with pytest.raises(error) as caught:
             client.chat.completions.create(model=NAME, **extra)
         assert words in caught.value.message, caught.value.message
+    # hostile input stays within the server's limits, answered in OpenAI's error shape
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (1000, 1000)).save(png, format="PNG")  # a small file, a million pixels
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    wide = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+    with pytest.raises(openai.BadRequestError, match="has 1000x1000 pixels, more than the limit of 500000"):
+        client.chat.completions.create(model=NAME, messages=wide)
+    with pytest.raises(openai.APIStatusError, match="more than the limit of 1 MB") as caught:
+        client.chat.completions.create(model=NAME, messages=[user("x" * 2_000_000, image)])
+    assert caught.value.status_code == 413
+    turns = [user("a ?", image)] + [{"role": r, "content": "b"} for r in ["assistant", "user"] * 21]
+    with pytest.raises(openai.BadRequestError, match="earlier turns is 21, more than the limit of 20"):
+        client.chat.completions.create(model=NAME, messages=turns)
+
     with pytest.raises(openai.NotFoundError, match="the model 'gpt-4o' does not exist here"):
         client.chat.completions.create(model="gpt-4o", messages=[user("a ?", image)])
     assert [m.id for m in client.models.list()] == [NAME]
