@@ -201,6 +201,13 @@ def test_chat_requests_it_cannot_serve_get_openai_errors(client, server, folders
     with pytest.raises(openai.BadRequestError, match="earlier turns is 21, more than the limit of 20"):
         client.chat.completions.create(model=NAME, messages=turns)
 
+    # what fails before a stream starts gets its status, as without streaming
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="the language model reads at most 128 positions"):
+            client.chat.completions.create(
+                model=NAME, messages=[user("a ?", image)], max_tokens=200, stream=stream
+            )
+
     with pytest.raises(openai.NotFoundError, match="the model 'gpt-4o' does not exist here"):
         client.chat.completions.create(model="gpt-4o", messages=[user("a ?", image)])
     assert [m.id for m in client.models.list()] == [NAME]
@@ -309,11 +316,37 @@ def test_api_key_is_required_on_every_route_but_the_page(pipes, folders, caplog)
     assert len(lines) == 7  # and nothing else
 
 
+def test_serving_other_machines_needs_a_key_or_insecure(index_path, capsys):
+    assert main(["serve", "--index", str(index_path), "--host", "0.0.0.0"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "--host 0.0.0.0 lets other machines in: give --api-key (or BLIP2_API_KEY), or --insecure to serve "
+            "it without one"
+        )
+    )
+    assert main(["serve", "--host", "127.0.0.1"]) == 2
+    assert (
+        "give the model to serve (--model), an index to search (--index), or both" in capsys.readouterr().err
+    )
+
+
+def test_stop_strings_are_cut_across_pieces():
+    from blip2.serve.chat import StopCut, cut
+
+    cutter = StopCut(["END", "\n\n"])
+    sent = [cutter.feed(p) for p in [" a b", " E", "N", "x c ", "\n", "\nmore"]]
+    assert "".join(sent) + cutter.finish() == "a b ENx c" and cutter.stopped
+    assert sent[1:4] == [" ", "", "ENx c"]  # "E" and "EN" held back until they were not "END"
+    assert cut("  one two END three", ["END"]) == ("one two", True)
+    assert cut("  one two  ", ["END"]) == ("one two", False)
+
+
 @pytest.mark.slow
 def test_blip2_serve_with_an_index_and_a_key(folders, index_path):
     """`blip2 serve --index` alone loads the model the index records; a key guards it; each request is
-    one line on stderr; another address than loopback without a key is refused."""
-    assert main(["serve", "--index", str(index_path), "--host", "0.0.0.0"]) == 2
+    one line on stderr."""
     port = free_port()
     cmd = [sys.executable, "-m", "blip2.cli", "serve", "--index", str(index_path), "--port", str(port)]
     env = {**os.environ, "BLIP2_API_KEY": "k3y"}

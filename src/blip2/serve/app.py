@@ -621,7 +621,7 @@ def create_app(
         models.pipe("ask")
         try:
             body = json.loads(await request.body())
-        except ValueError:
+        except (ValueError, RecursionError):
             raise HTTPProblem(400, "the request body is not JSON") from None
         req = chat.parse_request(body, model_name)
         at_most("the number of earlier turns", len(req.history), settings.max_history_turns)
@@ -667,9 +667,11 @@ def create_app(
         deadline: float,
         usage: bool,
     ) -> StreamingResponse:
-        """A chat completion as server-sent events: the image is decoded and the job queued first (so
-        that errors are statuses), then each piece of text is a `chat.completion.chunk` as the batcher
-        thread generates it, the last one saying why it ended, then `data: [DONE]`."""
+        """A chat completion as server-sent events. The image is decoded, the job queued and its first
+        piece of text awaited before the answer starts, so that what fails before generation (a bad
+        image, a prompt too long, a full queue, the timeout) gets its status; then each piece is a
+        `chat.completion.chunk` as the batcher thread generates it, the last one saying why it ended
+        (an error after the start is an `{"error": ...}` event), then `data: [DONE]`."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         hold = Hold(budget)
@@ -688,50 +690,69 @@ def create_app(
         except BaseException:
             release()
             raise
+        result = asyncio.ensure_future(job.result)
+        getter = asyncio.ensure_future(pieces.get())
+
+        async def wait() -> bool:
+            """Until a piece or the result comes (False: the request's time is over)."""
+            left = max(0.0, deadline - time.monotonic())
+            finished, _ = await asyncio.wait(
+                {getter, result}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+            return bool(finished)
+
+        def stop() -> None:
+            getter.cancel()
+            batcher.cancel(job.job)
+            if job.job.cancelled:  # it never ran: its `on_done` never comes
+                release()
+
+        try:
+            if not await wait():
+                raise too_slow()
+            if not getter.done() and result.exception() is not None:
+                raise result.exception()  # type: ignore[misc]
+        except BaseException:
+            stop()
+            raise
         chat_id = chat.new_id()
 
         def event(data: dict[str, Any]) -> bytes:
             return f"data: {json.dumps(data)}\n\n".encode()
 
+        def text(piece: str) -> bytes:
+            return event(chat.chunk(chat_id, model_name, {"content": piece}))
+
         async def events() -> Any:
+            nonlocal getter
             try:
                 yield event(chat.chunk(chat_id, model_name, {"role": "assistant", "content": ""}))
-                result = asyncio.ensure_future(job.result)
                 while True:
-                    getter = asyncio.ensure_future(pieces.get())
-                    left = max(0.0, deadline - time.monotonic())
-                    finished, _ = await asyncio.wait(
-                        {getter, result}, timeout=left, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if getter in finished:
-                        yield event(chat.chunk(chat_id, model_name, {"content": getter.result()}))
-                        continue
-                    getter.cancel()
-                    if not finished:
-                        message = too_slow().detail
-                        yield event(chat.error(message, 504, "timeout"))
+                    if getter.done():
+                        yield text(getter.result())
+                        getter = asyncio.ensure_future(pieces.get())
+                    elif result.done():
+                        getter.cancel()
+                        while not pieces.empty():  # emitted before the result was set
+                            yield text(pieces.get_nowait())
+                        error = result.exception()
+                        if error is not None:
+                            failed = isinstance(error, UserError)
+                            message = str(error) if failed else f"internal error ({type(error).__name__})"
+                            yield event(chat.error(message, 400 if failed else 500))
+                            break
+                        done = result.result()
+                        yield event(chat.chunk(chat_id, model_name, {}, done["finish_reason"]))
+                        if usage:
+                            counts = chat.usage(done["prompt_tokens"], done["completion_tokens"])
+                            yield event(chat.chunk(chat_id, model_name, None, usage=counts))
                         break
-                    while not pieces.empty():
-                        yield event(chat.chunk(chat_id, model_name, {"content": pieces.get_nowait()}))
-                    if result.exception() is not None:
-                        e = result.exception()
-                        status = 400 if isinstance(e, UserError) else 500
-                        message = (
-                            str(e) if isinstance(e, UserError) else f"internal error ({type(e).__name__})"
-                        )
-                        yield event(chat.error(message, status))
+                    elif not await wait():
+                        yield event(chat.error(too_slow().detail, 504, "timeout"))
                         break
-                    done = result.result()
-                    yield event(chat.chunk(chat_id, model_name, {}, done["finish_reason"]))
-                    if usage:
-                        counts = chat.usage(done["prompt_tokens"], done["completion_tokens"])
-                        yield event(chat.chunk(chat_id, model_name, None, usage=counts))
-                    break
                 yield b"data: [DONE]\n\n"
             finally:
-                batcher.cancel(job.job)
-                if job.job.cancelled:  # it never ran: its `on_done` never comes
-                    release()
+                stop()
 
         return StreamingResponse(
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}

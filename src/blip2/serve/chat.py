@@ -31,7 +31,15 @@ from blip2.errors import UserError
 MAX_TOKENS = 256  # most new tokens a request may ask for (as /caption's and /ask's max_new_tokens)
 MAX_STOPS = 4  # as OpenAI
 # accepted and ignored: they change nothing in what the model generates
-IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options")
+IGNORED = (
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "stream_options",
+    "reasoning_effort",
+)
 # accepted only with the value that changes nothing (OpenAI's default)
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "frequency_penalty": (0, 0.0),
