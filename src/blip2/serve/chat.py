@@ -271,6 +271,8 @@ class StopCut:
         if self.stopped:
             return ""
         held = self.held + piece
+        if not self.text:  # nothing sent yet: the text starts at its first non-space
+            held = held.lstrip()
         ends = [held.find(s) for s in self.stops if s in held]
         if ends:
             self.stopped = True
@@ -283,9 +285,6 @@ class StopCut:
                 if s.startswith(held[-n:]):
                     keep = max(keep, n)
                     break
-        if not self.text:
-            held = held.lstrip()
-            keep = min(keep, len(held))
         self.held = held[len(held) - keep :]
         return self._out(held[: len(held) - keep])
 
