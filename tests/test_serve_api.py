@@ -133,7 +133,9 @@ def test_openai_client_gets_the_pipelines_answers(client, pipes, folders):
     assert caption.choices[0].message.content == captioner.caption(image, max_new_tokens=6)
     turns = [
         {"role": "system", "content": "You are a helpful assistant."},  # ignored: BLIP-2 has no system prompt
-        user("what is the sky ?", image),
+        user(None, image),  # the image alone, captioned: left out of the conversation
+        {"role": "assistant", "content": "w5 w6"},
+        {"role": "user", "content": "what is the sky ?"},
         {"role": "assistant", "content": "blue"},
         {"role": "user", "content": "and the cat ?"},
     ]

@@ -3,8 +3,9 @@ what a `Captioner` runs, and its answer written as OpenAI writes one (see `blip2
 
 A BLIP-2 model sees one image and answers in its own prompt format, so a conversation maps onto
 `Captioner.chat`: the one image (a base64 `data:` URL in a user message), the last user message's text
-as the question and the earlier user/assistant pairs as its history. A request whose last user message
-has no text captions the image (`Captioner.caption`). System and developer messages are ignored (BLIP-2
+as the question and the earlier user/assistant pairs as its history (a pair whose user message has no
+text, the image alone answered by its caption, is left out). A request whose last user message has no
+text captions the image (`Captioner.caption`). System and developer messages are ignored (BLIP-2
 has no system prompt). Refused with one sentence: more or fewer than one image, remote image URLs (the
 server fetches nothing), tools, `n` other than 1, and the options listed in `UNSUPPORTED` unless they
 have their neutral value.
@@ -204,9 +205,9 @@ def parse_request(body: Any, model_name: str) -> ChatRequest:
     if not turns or turns[0][0] != "user" or turns[-1][0] != "user":
         raise UserError("the conversation must start and end with a user message")
     said = [" ".join(t.strip() for t in texts if t.strip()) for _, texts in turns]
-    history = list(zip(said[:-1:2], said[1:-1:2], strict=True))
-    if any(not q for q, _ in history):
-        raise UserError("every user message before the last needs text: it is a question of the conversation")
+    # an earlier turn without a question (the image alone, answered by its caption) is left out, as the
+    # web page leaves the caption out of the conversation it sends to /ask
+    history = [(q, a) for q, a in zip(said[:-1:2], said[1:-1:2], strict=True) if q]
 
     if body.get("n") not in (None, 1):
         raise UserError(f"n must be 1, not {body['n']!r}: this server answers with one choice")
