@@ -221,7 +221,8 @@ def parse_request(body: Any, model_name: str) -> ChatRequest:
         or len(stops) > MAX_STOPS
     ):
         raise UserError(f"stop must be a string or a list of at most {MAX_STOPS} non-empty strings")
-    most = body.get("max_completion_tokens", body.get("max_tokens"))
+    most = body.get("max_completion_tokens")
+    most = body.get("max_tokens") if most is None else most
     if most is not None:
         if isinstance(most, bool) or not isinstance(most, int) or most < 1:
             raise UserError(f"max_tokens must be a whole number, 1 or more, not {most!r}")
