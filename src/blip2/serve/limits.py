@@ -2,7 +2,6 @@
 request-body limit, and the one sentence of a malformed form (see `blip2.serve.app`)."""
 
 import io
-import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -123,18 +122,20 @@ class BodyLimit:
     def __init__(self, app: Any, max_bytes: int, limit_mb: float):
         self.app, self.max_bytes, self.limit_mb = app, max_bytes, limit_mb
 
-    async def _refuse(self, send: Callable, size: str) -> None:
-        body = json.dumps({"detail": f"the upload is {size}more than the limit of {self.limit_mb:g} MB"})
+    async def _refuse(self, send: Callable, path: str, size: str) -> None:
+        from blip2.serve.access import error_body
+
+        body = error_body(path, 413, f"the upload is {size}more than the limit of {self.limit_mb:g} MB")
         headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body.encode()})
+        await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
-            return await self._refuse(send, f"{int(length) / 2**20:.1f} MB, ")
+            return await self._refuse(send, scope["path"], f"{int(length) / 2**20:.1f} MB, ")
         state = {"received": 0, "over": False, "started": False}
 
         async def counted() -> dict:
@@ -158,4 +159,4 @@ class BodyLimit:
             if not state["over"]:
                 raise
         if state["over"] and not state["started"]:
-            await self._refuse(send, "")
+            await self._refuse(send, scope["path"], "")
