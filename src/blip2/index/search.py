@@ -265,6 +265,13 @@ class Index:
                 "that model, or build a new index with this one"
             )
 
+    def source(self, position: int) -> tuple[str, str | None]:
+        """Where the image at `position` is read from: `(file, member)`, the member of a webdataset shard
+        (None for a plain image file)."""
+        member = self._entries[position].member
+        path = self.paths[position]
+        return (path, None) if member is None else (path[: -len(member) - 1], member)
+
     def search(
         self,
         retriever: Retriever,
@@ -305,9 +312,7 @@ class Index:
         order, itc = positions[0].tolist(), cosines[0]
         items = []
         for p in order[:rerank]:
-            member = self._entries[p].member
-            path = self.paths[p] if member is None else self.paths[p][: -len(member) - 1]
-            items.append(Item(self.paths[p], path, member))
+            items.append(Item(self.paths[p], *self.source(p)))
         images = ImageItems(items, retriever.image_processor, max_pixels or DEFAULT_MAX_PIXELS)
         hits, unread = [], []
         step = max(1, int(retriever.batch_size))

@@ -584,8 +584,7 @@ def create_app(
             raise HTTPProblem(404, f"the index has no image {n}")
         data = thumbnails.get(n)
         if data is None:
-            member = index._entries[n].member  # the shard member, as Index.search reads it
-            path = index.paths[n] if member is None else index.paths[n][: -len(member) - 1]
+            path, member = index.source(n)
             work = asyncio.get_running_loop().run_in_executor(
                 decoder, make_thumbnail, path, member, settings.max_pixels, budget
             )
