@@ -252,16 +252,9 @@ def pretrained_tower(config: Blip2Config, folder: Path) -> nn.Module:
     Raises:
         UserError: the folder lacks weights the tower needs, or holds them in other shapes.
     """
-    import transformers
+    from blip2.models.encoders import tower_class_and_config
 
-    hf_config = dict(config.vision.hf_config)
-    model_type = hf_config.pop("model_type")
-    hf_config.pop("_name_or_path", None)
-    if model_type == "blip_2_vision_model":
-        cls, tower_config = transformers.Blip2VisionModel, transformers.Blip2VisionConfig(**hf_config)
-        tower_config._attn_implementation = "sdpa"
-    else:
-        cls, tower_config = transformers.AutoModel, transformers.AutoConfig.for_model(model_type, **hf_config)
+    cls, tower_config = tower_class_and_config(config.vision)
     try:
         tower, info = cls.from_pretrained(
             str(folder), config=tower_config, output_loading_info=True, ignore_mismatched_sizes=True
