@@ -334,7 +334,7 @@ def preset(name: str, /, **overrides: Any) -> Blip2Config:
                 )
             current = getattr(config, key)
             tower = value.get("hf_config", {}).get("model_type") if key == "vision" else None
-            if tower not in (None, current.model_type):
+            if tower is not None and tower != current.model_type:
                 # another tower family: the processor's normalization follows it unless given
                 value = {"image_mean": None, "image_std": None, **value}
             value = dataclasses.replace(current, **value) if current is not None else section(**value)
