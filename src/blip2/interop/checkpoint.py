@@ -10,8 +10,11 @@ Our folder: `blip2_config.json` (our config), and either
   - the model has a transformers class: `config.json` (transformers' BLIP-2 config) and
     `model.safetensors` in transformers' key names, plus `blip2_extras.safetensors` with what
     transformers has no place for (ITC temperature, ITG head, a stage-2 Q-Former's text side), or
-  - it has none (e.g. a CLIP image encoder): `model.safetensors` in our key names, marked
-    `{"format": "blip2"}` in its metadata.
+  - it has none (an image encoder other than EVA ViT-g: CLIP, SigLIP, DINOv2, ...):
+    `blip2_model.safetensors` in our key names, marked `{"format": "blip2"}` in its metadata, and no
+    `config.json`. No file transformers looks for, so its `from_pretrained` refuses the folder (it
+    would otherwise build a default EVA model and fill it with nothing). Folders written before this
+    name hold the same weights as `model.safetensors` and still load.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from blip2.interop.keymap import CheckpointError, convert, load_state, unique_st
 
 CONFIG = "blip2_config.json"
 WEIGHTS = "model.safetensors"
+OUR_WEIGHTS = "blip2_model.safetensors"  # our layout's weights (a model transformers has no class for)
 EXTRAS = "blip2_extras.safetensors"
 OUR_FORMAT = "blip2"
 ITC_TEMPERATURE = 0.07  # LAVIS's initial value; transformers checkpoints do not keep the trained one
@@ -54,10 +58,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], di
                     s, meta = read_state_dict(path / shard)
                     state.update(s)
                 return state, meta
-        for name in (WEIGHTS, "pytorch_model.bin"):
+        for name in (WEIGHTS, OUR_WEIGHTS, "pytorch_model.bin"):
             if (path / name).is_file():
                 return read_state_dict(path / name)
-        raise UserError(f"{path} holds no model weights (model.safetensors or pytorch_model.bin)")
+        raise UserError(f"{path} holds no model weights ({WEIGHTS}, {OUR_WEIGHTS} or pytorch_model.bin)")
     if not path.is_file():
         raise UserError(f"{path} does not exist")
     if path.suffix == ".safetensors":
@@ -174,10 +178,10 @@ def save_folder(model: nn.Module, path: str | os.PathLike[str]) -> None:
     config: Blip2Config = model.config
     state = {k: v.detach().contiguous().cpu() for k, v in unique_state_dict(model).items()}
     (path / CONFIG).write_text(config.to_json())
-    for stale in (EXTRAS, "config.json"):
+    for stale in (EXTRAS, "config.json", WEIGHTS, OUR_WEIGHTS):
         (path / stale).unlink(missing_ok=True)
     if not hf.has_counterpart(config):
-        save_file(state, str(path / WEIGHTS), metadata={"format": OUR_FORMAT})
+        save_file(state, str(path / OUR_WEIGHTS), metadata={"format": OUR_FORMAT})
         return
     extra = hf.extra_keys(config)
     extras = {k: v for k, v in state.items() if extra.match(k)}
@@ -252,16 +256,9 @@ def pretrained_tower(config: Blip2Config, folder: Path) -> nn.Module:
     Raises:
         UserError: the folder lacks weights the tower needs, or holds them in other shapes.
     """
-    import transformers
+    from blip2.models.encoders import tower_class_and_config
 
-    hf_config = dict(config.vision.hf_config)
-    model_type = hf_config.pop("model_type")
-    hf_config.pop("_name_or_path", None)
-    if model_type == "blip_2_vision_model":
-        cls, tower_config = transformers.Blip2VisionModel, transformers.Blip2VisionConfig(**hf_config)
-        tower_config._attn_implementation = "sdpa"
-    else:
-        cls, tower_config = transformers.AutoModel, transformers.AutoConfig.for_model(model_type, **hf_config)
+    cls, tower_config = tower_class_and_config(config.vision)
     try:
         tower, info = cls.from_pretrained(
             str(folder), config=tower_config, output_loading_info=True, ignore_mismatched_sizes=True
