@@ -28,6 +28,7 @@ blip2.tasks.register("mine", MyTask)  # then `task: mine` in a training config
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -51,9 +52,12 @@ class Task(nn.Module):
             no task prefix).
         uses_image_ids: whether batches carry `image_ids` (captions of one image are positives of
             each other).
+        merge_adapters: `save` merges LoRA adapters of the LLM into its weights (`lora.merge`) instead
+            of writing them beside the model.
     """
 
     uses_image_ids: ClassVar[bool] = False
+    merge_adapters: bool = False
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -101,12 +105,22 @@ class Task(nn.Module):
         """Write the trained model where `blip2.load` reads it (and transformers, where it has the
         class): the weights, the image processor and the tokenizers the texts were read with (`text`:
         the LLM's or the Q-Former's, and an InstructBLIP model's instruction tokenizer)."""
+        from blip2.interop import lora
         from blip2.interop.saving import save_pretrained
         from blip2.processing import ImageProcessor
 
         v = self.model.config.vision
         processor = ImageProcessor(v.image_size, v.image_mean, v.image_std)
-        save_pretrained(self.model, path, processor, text.tokenizer, text.qformer_tokenizer)
+        llm = getattr(self.model, "llm", None)
+        if llm is None or not lora.has_lora(llm):
+            save_pretrained(self.model, path, processor, text.tokenizer, text.qformer_tokenizer)
+        elif self.merge_adapters:  # the end of training: the adapters become part of the LLM for good
+            lora.merge(llm)
+            save_pretrained(self.model, path, processor, text.tokenizer, text.qformer_tokenizer)
+        else:  # the LLM as it started, and its adapters beside it (`blip2.load` applies them)
+            with lora.without_adapters(llm):
+                save_pretrained(self.model, path, processor, text.tokenizer, text.qformer_tokenizer)
+            lora.save_adapter(llm, os.path.join(path, lora.ADAPTER_FOLDER))
 
     # ---------------------------------------------------------------------------------- building
 
