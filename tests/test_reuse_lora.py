@@ -296,3 +296,159 @@ def test_8bit_and_4bit_without_cuda_are_one_sentence(world, captioner):
         p = blip2_cli(["caption", "--model", str(captioner), "--device", "cpu", flag, str(world.image)])
         assert p.returncode != 0 and "Traceback" not in p.stderr
         assert f"{flag} quantizes the LLM with bitsandbytes, which runs on a CUDA GPU" in p.stderr, p.stderr
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+RECIPES = ROOT / "configs" / "recipes"
+# tiny random models of the recipes' families (same model types, a few thousand weights)
+TINY_TOWERS = {
+    "siglip": {
+        "model_type": "siglip",
+        "text_config": {
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        "vision_config": {
+            "hidden_size": 48,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 16,
+            "patch_size": 4,
+        },
+    },
+    "dinov2": {
+        "model_type": "dinov2",
+        "hidden_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "mlp_ratio": 2,
+        "image_size": 16,
+        "patch_size": 4,
+    },
+}
+TINY_TEXT = {
+    "qwen2": {"model_type": "qwen2", "num_key_value_heads": 2},
+    "llama": {"model_type": "llama", "num_key_value_heads": 2},
+}
+PIXELS = {"siglip": ([0.5] * 3, [0.5] * 3), "dinov2": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
+
+
+def _tiny_tower(family: str, folder: Path) -> Path:
+    import json
+
+    import transformers
+
+    spec = dict(TINY_TOWERS[family])
+    config = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
+    transformers.AutoModel.from_config(config).save_pretrained(folder)
+    mean, std = PIXELS[family]
+    settings = {"size": {"height": 16, "width": 16}, "image_mean": mean, "image_std": std}
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings))
+    return folder
+
+
+def _tiny_llm(family: str, folder: Path) -> Path:
+    import transformers
+
+    spec = {
+        "vocab_size": 99,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 128,
+        "bos_token_id": 2,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+        **TINY_TEXT[family],
+    }
+    config = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+SMALL_QFORMER = [
+    "model.overrides.qformer.hidden_size=32",
+    "model.overrides.qformer.num_layers=2",
+    "model.overrides.qformer.num_heads=4",
+    "model.overrides.qformer.intermediate_size=37",
+    "model.overrides.qformer.num_query_tokens=8",
+    "model.overrides.vision.dtype=float32",
+]
+
+
+def _run_settings(w: World, out: Path) -> list[str]:
+    return [
+        "data.kind=captions",
+        f"data.path={w.captions}",
+        f"data.images={w.images}",
+        "data.num_workers=0",
+        f"train.output_dir={out}",
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "train.save_every=0",
+        "train.log_every=1",
+        "train.precision=float32",
+        "train.device=cpu",
+        "optim.warmup_steps=0",
+    ]
+
+
+@pytest.mark.parametrize(
+    "recipe,tower,llm",
+    [("siglip-qwen2.5-1.5b", "siglip", "qwen2"), ("dinov2-llama3.2-1b", "dinov2", "llama")],
+)
+def test_each_recipe_trains_stage_1_then_stage_2_with_tiny_models_of_its_families(
+    world, tmp_path, recipe, tower, llm
+):
+    """The shipped recipe through the real config loader, its hub models swapped for tiny random ones of
+    the same families; stage 2 continues from the stage-1 run as the recipe says, and loads and captions."""
+    import yaml
+
+    assert sorted(p.name for p in RECIPES.glob(f"{recipe}-*.yaml")) == [
+        f"{recipe}-stage1.yaml",
+        f"{recipe}-stage2.yaml",
+    ]
+    stage1_cfg = load_config(
+        str(RECIPES / f"{recipe}-stage1.yaml"),
+        [f"model.vision={_tiny_tower(tower, tmp_path / tower)}", "model.qformer_init=null"]
+        + SMALL_QFORMER
+        + _run_settings(world, tmp_path / "s1"),
+    )
+    raw = yaml.safe_load((RECIPES / f"{recipe}-stage1.yaml").read_text())
+    assert raw["model"]["vision"].split("/")[0] in ("google", "facebook")  # the real hub names ship
+    train(stage1_cfg)
+    s1 = blip2.load(str(tmp_path / "s1" / "final"))
+    assert s1.model.config.vision.hf_config["model_type"].startswith(tower)
+    assert list(s1.model.config.vision.image_mean) == PIXELS[tower][0]  # from the tower's processor
+    # the frozen tower is the pretrained one (model.vision), weight for weight
+    import transformers
+
+    saved = transformers.AutoModel.from_pretrained(tmp_path / tower)
+    saved = getattr(saved, "vision_model", saved)  # SigLIP: its image side
+    pretrained = {k.removeprefix("vision_model."): v for k, v in saved.state_dict().items()}
+    weights = {k.removeprefix("vision_model."): v for k, v in s1.model.visual.tower.state_dict().items()}
+    shared = [k for k in weights if k in pretrained]
+    assert len(shared) == len(weights)
+    assert all(torch.equal(weights[k], pretrained[k]) for k in shared)
+    stage2 = RECIPES / f"{recipe}-stage2.yaml"
+    llm_folder = _tiny_llm(llm, tmp_path / llm)
+    stage2_cfg = load_config(
+        str(stage2),
+        [
+            f"model.init_from={tmp_path / 's1' / 'final'}",
+            f"model.llm={llm_folder}",
+            f"model.llm_tokenizer={world.tokenizer}",
+        ]
+        + _run_settings(world, tmp_path / "s2")
+        + (["lora.rank=4"] if llm == "qwen2" else []),  # the Qwen recipe ships LoRA off: try it on
+    )
+    assert stage2_cfg.model.init_from and stage2_cfg.model.llm == str(llm_folder)
+    train(stage2_cfg)
+    pipe = blip2.load(str(tmp_path / "s2" / "final"))
+    assert pipe.model.llm.config.model_type == llm
+    assert isinstance(pipe.caption(str(world.image), max_new_tokens=4), str)

@@ -159,9 +159,9 @@ class Stage2Task(Task):
         """The model `model.preset` / `model.config` names, its Q-Former, queries and `ln_vision`
         taken from the trained model `model.qformer_from` (and its image tower, when it is the same);
         the projection is new."""
-        from blip2.tasks.base import model_config
+        from blip2.tasks.base import vision_model_config
 
-        config = model_config(cfg)
+        config, tower = vision_model_config(cfg)
         if cls.new_model.__func__ is not Stage2Task.new_model.__func__ or config.kind != "generation":
             raise UserError(
                 f"model.qformer_from starts a BLIP-2 language bridge (task stage2, caption or vqa with a "
@@ -187,7 +187,7 @@ class Stage2Task(Task):
             config, qformer=qformer, vision=source.config.vision if same_tower else config.vision
         )
         llm_config, llm = llm_for_stage2(cfg.model.llm, config.llm)
-        vision = copy.deepcopy(source.visual) if same_tower else None
+        vision = copy.deepcopy(source.visual) if same_tower else tower
         model = LanguageBridge(dataclasses.replace(config, llm=llm_config), vision_tower=vision, llm=llm)
         source_state = source.qformer.state_dict()
         model.qformer.load_state_dict({k: source_state[k] for k in model.qformer.state_dict()})

@@ -10,6 +10,7 @@ model:
   overrides: {}              # Blip2Config fields to change, nested (e.g. {qformer: {dropout: 0.0}})
   tokenizer: null            # Q-Former tokenizer (default: the config's, bert-base-uncased)
   llm_tokenizer: null        # stage 2: the LLM tokenizer (default: the config's llm.name)
+  vision: null               # a pretrained image tower (folder or hub id) for a new model
   qformer_from: null         # stage 2 for a new LLM from another model's trained Q-Former
   trainable: null            # stage 2: all | projection | projection+qformer
 data:
@@ -59,6 +60,10 @@ class ModelSection:
         qformer_text_from: instruction tuning from a BLIP-2 stage-2 model: a stage-1 model (folder or
             hub id) whose Q-Former text side the instruction reader starts from (stage-2 checkpoints
             drop it; see `blip2.tasks.instruct`).
+        vision: a transformers folder or hub id of a pretrained image model (SigLIP, DINOv2, CLIP, ...):
+            the new model's frozen tower starts from its weights, and the config takes its
+            architecture, input size and normalization (`overrides.vision` still applies on top,
+            e.g. `{hf_config: {num_hidden_layers: 26}}` to read an earlier layer); new models only.
         qformer_from: stage 2 for a new LLM (MiniGPT-4's path): a trained BLIP-2 model (stage 1 or 2,
             or InstructBLIP; any format `blip2.load` reads) whose Q-Former, queries and `ln_vision`
             start the new model that `preset` or `config` names (with the LLM `llm` names, if set),
@@ -79,6 +84,7 @@ class ModelSection:
     llm_tokenizer: str | None = None
     qformer_init: str | None = None
     qformer_text_from: str | None = None
+    vision: str | None = None
     qformer_from: str | None = None
     trainable: str | None = None
 
@@ -334,6 +340,8 @@ class TrainConfig:
         m, lora = self.model, self.lora
         if m.trainable is not None and m.trainable not in TRAINABLE:
             raise UserError(f"model.trainable must be one of {', '.join(TRAINABLE)}, not {m.trainable!r}")
+        if m.vision is not None and m.init_from is not None:
+            raise UserError("model.vision starts a new model's image tower; model.init_from brings its own")
         if m.qformer_from is not None and m.init_from is not None:
             raise UserError(
                 "model.qformer_from builds a new model around a reused Q-Former: name that model with "
