@@ -452,3 +452,27 @@ def test_each_recipe_trains_stage_1_then_stage_2_with_tiny_models_of_its_familie
     pipe = blip2.load(str(tmp_path / "s2" / "final"))
     assert pipe.model.llm.config.model_type == llm
     assert isinstance(pipe.caption(str(world.image), max_new_tokens=4), str)
+
+
+@pytest.mark.parametrize("kind", ["tiny-opt", "tiny-instruct-opt"])
+def test_a_stage_2_or_instructblip_q_former_is_reused_too(world, tmp_path, kind):
+    """The Q-Former of a BLIP-2 stage-2 folder or of an InstructBLIP folder (saved in transformers'
+    layout) starts a new model: query side, queries, tower and ln_vision as saved, only the projection
+    trainable."""
+    from blip2.models import InstructBridge, LanguageBridge
+
+    torch.manual_seed(2)
+    config = preset(kind)
+    source = (InstructBridge if config.kind == "instruct" else LanguageBridge)(config)
+    save_folder(source, tmp_path / "source")
+    cfg = load_config(TINY2, _args(world, tmp_path / "run", f"model.qformer_from={tmp_path / 'source'}"))
+    model = build_task(cfg).model
+    assert type(model) is LanguageBridge
+    qformer = model.qformer.state_dict()
+    _assert_equal(qformer, {k: v for k, v in source.qformer.state_dict().items() if k in qformer}, "Q-Former")
+    assert torch.equal(model.query_tokens, source.query_tokens)
+    _assert_equal(model.visual.state_dict(), source.visual.state_dict(), "image encoder")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "language_projection.weight",
+        "language_projection.bias",
+    }
