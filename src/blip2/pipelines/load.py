@@ -151,6 +151,13 @@ def _quantization(load_in_8bit: bool, load_in_4bit: bool, device: torch.device |
     return BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
 
 
+def _map_target(device: torch.device) -> int | str:
+    """`device` as a device map names it: a CUDA device by its index, others by name."""
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    return str(device)
+
+
 def place_llm(
     model: nn.Module,
     device: torch.device,
@@ -190,7 +197,7 @@ def place_llm(
         placed = kind.from_pretrained(
             source,
             dtype=dtype,
-            device_map=device_map if device_map is not None else {"": device},
+            device_map=device_map if device_map is not None else {"": _map_target(device)},
             max_memory=max_memory,
             offload_folder=str(offload),
             quantization_config=quantization,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -114,6 +115,7 @@ class Task(nn.Module):
         v = self.model.config.vision
         processor = ImageProcessor(v.image_size, v.image_mean, v.image_std)
         llm = getattr(self.model, "llm", None)
+        shutil.rmtree(os.path.join(path, lora.ADAPTER_FOLDER), ignore_errors=True)  # a previous save's
         if llm is None or not lora.has_lora(llm):
             save_pretrained(self.model, path, processor, text.tokenizer, text.qformer_tokenizer)
         elif self.merge_adapters:  # the end of training: the adapters become part of the LLM for good
