@@ -459,6 +459,7 @@ def test_a_stage_2_or_instructblip_q_former_is_reused_too(world, tmp_path, kind)
     """The Q-Former of a BLIP-2 stage-2 folder or of an InstructBLIP folder (saved in transformers'
     layout) starts a new model: query side, queries, tower and ln_vision as saved, only the projection
     trainable."""
+    from blip2.errors import UserError
     from blip2.models import InstructBridge, LanguageBridge
 
     torch.manual_seed(2)
@@ -476,3 +477,7 @@ def test_a_stage_2_or_instructblip_q_former_is_reused_too(world, tmp_path, kind)
         "language_projection.weight",
         "language_projection.bias",
     }
+    # another tower of the same width, with nothing to load it from: refused, never a random tower
+    other = _args(world, tmp_path / "run", "model.overrides.vision.hf_config.num_hidden_layers=1")
+    with pytest.raises(UserError, match="nothing names pretrained weights for this one: set model.vision"):
+        build_task(load_config(TINY2, [*other, f"model.qformer_from={tmp_path / 'source'}"]))

@@ -25,10 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from blip2 import hub, losses
-from blip2.config import Blip2Config, LLMConfig
+from blip2.config import Blip2Config, LLMConfig, VisionConfig
 from blip2.errors import UserError
 from blip2.losses import Gather
 from blip2.models.bridge import LanguageBridge
+from blip2.models.encoders import torch_dtype
 from blip2.models.query_encoder import QueryEncoder
 from blip2.presets import PRESETS, preset
 from blip2.tasks.base import Task, load_saved
@@ -182,12 +183,24 @@ class Stage2Task(Task):
                 "train a new Q-Former for this tower (stage 1)"
             )
         qformer = dataclasses.replace(old_q, text=False, itg_head=False, instruction=False)
-        same_tower = source.config.vision == config.vision
-        config = dataclasses.replace(
-            config, qformer=qformer, vision=source.config.vision if same_tower else config.vision
-        )
+        same_tower = _architecture(source.config.vision) == _architecture(config.vision)
+        if same_tower:  # the source's trained tower, in this config's precision
+            config = dataclasses.replace(
+                config, vision=dataclasses.replace(source.config.vision, dtype=config.vision.dtype)
+            )
+        elif tower is None:
+            raise UserError(
+                f"model.qformer_from: {source_name}'s image tower is not the one this model describes, and "
+                "nothing names pretrained weights for this one: set model.vision (a transformers folder or "
+                "hub id of the tower), or describe the source's tower"
+            )
+        config = dataclasses.replace(config, qformer=qformer)
         llm_config, llm = llm_for_stage2(cfg.model.llm, config.llm)
-        vision = copy.deepcopy(source.visual) if same_tower else tower
+        vision = tower
+        if same_tower:
+            vision = copy.deepcopy(source.visual)
+            vision.config = config.vision
+            vision.tower.to(torch_dtype(config.vision.dtype))
         model = LanguageBridge(dataclasses.replace(config, llm=llm_config), vision_tower=vision, llm=llm)
         source_state = source.qformer.state_dict()
         model.qformer.load_state_dict({k: source_state[k] for k in model.qformer.state_dict()})
@@ -247,6 +260,13 @@ class VQATask(Stage2Task):
     """VQA fine-tuning: the LM loss on answers after their question (`LLMConfig.vqa_template`)."""
 
     prefix_split = False
+
+
+def _architecture(vision: VisionConfig) -> tuple[dict[str, Any], int]:
+    """What makes two image towers the same one: their transformers config (where it came from aside)
+    and input size."""
+    hf_config = {k: v for k, v in vision.hf_config.items() if k != "_name_or_path"}
+    return hf_config, vision.image_size
 
 
 def _refuse_instruct(config: Blip2Config, cfg: TrainConfig) -> None:

@@ -67,8 +67,8 @@ class ModelSection:
         qformer_from: stage 2 for a new LLM (MiniGPT-4's path): a trained BLIP-2 model (stage 1 or 2,
             or InstructBLIP; any format `blip2.load` reads) whose Q-Former, queries and `ln_vision`
             start the new model that `preset` or `config` names (with the LLM `llm` names, if set),
-            and its image tower too when the two towers are the same; only the new projection trains
-            (see `trainable`).
+            and its image tower too when the two towers are the same (another tower of the same width
+            comes from `vision`); only the new projection trains (see `trainable`).
         trainable: which parts of a stage-2 model train: `all` (the Q-Former, queries, `ln_vision`
             and the projection: the paper's stage 2), `projection` (the projection only) or
             `projection+qformer` (the projection, the Q-Former and its queries). Default: `projection`
