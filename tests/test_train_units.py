@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -303,7 +304,15 @@ def test_a_crash_while_saving_the_same_step_again_keeps_a_checkpoint_to_resume(t
     assert sorted(os.listdir(root)) == ["latest", "step-00000001"]
 
 
-@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))))
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        os.path.relpath(p, CONFIGS) for p in glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True)
+    ),
+)
 def test_every_shipped_config_parses(name):
     from blip2.train.config import load_config
 

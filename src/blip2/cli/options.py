@@ -77,6 +77,7 @@ def add_model_arguments(
     )
     add_device_arguments(parser)
     add_loading_arguments(parser)
+    add_llm_placement(parser)
     if image_limit:
         add_max_pixels(parser)
 
@@ -93,6 +94,52 @@ def add_loading_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
     loading.add_argument("--llm", help="LLM folder or hub id of a LAVIS stage-2 checkpoint")
     loading.add_argument("--tokenizer", help="tokenizer folder or hub id when the model has none beside it")
     return loading
+
+
+def add_llm_placement(parser: argparse.ArgumentParser) -> None:
+    """`--device-map`, `--max-memory`, `--offload-folder`, `--load-in-8bit`, `--load-in-4bit`: an LLM
+    placed over devices by accelerate, or quantized by bitsandbytes (`load_options` reads them)."""
+    group = parser.add_argument_group("large LLMs (stage-2 models)")
+    group.add_argument(
+        "--device-map",
+        type=_device_map,
+        help="place the LLM's layers: auto (GPUs, then CPU, then disk), balanced, sequential, or a JSON map",
+    )
+    group.add_argument(
+        "--max-memory",
+        type=_max_memory,
+        help="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB",
+    )
+    group.add_argument("--offload-folder", help="with --device-map: where layers offloaded to disk go")
+    group.add_argument(
+        "--load-in-8bit", action="store_true", help="quantize the LLM to 8 bits (bitsandbytes, CUDA)"
+    )
+    group.add_argument(
+        "--load-in-4bit", action="store_true", help="quantize the LLM to 4 bits (bitsandbytes, CUDA)"
+    )
+
+
+def _device_map(text: str) -> str | dict[str, Any]:
+    if text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"use auto, balanced, sequential or a JSON object, not {text!r}")
+    return value
+
+
+def _max_memory(text: str) -> dict[int | str, str]:
+    out: dict[int | str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        device, sep, amount = part.partition("=")
+        if not sep or not device.strip() or not amount.strip():
+            raise argparse.ArgumentTypeError(f"use DEVICE=AMOUNT pairs like 0=20GiB,cpu=60GiB, not {text!r}")
+        device = device.strip()
+        out[int(device) if device.isdigit() else device] = amount.strip()
+    return out
 
 
 def add_max_pixels(parser: argparse.ArgumentParser) -> None:
@@ -150,8 +197,10 @@ def add_overrides(parser: argparse.ArgumentParser, help_text: str) -> None:
 
 def load_options(args: argparse.Namespace) -> dict[str, Any]:
     """`blip2.load`'s extra options given on the command line (`add_loading_arguments`)."""
-    names = ("preset", "vision_weights", "llm", "tokenizer")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    names = ("preset", "vision_weights", "llm", "tokenizer", "device_map", "max_memory", "offload_folder")
+    out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    out.update({n: True for n in ("load_in_8bit", "load_in_4bit") if getattr(args, n, False)})
+    return out
 
 
 def load_pipeline(

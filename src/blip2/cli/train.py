@@ -115,6 +115,7 @@ def config_help() -> str:
         "eval_data": None,
         "optim": C.OptimSection,
         "train": C.TrainSection,
+        "lora": C.LoraSection,
     }
     for section, cls in sections.items():
         if cls is None:

@@ -70,13 +70,26 @@ def load_model(
         raise UserError(f"{path} carries its own config: config= (--config) is for LAVIS checkpoint files")
     if checkpoint.is_our_folder(path):
         ours = checkpoint.with_dtype(checkpoint.read_config(path), dtype)
-        return Loaded(checkpoint.load_folder(path, ours), folder=path)
+        return Loaded(with_adapters(checkpoint.load_folder(path, ours), path), folder=path)
     if (path / "config.json").is_file():
         hf_config = json.loads((path / "config.json").read_text())
         theirs = hf.config_from_transformers(hf_config, name=path.name)
         theirs = with_preset_conventions(theirs, hub_preset(name) if looks_like_hub_id(name) else preset_name)
         return Loaded(checkpoint.load_folder(path, checkpoint.with_dtype(theirs, dtype)), folder=path)
     raise UserError(f"{path} is neither a BLIP-2 folder (no config.json) nor a checkpoint file")
+
+
+def with_adapters(model: nn.Module, folder: Path) -> nn.Module:
+    """`model` with the LoRA adapters saved beside it (`folder/lora/`, written by a `lora` training run)
+    merged into its LLM; the model itself when there are none."""
+    from blip2.interop import lora
+
+    adapters = folder / lora.ADAPTER_FOLDER
+    if getattr(model, "llm", None) is None or not lora.is_adapter_folder(adapters):
+        return model
+    lora.load_adapter(model.llm, adapters)
+    lora.merge(model.llm)
+    return model.eval()
 
 
 def read_config(config: Blip2Config | str | os.PathLike[str]) -> Blip2Config:

@@ -1,4 +1,10 @@
-"""`blip2.load(...)`: a checkpoint in, the object of its kind out (a `Captioner` or a `Retriever`)."""
+"""`blip2.load(...)`: a checkpoint in, the object of its kind out (a `Captioner` or a `Retriever`).
+
+An LLM too large for one device can be placed by accelerate (`device_map="auto"`, with `max_memory`
+per device and an `offload_folder` for what goes to disk) and quantized to 8 or 4 bits by
+bitsandbytes on CUDA (`load_in_8bit`, `load_in_4bit`): the LLM is reloaded through transformers'
+own `from_pretrained`, which does both; the image side (tower, Q-Former, projection) goes to `device`.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +42,11 @@ def load(
     vision_weights: str | os.PathLike[str] | None = None,
     llm: str | os.PathLike[str] | None = None,
     tokenizer: str | os.PathLike[str] | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
 ) -> Captioner | Retriever:
     """Load a BLIP-2 checkpoint as the object of its kind.
 
@@ -67,6 +78,14 @@ def load(
         llm: the LLM (transformers folder or hub id) of a LAVIS stage-2 checkpoint; default: the
             preset's (`facebook/opt-2.7b`, `google/flan-t5-xl`, ...).
         tokenizer: the tokenizer folder or hub id when the checkpoint has none beside it.
+        device_map: where the LLM's layers go (accelerate): `"auto"` (spread over the GPUs, then the
+            CPU, then disk), or a transformers device map; the rest of the model goes to `device`.
+        max_memory: with `device_map`, the most memory each device may hold, e.g.
+            `{0: "20GiB", "cpu": "60GiB"}`.
+        offload_folder: with `device_map`, where layers offloaded to disk are kept (default: a
+            temporary folder).
+        load_in_8bit, load_in_4bit: quantize the LLM's linear layers with bitsandbytes (CUDA only; the
+            `quant` extra); the model is for inference then.
 
     Raises:
         UserError: a missing path, an unreachable hub id, a checkpoint that does not fit (naming the
@@ -74,6 +93,10 @@ def load(
     """
     if device is not None:
         device = check_device(device)  # a device this machine lacks: one sentence, before any loading
+    quantize = _quantization(load_in_8bit, load_in_4bit, device)
+    placed = quantize is not None or device_map is not None
+    if placed and device_map is None and max_memory is not None:
+        raise UserError("max_memory (--max-memory) limits a device map: give device_map='auto' too")
     dtype_name = _dtype_name(dtype)
     hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     name = os.fspath(name_or_path)
@@ -96,7 +119,95 @@ def load(
     if loaded.from_lavis and isinstance(pipe, Captioner):  # to transformers' conventions, as released
         add_lavis_pad_token(pipe.model, pipe.llm_tokenizer)  # InstructBLIP Vicuna's [PAD]
         ensure_image_token(pipe.model, pipe.llm_tokenizer)
+    if placed:
+        if not isinstance(pipe, Captioner):
+            raise UserError(f"{name} is a stage-1 model without an LLM: device maps and 8/4-bit are for LLMs")
+        place_llm(pipe.model, device or torch.device("cpu"), device_map, max_memory, offload_folder, quantize)
+        return pipe
     return pipe.to(device) if device is not None else pipe
+
+
+def _quantization(load_in_8bit: bool, load_in_4bit: bool, device: torch.device | None) -> Any:
+    """transformers' `BitsAndBytesConfig` for the flags, None for neither; a machine that cannot run
+    bitsandbytes is one sentence, before anything loads."""
+    if not (load_in_8bit or load_in_4bit):
+        return None
+    flag = "--load-in-8bit" if load_in_8bit else "--load-in-4bit"
+    if load_in_8bit and load_in_4bit:
+        raise UserError("choose one of --load-in-8bit and --load-in-4bit")
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"{flag} quantizes the LLM with bitsandbytes, which runs on a CUDA GPU, and this machine has "
+            "none: load the model without it (or with --dtype bfloat16)"
+        )
+    if device is not None and device.type != "cuda":
+        raise UserError(f"{flag} quantizes the LLM for a CUDA GPU: use --device cuda, not {device}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(f"{flag} needs the bitsandbytes package: pip install 'blip2[quant]'") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+
+
+def _map_target(device: torch.device) -> int | str:
+    """`device` as a device map names it: a CUDA device by its index, others by name."""
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    return str(device)
+
+
+def place_llm(
+    model: nn.Module,
+    device: torch.device,
+    device_map: str | dict[str, Any] | None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    quantization: Any = None,
+) -> None:
+    """Move `model` to `device` except its LLM, which transformers' `from_pretrained` reloads with
+    `device_map` (accelerate; default: all on `device`) and `quantization` (a `BitsAndBytesConfig`).
+
+    The LLM is written to `offload_folder/llm` first (transformers places and quantizes weights as it
+    reads them; default: a temporary folder), which is deleted unless layers were offloaded to disk
+    (they are read from there). The LLM is frozen and in eval mode after, as before.
+    """
+    import shutil
+    import tempfile
+
+    from blip2.models import language
+
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "placing the LLM with a device map needs the accelerate package: pip install 'blip2[quant]'"
+        ) from None
+    llm = model.llm
+    dtype = language.llm_dtype(llm)
+    kind = language.auto_class(llm.config)
+    # the LLM's weights as transformers reads them; layers offloaded to disk are read from here later
+    offload = Path(offload_folder) if offload_folder is not None else Path(tempfile.mkdtemp(prefix="blip2-"))
+    source = offload / "llm"
+    llm.save_pretrained(source)
+    del model.llm, llm  # the image side moves alone; the LLM's copy on the CPU is freed
+    model.to(device)
+    try:
+        placed = kind.from_pretrained(
+            source,
+            dtype=dtype,
+            device_map=device_map if device_map is not None else {"": _map_target(device)},
+            max_memory=max_memory,
+            offload_folder=str(offload),
+            quantization_config=quantization,
+        )
+    except (ValueError, RuntimeError, OSError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"the LLM could not be placed with device_map={device_map!r} ({reason})") from None
+    if "disk" not in (getattr(placed, "hf_device_map", None) or {}).values():
+        shutil.rmtree(source if offload_folder is not None else offload, ignore_errors=True)
+    model.llm = language.freeze(language.tie_input_embeddings(placed)).eval()
 
 
 # what users get for each model kind (`Blip2Config.kind`)

@@ -28,6 +28,9 @@ blip2.tasks.register("mine", MyTask)  # then `task: mine` in a training config
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -36,6 +39,7 @@ from torch import Tensor, nn
 from blip2.config import Blip2Config
 from blip2.errors import UserError
 from blip2.losses import Gather
+from blip2.models.encoders import ImageEncoder
 from blip2.presets import preset
 
 if TYPE_CHECKING:
@@ -51,9 +55,12 @@ class Task(nn.Module):
             no task prefix).
         uses_image_ids: whether batches carry `image_ids` (captions of one image are positives of
             each other).
+        merge_adapters: `save` merges LoRA adapters of the LLM into its weights (`lora.merge`) instead
+            of writing them beside the model.
     """
 
     uses_image_ids: ClassVar[bool] = False
+    merge_adapters: bool = False
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -101,12 +108,23 @@ class Task(nn.Module):
         """Write the trained model where `blip2.load` reads it (and transformers, where it has the
         class): the weights, the image processor and the tokenizers the texts were read with (`text`:
         the LLM's or the Q-Former's, and an InstructBLIP model's instruction tokenizer)."""
+        from blip2.interop import lora
         from blip2.interop.saving import save_pretrained
         from blip2.processing import ImageProcessor
 
         v = self.model.config.vision
         processor = ImageProcessor(v.image_size, v.image_mean, v.image_std)
-        save_pretrained(self.model, path, processor, text.tokenizer, text.qformer_tokenizer)
+        llm = getattr(self.model, "llm", None)
+        shutil.rmtree(os.path.join(path, lora.ADAPTER_FOLDER), ignore_errors=True)  # a previous save's
+        if llm is None or not lora.has_lora(llm):
+            save_pretrained(self.model, path, processor, text.tokenizer, text.qformer_tokenizer)
+        elif self.merge_adapters:  # the end of training: the adapters become part of the LLM for good
+            lora.merge(llm)
+            save_pretrained(self.model, path, processor, text.tokenizer, text.qformer_tokenizer)
+        else:  # the LLM as it started, and its adapters beside it (`blip2.load` applies them)
+            with lora.without_adapters(llm):
+                save_pretrained(self.model, path, processor, text.tokenizer, text.qformer_tokenizer)
+            lora.save_adapter(llm, os.path.join(path, lora.ADAPTER_FOLDER))
 
     # ---------------------------------------------------------------------------------- building
 
@@ -125,7 +143,10 @@ class Task(nn.Module):
             if m.overrides:
                 raise UserError("model.overrides apply to new models only, not to model.init_from")
             return cls.from_saved(saved, cfg)
-        model = cls.new_model(model_config(cfg), cfg)
+        config, tower = vision_model_config(cfg)
+        model = cls.new_model(config, cfg)
+        if tower is not None:
+            model.visual = ImageEncoder(config.vision, tower)
         if m.qformer_init:
             from blip2.interop.bert import init_qformer_from_bert
 
@@ -168,6 +189,54 @@ def model_config(cfg: TrainConfig) -> Blip2Config:
         return Blip2Config.from_dict(_merge(config.to_dict(), m.overrides))
     except (TypeError, ValueError) as e:
         raise UserError(f"model.overrides do not fit the model config: {e}") from None
+
+
+def vision_model_config(cfg: TrainConfig) -> tuple[Blip2Config, nn.Module | None]:
+    """`model_config(cfg)`, and with `model.vision` the pretrained image tower it names: the config then
+    describes that tower (its transformers config, input size and normalization, with
+    `model.overrides.vision` applied on top) and the Q-Former reads its width."""
+    config = model_config(cfg)
+    name = cfg.model.vision
+    if name is None:
+        return config, None
+    import json
+
+    import transformers
+
+    from blip2.config import VisionConfig
+    from blip2.hub import resolve
+    from blip2.interop.checkpoint import pretrained_tower
+    from blip2.interop.hf import _arch_dict
+
+    path = resolve(name)
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.vision: {name} is not a transformers model folder or hub id ({e})") from None
+    tower_config = getattr(hf_config, "vision_config", None) or hf_config  # CLIP and SigLIP: their image side
+    vision = dataclasses.asdict(config.vision)
+    vision["hf_config"] = {**_arch_dict(tower_config), "_name_or_path": name}
+    settings_file = path / "preprocessor_config.json"
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    size = settings.get("crop_size") or settings.get("size") or getattr(tower_config, "image_size", None)
+    if isinstance(size, dict):
+        size = size.get("height", size.get("shortest_edge"))
+    if size:
+        vision["image_size"] = int(size)
+    for key in ("image_mean", "image_std"):
+        if key in settings:
+            vision[key] = tuple(settings[key])
+    vision = _merge(vision, cfg.model.overrides.get("vision", {}))
+    try:
+        mean, std = tuple(vision.pop("image_mean")), tuple(vision.pop("image_std"))
+        vision_config = VisionConfig(**vision, image_mean=mean, image_std=std)
+    except TypeError as e:
+        raise UserError(f"model.overrides.vision does not fit the image encoder of {name}: {e}") from None
+    width = cfg.model.overrides.get("qformer", {}).get("encoder_width", 0)  # 0: the new tower's
+    config = dataclasses.replace(
+        config, vision=vision_config, qformer=dataclasses.replace(config.qformer, encoder_width=width)
+    )
+    return config, pretrained_tower(config, path)
 
 
 def _merge(base: dict, over: dict) -> dict:

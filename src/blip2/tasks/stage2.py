@@ -7,10 +7,16 @@ cuts each caption at a random word of its first half).
 
 Task types: `Stage2Task` (task name `stage2`, pre-training), `CaptionTask` (`caption`, fine-tuning
 with the model's caption prompt) and `VQATask` (`vqa`, question -> answer).
+
+What trains (`model.trainable`): the whole bridge side (Q-Former, queries, `ln_vision`, projection),
+the projection only, or the projection and the Q-Former; with a `lora` section, LoRA adapters in the
+LLM too. `model.qformer_from` starts the bridge of a new LLM from another model's trained Q-Former
+(MiniGPT-4's path: Zhu et al. 2023 trained only the projection into Vicuna from BLIP-2's Q-Former).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -19,12 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from blip2 import hub, losses
-from blip2.config import Blip2Config, LLMConfig
+from blip2.config import Blip2Config, LLMConfig, VisionConfig
 from blip2.errors import UserError
 from blip2.losses import Gather
 from blip2.models.bridge import LanguageBridge
+from blip2.models.encoders import torch_dtype
+from blip2.models.query_encoder import QueryEncoder
 from blip2.presets import PRESETS, preset
-from blip2.tasks.base import Task
+from blip2.tasks.base import Task, load_saved
 
 if TYPE_CHECKING:
     from blip2.data.batching import TextSpec
@@ -112,8 +120,95 @@ class Stage2Task(Task):
     def inputs(self, batch: dict[str, Tensor], gather: Gather, generator: torch.Generator) -> dict[str, Any]:
         return {**{k: batch[k] for k in INPUTS if k in batch}, "return_logits": False}  # the loss only
 
+    def train(self, mode: bool = True) -> Stage2Task:
+        """Training mode, except a frozen Q-Former (`model.trainable: projection`): it runs as at
+        inference (no dropout), as the frozen towers do."""
+        super().train(mode)
+        if not any(p.requires_grad for p in self.model.qformer.parameters()):
+            self.model.qformer.eval()
+        return self
+
     def frozen_llm(self) -> nn.Module:
         return self.model.llm
+
+    @classmethod
+    def build_model(cls, cfg: TrainConfig) -> LanguageBridge:
+        """The model to train (`Task.build_model`, or a new model around `model.qformer_from`'s
+        Q-Former), with only the parts `model.trainable` names left trainable and the `lora` adapters
+        added to the LLM."""
+        m = cfg.model
+        if m.qformer_from is not None:
+            model = cls.reuse_qformer(cfg)
+        else:
+            model = super().build_model(cfg)
+        trainable = m.trainable or ("projection" if m.qformer_from is not None else "all")
+        if trainable != "all":
+            keep = ("language_projection.",) + (
+                ("qformer.", "query_tokens") if trainable != "projection" else ()
+            )
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith(keep))
+        if cfg.lora is not None:
+            from blip2.interop import lora
+
+            lo = cfg.lora
+            lora.add_lora(model.llm, lo.rank, lo.alpha, lo.dropout, lo.target_modules)
+        return model
+
+    @classmethod
+    def reuse_qformer(cls, cfg: TrainConfig) -> LanguageBridge:
+        """The model `model.preset` / `model.config` names, its Q-Former, queries and `ln_vision`
+        taken from the trained model `model.qformer_from` (and its image tower, when it is the same);
+        the projection is new."""
+        from blip2.tasks.base import vision_model_config
+
+        config, tower = vision_model_config(cfg)
+        if cls.new_model.__func__ is not Stage2Task.new_model.__func__ or config.kind != "generation":
+            raise UserError(
+                f"model.qformer_from starts a BLIP-2 language bridge (task stage2, caption or vqa with a "
+                f"stage-2 preset or config), not task {cfg.task!r} with a {config.kind} model"
+            )
+        source_name = cfg.model.qformer_from
+        try:
+            source = load_saved(source_name)
+        except UserError as e:
+            raise UserError(str(e).replace("model.init_from", "model.qformer_from", 1)) from None
+        if not isinstance(source, QueryEncoder):
+            raise UserError(f"model.qformer_from: {source_name} holds no BLIP-2 Q-Former")
+        old_q, new_width = source.config.qformer, config.vision.width
+        if old_q.encoder_width != new_width:
+            raise UserError(
+                f"model.qformer_from: {source_name}'s Q-Former reads {old_q.encoder_width}-wide image features "
+                f"and this model's image tower gives {new_width}-wide ones: use a tower of that width, or "
+                "train a new Q-Former for this tower (stage 1)"
+            )
+        qformer = dataclasses.replace(old_q, text=False, itg_head=False, instruction=False)
+        same_tower = _architecture(source.config.vision) == _architecture(config.vision)
+        if same_tower:  # the source's trained tower, in this config's precision
+            config = dataclasses.replace(
+                config, vision=dataclasses.replace(source.config.vision, dtype=config.vision.dtype)
+            )
+        elif tower is None:
+            raise UserError(
+                f"model.qformer_from: {source_name}'s image tower is not the one this model describes, and "
+                "nothing names pretrained weights for this one: set model.vision (a transformers folder or "
+                "hub id of the tower), or describe the source's tower"
+            )
+        config = dataclasses.replace(config, qformer=qformer)
+        llm_config, llm = llm_for_stage2(cfg.model.llm, config.llm)
+        vision = tower
+        if same_tower:
+            vision = copy.deepcopy(source.visual)
+            vision.config = config.vision
+            vision.tower.to(torch_dtype(config.vision.dtype))
+        model = LanguageBridge(dataclasses.replace(config, llm=llm_config), vision_tower=vision, llm=llm)
+        source_state = source.qformer.state_dict()
+        model.qformer.load_state_dict({k: source_state[k] for k in model.qformer.state_dict()})
+        with torch.no_grad():
+            model.query_tokens.copy_(source.query_tokens)
+            if not same_tower:  # a new tower of the same width: its trained normalization still fits
+                model.visual.ln_vision.load_state_dict(source.visual.ln_vision.state_dict())
+        return model
 
     @classmethod
     def new_model(cls, config: Blip2Config, cfg: TrainConfig) -> LanguageBridge:
@@ -165,6 +260,13 @@ class VQATask(Stage2Task):
     """VQA fine-tuning: the LM loss on answers after their question (`LLMConfig.vqa_template`)."""
 
     prefix_split = False
+
+
+def _architecture(vision: VisionConfig) -> tuple[dict[str, Any], int]:
+    """What makes two image towers the same one: their transformers config (where it came from aside)
+    and input size."""
+    hf_config = {k: v for k, v in vision.hf_config.items() if k != "_name_or_path"}
+    return hf_config, vision.image_size
 
 
 def _refuse_instruct(config: Blip2Config, cfg: TrainConfig) -> None:

@@ -10,12 +10,16 @@ model:
   overrides: {}              # Blip2Config fields to change, nested (e.g. {qformer: {dropout: 0.0}})
   tokenizer: null            # Q-Former tokenizer (default: the config's, bert-base-uncased)
   llm_tokenizer: null        # stage 2: the LLM tokenizer (default: the config's llm.name)
+  vision: null               # a pretrained image tower (folder or hub id) for a new model
+  qformer_from: null         # stage 2 for a new LLM from another model's trained Q-Former
+  trainable: null            # stage 2: all | projection | projection+qformer
 data:
   kind: webdataset           # webdataset | captions | karpathy | coco | vqa | retrieval
   path: data/{00000..00099}.tar
   ...
 optim: {lr: 1.0e-4, ...}
 train: {batch_size: 100, ...}
+lora: null                   # or {rank: 8, alpha: 16, ...}: LoRA adapters on the LLM (stage 2)
 ```
 
 Every field is documented on its dataclass below; `blip2 train --help` lists the sections.
@@ -46,8 +50,8 @@ class ModelSection:
         config: path of a Blip2Config JSON.
         init_from: a saved model folder (a previous run's `final/`, or any `blip2.load` folder): its
             weights are the start. For a stage-2 task from a stage-1 model, `llm` names the LLM.
-        llm: stage 2 from stage 1: a preset name whose `llm` is used (e.g. tiny-opt, blip2-opt-2.7b), or
-            a folder with a pretrained transformers LM.
+        llm: stage 2 from stage 1 (or from `qformer_from`): a preset name whose `llm` is used (e.g.
+            tiny-opt, blip2-opt-2.7b), or a folder or hub id of a pretrained transformers LM.
         overrides: nested Blip2Config fields to change (e.g. `{qformer: {dropout: 0.0}}`).
         tokenizer: the Q-Former tokenizer (folder or hub id); default the config's.
         llm_tokenizer: the LLM tokenizer (folder or hub id); default `config.llm.name` or `llm`.
@@ -56,6 +60,19 @@ class ModelSection:
         qformer_text_from: instruction tuning from a BLIP-2 stage-2 model: a stage-1 model (folder or
             hub id) whose Q-Former text side the instruction reader starts from (stage-2 checkpoints
             drop it; see `blip2.tasks.instruct`).
+        vision: a transformers folder or hub id of a pretrained image model (SigLIP, DINOv2, CLIP, ...):
+            the new model's frozen tower starts from its weights, and the config takes its
+            architecture, input size and normalization (`overrides.vision` still applies on top,
+            e.g. `{hf_config: {num_hidden_layers: 26}}` to read an earlier layer); new models only.
+        qformer_from: stage 2 for a new LLM (MiniGPT-4's path): a trained BLIP-2 model (stage 1 or 2,
+            or InstructBLIP; any format `blip2.load` reads) whose Q-Former, queries and `ln_vision`
+            start the new model that `preset` or `config` names (with the LLM `llm` names, if set),
+            and its image tower too when the two towers are the same (another tower of the same width
+            comes from `vision`); only the new projection trains (see `trainable`).
+        trainable: which parts of a stage-2 model train: `all` (the Q-Former, queries, `ln_vision`
+            and the projection: the paper's stage 2), `projection` (the projection only) or
+            `projection+qformer` (the projection, the Q-Former and its queries). Default: `projection`
+            with `qformer_from`, else `all`. LoRA adapters (`lora`) train besides any of them.
     """
 
     preset: str | None = None
@@ -67,6 +84,37 @@ class ModelSection:
     llm_tokenizer: str | None = None
     qformer_init: str | None = None
     qformer_text_from: str | None = None
+    vision: str | None = None
+    qformer_from: str | None = None
+    trainable: str | None = None
+
+
+TRAINABLE = ("all", "projection", "projection+qformer")
+
+
+@dataclass
+class LoraSection:
+    """Optional: LoRA adapters on the frozen LLM, trained with `peft` (the `lora` extra).
+
+    Hu et al. (2021): each target linear layer `W` of the LLM becomes `W + (alpha / rank) B A`; only `A`
+    and `B` train in the LLM, besides the bridge (`model.trainable`).
+
+    Attributes:
+        rank: the adapters' inner width.
+        alpha: scale numerator (the update is scaled by `alpha / rank`).
+        dropout: dropout on the adapters' input.
+        target_modules: the LLM's linear layers that get adapters, by name (`q_proj`, ...); default
+            the attention projections of the LLM's family (`blip2.interop.lora.DEFAULT_TARGETS`).
+        merge: the final model is saved with the adapters merged into the LLM (a plain model folder);
+            false: the LLM is saved as it started and the adapters beside it (`final/lora/`, peft's
+            adapter folder), which `blip2.load` applies.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+    merge: bool = False
 
 
 @dataclass
@@ -192,7 +240,7 @@ class TrainSection:
 
 @dataclass
 class TrainConfig:
-    """A whole job: task, model, data, optimizer, loop; `eval_data` is optional.
+    """A whole job: task, model, data, optimizer, loop; `eval_data` and `lora` are optional.
 
     Attributes:
         task: the objective (`blip2.tasks`): `stage1`, `retrieval` (stage-1 losses; captions of one
@@ -207,6 +255,7 @@ class TrainConfig:
     eval_data: DataSection | None = None
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+    lora: LoraSection | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -219,15 +268,15 @@ class TrainConfig:
         for key, value in d.items():
             if key == "task":
                 kwargs[key] = value
-            elif key in sections or key == "eval_data":
+            elif key in sections or key in ("eval_data", "lora"):
                 if value is None:
                     kwargs[key] = None
                     continue
-                section = sections.get(key, DataSection)
+                section = sections.get(key, LoraSection if key == "lora" else DataSection)
                 kwargs[key] = _section(section, value, key)
             else:
                 raise UserError(
-                    f"unknown config section {key!r}; use task, model, data, eval_data, optim, train"
+                    f"unknown config section {key!r}; use task, model, data, eval_data, optim, train, lora"
                 )
         cfg = cls(**kwargs)
         cfg.validate()
@@ -239,6 +288,7 @@ class TrainConfig:
         m = self.model
         if sum(x is not None for x in (m.preset, m.config, m.init_from)) != 1:
             raise UserError("set exactly one of model.preset, model.config, model.init_from")
+        self._validate_reuse()
         if self.train.precision not in DTYPES:
             raise UserError(
                 f"train.precision must be one of {', '.join(DTYPES)}, not {self.train.precision!r}"
@@ -284,6 +334,31 @@ class TrainConfig:
             raise UserError("set data.path (shard pattern or annotation file)")
         if self.data.kind == "webdataset" and self.train.max_steps <= 0:
             raise UserError("webdataset training runs by steps: set train.max_steps")
+
+    def _validate_reuse(self) -> None:
+        """`model.qformer_from`, `model.trainable` and `lora`: values, and what they go with."""
+        m, lora = self.model, self.lora
+        if m.trainable is not None and m.trainable not in TRAINABLE:
+            raise UserError(f"model.trainable must be one of {', '.join(TRAINABLE)}, not {m.trainable!r}")
+        if m.vision is not None and m.init_from is not None:
+            raise UserError("model.vision starts a new model's image tower; model.init_from brings its own")
+        if m.qformer_from is not None and m.init_from is not None:
+            raise UserError(
+                "model.qformer_from builds a new model around a reused Q-Former: name that model with "
+                "model.preset or model.config, not model.init_from"
+            )
+        if lora is None:
+            return
+        if lora.rank < 1:
+            raise UserError(f"lora.rank must be at least 1, not {lora.rank}")
+        if lora.alpha <= 0:
+            raise UserError(f"lora.alpha must be greater than 0, not {lora.alpha}")
+        if not 0 <= lora.dropout < 1:
+            raise UserError(f"lora.dropout must lie in [0, 1), not {lora.dropout}")
+        if self.train.fsdp_llm:
+            raise UserError(
+                "train.fsdp_llm shards a frozen LLM, and lora trains adapters in it: use one of them"
+            )
 
 
 def _check_sources(section: DataSection, name: str) -> None:

@@ -45,7 +45,9 @@ def build_task(cfg: TrainConfig) -> Task:
     """The config's task around the model to train, as its type builds it (new weights, or
     `model.init_from`), on the CPU."""
     task_type = tasks.get(cfg.task)
-    return task_type(task_type.build_model(cfg))
+    task = task_type(task_type.build_model(cfg))
+    task.merge_adapters = cfg.lora is not None and cfg.lora.merge
+    return task
 
 
 @dataclass
