@@ -120,13 +120,15 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def measure(index: Index, text: torch.Tensor, truth: torch.Tensor, strategy: str, factory: str, nprobes: list[int],
-            candidates: list[int], threads: int) -> list[dict]:  # fmt: skip
-    """Build the FAISS index of `strategy` and `factory`, then search every text at each setting."""
+            candidates: list[int], threads: int, reuse: bool = False) -> list[dict]:  # fmt: skip
+    """Build the FAISS index of `strategy` and `factory` (or, with `reuse`, load the one an earlier run saved
+    for the same setting: `faiss_build_s` is then the load), then search every text at each setting."""
     import faiss
 
     index.store.meta.update(strategy=strategy, faiss=factory)
     index._faiss = None
-    (index.store.path / "faiss.json").unlink(missing_ok=True)
+    if not reuse:
+        (index.store.path / "faiss.json").unlink(missing_ok=True)
     reset_peak()
     t = time.perf_counter()
     built = index.faiss_index()
@@ -212,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--write-only", action="store_true", help="write the store and stop (measure in a later run)"
     )
+    p.add_argument(
+        "--reuse-faiss",
+        action="store_true",
+        help="search with the FAISS index an earlier run saved in the store for the same setting (latency only)",
+    )
     p.add_argument("--estimate", type=int, default=0, metavar="IMAGES",
                    help="only estimate the build of each --faiss for `queries` from adding this many images")  # fmt: skip
     p.add_argument(
@@ -234,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(write_store(path, args.images, args.queries, args.dim, topics, args.noise, args.seed)),
             flush=True,
         )
+    if args.write_only:
+        return 0
     t = time.perf_counter()
     index = Index.open(path)
     open_s = time.perf_counter() - t
@@ -260,7 +269,15 @@ def main(argv: list[str] | None = None) -> int:
         for factory in args.faiss:
             factory = factory.replace("{lists}", str(lists(n)))
             rows += measure(
-                index, text, truth, strategy, factory, args.nprobe, args.candidates, args.query_threads
+                index,
+                text,
+                truth,
+                strategy,
+                factory,
+                args.nprobe,
+                args.candidates,
+                args.query_threads,
+                args.reuse_faiss,
             )
     print(
         f"\n{len(index)} images, Q={args.queries}, E={args.dim}, float16 store; {args.texts} texts",
