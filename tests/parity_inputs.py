@@ -11,10 +11,14 @@ import torch
 WORD_IDS = [[10, 11, 12], [13, 14, 15, 16, 17]]  # two prompts of different lengths (word tokens)
 
 
-def generation_inputs(hf, prompted: bool, queries: int) -> tuple[dict, dict]:
+def generation_inputs(hf, prompted: bool, queries: int, pads_first: bool = True) -> tuple[dict, dict]:
     """transformers' `input_ids` / `attention_mask` (image tokens included) and ours (the text only;
     nothing without a prompt) for `WORD_IDS`, padded as each LM kind needs (decoder-only: left, after
-    the BOS; encoder-decoder: right, before the EOS)."""
+    the BOS; encoder-decoder: right, before the EOS).
+
+    `pads_first=False`: decoder-only prompts as transformers' `Blip2Processor` lays them out with left
+    padding, `[<image> x Q][pads][BOS][prompt]` (the same positions; only an LM with a sliding window
+    shorter than the input, Mistral or Gemma2, tells the two apart, as it counts the pads in its window)."""
     text = hf.config.text_config
     image = [hf.config.image_token_index] * queries
     if not prompted:  # transformers builds [<image> x Q][BOS]; a config without BOS gets the T5
@@ -31,8 +35,11 @@ def generation_inputs(hf, prompted: bool, queries: int) -> tuple[dict, dict]:
         if enc_dec:  # right padded: [<image> x Q][prompt][</s>][pads]
             theirs.append((image + r + pads, [1] * (queries + len(r)) + [0] * len(pads)))
             ours.append((r + pads, [1] * len(r) + [0] * len(pads)))
-        else:  # left padded: [pads][<image> x Q][BOS][prompt]
+        elif pads_first:  # left padded: [pads][<image> x Q][BOS][prompt]
             theirs.append((pads + image + r, [0] * len(pads) + [1] * (queries + len(r))))
+        else:  # as the processor pads: [<image> x Q][pads][BOS][prompt]
+            theirs.append((image + pads + r, [1] * queries + [0] * len(pads) + [1] * len(r)))
+        if not enc_dec:
             ours.append((pads + r, [0] * len(pads) + [1] * len(r)))
 
     def batch(pairs: list) -> dict:

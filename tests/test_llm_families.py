@@ -17,7 +17,8 @@ writes it and loaded with `blip2.load`. Per family:
 
 Gemma2 has no SDPA attention in transformers (SDPA lacks its attention-logit soft-capping): both sides
 build it with eager attention. Mistral's and Gemma2's sliding windows (6) are shorter than the inputs,
-so the window is exercised.
+so the window is exercised; batched prompts are then laid out as transformers' `Blip2Processor` pads
+them, `[<image> x Q][pads][prompt]`, as ours are (a window counts the pads between queries and prompt).
 
 CI runs this file twice: with the newest transformers the pins allow and with the lowest
 (`scripts/test.sh`); every family here exists in both.
@@ -36,7 +37,6 @@ from transformers import Blip2ForConditionalGeneration
 import blip2
 from blip2.generation import Decoding
 from blip2.interop.checkpoint import build_model
-from blip2.models import language
 from blip2.pipelines import Captioner
 from blip2.presets import TINY_LLMS, preset
 from blip2.processing import ImageProcessor
@@ -156,7 +156,7 @@ def test_stage2_loss_equals_transformers(pair):
 @pytest.mark.parametrize("search", [{"num_beams": 1}, {"num_beams": 3}], ids=["greedy", "beam3"])
 def test_generation_gives_the_tokens_of_transformers_on_every_path(pair, prompted, search):
     family, hf, ours, pixels = pair
-    theirs_in, ours_in = parity_inputs.generation_inputs(hf, prompted, QUERIES)
+    theirs_in, ours_in = parity_inputs.generation_inputs(hf, prompted, QUERIES, pads_first=False)
     with torch.no_grad():
         first = hf.generate(pixel_values=pixels, **theirs_in, max_new_tokens=NEW_TOKENS)
         eos = eos_ending_rows_apart(parity_inputs.new_tokens(hf, first, theirs_in, QUERIES))
@@ -251,10 +251,10 @@ def test_export_loads_in_transformers_and_computes_the_same(built, tmp_path):
         got = Stage2Task(pipe.model)(pixels, ids, mask, labels=labels).logits
         real = enc["attention_mask"].bool() if decoder_only else torch.ones(ref.shape[:2], dtype=torch.bool)
         assert (got[real] - ref[real]).abs().max() <= ATOL
-        if decoder_only:  # generation: every pad first, [pads][<image> x Q][prompt] (as ours lays it out;
-            # the processor's [<image> x Q][pads][prompt] would put a gap in a sliding window)
-            both = language.move_padding(enc["input_ids"], enc["attention_mask"], "left")
-            enc = {**enc, "input_ids": both[0], "attention_mask": both[1]}
+        if decoder_only:  # generation: the prompts left padded, [<image> x Q][pads][prompt]
+            processor.tokenizer.padding_side = "left"
+            enc = processor(images=images, text=texts, padding=True, return_tensors="pt")
+            ids, mask = enc["input_ids"][:, QUERIES:], enc["attention_mask"][:, QUERIES:]
         for beams in (1, 3):
             theirs = hf.generate(**enc, max_new_tokens=5, num_beams=beams)
             theirs = theirs[:, enc["input_ids"].shape[1] :] if decoder_only else theirs[:, 1:]

@@ -426,7 +426,8 @@ class LanguageBridge(QueryEncoder):
 
         Returns:
             `(embeds, mask, options)`: `[soft prompt][prompt]` embeddings `(B, Q + L, E)` (decoder-only:
-            left padded, `[pads][soft prompt][prompt]`; encoder-decoder: `[soft prompt][prompt][pads]`), their mask `(B, Q + L)`, and the
+            the prompt left padded, `[soft prompt][pads][prompt]` as transformers' BLIP-2 processor lays
+            it out; encoder-decoder: right padded), their mask `(B, Q + L)`, and the
             generate options with the defaults filled in (EOS and pad ids, `max_new_tokens`).
 
         Raises:
@@ -464,12 +465,9 @@ class LanguageBridge(QueryEncoder):
         if self.is_encoder_decoder:
             embeds, mask = self._encoder_inputs(prefix, input_ids, attention_mask)
         else:
+            input_ids, attention_mask = language.move_padding(input_ids, attention_mask, "left")
             embeds = torch.cat([prefix, self.embed_tokens(input_ids)], dim=1)  # (B, Q + L, E)
             mask = torch.cat([attention_mask.new_ones(b, q), attention_mask], dim=1)
-            # every pad first, [pads][queries][prompt]: no gap between the queries and the prompt, which
-            # a sliding-window LM (Mistral, Gemma2) would count against its window
-            order = language.padding_order(mask, "left")  # (B, Q + L)
-            embeds, mask = embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
         return embeds, mask, options
 
     @torch.no_grad()
