@@ -35,6 +35,9 @@ from parity_inputs import ended, eos_ending_rows_apart
 from transformers import Blip2ForConditionalGeneration
 
 import blip2
+from blip2 import llm_families
+from blip2.data.batching import Preprocessor, TextSpec
+from blip2.errors import UserError
 from blip2.generation import Decoding
 from blip2.interop.checkpoint import build_model
 from blip2.pipelines import Captioner
@@ -267,3 +270,177 @@ def test_export_loads_in_transformers_and_computes_the_same(built, tmp_path):
     assert sorted(ours_state) == sorted(back)
     assert all(torch.equal(ours_state[k], back[k]) for k in ours_state)
     assert again.config.llm.hf_config["model_type"] == TINY_LLMS[family]["model_type"]
+
+
+# ------------------------------------------------------------------------------------------ conventions
+
+CHAT = (  # a Qwen-style chat template (ChatML)
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# family -> (special tokens: vocabulary order, what the tokenizer adds around a text, its named tokens)
+TOKENIZERS = {
+    "opt": (["<s>", "<pad>", "</s>", "<unk>"], "</s> $A", {"bos": "</s>", "eos": "</s>", "pad": "<pad>"}),
+    "gpt2": (["<|endoftext|>"], "$A", {"bos": "<|endoftext|>", "eos": "<|endoftext|>"}),
+    "llama": (["<unk>", "<s>", "</s>"], "<s> $A", {"bos": "<s>", "eos": "</s>", "unk": "<unk>"}),
+    "qwen2": (
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "$A",
+        {"eos": "<|im_end|>", "pad": "<|endoftext|>"},
+    ),
+    "gemma": (
+        ["<pad>", "<eos>", "<bos>", "<unk>"],
+        "<bos> $A",
+        {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"},
+    ),
+    "t5": (["<pad>", "</s>", "<unk>"], "$A </s>", {"eos": "</s>", "pad": "<pad>", "unk": "<unk>"}),
+}
+
+
+def family_tokenizer(family: str, chat: bool = False):
+    """A word-level tokenizer with the family's special tokens and what it adds around a text (BOS
+    first, EOS last or nothing), built offline (ids below the tiny LMs' vocabulary of 99)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials, template, named = TOKENIZERS[family]
+    vocab = {
+        t: i for i, t in enumerate([*specials, *tiny_hf.WORDS, "hi", "this", "user", "assistant", "system"])
+    }
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=named.get("unk", specials[0])))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    used = [t for t in template.split() if t != "$A"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, vocab[t]) for t in used]
+    )
+    kw = {f"{k}_token": v for k, v in named.items()}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT if chat else None, **kw)
+
+
+@pytest.mark.parametrize(
+    ("family", "bos", "eos"),
+    [("opt", True, False), ("gpt2", False, False), ("llama", True, False), ("qwen2", False, False),
+     ("gemma", True, False), ("t5", False, True)],
+)  # fmt: skip
+def test_what_each_family_tokenizer_adds(family, bos, eos):
+    tok = family_tokenizer(family)
+    assert (llm_families.adds_bos(tok), llm_families.adds_eos(tok)) == (bos, eos)
+    # a decoder-only target ends with the EOS once: appended unless the tokenizer appends it itself
+    assert llm_families.target_suffix(tok, None) == ("" if eos else tok.eos_token)
+    assert llm_families.target_suffix(tok, "\n") == "\n"  # OPT's BLIP-2 checkpoints end at a newline
+
+
+def test_a_tokenizer_without_pad_pads_with_its_eos_else_unk(tmp_path):
+    """Through the loader every command uses (`blip2.tokenizers.llm_tokenizer`)."""
+    from blip2.tokenizers import llm_tokenizer
+
+    for family, pad in (
+        ("llama", "</s>"),
+        ("gpt2", "<|endoftext|>"),
+        ("qwen2", "<|endoftext|>"),
+        ("opt", "<pad>"),
+    ):
+        family_tokenizer(family).save_pretrained(tmp_path / family)
+        assert llm_tokenizer(str(tmp_path / family)).pad_token == pad, family
+    no_eos = family_tokenizer("llama")
+    no_eos.eos_token = None
+    assert llm_families.ensure_pad_token(no_eos).pad_token == "<unk>"
+    bare = family_tokenizer("gpt2")
+    bare.eos_token = bare.bos_token = None
+    with pytest.raises(UserError, match="has no pad, EOS or unknown token"):
+        llm_families.ensure_pad_token(bare)
+
+
+def _batch(family: str, prompt: str, chat: bool = False, eos_text: str | None = None) -> tuple[list, dict]:
+    """Two training samples of the family collated the way `blip2 train` collates them."""
+    tok = llm_families.ensure_pad_token(family_tokenizer(family, chat=chat))
+    mode = "seq2seq" if family == "t5" else "causal"
+    spec = TextSpec(mode, tok, prompt=prompt, eos_text=eos_text, chat_template=chat)
+    pre = Preprocessor(spec, images=ImageProcessor(16), augment=False)
+    samples = [
+        {"key": str(i), "image_id": i, "prompt": prompt, "target": t}
+        for i, t in enumerate(["two cat", "a dog"])
+    ]
+    batch = pre.collate(samples)
+    return [tok.convert_ids_to_tokens(row) for row in batch["input_ids"].tolist()], batch
+
+
+def test_training_texts_follow_each_family():
+    # Llama: <s> first, counted in the prompt; </s> last; padded right with the EOS (masked)
+    rows, batch = _batch("llama", "a photo of")
+    assert rows == [
+        ["<s>", "a", "photo", "of", "two", "cat", "</s>"],
+        ["<s>", "a", "photo", "of", "a", "dog", "</s>"],
+    ]
+    assert batch["prompt_lengths"].tolist() == [4, 4]
+    # GPT-2 / Qwen: nothing first; the prompt is its words only; the EOS ends the target
+    rows, batch = _batch("gpt2", "a photo of")
+    assert rows[1] == ["a", "photo", "of", "a", "dog", "<|endoftext|>"] and batch[
+        "prompt_lengths"
+    ].tolist() == [3, 3]
+    # no prompt: the target follows the queries (OPT's BOS is then a target, as in LAVIS)
+    rows, batch = _batch("opt", "", eos_text="\n")
+    assert rows[1][0] == "</s>" and batch["prompt_lengths"].tolist() == [0, 0]
+    rows, _ = _batch("gemma", "")
+    assert rows == [["<bos>", "two", "cat", "<eos>"], ["<bos>", "a", "dog", "<eos>"]]
+    # T5: the prompt in the encoder, the target in the decoder, each ended by the tokenizer's </s>
+    rows, batch = _batch("t5", "a photo of")
+    tok = family_tokenizer("t5")
+    assert rows[0] == ["a", "photo", "of", "</s>"]
+    assert tok.convert_ids_to_tokens(batch["labels"][1].tolist()) == ["a", "dog", "</s>"]
+
+
+def test_chat_template_wraps_prompts_in_training_and_generation():
+    """`LLMConfig.chat_template`: the prompt as one user turn with the assistant's turn opened; the
+    template's own special tokens, none added; the loss starts after the opened assistant turn."""
+    rows, batch = _batch("qwen2", "what is this ?", chat=True)
+    opened = ["<|im_start|>", "user", "what", "is", "this", "?", "<|im_end|>", "<|im_start|>", "assistant"]
+    assert rows[0] == [*opened, "two", "cat", "<|im_end|>"]
+    assert batch["prompt_lengths"].tolist() == [len(opened)] * 2
+    # generation: the same opened turn, left padded, through the captioner
+    config = preset("tiny-qwen2", llm={"chat_template": True})
+    tok = family_tokenizer("qwen2", chat=True)
+    pipe = Captioner(build_model(config, init=True), ImageProcessor(16), tok)
+    enc = pipe._encode_prompts(["what is this ?", "hi"])
+    assert tok.convert_ids_to_tokens(enc["input_ids"][0].tolist()) == opened
+    assert enc["attention_mask"][1].tolist()[:3] == [0, 0, 0]  # "hi" is 3 tokens shorter: padded left
+    assert len(pipe.caption(tiny_hf.images(1)[0], max_new_tokens=2, num_beams=1).split()) <= 2
+    # a tokenizer without a chat template: one sentence
+    plain = Captioner(build_model(config, init=True), ImageProcessor(16), family_tokenizer("qwen2"))
+    with pytest.raises(UserError, match="has no chat template"):
+        plain.caption(tiny_hf.images(1)[0], max_new_tokens=2)
+
+
+def test_generation_pads_decoder_only_prompts_left_and_encoder_decoder_prompts_right():
+    for family, side in (("llama", "left"), ("gpt2", "left"), ("t5", "right")):
+        config = preset(f"tiny-{family}")
+        tok = llm_families.ensure_pad_token(family_tokenizer(family))
+        pipe = Captioner(build_model(config, init=True), ImageProcessor(16), tok)
+        enc = pipe._encode_prompts(["a photo of two", "hi"])
+        real = tok.convert_ids_to_tokens(enc["input_ids"][1][enc["attention_mask"][1] == 1].tolist())
+        assert real == tok.convert_ids_to_tokens(tok("hi")["input_ids"]), family
+        ones = [1] * len(real)
+        pads = [0] * (enc["attention_mask"].shape[1] - len(real))
+        assert enc["attention_mask"][1].tolist() == (pads + ones if side == "left" else ones + pads), family
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+def test_an_lm_the_bridge_cannot_drive_is_one_sentence():
+    from blip2.models import LanguageBridge
+
+    config = preset("tiny-opt", llm={"hf_config": {"model_type": "vit", "hidden_size": 16}})
+    with pytest.raises(UserError, match="neither a causal LM .* nor a sequence-to-sequence LM"):
+        build_model(config, init=True)
+
+    class NoEmbedsLM(transformers.GPT2LMHeadModel):  # a decoder that takes token ids only
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    fields = dict(TINY_LLMS["gpt2"])
+    fields.pop("model_type")
+    lm = NoEmbedsLM(transformers.GPT2Config(**fields))
+    with pytest.raises(UserError, match="takes no inputs_embeds"):
+        LanguageBridge(preset("tiny-gpt2"), llm=lm)
