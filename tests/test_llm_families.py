@@ -10,13 +10,14 @@ writes it and loaded with `blip2.load`. Per family:
   forward with `labels` on the same text;
 * greedy and 3-beam generations, with and without a text prompt, two images at once, give transformers'
   tokens, through the plain path and through every speed path `Decoding` has on CPU ("fast", and
-  "static" for decoder-only LMs; an encoder-decoder LM's "static" falls back to its dynamic cache);
+  "static" for decoder-only LMs; an encoder-decoder LM's "static", and that of an LM generating past
+  its sliding window, runs over its dynamic cache instead);
 * export: a model of that family we build ourselves, saved with `save_pretrained`, loads in
   `Blip2ForConditionalGeneration.from_pretrained` unchanged and computes our logits and tokens; what
   transformers saves of it loads back into exactly our tensors.
 
-Gemma2 has no SDPA attention in transformers (SDPA lacks its attention-logit soft-capping): both sides
-build it with eager attention. Mistral's and Gemma2's sliding windows (6) are shorter than the inputs,
+Gemma2 has no SDPA attention in newer transformers (SDPA lacks its attention-logit soft-capping): both
+sides then build it with eager attention. Mistral's and Gemma2's sliding windows (6) are shorter than the inputs,
 so the window is exercised; batched prompts are then laid out as transformers' `Blip2Processor` pads
 them, `[<image> x Q][pads][prompt]`, as ours are (a window counts the pads between queries and prompt).
 
@@ -99,7 +100,8 @@ def test_every_family_builds_in_transformers_blip2(pair):
     assert hf.language_model.config.model_type == TINY_LLMS[family]["model_type"]
     assert ours.llm.config.model_type == TINY_LLMS[family]["model_type"]
     assert type(ours.llm) is type(hf.language_model)
-    expected = "eager" if family == "gemma2" else "sdpa"  # Gemma2: no SDPA in transformers (soft-capping)
+    # SDPA where the LM class has it; else eager (Gemma2 in newer transformers: SDPA has no soft-capping)
+    expected = "sdpa" if type(hf.language_model)._supports_sdpa else "eager"
     assert ours.llm.config._attn_implementation == hf.language_model.config._attn_implementation == expected
 
 
@@ -199,8 +201,15 @@ def test_fast_paths_are_taken_not_fallen_back_from(pair, monkeypatch):
     for mode in ("fast", "static"):
         for beams in (1, 3):
             decoding.generate(ours, pixels, max_new_tokens=3, num_beams=beams, mode=mode)
-    cache = "dynamic" if hf.config.text_config.is_encoder_decoder else "static"
+    # no static cache for an encoder-decoder LM, nor past a sliding window (Mistral's and Gemma2's 6)
+    static = not hf.config.text_config.is_encoder_decoder and family not in ("mistral", "gemma2")
+    cache = "static" if static else "dynamic"
     assert calls == ["greedy:dynamic", "beam_search:dynamic", f"greedy:{cache}", f"beam_search:{cache}"]
+    if family in ("mistral", "gemma2"):  # a window that covers the generation: the static cache again
+        monkeypatch.setattr(ours.llm.config, "sliding_window", 64)
+        calls.clear()
+        decoding.generate(ours, pixels, max_new_tokens=3, num_beams=3, mode="static")
+        assert calls == ["beam_search:static"]
 
 
 @pytest.mark.slow

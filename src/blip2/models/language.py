@@ -181,6 +181,20 @@ def position_limit(llm: nn.Module) -> int | None:
     return limit if isinstance(limit, int) and limit > 0 else None
 
 
+def sliding_window(llm: nn.Module) -> int | None:
+    """The attention window of an LM whose layers (some or all) see only the last positions (Mistral,
+    Gemma2), None when every layer sees the whole sequence (Llama; Qwen2 with `use_sliding_window`
+    off)."""
+    config = llm.config
+    window = getattr(config, "sliding_window", None)
+    layers = getattr(config, "layer_types", None)
+    if not isinstance(window, int) or getattr(config, "use_sliding_window", True) is False:
+        return None
+    if layers and "sliding_attention" not in layers:
+        return None
+    return window
+
+
 def forward_params(llm: nn.Module) -> frozenset[str]:
     """The argument names of the LM's `forward`: whether it takes `position_ids` (which decoder-only
     models get derived from the mask here) or `logits_to_keep`, and what its cache argument is called."""
