@@ -214,8 +214,12 @@ def test_fast_paths_are_taken_not_fallen_back_from(pair, monkeypatch):
 
 @pytest.mark.slow
 def test_compiled_decode_gives_the_tokens_of_transformers(pair):
-    """decode_mode="compiled" (the static-cache step through torch.compile) for every family."""
+    """decode_mode="compiled": the static-cache step (above, every family) through torch.compile, for
+    the architectures compiling could break in their own way (rotary with grouped-query attention, per-head
+    norms, scaled embeddings, fused projections); each compile takes a minute of CPU."""
     family, hf, ours, pixels = pair
+    if family not in ("llama", "qwen3", "gemma", "phi3"):
+        pytest.skip("the compiled step is the static one, checked for this family; compiled for four others")
     _, ours_in = parity_inputs.generation_inputs(hf, True, QUERIES)
     with torch.no_grad():
         for beams in (1, 3):
