@@ -404,7 +404,7 @@ def test_training_texts_follow_each_family():
     assert tok.convert_ids_to_tokens(batch["labels"][1].tolist()) == ["a", "dog", "</s>"]
 
 
-def test_chat_template_wraps_prompts_in_training_and_generation():
+def test_chat_template_wraps_prompts_in_training_and_generation(tmp_path):
     """`LLMConfig.chat_template`: the prompt as one user turn with the assistant's turn opened; the
     template's own special tokens, none added; the loss starts after the opened assistant turn."""
     rows, batch = _batch("qwen2", "what is this ?", chat=True)
@@ -419,6 +419,11 @@ def test_chat_template_wraps_prompts_in_training_and_generation():
     assert tok.convert_ids_to_tokens(enc["input_ids"][0].tolist()) == opened
     assert enc["attention_mask"][1].tolist()[:3] == [0, 0, 0]  # "hi" is 3 tokens shorter: padded left
     assert len(pipe.caption(tiny_hf.images(1)[0], max_new_tokens=2, num_beams=1).split()) <= 2
+    pipe.save_pretrained(tmp_path)  # the setting and the template travel with the model
+    again = blip2.load(tmp_path)
+    assert again.config.llm.chat_template and again._encode_prompts(["hi"])["input_ids"].tolist() == (
+        pipe._encode_prompts(["hi"])["input_ids"].tolist()
+    )
     # a tokenizer without a chat template: one sentence
     plain = Captioner(build_model(config, init=True), ImageProcessor(16), family_tokenizer("qwen2"))
     with pytest.raises(UserError, match="has no chat template"):
