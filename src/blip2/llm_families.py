@@ -113,6 +113,13 @@ def add_special_tokens(chat_template: bool) -> bool:
     return not chat_template
 
 
+def encode_prompts(tokenizer: Any, prompts: list[str], chat_template: bool, **kwargs: Any) -> Any:
+    """The tokenizer's output (`input_ids`, `attention_mask`, ...) for prompts as the LLM reads them
+    (`prompt_text`), special tokens added unless templated; `kwargs` go to the tokenizer (padding, ...)."""
+    texts = [prompt_text(tokenizer, p, chat_template) for p in prompts]
+    return tokenizer(texts, add_special_tokens=add_special_tokens(chat_template), **kwargs)
+
+
 def training_text(prompt: str, target: str, suffix: str, chat_template: bool) -> str:
     """A decoder-only training text: the prompt (as `prompt_text` made it), the target, the suffix
     (`target_suffix`). A plain prompt and the target are joined by a space, as LAVIS joins

@@ -269,8 +269,7 @@ class Preprocessor:
         t, tok, chat = self.text, self.text.tokenizer, self.text.chat_template
         tok.padding_side = llm_families.padding_side(is_encoder_decoder=True, generation=False)
         kw = dict(padding="longest", truncation=True, max_length=t.max_len, return_tensors="pt")
-        prompts = [llm_families.prompt_text(tok, s["prompt"], chat) for s in samples]
-        enc = tok(prompts, add_special_tokens=llm_families.add_special_tokens(chat), **kw)
+        enc = llm_families.encode_prompts(tok, [s["prompt"] for s in samples], chat, **kw)
         dec = tok([s["target"] for s in samples], **kw)
         return {
             "input_ids": enc["input_ids"],

@@ -127,9 +127,10 @@ class Captioner(Pipeline):
         (none for empty prompts), each cut to the LLM's `max_txt_len` tokens as LAVIS does, with a
         `TruncationWarning` when one is cut. The one place prompts become model inputs."""
         tok, limit, chat = self.llm_tokenizer, self.config.llm.max_txt_len, self.config.llm.chat_template
-        prompts = [llm_families.prompt_text(tok, p, chat) for p in prompts]
-        special = llm_families.add_special_tokens(chat)
-        longest = max((len(ids) for ids in tok(prompts, add_special_tokens=special)["input_ids"]), default=0)
+        prompts = list(prompts)
+        longest = max(
+            (len(ids) for ids in llm_families.encode_prompts(tok, prompts, chat)["input_ids"]), default=0
+        )
         if longest > limit:
             warnings.warn(
                 f"a prompt is {longest} tokens long; it was cut to the model's {limit}",
@@ -138,13 +139,8 @@ class Captioner(Pipeline):
             )
         with self._generate_lock:
             tok.padding_side = llm_families.padding_side(self.model.is_encoder_decoder, generation=True)
-            enc = tok(
-                prompts,
-                padding=True,
-                truncation=True,
-                max_length=limit,
-                add_special_tokens=special,
-                return_tensors="pt",
+            enc = llm_families.encode_prompts(
+                tok, prompts, chat, padding=True, truncation=True, max_length=limit, return_tensors="pt"
             )
         if enc["input_ids"].shape[1] == 0:
             return {}
@@ -161,12 +157,10 @@ class Captioner(Pipeline):
             return
         from blip2.models import language
 
-        tok, chat = self.llm_tokenizer, self.config.llm.chat_template
-        texts = [llm_families.prompt_text(tok, p, chat) for p in prompts]
-        longest = max(
-            len(ids)
-            for ids in tok(texts, add_special_tokens=llm_families.add_special_tokens(chat))["input_ids"]
+        encoded = llm_families.encode_prompts(
+            self.llm_tokenizer, list(prompts), self.config.llm.chat_template
         )
+        longest = max(len(ids) for ids in encoded["input_ids"])
         if longest == 0:  # no prompt: generation starts from the LM's start token, if it has one
             longest = int(language.start_token_id(self.model.llm) is not None)
         self.model.check_generation_length(
