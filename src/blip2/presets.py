@@ -8,6 +8,7 @@ a pretrained checkpoint of the same name (`blip2.load("Salesforce/blip2-opt-2.7b
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
@@ -206,6 +207,39 @@ TINY_LLMS: dict[str, dict[str, Any]] = {
         "decoder_start_token_id": 0,
     },
 }
+# the decoder-only families of the Llama line: 2 layers, 16 wide, grouped-query attention (4 heads, 2 KV
+# heads), ids as above; each family's own twist kept (Qwen2's QKV bias, Qwen3's and Gemma's per-head
+# norms and head width, Gemma's scaled embeddings, Gemma2's sliding window and soft-capping, Phi-3's
+# fused projections), and Mistral's and Gemma2's sliding window small enough to matter in a tiny test
+_LLAMA_LIKE = {
+    "vocab_size": 99,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "bos_token_id": 2,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+TINY_LLMS.update(
+    {
+        "llama": {"model_type": "llama", **_LLAMA_LIKE},
+        "mistral": {"model_type": "mistral", **_LLAMA_LIKE, "sliding_window": 6},
+        "qwen2": {"model_type": "qwen2", **_LLAMA_LIKE},
+        "qwen3": {"model_type": "qwen3", **_LLAMA_LIKE, "head_dim": 4},
+        "gemma": {"model_type": "gemma", **_LLAMA_LIKE, "head_dim": 4},
+        "gemma2": {
+            "model_type": "gemma2",
+            **_LLAMA_LIKE,
+            "head_dim": 4,
+            "query_pre_attn_scalar": 4,
+            "sliding_window": 6,
+        },
+        "phi3": {"model_type": "phi3", **_LLAMA_LIKE},
+    }
+)
 
 
 def _tiny_stage2(kind: str) -> Blip2Config:
@@ -277,6 +311,11 @@ PRESETS: dict[str, Any] = {
     "tiny-opt": lambda: _tiny_stage2("opt"),
     "tiny-gpt2": lambda: _tiny_stage2("gpt2"),
     "tiny-t5": lambda: _tiny_stage2("t5"),
+    **{
+        f"tiny-{kind}": functools.partial(_tiny_stage2, kind)
+        for kind in TINY_LLMS
+        if kind not in ("opt", "gpt2", "t5")
+    },
     "tiny-instruct-opt": lambda: _tiny_instruct("opt"),
     "tiny-instruct-t5": lambda: _tiny_instruct("t5"),
     # the Q-Former shape of MiniLM-L6-H384 (the offline stand-in for bert-base-uncased)

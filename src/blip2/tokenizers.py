@@ -55,10 +55,10 @@ def qformer_tokenizer(name_or_path: str | None = None, truncation_side: str = "r
 
 
 def llm_tokenizer(name_or_path: str) -> Any:
-    """The LLM's tokenizer (`AutoTokenizer`), with a pad token (EOS when the tokenizer has none)."""
+    """The LLM's tokenizer (`AutoTokenizer`), with a pad token (`llm_families.ensure_pad_token`: its
+    EOS, else its unknown token, when it has none)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    from blip2.llm_families import ensure_pad_token
+
+    return ensure_pad_token(AutoTokenizer.from_pretrained(name_or_path))

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from blip2 import llm_families
 from blip2.data.annotations import Record
 from blip2.data.features import FeatureStore, image_digest
 from blip2.data.instructions import instruction_pair
@@ -79,6 +80,8 @@ class TextSpec:
             record becomes `(instruction, answer)`, the instruction the prompt; None: records as they are.
         qformer_tokenizer: the Q-Former's BERT tokenizer, for the instruction the Q-Former reads.
         instruction_max_len: token budget of that instruction (InstructBLIP: 128).
+        chat_template: prompts wrapped in the LLM tokenizer's chat template (`LLMConfig.chat_template`;
+            BOS, EOS and padding follow `blip2.llm_families` either way).
     """
 
     mode: str
@@ -91,6 +94,7 @@ class TextSpec:
     templates: dict[str, tuple[str, ...]] | None = None
     qformer_tokenizer: Any = None
     instruction_max_len: int = 128
+    chat_template: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -238,17 +242,21 @@ class Preprocessor:
         return batch
 
     def _causal(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        t, tok = self.text, self.text.tokenizer
-        eos = t.eos_text if t.eos_text is not None else (tok.eos_token or "")
-        prompts = [s["prompt"] for s in samples]
-        texts = [(p + " " if p else "") + s["target"] + eos for p, s in zip(prompts, samples, strict=True)]
-        prompt_lens = [len(tok(p).input_ids) if p else 0 for p in prompts]
-        tok.padding_side = "right"
+        t, tok, chat = self.text, self.text.tokenizer, self.text.chat_template
+        suffix = llm_families.target_suffix(tok, t.eos_text)
+        prompts = [llm_families.prompt_text(tok, s["prompt"], chat) for s in samples]
+        texts = [
+            llm_families.training_text(p, s["target"], suffix, chat)
+            for p, s in zip(prompts, samples, strict=True)
+        ]
+        prompt_lens = [llm_families.prompt_length(tok, p, chat) for p in prompts]
+        tok.padding_side = llm_families.padding_side(is_encoder_decoder=False, generation=False)
         enc = tok(
             texts,
             padding="longest",
             truncation=True,
             max_length=max(prompt_lens) + t.max_len,
+            add_special_tokens=llm_families.add_special_tokens(chat),
             return_tensors="pt",
         )
         return {
@@ -258,10 +266,10 @@ class Preprocessor:
         }
 
     def _seq2seq(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        t, tok = self.text, self.text.tokenizer
-        tok.padding_side = "right"
+        t, tok, chat = self.text, self.text.tokenizer, self.text.chat_template
+        tok.padding_side = llm_families.padding_side(is_encoder_decoder=True, generation=False)
         kw = dict(padding="longest", truncation=True, max_length=t.max_len, return_tensors="pt")
-        enc = tok([s["prompt"] for s in samples], **kw)
+        enc = llm_families.encode_prompts(tok, [s["prompt"] for s in samples], chat, **kw)
         dec = tok([s["target"] for s in samples], **kw)
         return {
             "input_ids": enc["input_ids"],

@@ -8,7 +8,8 @@ embeddings. For the options captioning uses, most of its time is overhead, not a
 * "fast": greedy search runs the lean loop of `blip2.generation.greedy` with the LM's dynamic cache,
   beam search the search of `blip2.generation.beam` (the prefix prefilled once per image, shared by
   its beams);
-* "static": both over a preallocated `StaticCache` (decoder-only LMs): fixed shapes per step; on CUDA
+* "static": both over a preallocated `StaticCache` (decoder-only LMs whose attention window, if any,
+  covers the whole generation; others decode as "fast"): fixed shapes per step; on CUDA
   the step is compiled into a CUDA graph, and the image side (tower, Q-Former, projection) is
   replayed from a CUDA graph captured once per batch shape (`GraphCache`);
 * "compiled": "static" with the step compiled by `torch.compile` on any device (inductor kernels on
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from blip2.generation import beam
 from blip2.generation import greedy as lean
 from blip2.generation.graphs import GraphCache
-from blip2.models.language import forward_params, pad_after_eos
+from blip2.models.language import forward_params, pad_after_eos, sliding_window
 
 if TYPE_CHECKING:
     from blip2.models.bridge import LanguageBridge
@@ -141,9 +142,8 @@ class Decoding:
         if mode == "transformers" or not lean.supports(llm, options):
             return None
         params = forward_params(llm)
-        return lean.greedy(
-            llm, embeds, mask, params=params, **self._static(llm, params, embeds, mode), **options
-        )
+        static = self._static(llm, params, embeds, mode, options["max_new_tokens"])
+        return lean.greedy(llm, embeds, mask, params=params, **static, **options)
 
     def beams(
         self, llm: nn.Module, embeds: Tensor, mask: Tensor, options: dict[str, Any], mode: str
@@ -153,13 +153,21 @@ class Decoding:
         if mode == "transformers" or not beam.supports(llm, options):
             return None
         params = forward_params(llm)
-        static = self._static(llm, params, embeds, mode)
+        static = self._static(llm, params, embeds, mode, options["max_new_tokens"])
         return beam.beam_search(llm, embeds, mask, params=params, **static, **options)
 
-    def _static(self, llm: nn.Module, params: frozenset[str], embeds: Tensor, mode: str) -> dict[str, Any]:
-        """The static cache and decode step a loop takes in `mode` (none for "fast" and encoder-decoder
-        LMs: their dynamic cache)."""
+    def _static(
+        self, llm: nn.Module, params: frozenset[str], embeds: Tensor, mode: str, new_tokens: int
+    ) -> dict[str, Any]:
+        """The static cache and decode step a loop takes in `mode`; none (the dynamic cache, as "fast")
+        for "fast", for encoder-decoder LMs, and for an LM whose sliding attention window is shorter
+        than the prompt and `new_tokens` (Mistral, Gemma2 past their window: a static cache's window
+        layers hold only the window, which the beams' reordering and some transformers versions'
+        masks do not follow)."""
         if mode == "fast" or getattr(llm.config, "is_encoder_decoder", False):
+            return {}
+        window = sliding_window(llm)
+        if window is not None and window < embeds.shape[1] + new_tokens:
             return {}
         compile = mode == "compiled" or embeds.device.type == "cuda"
         step = self._compiled_step(llm, params, embeds.device.type) if compile else None

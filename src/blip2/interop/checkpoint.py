@@ -310,7 +310,7 @@ def load_pretrained_llm(llm_path: Path, llm_config: LLMConfig) -> nn.Module:
         str(llm_path),
         config=hf_cfg,
         dtype=language.torch_dtype(llm_config.dtype),
-        attn_implementation="sdpa",
+        attn_implementation=language.attention_implementation(hf_cfg),
     )
     return language.tie_input_embeddings(llm)  # the saved `shared.weight` for T5's encoder and decoder
 

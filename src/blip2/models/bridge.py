@@ -92,9 +92,9 @@ class LanguageBridge(QueryEncoder):
             wanted = "InstructBridge" if config.qformer.instruction else "LanguageBridge"
             raise ValueError(f"{type(self).__name__} cannot build a {config.kind!r} model: use {wanted}")
         super().__init__(config, vision_tower)
-        self.llm = language.freeze(
-            llm if llm is not None else language.build_llm(config.llm), config.llm.dtype
-        )
+        self.llm = llm if llm is not None else language.build_llm(config.llm)
+        language.check_usable(self.llm)  # one sentence for an LM the soft prompt cannot drive
+        language.freeze(self.llm, config.llm.dtype)
         if language.is_encoder_decoder(self.llm) != config.llm.is_encoder_decoder:
             raise ValueError(
                 f"config.llm describes a {config.llm.model_type!r} LM but the given LLM is a "
@@ -426,7 +426,8 @@ class LanguageBridge(QueryEncoder):
 
         Returns:
             `(embeds, mask, options)`: `[soft prompt][prompt]` embeddings `(B, Q + L, E)` (decoder-only:
-            the prompt left padded; encoder-decoder: right padded), their mask `(B, Q + L)`, and the
+            the prompt left padded, `[soft prompt][pads][prompt]` as transformers' BLIP-2 processor lays
+            it out; encoder-decoder: right padded), their mask `(B, Q + L)`, and the
             generate options with the defaults filled in (EOS and pad ids, `max_new_tokens`).
 
         Raises:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from blip2.config import LLMConfig
+from blip2.errors import UserError
 from blip2.models.encoders import dtype_name, torch_dtype
 
 
@@ -52,14 +53,60 @@ def auto_class(hf_cfg: Any) -> Any:
     return transformers.AutoModelForCausalLM
 
 
+def lm_class(hf_cfg: Any) -> type:
+    """The transformers LM class `auto_class(hf_cfg)` builds for the config (`LlamaForCausalLM`, ...).
+
+    Raises:
+        UserError: transformers has no causal (decoder-only) or sequence-to-sequence LM of this model
+            type (an image model, an encoder such as CLIP's text tower, ...).
+    """
+    try:
+        return auto_class(hf_cfg)._model_mapping[type(hf_cfg)]
+    except KeyError:
+        raise UserError(
+            f"the LLM's model type {hf_cfg.model_type!r} is neither a causal LM (AutoModelForCausalLM) nor a "
+            "sequence-to-sequence LM (AutoModelForSeq2SeqLM) in transformers, so it cannot be BLIP-2's "
+            "language model: use a decoder-only LM such as Llama or Qwen2, or an encoder-decoder one such as T5"
+        ) from None
+
+
+def attention_implementation(hf_cfg: Any) -> str:
+    """ "sdpa" (PyTorch's fused attention), or "eager" for an LM class that has none (Gemma2: SDPA has
+    no attention-logit soft-capping); the same choice transformers' own BLIP-2 makes."""
+    return "sdpa" if getattr(lm_class(hf_cfg), "_supports_sdpa", False) else "eager"
+
+
+def check_usable(llm: nn.Module) -> None:
+    """Refuse (`UserError`, one sentence) an LM the bridge cannot drive: one whose `forward` takes no
+    `inputs_embeds` (the soft visual prompt goes in as embeddings) or that has no input embeddings."""
+    name = type(llm).__name__
+    if "inputs_embeds" not in forward_params(llm):
+        raise UserError(
+            f"the language model {name} takes no inputs_embeds, so the image queries cannot be fed to it "
+            "as a soft prompt: use an LM whose forward accepts inputs_embeds (every transformers "
+            "AutoModelForCausalLM / AutoModelForSeq2SeqLM of Llama, Qwen2, Gemma, Phi-3, OPT, GPT-2, T5, ...)"
+        )
+    try:
+        table = llm.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        table = None
+    if not isinstance(table, nn.Embedding):
+        raise UserError(f"the language model {name} has no input embedding table to embed the prompt with")
+
+
 def build_llm(cfg: LLMConfig) -> nn.Module:
-    """Build the transformers LM described by `cfg.hf_config` with random weights (SDPA attention).
+    """Build the transformers LM described by `cfg.hf_config` with random weights (SDPA attention where
+    the LM class has it: `attention_implementation`).
 
     Pretrained weights: `blip2.interop.checkpoint.load_pretrained_llm`, or the caller's own
     `from_pretrained`, passed to the model instead.
+
+    Raises:
+        UserError: the model type is no causal or sequence-to-sequence LM (`lm_class`).
     """
     hf_cfg = transformers_config(cfg)
-    return tie_input_embeddings(auto_class(hf_cfg).from_config(hf_cfg, attn_implementation="sdpa"))
+    llm = auto_class(hf_cfg).from_config(hf_cfg, attn_implementation=attention_implementation(hf_cfg))
+    return tie_input_embeddings(llm)
 
 
 def tie_input_embeddings(llm: nn.Module) -> nn.Module:
@@ -132,6 +179,20 @@ def position_limit(llm: nn.Module) -> int | None:
         return None
     limit = getattr(config, "max_position_embeddings", None)
     return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def sliding_window(llm: nn.Module) -> int | None:
+    """The attention window of an LM whose layers (some or all) see only the last positions (Mistral,
+    Gemma2), None when every layer sees the whole sequence (Llama; Qwen2 with `use_sliding_window`
+    off)."""
+    config = llm.config
+    window = getattr(config, "sliding_window", None)
+    layers = getattr(config, "layer_types", None)
+    if not isinstance(window, int) or getattr(config, "use_sliding_window", True) is False:
+        return None
+    if layers and "sliding_attention" not in layers:
+        return None
+    return window
 
 
 def forward_params(llm: nn.Module) -> frozenset[str]:

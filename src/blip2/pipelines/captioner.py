@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from blip2 import llm_families
 from blip2.errors import UserError
 from blip2.generation import Decoding
 from blip2.interop.surgery import first_id
@@ -125,8 +126,11 @@ class Captioner(Pipeline):
         """The model's inputs for the prompts, on the device: the LLM's `input_ids` and `attention_mask`
         (none for empty prompts), each cut to the LLM's `max_txt_len` tokens as LAVIS does, with a
         `TruncationWarning` when one is cut. The one place prompts become model inputs."""
-        tok, limit = self.llm_tokenizer, self.config.llm.max_txt_len
-        longest = max((len(ids) for ids in tok(list(prompts))["input_ids"]), default=0)
+        tok, limit, chat = self.llm_tokenizer, self.config.llm.max_txt_len, self.config.llm.chat_template
+        prompts = list(prompts)
+        longest = max(
+            (len(ids) for ids in llm_families.encode_prompts(tok, prompts, chat)["input_ids"]), default=0
+        )
         if longest > limit:
             warnings.warn(
                 f"a prompt is {longest} tokens long; it was cut to the model's {limit}",
@@ -134,8 +138,10 @@ class Captioner(Pipeline):
                 stacklevel=4,
             )
         with self._generate_lock:
-            tok.padding_side = "left" if not self.model.is_encoder_decoder else "right"
-            enc = tok(list(prompts), padding=True, truncation=True, max_length=limit, return_tensors="pt")
+            tok.padding_side = llm_families.padding_side(self.model.is_encoder_decoder, generation=True)
+            enc = llm_families.encode_prompts(
+                tok, prompts, chat, padding=True, truncation=True, max_length=limit, return_tensors="pt"
+            )
         if enc["input_ids"].shape[1] == 0:
             return {}
         return {
@@ -151,7 +157,10 @@ class Captioner(Pipeline):
             return
         from blip2.models import language
 
-        longest = max(len(ids) for ids in self.llm_tokenizer(list(prompts))["input_ids"])
+        encoded = llm_families.encode_prompts(
+            self.llm_tokenizer, list(prompts), self.config.llm.chat_template
+        )
+        longest = max(len(ids) for ids in encoded["input_ids"])
         if longest == 0:  # no prompt: generation starts from the LM's start token, if it has one
             longest = int(language.start_token_id(self.model.llm) is not None)
         self.model.check_generation_length(

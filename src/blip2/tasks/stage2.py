@@ -246,6 +246,7 @@ class Stage2Task(Task):
             eos_text=llm.eos_text,
             vqa_template=llm.vqa_template,
             prefix_split=cls.prefix_split and mode == "seq2seq",
+            chat_template=llm.chat_template,
         )
 
 
