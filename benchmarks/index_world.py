@@ -9,10 +9,11 @@ PNG files into a folder, as a user's photo folder, and builds the index with the
 queries are world captions drawn as the demo's test set draws them: a random paraphrase of a scene,
 4 in 10 of them scenes no training image shows.
 
-Rows (one JSON line each, and a table): the index's ITC stage (`Index.itc`, from a text embedding) at the
-default settings, and at other FAISS settings measured by `index_bench.measure`; exhaustive
-(`candidates=None`: every image scored); and the whole `Index.search` (text embedding, ITC candidates,
-ITM re-ranking of the best 32, read again from disk). recall@10 is against exact search over the index's
+Rows (one JSON line each, and a table): the index's ITC stage (`Index.itc`, from a text embedding, one
+text at a time, one FAISS thread) at the default settings; exhaustive (`candidates=None`: every image
+scored); the inverted file an index above `FLAT_LIMIT` vectors gets (at two nprobe, and with its HNSW
+quantizer exploring more list centres); one pooled vector per image; and the whole `Index.search`
+(text embedding, ITC candidates, ITM re-ranking of the best 32, read again from disk). recall@10 is against exact search over the index's
 stored (float16) embeddings; `recall_vs_folder` is against `blip2 search` over the folder (every image
 embedded again, float32). `scene_p@10` is the share of the top 10 showing the caption's scene.
 """
