@@ -67,6 +67,7 @@ def run_llm(out: str, family: str, echo: Callable[[str], None] = print) -> dict:
         demo = json.load(f)
     b, seed = Budget(**demo["budget"]), demo["seed"]
     work = os.path.join(out, "work")
+    job = _demo_stage2_job(out)
     seconds: dict[str, float] = {}
 
     began = time.perf_counter()
@@ -93,7 +94,6 @@ def run_llm(out: str, family: str, echo: Callable[[str], None] = print) -> dict:
     began = time.perf_counter()
     stage1 = os.path.join(out, "model_stage1")
     run_dir = os.path.join(work, f"stage2_{family}")
-    job = _demo_stage2_job(out)
     job["model"] = {"init_from": stage1, "llm": lm.path, "llm_tokenizer": lm.path}
     job["train"]["output_dir"] = run_dir
     echo(
