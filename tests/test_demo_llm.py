@@ -56,6 +56,9 @@ def _distance(a: dict, b: dict) -> float:
 def test_second_llm_family_is_bridged_from_the_stage1_qformer(tiny_demo, family):
     """The new LM is the other architecture, learned the demo's text with the demo's budget, its stage 2
     began at the demo's stage-1 Q-Former, and the report scores both bridges the same way."""
+    from transformers import AutoTokenizer
+
+    import blip2
     from blip2.cli import main
 
     out = tiny_demo
@@ -90,6 +93,14 @@ def test_second_llm_family_is_bridged_from_the_stage1_qformer(tiny_demo, family)
     change = report["qformer_change"][family]
     assert change["from_stage1"] == pytest.approx(moved, rel=1e-3)
     assert change["from_random_init"] > 5 * change["from_stage1"]
+
+    # the bridge reads and writes text with the world's tokenizer, the one its LM learned with
+    # (transformers would load a `qwen2` folder's tokenizer as Qwen2's own, which splits words apart)
+    world = AutoTokenizer.from_pretrained(os.path.join(out, "lm"))
+    text = "caption : there is a large red circle on the left"
+    bridge_tok = blip2.load(os.path.join(out, f"model_{family}")).llm_tokenizer
+    assert bridge_tok(text).input_ids == world(text).input_ids
+    assert len(world(text).input_ids) == 1 + len(text.split())
 
     for name in ("gpt2", family):
         scores = report["bridges"][name]
