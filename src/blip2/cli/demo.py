@@ -8,6 +8,7 @@ Examples:
     blip2 demo                    # the full demo (under 10 minutes on 2 CPU cores)
     blip2 demo --quick --out /tmp/demo
     blip2 demo --instruct         # then instruction tuning vs. stage 2 continued (`blip2.demo.instruct`)
+    blip2 demo --llm llama        # then a Llama LM, bridged by stage 2 alone from stage 1 (`blip2.demo.llm`)
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="an extra phase on the demo in --out (run first when it has no report.json): instruction "
         "tuning (InstructBLIP) against BLIP-2 stage 2 continued, the same steps, zero-shot VQA of both",
     )
+    p.add_argument(
+        "--llm",
+        choices=("llama", "qwen2"),
+        help="an extra phase on the demo in --out (run first when it has no report.json): a small LM of this "
+        "family pre-trained on the world's text as the demo's GPT-2 was, stage 2 alone for it from the "
+        "demo's stage-1 model, held-out captions and VQA of both bridges",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,20 +45,24 @@ def run(args: argparse.Namespace) -> int:
     from blip2.demo.run import run_demo
 
     out = os.path.abspath(args.out)
-    if args.instruct and os.path.isfile(os.path.join(out, "report.json")):
-        return _instruct(out, args.quick)
-    report = run_demo(args.out, quick=args.quick, seed=args.seed)
-    print(f"report: {out}/report.md, {out}/report.json, figure: {out}/figure.png")
-    print(f"models: {out}/model (stage 2: caption, ask), {out}/model_stage1 (stage 1: match, similarity)")
-    print(
-        f"try:    python -c \"import blip2; m = blip2.load('{out}/model'); "
-        f"print(m.caption('{out}/work/data/test/000000.png'))\""
-    )
-    print(f"total:  {report['seconds']['total']:.0f} s")
-    return _instruct(out, args.quick) if args.instruct else 0
+    phases = args.instruct or args.llm
+    if not (phases and os.path.isfile(os.path.join(out, "report.json"))):
+        report = run_demo(args.out, quick=args.quick, seed=args.seed)
+        print(f"report: {out}/report.md, {out}/report.json, figure: {out}/figure.png")
+        print(f"models: {out}/model (stage 2: caption, ask), {out}/model_stage1 (stage 1: match, similarity)")
+        print(
+            f"try:    python -c \"import blip2; m = blip2.load('{out}/model'); "
+            f"print(m.caption('{out}/work/data/test/000000.png'))\""
+        )
+        print(f"total:  {report['seconds']['total']:.0f} s")
+    if args.instruct:
+        _instruct(out, args.quick)
+    if args.llm:
+        _llm(out, args.llm)
+    return 0
 
 
-def _instruct(out: str, quick: bool) -> int:
+def _instruct(out: str, quick: bool) -> None:
     from blip2.demo.instruct import MODELS, run_instruct
 
     report = run_instruct(out, quick=quick)
@@ -58,4 +70,17 @@ def _instruct(out: str, quick: bool) -> int:
     for name in MODELS:
         scores = report["scores"][name]["vqa"]
         print(f"zero-shot VQA, {name}: {scores['vqa_accuracy']:.3f}")
-    return 0
+
+
+def _llm(out: str, family: str) -> None:
+    from blip2.demo.llm import NAMES, run_llm
+
+    report = run_llm(out, family)
+    print(
+        f"report: {out}/llm_{family}_report.md, {out}/llm_{family}_report.json; model: {out}/model_{family}"
+    )
+    for name, scores in report["bridges"].items():
+        print(
+            f"{NAMES[name]} bridge: caption attribute accuracy {scores['caption_attribute_accuracy']:.3f}, "
+            f"zero-shot VQA {scores['vqa_accuracy']:.3f}"
+        )

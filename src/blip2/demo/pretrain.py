@@ -5,7 +5,8 @@
   predict the renderer's scene labels (shape, colour, size, position). It never sees text. The
   heads are thrown away; the tower is saved with `save_pretrained`.
 * The language model is a 4-layer, 128-wide transformers `GPT2LMHeadModel` with a word-level tokenizer
-  built with the `tokenizers` library. It learns from text alone: documents of the grammar made of a
+  built with the `tokenizers` library (`blip2 demo --llm` trains a Llama or Qwen2 of the same size the
+  same way, `lm_config`). It learns from text alone: documents of the grammar made of a
   scene's description and a second part that the first determines (a paraphrase after the caption
   prompt, or a question in the model's VQA template with its answer), joined by the BOS token:
   `a large red circle on the left . <s> caption : there is a large red circle on the left </s>` or
@@ -297,6 +298,40 @@ def gpt2_config(tokenizer, layers: int = 4, width: int = 128, heads: int = 4) ->
     }
 
 
+LM_FAMILIES = ("gpt2", "llama", "qwen2")  # the demo's LM, and the other families `blip2 demo --llm` trains
+
+
+def lm_config(family: str, tokenizer, layers: int = 4, width: int = 128, heads: int = 4) -> dict:
+    """transformers config of a small LM of `family` (`LM_FAMILIES`) over `tokenizer`'s vocabulary.
+
+    Llama and Qwen2 are built as big as the demo's GPT-2 (about 0.8 M parameters): the same depth,
+    width and heads, tied input/output embeddings, no dropout, and a SwiGLU feed-forward of 344 (three
+    matrices of `width x 344` hold as many weights as GPT-2's two of `width x 4 width`). They differ from
+    GPT-2 in what makes them a family: rotary positions instead of a learned table, RMSNorm, SwiGLU
+    (and Qwen2's biases on the query, key and value projections).
+    """
+    if family == "gpt2":
+        return gpt2_config(tokenizer, layers, width, heads)
+    if family not in LM_FAMILIES:
+        raise ValueError(f"no small LM of family {family!r}: one of {', '.join(LM_FAMILIES)}")
+    return {
+        "model_type": family,
+        "vocab_size": len(tokenizer),
+        "hidden_size": width,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "intermediate_size": 344,
+        "hidden_act": "silu",
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": True,
+        "attention_dropout": 0.0,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def pretrain_lm(
     tokenizer,
     docs: Sequence[tuple[str, str]],
@@ -306,15 +341,20 @@ def pretrain_lm(
     lr: float = 3e-3,
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
+    config: dict | None = None,
 ) -> PretrainResult:
-    """Train a small GPT-2 on the text documents, then save it and its tokenizer to `out_dir`."""
+    """Train a small LM on the text documents, then save it and its tokenizer to `out_dir`.
+
+    Args:
+        config: the LM's transformers config (`model_type` and fields, see `lm_config`); default the
+            demo's GPT-2 (`gpt2_config`). Built with `AutoModelForCausalLM`.
+    """
     import transformers
 
     start = time.perf_counter()
     torch.manual_seed(seed)
-    cfg = gpt2_config(tokenizer)
-    cfg.pop("model_type")
-    lm = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
+    cfg = transformers.AutoConfig.for_model(**(config or gpt2_config(tokenizer)))
+    lm = transformers.AutoModelForCausalLM.from_config(cfg)
     ids, mask, labels = encode_documents(tokenizer, docs)
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = _warmup_cosine(opt, steps, warmup=max(1, steps // 20))

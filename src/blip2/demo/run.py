@@ -208,11 +208,36 @@ def _losses(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
+def with_caption_prompt(folder: str) -> str:
+    """Make `CAPTION_PROMPT` the default prompt of the stage-2 model in `folder` (the model captions
+    with the prompt it was trained with); returns `folder`."""
+    from blip2.pipelines import load
+
+    pipe = load(folder)
+    config = pipe.model.config
+    pipe.model.config = dataclasses.replace(
+        config, llm=dataclasses.replace(config.llm, prompt=CAPTION_PROMPT)
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
 # ------------------------------------------------------------------------------------------- the demo
 
 
-def run_demo(out: str, quick: bool = False, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
-    """Run every phase and write the report into `out`; returns the report."""
+def run_demo(
+    out: str,
+    quick: bool = False,
+    seed: int = 0,
+    echo: Callable[[str], None] = print,
+    budget: Budget | None = None,
+) -> dict:
+    """Run every phase and write the report into `out`; returns the report.
+
+    Args:
+        quick: the small budget (`Budget.quick`) when `budget` is not given.
+        budget: how much of everything the run does (default `Budget()`, the full demo).
+    """
     import transformers
 
     from blip2.models import RetrievalModel
@@ -221,7 +246,7 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, echo: Callable[[str],
     from blip2.train.feature_cache import cache_features
     from blip2.train.loop import train
 
-    b = Budget.quick() if quick else Budget()
+    b = budget or (Budget.quick() if quick else Budget())
     timer = Timer()
     threads = {
         "torch_threads": torch.get_num_threads(),
@@ -355,15 +380,7 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, echo: Callable[[str],
         )
         train(cfg)
         curves[name] = _losses(run)
-        # the model captions with the prompt it was trained with (its config's default prompt)
-        final = os.path.join(run, "final")
-        pipe = load(final)
-        config = pipe.model.config
-        pipe.model.config = dataclasses.replace(
-            config, llm=dataclasses.replace(config.llm, prompt=CAPTION_PROMPT)
-        )
-        pipe.save_pretrained(final)
-        return final
+        return with_caption_prompt(os.path.join(run, "final"))
 
     with timer.phase("stage2", echo):
         final2 = stage2("stage2", res1.final_dir)
