@@ -42,7 +42,10 @@ def tiny_demo(tmp_path_factory) -> str:
 def _qformer(folder: str) -> dict:
     from safetensors.torch import load_file
 
-    weights = load_file(os.path.join(folder, "model.safetensors"))
+    name = "blip2_model.safetensors"  # our layout: the demo's tower is not transformers' EVA
+    weights = load_file(
+        os.path.join(folder, name if os.path.isfile(os.path.join(folder, name)) else "model.safetensors")
+    )
     return {k: v for k, v in weights.items() if k.startswith(("qformer.", "query_tokens"))}
 
 

@@ -223,6 +223,13 @@ def _parameters(folder: str) -> int:
     return sum(t.numel() for t in load_file(os.path.join(folder, "model.safetensors")).values())
 
 
+def _weights(folder: str) -> str:
+    """The weights file of a saved model: our layout's (`blip2_model.safetensors`, any non-EVA tower) or
+    transformers'."""
+    ours = os.path.join(folder, "blip2_model.safetensors")
+    return ours if os.path.isfile(ours) else os.path.join(folder, "model.safetensors")
+
+
 def _tail_mean(values: list[float]) -> float:
     """The mean of the last tenth of a loss curve."""
     tail = values[-max(1, len(values) // 10) :]
@@ -234,8 +241,8 @@ def _distance(folder: str, reference: str) -> float:
     of the difference over the norm of the reference's, over the weights both models have."""
     from safetensors.torch import load_file
 
-    a = load_file(os.path.join(folder, "model.safetensors"))
-    r = load_file(os.path.join(reference, "model.safetensors"))
+    a = load_file(_weights(folder))
+    r = load_file(_weights(reference))
     keys = [k for k in a if k in r and k.startswith(("qformer.", "query_tokens"))]
     diff = sum(float((a[k].double() - r[k].double()).pow(2).sum()) for k in keys)
     norm = sum(float(r[k].double().pow(2).sum()) for k in keys)
