@@ -62,6 +62,7 @@ def stage1(out: str) -> None:
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     if info.is_main:
         torch.save({"losses": losses, "grads": grads}, out)
+    D.barrier()  # every rank leaves together: none tears its group down while rank 0 still writes
     D.teardown()
 
 
@@ -96,6 +97,7 @@ def fsdp(out: str) -> None:
             },
             out,
         )
+    D.barrier()
     D.teardown()
 
 

@@ -122,6 +122,13 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 120, env: dict | No
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def failure(p: subprocess.CompletedProcess) -> str:
+    """A failed run's stderr for an assertion message: its start (where a rank's own error is) and its
+    end (torchrun's summary), not the end alone."""
+    err = p.stderr or ""
+    return err if len(err) <= 6000 else f"{err[:3000]}\n[...]\n{err[-3000:]}"
+
+
 def blip2_cli(args: list[str], timeout: int = 120):
     """Run `python -m blip2.cli ARGS` in a fresh process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -24,6 +24,7 @@ it goes when its holder goes, and a copy (`copy.deepcopy`, pickling) starts with
 
 from __future__ import annotations
 
+import types
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,15 @@ if TYPE_CHECKING:
 # LM's module attributes and globals: the step's code does not change them, and checking them costs
 # about a sixth of a small LM's step on one CPU thread (None: every guard, as torch.compile does)
 GUARD_FILTER = getattr(torch.compiler, "keep_tensor_guards_unsafe", None)
+
+
+def _own_code(fn: Callable) -> Callable:
+    """`fn` with a code object of its own. torch.compile keeps its graphs per code object, and every LM's
+    step shares `decode_step`'s code: with the tensor-only guards above, a second LM whose tensors have the
+    first one's shapes would otherwise run the first LM's graph (other weights, other architecture)."""
+    return types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
 
 
 class Decoding:
@@ -206,7 +216,7 @@ class Decoding:
         kept = self._steps.get(device)
         if kept is not None and kept[0] is llm:
             return kept[1]
-        step = lean.decode_step(llm, params)
+        step = _own_code(lean.decode_step(llm, params))
         if device == "cuda":  # replayed as CUDA graphs
             compiled = torch.compile(step, mode="reduce-overhead", fullgraph=False, dynamic=False)
 
