@@ -12,8 +12,9 @@ embeddings. For the options captioning uses, most of its time is overhead, not a
   covers the whole generation; others decode as "fast"): fixed shapes per step; on CUDA
   the step is compiled into a CUDA graph, and the image side (tower, Q-Former, projection) is
   replayed from a CUDA graph captured once per batch shape (`GraphCache`);
-* "compiled": "static" with the step compiled by `torch.compile` on any device (inductor kernels on
-  CPU; the first call of each batch shape compiles, so it pays off over many batches);
+* "compiled": "static" with the step compiled by `torch.compile` on any device; on CPU the step and
+  the image side become inductor kernels over frozen, prepacked weights (see `_frozen`). The first call
+  of each batch shape compiles, so it pays off over many batches;
 * "transformers": always the model's plain `generate`.
 
 Options neither loop implements (sampling, scores, ...) always go to the plain path; the tokens are
@@ -55,6 +56,31 @@ def _own_code(fn: Callable) -> Callable:
     )
 
 
+# inductor's freezing for compiled CPU inference: weights become constants, which lets it prepack them for
+# oneDNN's matrix products. Dynamo reads the flag from inductor's global config when it traces, so
+# `_frozen` sets it around each call (a few microseconds; the flag only matters when a call compiles).
+# A frozen graph does not see a weight changed later, in place or replaced, so each compiled function is
+# kept with `_weights` of what it read and compiled again when that changes. It holds its own
+# (prepacked) copy of the weights.
+def _frozen(fn: Callable) -> Callable:
+    config = torch._inductor.config
+
+    def run(*args: Any) -> Any:
+        before, config.freezing = config.freezing, True
+        try:
+            return fn(*args)
+        finally:
+            config.freezing = before
+
+    return run
+
+
+def _weights(*modules: nn.Module) -> tuple:
+    """The version of the weights `modules` hold: each tensor's storage and in-place version counter
+    (an optimizer step or `load_state_dict` bumps the counter, `.to(...)` or assignment the storage)."""
+    return tuple((t.data_ptr(), t._version) for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
 class Decoding:
     """How BLIP-2 generation decodes, and the caches that make it fast.
 
@@ -71,7 +97,8 @@ class Decoding:
         self.max_static_caches = max_static_caches
         self.prefix_graphs = GraphCache()  # the image side, per batch shape (CUDA only)
         self._static_caches: OrderedDict[tuple, Any] = OrderedDict()
-        self._steps: dict[str, tuple[nn.Module, Callable]] = {}  # device type -> (its LM, compiled step)
+        self._steps: dict[str, tuple] = {}  # device type -> (its LM, weights version, compiled step)
+        self._prefixes: tuple | None = None  # (model, weights version, compiled image side), CPU only
 
     def __deepcopy__(self, memo: dict) -> Decoding:
         return Decoding(self.mode, self.max_static_caches)  # caches belong to the original's LM
@@ -129,10 +156,14 @@ class Decoding:
         self, model: LanguageBridge, pixel_values: Tensor | None, image_features: Tensor | None, mode: str
     ) -> Tensor:
         """`model.prefix(...)`; in "static"/"compiled" mode on CUDA, replayed from a CUDA graph per batch
-        shape (at small batches the host launching the tower's and Q-Former's kernels is the bottleneck)."""
+        shape (at small batches the host launching the tower's and Q-Former's kernels is the bottleneck);
+        in "compiled" mode on CPU, compiled with frozen weights (inference from pixels only)."""
         x = image_features if image_features is not None else pixel_values  # as `encode_image` picks
         parts = (model.visual, model.qformer, model.language_projection)
         training = any(m.training for p in parts for m in p.modules())  # dropout: run it as is
+        if mode == "compiled" and pixel_values is not None and image_features is None and not training:
+            if pixel_values.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+                return self._compiled_prefix(model)(pixel_values)
         if mode not in ("static", "compiled") or x is None or x.device.type != "cuda" or training:
             return model.prefix(pixel_values, image_features)
 
@@ -211,11 +242,12 @@ class Decoding:
         return cache
 
     def _compiled_step(self, llm: nn.Module, params: frozenset[str], device: str) -> Callable:
-        """The static-cache decode step compiled: into CUDA graphs on CUDA, inductor kernels elsewhere
-        (one per device type; `torch.compile` keeps a graph per batch shape)."""
+        """The static-cache decode step compiled: into CUDA graphs on CUDA, frozen inductor kernels
+        elsewhere (one per device type; `torch.compile` keeps a graph per batch shape)."""
+        weights = _weights(llm) if device != "cuda" else None
         kept = self._steps.get(device)
-        if kept is not None and kept[0] is llm:
-            return kept[1]
+        if kept is not None and kept[0] is llm and kept[1] == weights:
+            return kept[2]
         step = _own_code(lean.decode_step(llm, params))
         if device == "cuda":  # replayed as CUDA graphs
             compiled = torch.compile(step, mode="reduce-overhead", fullgraph=False, dynamic=False)
@@ -224,8 +256,20 @@ class Decoding:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
                 return compiled(*args)
 
-        else:  # inductor kernels; guards on tensors (shapes, dtypes) only: see GUARD_FILTER
+        else:  # guards on tensors (shapes, dtypes) only (see GUARD_FILTER); weights frozen (see `_frozen`)
             options = {"guard_filter_fn": GUARD_FILTER} if GUARD_FILTER is not None else None
-            run = torch.compile(step, fullgraph=False, dynamic=False, options=options)
-        self._steps[device] = (llm, run)
+            run = _frozen(torch.compile(step, fullgraph=False, dynamic=False, options=options))
+        self._steps[device] = (llm, weights, run)
+        return run
+
+    def _compiled_prefix(self, model: LanguageBridge) -> Callable:
+        """The image side (tower, Q-Former, projection) compiled with frozen weights, for CPU inference:
+        one per model and weights version (see `_frozen`); `torch.compile` keeps a graph per batch shape."""
+        parts = (model.visual, model.qformer, model.language_projection)
+        weights = (_weights(*parts), model.query_tokens.data_ptr(), model.query_tokens._version)
+        kept = self._prefixes
+        if kept is not None and kept[0] is model and kept[1] == weights:
+            return kept[2]
+        run = _frozen(torch.compile(_own_code(lambda x: model.prefix(x)), fullgraph=False, dynamic=False))
+        self._prefixes = (model, weights, run)
         return run
