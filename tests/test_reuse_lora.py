@@ -140,6 +140,72 @@ def test_a_qformer_of_another_width_or_no_qformer_is_one_sentence(world, tmp_pat
     assert "model.qformer_from" in p.stderr, p.stderr[-2000:]
 
 
+def _random_lavis_state(keys: dict[str, tuple], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, shape in keys.items():
+        if k.endswith("position_ids"):
+            out[k] = torch.arange(shape[1])[None]
+        elif ("norm" in k.lower() or "LayerNorm" in k) and k.endswith("weight"):
+            out[k] = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            out[k] = 0.1 * torch.randn(shape, generator=g)
+    return out
+
+
+def test_a_lavis_checkpoint_s_q_former_is_reused(world, tmp_path, monkeypatch):
+    """A LAVIS stage-1 `.pth` (its keys written down from LAVIS, as the LAVIS interop tests write them)
+    and the `eva_vit_g.pth` beside it start stage 2 for a new LLM: the Q-Former, queries and
+    `ln_vision` are the file's tensors, and only the projection trains."""
+    from lavis_keys import lavis_qformer_keys, lavis_vision_keys
+
+    from blip2.interop import lavis
+
+    q = preset("tiny-stage1").qformer
+    state = _random_lavis_state(
+        lavis_qformer_keys(q.num_layers, q.hidden_size, q.intermediate_size, 48, q.cross_attention_freq,
+                           q.num_query_tokens, q.vocab_size, text=True, embed=preset("tiny-stage1").embed_dim),
+        seed=1,
+    )  # fmt: skip
+    position = "Qformer.bert.embeddings.position_embeddings.weight"
+    state[position] = state[position][: q.max_position_embeddings]
+    state["Qformer.cls.predictions.decoder.weight"] = state["Qformer.bert.embeddings.word_embeddings.weight"]
+    state["Qformer.cls.predictions.decoder.bias"] = state["Qformer.cls.predictions.bias"]
+    folder = tmp_path / "lavis"
+    folder.mkdir()
+    eva = _random_lavis_state(lavis_vision_keys(depth=3, width=48, mlp=64, positions=17, patch=4), seed=2)
+    torch.save({"model": state}, folder / "blip2_tiny.pth")
+    torch.save(eva, folder / "eva_vit_g.pth")
+    # a released file is known by its name (`blip2_pretrained.pth`: blip2-stage1-vit-g); this tiny one
+    # is made known the same way
+    monkeypatch.setitem(lavis.FILES, "blip2_tiny.pth", "tiny-stage1")
+
+    out = tmp_path / "run"
+    result = train(load_config(TINY2, _args(world, out, f"model.qformer_from={folder / 'blip2_tiny.pth'}")))
+    assert result.steps == 3
+    final = blip2.load(str(out / "final")).model
+    qformer = final.qformer.state_dict()
+    # the file's own tensors, by LAVIS's names
+    layer = "Qformer.bert.encoder.layer.0"
+    by_hand = {
+        "layers.0.self_attn.query.weight": f"{layer}.attention.self.query.weight",
+        "layers.0.cross_attn.key.weight": f"{layer}.crossattention.self.key.weight",
+        "layers.0.query_ffn.fc1.weight": f"{layer}.intermediate_query.dense.weight",
+    }
+    for ours, theirs in by_hand.items():
+        assert torch.equal(qformer[ours], state[theirs]), ours
+    assert torch.equal(final.query_tokens, state["query_tokens"])
+    assert torch.equal(final.visual.ln_vision.weight, state["ln_vision.weight"])
+    # all of it: the Q-Former as blip2.load reads the file, and its tower (the file beside it)
+    source = blip2.load(str(folder / "blip2_tiny.pth")).model
+    _assert_equal(qformer, {k: v for k, v in source.qformer.state_dict().items() if k in qformer}, "Q-Former")
+    _assert_equal(final.visual.state_dict(), source.visual.state_dict(), "image encoder")
+    _assert_equal(final.llm.state_dict(), _llm_reference(world), "LLM")
+    trainable, _ = checkpoint.load(checkpoint.find(str(out)))
+    assert set(trainable) == {"language_projection.weight", "language_projection.bias"}
+    assert _optimizer_size(out) == 2
+
+
 # ------------------------------------------------------------------------------------------- LoRA
 
 
@@ -226,6 +292,33 @@ def test_merged_and_adapter_folders_reproduce_the_unmerged_model(world, lora_run
     got_logits, got_tokens = _logits_and_tokens(merged, pixels)
     torch.testing.assert_close(got_logits, logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(got_tokens, tokens)
+
+
+def test_an_unmerged_folder_is_refused_by_transformers_and_a_merged_one_loads(world, lora_runs):
+    """`merge: false` saves the LLM as it started with the adapters beside it: transformers would load
+    that as the base model without them, so the folder is written in our layout (no config.json) and
+    transformers refuses it, while `blip2.load` applies the adapters. `merge: true` writes transformers'
+    layout, which loads there with the trained (merged) LLM."""
+    from transformers import Blip2ForConditionalGeneration
+
+    run, merged_run = lora_runs
+    final = run / "final"
+    assert not (final / "config.json").exists() and (final / "blip2_model.safetensors").is_file()
+    with pytest.raises(OSError):
+        Blip2ForConditionalGeneration.from_pretrained(final)  # no weights where it looks
+    q_proj = "model.decoder.layers.0.self_attn.q_proj.weight"
+    loaded = blip2.load(str(final)).model.llm.state_dict()[q_proj]
+    assert not torch.equal(loaded, _llm_reference(world)[q_proj])  # the adapters are in
+
+    merged = merged_run / "final"
+    assert (merged / "config.json").is_file()
+    hf = Blip2ForConditionalGeneration.from_pretrained(merged).state_dict()
+    theirs = [
+        v for k, v in hf.items() if k.startswith("language_model.") and k.endswith(q_proj[len("model.") :])
+    ]
+    ours = blip2.load(str(merged)).model.llm.state_dict()[q_proj]
+    assert len(theirs) == 1 and torch.equal(theirs[0], ours)
+    assert torch.allclose(ours, loaded, atol=1e-6)  # the same trained LLM either way
 
 
 def test_the_adapter_folder_is_peft_s_own(world, lora_runs):

@@ -9,6 +9,8 @@ import os
 from typing import Any
 
 DEC_TOKEN = "[DEC]"
+# the class names a tokenizer saved as a plain `tokenizer.json` records (transformers 5, 4)
+PLAIN_FAST_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 BERT_BASE_UNCASED = "bert-base-uncased"
 
 
@@ -55,10 +57,21 @@ def qformer_tokenizer(name_or_path: str | None = None, truncation_side: str = "r
 
 
 def llm_tokenizer(name_or_path: str) -> Any:
-    """The LLM's tokenizer (`AutoTokenizer`), with a pad token (`llm_families.ensure_pad_token`: its
-    EOS, else its unknown token, when it has none)."""
-    from transformers import AutoTokenizer
+    """The LLM's tokenizer as saved in `name_or_path` (a folder or hub id), with a pad token
+    (`llm_families.ensure_pad_token`: its EOS, else its unknown token, when it has none).
+
+    `AutoTokenizer` picks the class, except for a tokenizer saved as a plain fast tokenizer
+    (`tokenizer_class` `TokenizersBackend` / `PreTrainedTokenizerFast` in `tokenizer_config.json`: all
+    of it is in `tokenizer.json`): that one loads as such. transformers 5 would put the model family's
+    own class in its place in a folder whose `config.json` names some families (Qwen2, Phi-3, ...), and
+    that class splits text its own way: a tokenizer saved beside such an LM would not be the one read.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
     from blip2.llm_families import ensure_pad_token
 
+    saved_class = get_tokenizer_config(name_or_path).get("tokenizer_class")
+    if saved_class in PLAIN_FAST_TOKENIZERS:
+        return ensure_pad_token(PreTrainedTokenizerFast.from_pretrained(name_or_path))
     return ensure_pad_token(AutoTokenizer.from_pretrained(name_or_path))

@@ -65,11 +65,16 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_arguments(
-    parser: argparse.ArgumentParser, image_limit: bool = True, model_help: str | None = None
+    parser: argparse.ArgumentParser,
+    image_limit: bool = True,
+    model_help: str | None = None,
+    llm_placement: bool = True,
 ) -> None:
     """`--model`, the device options and what a LAVIS checkpoint file needs to load; with
-    `image_limit`, `--max-pixels`. With `model_help`, `--model` is optional and says so (a command
-    that can take the model from elsewhere, as an index names its own)."""
+    `image_limit`, `--max-pixels`; with `llm_placement`, the options of a large LLM
+    (`add_llm_placement`; False for a command that loads retrieval models only). With `model_help`,
+    `--model` is optional and says so (a command that can take the model from elsewhere, as an index
+    names its own)."""
     parser.add_argument(
         "--model",
         required=model_help is None,
@@ -77,7 +82,8 @@ def add_model_arguments(
     )
     add_device_arguments(parser)
     add_loading_arguments(parser)
-    add_llm_placement(parser)
+    if llm_placement:
+        add_llm_placement(parser)
     if image_limit:
         add_max_pixels(parser)
 

@@ -6,9 +6,8 @@ MiniGPT-4's path in the demo's world: a trained Q-Former reused for a new LLM.
 1. a small LM of the family (Llama or Qwen2, `pretrain.lm_config`: as big as the demo's GPT-2) is
    pre-trained as the demo's GPT-2 was: the world's own word-level tokenizer (the demo's `lm/`, so the
    same vocabulary and the same `<s>` before every text), the same documents (the demo's seed and
-   budget), steps, batch and learning rate, on text alone; then frozen: `lm_<family>/` (load its
-   tokenizer from the demo's `lm/`: `AutoTokenizer` gives a folder whose config says `qwen2` Qwen2's
-   own tokenizer class, which splits the world's words differently);
+   budget), steps, batch and learning rate, on text alone; then frozen: `lm_<family>/`, with the
+   world's tokenizer saved beside it;
 2. stage 2 alone, from the demo's stage-1 model (`model_stage1/`): the demo's own stage-2 job
    (`work/stage2/train_config.json`: data, steps, optimizer, seed) with only the LLM changed. The
    Q-Former starts from stage 1 and keeps training, as in the demo; the projection to the LLM is new:
@@ -96,10 +95,7 @@ def run_llm(out: str, family: str, echo: Callable[[str], None] = print) -> dict:
     began = time.perf_counter()
     stage1 = os.path.join(out, "model_stage1")
     run_dir = os.path.join(work, f"stage2_{family}")
-    # the world's tokenizer from the demo's `lm/`, not from `lm_<family>/`: transformers' AutoTokenizer
-    # replaces the tokenizer saved in a folder whose config says `qwen2` with Qwen2's own class
-    # (byte-level, whatever tokenizer_config.json says), which splits the world's words differently
-    job["model"] = {"init_from": stage1, "llm": lm.path, "llm_tokenizer": os.path.join(out, "lm")}
+    job["model"] = {"init_from": stage1, "llm": lm.path}  # its tokenizer: the world's, saved beside it
     job["train"]["output_dir"] = run_dir
     echo(
         f"== stage 2 for the {NAMES[family]} LM from the demo's stage-1 model: {job['train']['max_steps']} steps"

@@ -10,10 +10,12 @@ Our folder: `blip2_config.json` (our config), and either
   - the model has a transformers class: `config.json` (transformers' BLIP-2 config) and
     `model.safetensors` in transformers' key names, plus `blip2_extras.safetensors` with what
     transformers has no place for (ITC temperature, ITG head, a stage-2 Q-Former's text side), or
-  - it has none (an image encoder other than EVA ViT-g: CLIP, SigLIP, DINOv2, ...):
+  - it has none (an image encoder other than EVA ViT-g: CLIP, SigLIP, DINOv2, ...), or transformers
+    would load it without a part (an LLM whose LoRA adapters lie beside it, unmerged, in `lora/`):
     `blip2_model.safetensors` in our key names, marked `{"format": "blip2"}` in its metadata, and no
     `config.json`. No file transformers looks for, so its `from_pretrained` refuses the folder (it
-    would otherwise build a default EVA model and fill it with nothing). Folders written before this
+    would otherwise build a default EVA model and fill it with nothing, or the LLM without its
+    adapters). Folders written before this
     name hold the same weights as `model.safetensors` and still load.
 """
 
@@ -169,6 +171,16 @@ def load_folder(path: Path, config: Blip2Config) -> nn.Module:
     return _finish(model)
 
 
+def transformers_layout(model: nn.Module) -> bool:
+    """Whether `save_folder` writes `model` in transformers' layout: transformers has a class for it,
+    and its LLM carries no LoRA adapters. An LLM saved without its adapters (a training run's
+    `merge: false` writes them beside it, in `lora/`, while the LLM is saved as it started) would load
+    in transformers as the base model, the adapters silently left out: such a folder is ours alone."""
+    llm = getattr(model, "llm", None)
+    adapters = llm is not None and getattr(llm, "peft_config", None) is not None  # kept while saving
+    return hf.has_counterpart(model.config) and not adapters
+
+
 def save_folder(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Write `model` as our folder: weights and configs (the caller adds processor and tokenizer)."""
     from safetensors.torch import save_file
@@ -180,7 +192,7 @@ def save_folder(model: nn.Module, path: str | os.PathLike[str]) -> None:
     (path / CONFIG).write_text(config.to_json())
     for stale in (EXTRAS, "config.json", WEIGHTS, OUR_WEIGHTS):
         (path / stale).unlink(missing_ok=True)
-    if not hf.has_counterpart(config):
+    if not transformers_layout(model):
         save_file(state, str(path / OUR_WEIGHTS), metadata={"format": OUR_FORMAT})
         return
     extra = hf.extra_keys(config)
@@ -286,12 +298,34 @@ def _with_base_prefix(state: dict[str, Tensor], llm: nn.Module) -> dict[str, Ten
     }
 
 
+# what an LLM folder that cannot be read should be instead, after the reason
+LLM_HINT = (
+    "; the LLM (model.llm in a training config, --llm for a LAVIS checkpoint) is a folder written by the "
+    "LM's save_pretrained (config.json and weights) or a hub id"
+)
+
+
+def _reason(e: Exception) -> str:
+    """The first line of an exception's message (its type when it has none), for a one-sentence error."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200].rstrip(".") if text else type(e).__name__
+
+
 def pretrained_llm_config(llm_path: Path, preset: LLMConfig | None) -> LLMConfig:
     """`preset` (name, dtype, prompt, EOS text, ...; default `LLMConfig()`) with the architecture of
     the transformers LM folder `llm_path`; FlanT5 gets LAVIS's exact GELU and its own LM head."""
     import transformers
 
-    hf_cfg = transformers.AutoConfig.from_pretrained(str(llm_path))
+    if not (llm_path / "config.json").is_file():
+        raise UserError(
+            f"{llm_path} is not a transformers language model folder: it has no config.json{LLM_HINT}"
+        )
+    try:
+        hf_cfg = transformers.AutoConfig.from_pretrained(str(llm_path))
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{llm_path} is not a transformers language model folder ({_reason(e)}){LLM_HINT}"
+        ) from None
     arch = hf._arch_dict(hf_cfg)
     if arch["model_type"] == "t5":
         arch["dense_act_fn"] = "gelu"  # LAVIS and the transformers conversion use exact GELU for FlanT5
@@ -306,12 +340,17 @@ def load_pretrained_llm(llm_path: Path, llm_config: LLMConfig) -> nn.Module:
     from blip2.models import language
 
     hf_cfg = language.transformers_config(llm_config)
-    llm = language.auto_class(hf_cfg).from_pretrained(
-        str(llm_path),
-        config=hf_cfg,
-        dtype=language.torch_dtype(llm_config.dtype),
-        attn_implementation=language.attention_implementation(hf_cfg),
-    )
+    try:
+        llm = language.auto_class(hf_cfg).from_pretrained(
+            str(llm_path),
+            config=hf_cfg,
+            dtype=language.torch_dtype(llm_config.dtype),
+            attn_implementation=language.attention_implementation(hf_cfg),
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{llm_path} holds no weights of its language model ({_reason(e)}){LLM_HINT}"
+        ) from None
     return language.tie_input_embeddings(llm)  # the saved `shared.weight` for T5's encoder and decoder
 
 

@@ -89,6 +89,8 @@ class ModelSection:
     trainable: str | None = None
 
 
+# the built-in tasks that train a stage-1 model (no LLM): `lora`, `qformer_from` and `trainable` do not apply
+STAGE1_TASKS = ("stage1", "retrieval")
 TRAINABLE = ("all", "projection", "projection+qformer")
 
 
@@ -338,6 +340,15 @@ class TrainConfig:
     def _validate_reuse(self) -> None:
         """`model.qformer_from`, `model.trainable` and `lora`: values, and what they go with."""
         m, lora = self.model, self.lora
+        if self.task in STAGE1_TASKS:
+            settings = {"lora": lora, "model.qformer_from": m.qformer_from, "model.trainable": m.trainable}
+            given = [name for name, value in settings.items() if value is not None]
+            if given:
+                raise UserError(
+                    f"{', '.join(given)}: only for the tasks that train through an LLM (stage2, caption, "
+                    f"vqa, instruct), not task {self.task!r}, which would ignore it; remove it, or use a "
+                    "stage-2 task"
+                )
         if m.trainable is not None and m.trainable not in TRAINABLE:
             raise UserError(f"model.trainable must be one of {', '.join(TRAINABLE)}, not {m.trainable!r}")
         if m.vision is not None and m.init_from is not None:

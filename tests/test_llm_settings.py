@@ -1,0 +1,152 @@
+"""What a user names for the LLM, through the real entry points: an LLM folder that is not a language
+model is one sentence (`blip2 train`), the LLM's settings in a stage-1 config are refused rather than
+ignored, the tokenizer saved beside an LLM is the one that loads whatever the LLM's family, and the
+commands that load retrieval models only offer no LLM placement options."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from train_utils import blip2_cli, make_caption_json, make_llm_tokenizer
+
+from blip2.cli import main
+from blip2.interop.checkpoint import save_folder
+from blip2.models import RetrievalModel
+from blip2.presets import preset
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY1 = str(ROOT / "configs" / "tiny-stage1.yaml")
+TINY2 = str(ROOT / "configs" / "tiny-stage2.yaml")
+QWEN2 = {  # a tiny random Qwen2 (a family whose folder transformers gives its own tokenizer class)
+    "vocab_size": 99,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
+
+
+@dataclass
+class World:
+    stage1: Path
+    tokenizer: Path
+    captions: str
+    images: str
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    root = tmp_path_factory.mktemp("llm_settings")
+    torch.manual_seed(0)
+    save_folder(RetrievalModel(preset("tiny-stage1")), root / "stage1")
+    captions, images = make_caption_json(str(root / "data"), n=4)
+    tok = make_llm_tokenizer(str(root / "tok"))
+    return World(root / "stage1", Path(tok), captions, images, root)
+
+
+def _stage2(w: World, llm: Path, out: Path) -> list[str]:
+    return [
+        "train",
+        TINY2,
+        f"model.init_from={w.stage1}",
+        f"model.llm={llm}",
+        f"model.llm_tokenizer={w.tokenizer}",
+        "data.kind=captions",
+        f"data.path={w.captions}",
+        f"data.images={w.images}",
+        f"train.output_dir={out}",
+        "train.max_steps=1",
+    ]
+
+
+def _not_an_lm(kind: str, folder: Path) -> tuple[Path, str]:
+    """A folder `model.llm` might wrongly name, and what the sentence says of it."""
+    import transformers
+
+    if kind == "missing":
+        return folder / "nothing-here", "does not exist"
+    folder.mkdir()
+    if kind == "empty":
+        return folder, "is not a transformers language model folder: it has no config.json"
+    if kind == "vision model":
+        config = transformers.AutoConfig.for_model(
+            "vit", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+        transformers.AutoModel.from_config(config).save_pretrained(folder)
+        return folder, "the LLM's model type 'vit' is neither a causal LM"
+    if kind == "config without weights":
+        transformers.AutoConfig.for_model("qwen2", **QWEN2).save_pretrained(folder)
+        return folder, "holds no weights of its language model"
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 16}))  # no model_type
+    return folder, "is not a transformers language model folder ("
+
+
+@pytest.mark.parametrize(
+    "kind", ["missing", "empty", "vision model", "config without weights", "no model_type"]
+)
+def test_an_llm_folder_that_is_not_a_language_model_is_one_sentence(world, tmp_path, kind):
+    folder, says = _not_an_lm(kind, tmp_path / "llm")
+    p = blip2_cli(_stage2(world, folder, tmp_path / "out"))
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert says in p.stderr, p.stderr
+    assert len([line for line in p.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        (["lora.rank=4"], "lora:"),
+        (["model.qformer_from=Salesforce/blip2-opt-2.7b"], "model.qformer_from:"),
+        (["model.trainable=projection"], "model.trainable:"),
+        (["lora.rank=4", "model.trainable=projection+qformer"], "lora, model.trainable:"),
+    ],
+)
+def test_llm_settings_in_a_stage_1_config_are_refused_not_ignored(world, tmp_path, settings, named):
+    args = [f"data.path={world.captions}", f"data.images={world.images}", "data.kind=captions"]
+    p = blip2_cli(["train", TINY1, *args, f"train.output_dir={tmp_path / 'out'}", *settings])
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert f"error: {named} only for the tasks that train through an LLM" in p.stderr, p.stderr
+    assert "not task 'stage1'" in p.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_the_tokenizer_saved_beside_a_qwen2_llm_is_the_one_that_loads(tmp_path):
+    """transformers 5 gives a folder whose config.json says `qwen2` Qwen2's own tokenizer class, which
+    splits text its own way; `llm_tokenizer` loads the tokenizer saved there (here a character-level
+    one), as training and `blip2.load` use it."""
+    import transformers
+
+    from blip2.tokenizers import llm_tokenizer
+
+    saved = transformers.AutoTokenizer.from_pretrained(make_llm_tokenizer(str(tmp_path / "tok")))
+    folder = tmp_path / "qwen2"
+    config = transformers.AutoConfig.for_model("qwen2", **QWEN2)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    saved.save_pretrained(folder)
+    loaded = llm_tokenizer(str(folder))
+    text = "a dog runs on the grass"
+    assert loaded(text).input_ids == saved(text).input_ids
+    assert len(loaded(text).input_ids) == 1 + len(text)  # `</s>`, then one id per character
+    assert loaded.decode(loaded(text).input_ids, skip_special_tokens=True) == text
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == ("</s>", "</s>", "<pad>")
+    assert loaded.get_vocab() == saved.get_vocab()
+
+
+@pytest.mark.parametrize("action", ["build", "add"])
+def test_index_commands_offer_no_llm_placement(action, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["index", action, "--help"])
+    assert exit_.value.code == 0
+    shown = capsys.readouterr().out
+    assert "--batch-size" in shown and "--model" in shown
+    for option in ("--device-map", "--max-memory", "--offload-folder", "--load-in-8bit", "--load-in-4bit"):
+        assert option not in shown
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    assert "--device-map" in capsys.readouterr().out  # the commands that load an LLM keep them
