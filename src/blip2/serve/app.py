@@ -24,24 +24,30 @@ POST /v1/chat/completions   OpenAI's chat completions (`blip2.serve.chat`), stre
 GET  /v1/models             the model `/v1/chat/completions` serves
 ```
 
-With an API key (`create_app(api_key=...)`, `blip2 serve --api-key`) every request but `GET /` (the page,
-which asks for the key) needs `Authorization: Bearer <key>` (401 otherwise). Each request is logged in
-one line on the `blip2.serve.access` logger (`blip2.serve.access.AccessLog`). Errors are `{"detail": sentence}`,
-and OpenAI's `{"error": {"message": ...}}` under `/v1/`.
+With an API key (`create_app(api_key=...)`, `blip2 serve --api-key`) every request but `GET /` (the
+page, which asks for the key) needs `Authorization: Bearer <key>` (401 otherwise). Each request is
+logged in one line on the `blip2.serve.access` logger (`blip2.serve.access.AccessLog`), refused ones and
+streams included. Errors are `{"detail": sentence}`, and OpenAI's `{"error": {"message": ...}}` under
+`/v1/`.
 
 Batching: requests go to one `Batcher` thread that owns the models. It takes the first waiting job,
 waits up to `batch_wait_ms` for more jobs of the same kind (and the same generation options), and runs
 them as one batch: concurrent users share a forward pass, and each gets exactly the answer a lone
-request would (each request is checked on its own first, so one bad request fails alone). Limits: request bodies over `max_upload_mb` are refused with 413 (counted as they
-arrive when there is no Content-Length), images over `max_pixels` with 400, the images of one
-request over `max_request_pixels` together with 400 (read from the image headers, before anything is
-decoded), a request finding `max_server_pixels` already decoded or decoding for the requests in
-flight with 503 (before decoding; its pixels count until it is answered), more than `max_items` images or texts in one request, more than `max_history_turns` turns
-and more than `max_text_chars` characters of text with 400, a request finding `max_queue` requests
-already waiting with 503, and requests that take longer than `timeout_s` (decoding their images
-included) with 504 (their job is cancelled: it never runs). User errors are one sentence, never a
-traceback. `/v1/chat/completions` goes through the same limits: its JSON body counts as an upload, its
-image as an uploaded image, its messages as a conversation (`max_history_turns`, `max_text_chars`).
+request would (each request is checked on its own first, so one bad request fails alone).
+
+Limits (`ServerSettings`): request bodies over `max_upload_mb` are refused with 413 (counted as they
+arrive when there is no Content-Length); images over `max_pixels` with 400, the images of one request
+over `max_request_pixels` together with 400 (read from the image headers, before anything is decoded);
+a request finding `max_server_pixels` already decoded or decoding for the requests in flight with 503
+(before decoding; its pixels count until it is answered); more than `max_items` images or texts in one
+request, more than `max_history_turns` turns and more than `max_text_chars` characters of text with
+400; a request finding `max_queue` requests already waiting with 503; and requests that take longer
+than `timeout_s` (decoding their images included) with 504 (their job is cancelled: it never runs).
+Generation options are checked before anything is queued (`max_new_tokens` at most the server's,
+numbers finite). User errors are one sentence, never a traceback. `/v1/chat/completions` goes through
+the same limits: its JSON body counts as an upload, its image as an uploaded image, its messages as a
+conversation (`max_history_turns`, `max_text_chars`, and at most `max_items` messages and parts of a
+message); its `max_tokens` above the server's `max_new_tokens` counts as it.
 
 The event loop only receives and answers: images are decoded in a small thread pool, and /ask's
 conversation is tokenized in the batcher thread, so a large image or a long conversation never holds

@@ -54,29 +54,34 @@ async def chat_completions(service: ServiceDep, request: Request) -> Any:
         body = json.loads(await request.body())
     except (ValueError, RecursionError):
         raise HTTPProblem(400, "the request body is not JSON") from None
-    req = chat.parse_request(body, service.model_name)
+    req = chat.parse_request(body, service.model_name, settings.max_items)
     service.at_most("the number of earlier turns", len(req.history), settings.max_history_turns)
     service.text_at_most("the text of the messages", req.texts(), "send a shorter conversation")
     defaults = dict(CAPTION_DEFAULTS) if req.question is None else service.ask_defaults()
-    given = {**req.sampling, "max_new_tokens": req.max_tokens}
+    # max_tokens above the server's most counts as it (OpenAI clients, lmms-eval, ask for 1024 and more)
+    most = None if req.max_tokens is None else min(req.max_tokens, settings.max_new_tokens)
+    given = {**req.sampling, "max_new_tokens": most}
     if req.stream:  # as `Captioner.stream`: the defaults' lengths, one beam
-        most = 10 if req.question is not None else 30
-        defaults = {"max_new_tokens": most, "min_new_tokens": 1}
+        defaults = {"max_new_tokens": 10 if req.question is not None else 30, "min_new_tokens": 1}
         given["num_beams"] = 1
     group = service.options(defaults, given)
     payload = (req.question, req.history, req.stop)
     files = [("the image", req.image)]
-    if not req.stream:
+    try:
+        if req.stream:
+            return await _stream(service, group, payload, files, deadline, req.include_usage)
         async with service.decoded_files(files, deadline) as [pil]:
             done = await service.submit(("chat", group), (pil, *payload), deadline)
-        return chat.completion(
-            service.model_name,
-            done["text"],
-            done["finish_reason"],
-            done["prompt_tokens"],
-            done["completion_tokens"],
-        )
-    return await _stream(service, group, payload, files, deadline, req.include_usage)
+    except UserError as e:  # a generation longer than the model reads: said in the request's terms
+        used = dict(group)["max_new_tokens"]
+        raise UserError(chat.length_error(str(e), req.max_tokens, used)) from None
+    return chat.completion(
+        service.model_name,
+        done["text"],
+        done["finish_reason"],
+        done["prompt_tokens"],
+        done["completion_tokens"],
+    )
 
 
 async def _stream(

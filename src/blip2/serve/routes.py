@@ -91,9 +91,12 @@ async def ask(
     if history:
         service.text_at_most("the history", [history], "leave out earlier turns")  # before parsing it
         try:
-            turns = [(str(q), str(a)) for q, a in json.loads(history)]
-        except (ValueError, TypeError):
-            raise HTTPProblem(400, 'history must be JSON like [["question", "answer"], ...]') from None
+            pairs = json.loads(history)
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
+            pairs = None
+        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+            raise HTTPProblem(400, 'history must be JSON like [["question", "answer"], ...]')
+        turns = [(str(q), str(a)) for q, a in pairs]
     service.at_most("the number of history turns", len(turns), service.settings.max_history_turns)
     texts = [question, *(t for turn in turns for t in turn)]
     service.text_at_most("the question with its history", texts, "leave out earlier turns")

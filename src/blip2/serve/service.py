@@ -8,6 +8,7 @@ refuses a request by raising `HTTPProblem(status, sentence)`, or `UserError` for
 """
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -106,15 +107,21 @@ class Service:
         is_t5 = self.models.pipe("ask").model.is_encoder_decoder
         return {**ASK_DEFAULTS, "length_penalty": -1.0 if is_t5 else 0.0}
 
-    @staticmethod
-    def options(defaults: dict[str, Any], given: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-        """The generation options of a job (`given`, None for a default), checked, as a group key."""
+    def options(self, defaults: dict[str, Any], given: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+        """The generation options of a job (`given`, None for a default), checked, as a group key. A
+        default `max_new_tokens` above the server's `max_new_tokens` counts as it."""
+        most = self.settings.max_new_tokens
+        if "max_new_tokens" in defaults:
+            defaults = {**defaults, "max_new_tokens": min(defaults["max_new_tokens"], most)}
         merged = {**defaults, **{k: v for k, v in given.items() if v is not None}}
         check_generation_options(merged)  # a UserError: 400
+        for name, value in merged.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise HTTPProblem(400, f"{name} must be a finite number, not {value}")
         if not 1 <= merged.get("num_beams", 1) <= 10:
             raise HTTPProblem(400, "num_beams must be between 1 and 10")
-        if not 1 <= merged.get("max_new_tokens", 1) <= 256:
-            raise HTTPProblem(400, "max_new_tokens must be between 1 and 256")
+        if not 1 <= merged.get("max_new_tokens", 1) <= most:
+            raise HTTPProblem(400, f"max_new_tokens must be between 1 and {most}")
         return tuple(sorted(merged.items()))
 
     # -- images ---------------------------------------------------------------------------------------
