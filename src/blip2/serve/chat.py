@@ -1,5 +1,5 @@
 """The OpenAI-compatible chat endpoint's side of things: a `POST /v1/chat/completions` body read into
-what a `Captioner` runs, and its answer written as OpenAI writes one (see `blip2.serve.app`).
+what a `Captioner` runs, and its answer written as OpenAI writes one (see `blip2.serve.openai_routes`).
 
 A BLIP-2 model sees one image and answers in its own prompt format, so a conversation maps onto
 `Captioner.chat`: the one image (a base64 `data:` URL in a user message), the last user message's text
