@@ -73,8 +73,10 @@ async def chat_completions(service: ServiceDep, request: Request) -> Any:
         async with service.decoded_files(files, deadline) as [pil]:
             done = await service.submit(("chat", group), (pil, *payload), deadline)
     except UserError as e:  # a generation longer than the model reads: said in the request's terms
-        used = dict(group)["max_new_tokens"]
-        raise UserError(chat.length_error(str(e), req.max_tokens, used)) from None
+        said = chat.length_error(str(e), req.max_tokens, dict(group)["max_new_tokens"])
+        if said == str(e):
+            raise
+        raise UserError(said) from None
     return chat.completion(
         service.model_name,
         done["text"],
