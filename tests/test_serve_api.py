@@ -18,7 +18,7 @@ from pathlib import Path
 import openai
 import pytest
 import usage_helpers as uh
-from test_usage_serve import CHROMIUM, TIMEOUT, Server, free_port
+from test_usage_serve import CHROMIUM, TIMEOUT, Server, free_port, wait_until
 
 httpx = pytest.importorskip("httpx")
 
@@ -224,6 +224,132 @@ def test_chat_requests_it_cannot_serve_get_openai_errors(client, server, folders
             "code": None,
         }
     }
+
+
+def test_max_tokens_above_the_servers_most_counts_as_it(pipes, folders, client):
+    """OpenAI clients (lmms-eval too) ask for 1024 tokens and more: above the server's `max_new_tokens`
+    `max_tokens` counts as it, and the answer says it ended there (finish_reason "length"); when even that
+    does not fit the model, the 400 speaks of the request's max_tokens."""
+    captioner, _ = pipes
+    image = photos(folders)[1]
+    question = "what is it ?"
+    with Server(create_app([captioner], ServerSettings(max_new_tokens=6), model_name=NAME)) as s:
+        small = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+        kw = dict(model=NAME, messages=[user(question, image)], max_tokens=1000, temperature=0)
+        reply = small.chat.completions.create(**kw)
+        expected = captioner.chat(image, question, max_new_tokens=6, num_beams=1)
+        assert reply.choices[0].message.content == expected
+        assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 6
+        assert expected != captioner.chat(image, question, max_new_tokens=12, num_beams=1)  # it was cut
+        chunks = list(small.chat.completions.create(**kw, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+        assert chunks[-1].choices[0].finish_reason == "length"
+        # the defaults count as the server's most too (a caption's is 30 new tokens)
+        caption = small.chat.completions.create(model=NAME, messages=[user(None, image)])
+        assert caption.choices[0].message.content == captioner.caption(image, max_new_tokens=6)
+        assert caption.choices[0].finish_reason == "length"
+        # the form routes refuse more than the server's most
+        r = httpx.post(
+            s.url + "/caption",
+            files={"image": ("a.png", image.read_bytes())},
+            data={"max_new_tokens": "7"},
+            timeout=TIMEOUT,
+        )
+        assert r.status_code == 400 and r.json()["detail"] == "max_new_tokens must be between 1 and 6"
+
+    # the module's server: 256 at most, and a language model of 128 positions
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=NAME, messages=[user(question, image)], max_tokens=1000)
+    message = caught.value.body["message"]
+    assert "the language model reads at most 128 positions" in message
+    assert "with max_tokens=1000 (counted as 256, this server's most) need" in message
+    assert re.search(r"ask for at most \d+ new tokens or shorten the prompt$", message), message
+    with pytest.raises(openai.BadRequestError, match="with max_tokens=200 need"):
+        client.chat.completions.create(model=NAME, messages=[user(question, image)], max_tokens=200)
+
+
+def test_hostile_requests_get_one_sentence_4xx(server, client, folders):
+    """Each request the server cannot serve gets a 4xx with one sentence, never a 500 or a traceback."""
+    image = photos(folders)[0]
+    png = {"image": ("a.png", image.read_bytes())}
+
+    def refused(r: httpx.Response, status: int, words: str) -> None:
+        assert r.status_code == status, r.text
+        detail = r.json()["detail"] if "detail" in r.json() else r.json()["error"]["message"]
+        assert words in detail and "\n" not in detail and "Traceback" not in r.text, detail
+
+    ask = server.url + "/ask"
+    deep = "[" * 3000 + "]" * 3000  # within the text limit, deeper than Python's JSON parser goes
+    for history in (deep, '{"q": "a"}', '[["q", "a", "b"]]'):
+        r = httpx.post(ask, files=png, data={"question": "a ?", "history": history}, timeout=TIMEOUT)
+        refused(r, 400, 'history must be JSON like [["question", "answer"], ...]')
+    for value in ("inf", "nan"):
+        r = httpx.post(server.url + "/caption", files=png, data={"length_penalty": value}, timeout=TIMEOUT)
+        refused(r, 400, f"length_penalty must be a finite number, not {value}")
+
+    chat = server.url + "/v1/chat/completions"
+    many = [user("a ?", image)] + [{"role": "system", "content": "be brief"}] * 64
+    r = httpx.post(chat, json={"model": NAME, "messages": many}, timeout=TIMEOUT)
+    refused(r, 400, "the number of messages is 65, more than the limit of 64: send a shorter conversation")
+    parts = [{"type": "text", "text": ""}] * 64 + user("a ?", image)["content"]
+    r = httpx.post(
+        chat, json={"model": NAME, "messages": [{"role": "user", "content": parts}]}, timeout=TIMEOUT
+    )
+    refused(r, 400, "the number of parts of messages[0] is 66, more than the limit of 64")
+    bad_text = [{"role": "user", "content": [{"type": "text", "text": 5}]}]
+    r = httpx.post(chat, json={"model": NAME, "messages": bad_text}, timeout=TIMEOUT)
+    refused(r, 400, 'messages[0] has a text part without a string "text"')
+    nan = b'{"model": "%s", "messages": [], "temperature": NaN}' % NAME.encode()
+    r = httpx.post(chat, content=nan, timeout=TIMEOUT)
+    refused(r, 400, "messages must be a list of at least one message")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    with pytest.raises(openai.BadRequestError, match="tools is not supported by this server"):
+        client.chat.completions.create(model=NAME, messages=[user("a ?", image)], stream=True, tools=tools)
+
+
+def test_access_log_has_one_line_per_request(server, client, folders, caplog):
+    """Streams (logged once they end, or once the client leaves), refusals and unknown paths included."""
+    image = photos(folders)[0]
+    made = []  # (method, path, status) of each request, in order
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "blip2.serve.access"]
+
+    with caplog.at_level(logging.INFO, logger="blip2.serve.access"):
+        stream = client.chat.completions.create(
+            model=NAME, messages=[user("a ?", image)], max_tokens=8, stream=True
+        )
+        assert len(list(stream)) > 2
+        made.append(("POST", "/v1/chat/completions", 200))
+        left = client.chat.completions.create(
+            model=NAME, messages=[user("a ?", image)], max_tokens=8, stream=True
+        )
+        next(iter(left))
+        left.close()  # the client leaves in the middle of the stream
+        made.append(("POST", "/v1/chat/completions", 200))
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=NAME, messages=[user("a ?", image)], n=2, stream=True)
+        made.append(("POST", "/v1/chat/completions", 400))
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="gpt-4o", messages=[user("a ?", image)])
+        made.append(("POST", "/v1/chat/completions", 404))
+        r = httpx.post(server.url + "/caption", content=b"x" * (2 * 2**20), timeout=TIMEOUT)
+        assert r.status_code == 413
+        made.append(("POST", "/caption", 413))
+        r = httpx.post(server.url + "/ask", files={"image": ("a.png", image.read_bytes())}, timeout=TIMEOUT)
+        assert r.status_code == 400
+        made.append(("POST", "/ask", 400))
+        assert httpx.get(server.url + "/nowhere", timeout=TIMEOUT).status_code == 404
+        made.append(("GET", "/nowhere", 404))
+        assert httpx.get(server.url + "/search", params={"q": "a secret"}, timeout=TIMEOUT).status_code == 200
+        made.append(("GET", "/search", 200))
+        wait_until(lambda: len(lines()) >= len(made))
+    logged = lines()
+    line = re.compile(r"127\.0\.0\.1:\d+ (\S+) (\S+) (\d+) \d+\.\d ms")
+    parsed = [line.fullmatch(x) for x in logged]
+    assert all(parsed), logged
+    assert sorted((m[1], m[2], int(m[3])) for m in parsed) == sorted(made), logged
+    assert not any("secret" in x for x in logged)  # the query string stays out of the log
 
 
 def test_index_search_ranks_as_blip2_search_index(server, index_path, capsys):

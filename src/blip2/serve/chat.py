@@ -1,5 +1,5 @@
 """The OpenAI-compatible chat endpoint's side of things: a `POST /v1/chat/completions` body read into
-what a `Captioner` runs, and its answer written as OpenAI writes one (see `blip2.serve.app`).
+what a `Captioner` runs, and its answer written as OpenAI writes one (see `blip2.serve.openai_routes`).
 
 A BLIP-2 model sees one image and answers in its own prompt format, so a conversation maps onto
 `Captioner.chat`: the one image (a base64 `data:` URL in a user message), the last user message's text
@@ -7,14 +7,15 @@ as the question and the earlier user/assistant pairs as its history (a pair whos
 text, the image alone answered by its caption, is left out). A request whose last user message has no
 text captions the image (`Captioner.caption`). System and developer messages are ignored (BLIP-2
 has no system prompt). Refused with one sentence: more or fewer than one image, remote image URLs (the
-server fetches nothing), tools, `n` other than 1, and the options listed in `UNSUPPORTED` unless they
-have their neutral value.
+server fetches nothing), tools, `n` other than 1, more messages (or parts of one message) than the
+server's `max_items`, and the options listed in `NEUTRAL` unless they have their neutral value.
 
 Generation: without `temperature` or `top_p`, the model's defaults (`/ask`'s beam search, or
 `/caption`'s); `temperature` 0 is greedy search; `temperature` above 0 (or `top_p` below 1) samples.
 A stream is greedy unless it samples (beam search knows its text only at the end). `max_tokens` (or
-`max_completion_tokens`) above `MAX_TOKENS` counts as `MAX_TOKENS`; `stop` cuts the text at the first of
-its strings (the model has generated it; it is not sent).
+`max_completion_tokens`) is the most new tokens; above the server's `max_new_tokens` it counts as that
+(the route clamps it; `length_error` says so when it does not fit the model). `stop` cuts the text at the
+first of its strings (the model has generated it; it is not sent).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from typing import Any
 
 from blip2.errors import UserError
 
-MAX_TOKENS = 256  # most new tokens a request may ask for (as /caption's and /ask's max_new_tokens)
 MAX_STOPS = 4  # as OpenAI
 # accepted and ignored: they change nothing in what the model generates
 IGNORED = (
@@ -71,7 +71,8 @@ class ChatRequest:
         question: the last user message's text; None: caption the image.
         history: the earlier (user text, assistant text) turns.
         sampling: the generation options the request sets (`generation_options` adds the defaults).
-        max_tokens: the request's `max_tokens`, at most `MAX_TOKENS`; None: the model's default.
+        max_tokens: the request's `max_tokens` (or `max_completion_tokens`), as given (the server
+            clamps it to its `max_new_tokens`); None: the model's default.
         stop: strings that end the text.
         stream: answer as server-sent events.
         include_usage: a stream's last chunk carries the token counts (`stream_options`).
@@ -136,8 +137,8 @@ def _image_bytes(url: Any) -> bytes:
     return image
 
 
-def _message_parts(message: Any, index: int) -> tuple[str, list[str], list[bytes]]:
-    """A message's role, its texts and its images."""
+def _message_parts(message: Any, index: int, max_parts: int) -> tuple[str, list[str], list[Any]]:
+    """A message's role, its texts and its `image_url` values (not yet decoded)."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise UserError(f'messages[{index}] must be an object like {{"role": "user", "content": ...}}')
     role, content = message["role"], message.get("content")
@@ -153,17 +154,24 @@ def _message_parts(message: Any, index: int) -> tuple[str, list[str], list[bytes
         return role, [content], []
     if not isinstance(content, list):
         raise UserError(f"messages[{index}].content must be a string or a list of parts")
+    if len(content) > max_parts:
+        raise UserError(
+            f"the number of parts of messages[{index}] is {len(content)}, more than the limit of "
+            f"{max_parts}: join its texts"
+        )
     texts, images = [], []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise UserError(f'messages[{index}] has a text part without a string "text"')
             texts.append(part["text"])
         elif kind == "image_url":
             if role != "user":
                 raise UserError(
                     f"messages[{index}] is an {role} message with an image: send images from the user"
                 )
-            images.append(_image_bytes(part.get("image_url")))
+            images.append(part.get("image_url"))
         else:
             raise UserError(
                 f"messages[{index}] has a part of type {kind!r}; this server reads text and image_url parts"
@@ -171,9 +179,9 @@ def _message_parts(message: Any, index: int) -> tuple[str, list[str], list[bytes
     return role, texts, images
 
 
-def parse_request(body: Any, model_name: str) -> ChatRequest:
+def parse_request(body: Any, model_name: str, max_items: int) -> ChatRequest:
     """Read a `/v1/chat/completions` body (`UserError` with one sentence for what it cannot serve;
-    `ModelNotFound` for another model)."""
+    `ModelNotFound` for another model); `max_items`: the most messages, and parts of one message."""
     if not isinstance(body, dict):
         raise UserError("the request body must be a JSON object")
     model = body.get("model")
@@ -185,11 +193,16 @@ def parse_request(body: Any, model_name: str) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise UserError("messages must be a list of at least one message")
+    if len(messages) > max_items:
+        raise UserError(
+            f"the number of messages is {len(messages)}, more than the limit of {max_items}: "
+            "send a shorter conversation"
+        )
 
     turns: list[tuple[str, list[str]]] = []  # (role, texts): consecutive messages of a role joined
-    images: list[bytes] = []
+    images: list[Any] = []  # the image_url values, decoded once there is exactly one
     for i, message in enumerate(messages):
-        role, texts, found = _message_parts(message, i)
+        role, texts, found = _message_parts(message, i, max_items)
         images += found
         if role in ("system", "developer"):
             continue
@@ -226,7 +239,6 @@ def parse_request(body: Any, model_name: str) -> ChatRequest:
     if most is not None:
         if isinstance(most, bool) or not isinstance(most, int) or most < 1:
             raise UserError(f"max_tokens must be a whole number, 1 or more, not {most!r}")
-        most = min(most, MAX_TOKENS)
     temperature = _number(body, "temperature", 0, 2)
     top_p = _number(body, "top_p", 0, 1)
     if top_p == 0:
@@ -249,7 +261,7 @@ def parse_request(body: Any, model_name: str) -> ChatRequest:
     if not isinstance(stream_options, dict):
         raise UserError('stream_options must be an object like {"include_usage": true}')
     return ChatRequest(
-        image=images[0],
+        image=_image_bytes(images[0]),
         question=said[-1] or None,
         history=history,
         sampling=sampling,
@@ -258,6 +270,19 @@ def parse_request(body: Any, model_name: str) -> ChatRequest:
         stream=stream,
         include_usage=bool(stream_options.get("include_usage")),
     )
+
+
+def length_error(message: str, max_tokens: int | None, used: int) -> str:
+    """A generation-length error (`Captioner.check_generation_length`, which names the
+    `max_new_tokens={used}` generated) in the request's terms: its `max_tokens`, and the server's
+    clamp or default when `used` is not what it asked for."""
+    if max_tokens is None:
+        said = f"max_tokens={used} (the default)"
+    elif max_tokens != used:
+        said = f"max_tokens={max_tokens} (counted as {used}, this server's most)"
+    else:
+        said = f"max_tokens={used}"
+    return message.replace(f"max_new_tokens={used}", said, 1)
 
 
 class StopCut:

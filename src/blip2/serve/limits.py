@@ -28,7 +28,10 @@ class ServerSettings:
         batch_wait_ms: how long the batcher waits for more jobs after the first.
         max_queue: most jobs waiting for the batcher (503 above; 0: no limit).
         max_items: most images per /search and texts per /match; also the largest `top_k` and
-            `rerank` of /search.
+            `rerank` of /search, and the most messages of a chat completion (and parts of one message).
+        max_new_tokens: most new tokens a request generates: /caption's and /ask's `max_new_tokens`
+            above it get 400; a chat completion's `max_tokens` above it counts as it (the answer ends
+            there, with `finish_reason` "length").
         max_history_turns: most earlier turns in an /ask conversation.
         max_text_chars: most characters of text in one request: the question and its history
             together (/ask), the prompt (/caption), the query (/search), the texts (/match).
@@ -43,6 +46,7 @@ class ServerSettings:
     max_queue: int = 256
     max_items: int = 64
     max_history_turns: int = 20
+    max_new_tokens: int = 256
     max_request_pixels: int = 100_000_000
     max_server_pixels: int = 400_000_000
     max_text_chars: int = 10_000

@@ -1,4 +1,4 @@
-"""Small JPEGs of an index's images for `GET /thumbnail/{n}` (see `blip2.serve.app`): only images the
+"""Small JPEGs of an index's images for `GET /thumbnail/{n}` (see `blip2.serve.index_routes`): only images the
 index holds, by their position in it (never a path from the request), decoded within the pixel limit
 and kept in a small cache."""
 
