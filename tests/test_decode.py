@@ -212,7 +212,7 @@ def test_bf16_autocast_stage1_losses_and_gradients_agree_with_fp32():
 
 def test_compiled_decode_on_cpu_gives_the_tokens_of_transformers_generate():
     """decode_mode="compiled": the static-cache step through torch.compile (inductor on CPU, tensor
-    guards only). One compilation: about 20 s on 2 cores with a cold inductor cache."""
+    guards only, frozen weights). A compilation: about 20 s on 2 cores with a cold inductor cache."""
     model = make("tiny-opt", lively=True).eval()
     prompts = _prompts(model)
     ids, mask = pad(prompts, "left", model.pad_token_id)
@@ -226,6 +226,14 @@ def test_compiled_decode_on_cpu_gives_the_tokens_of_transformers_generate():
     # another batch size: the tensor guards pick (compile) the step for that shape, not the one above
     two = decoding.generate(model, px[:2], ids[:2], mask[:2], max_new_tokens=6, mode="compiled")
     assert two.tolist() == decoding.generate(model, px[:2], ids[:2], mask[:2], max_new_tokens=6).tolist()
+    # the step's weights are frozen into it: a weight changed in place (an optimizer step, a load) is
+    # seen all the same, by compiling again
+    with torch.no_grad():
+        model.llm.get_output_embeddings().weight.mul_(-1.0)
+    flipped = model.generate(px, ids, mask, max_new_tokens=6)
+    assert flipped.tolist() != plain.tolist()
+    got = decoding.generate(model, px, ids, mask, max_new_tokens=6, mode="compiled")
+    assert got.tolist() == flipped.tolist()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

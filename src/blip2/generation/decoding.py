@@ -98,7 +98,6 @@ class Decoding:
         self.prefix_graphs = GraphCache()  # the image side, per batch shape (CUDA only)
         self._static_caches: OrderedDict[tuple, Any] = OrderedDict()
         self._steps: dict[str, tuple] = {}  # device type -> (its LM, weights version, compiled step)
-        self._prefixes: tuple | None = None  # (model, weights version, compiled image side), CPU only
 
     def __deepcopy__(self, memo: dict) -> Decoding:
         return Decoding(self.mode, self.max_static_caches)  # caches belong to the original's LM
@@ -156,14 +155,10 @@ class Decoding:
         self, model: LanguageBridge, pixel_values: Tensor | None, image_features: Tensor | None, mode: str
     ) -> Tensor:
         """`model.prefix(...)`; in "static"/"compiled" mode on CUDA, replayed from a CUDA graph per batch
-        shape (at small batches the host launching the tower's and Q-Former's kernels is the bottleneck);
-        in "compiled" mode on CPU, compiled with frozen weights (inference from pixels only)."""
+        shape (at small batches the host launching the tower's and Q-Former's kernels is the bottleneck)."""
         x = image_features if image_features is not None else pixel_values  # as `encode_image` picks
         parts = (model.visual, model.qformer, model.language_projection)
         training = any(m.training for p in parts for m in p.modules())  # dropout: run it as is
-        if mode == "compiled" and pixel_values is not None and image_features is None and not training:
-            if pixel_values.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-                return self._compiled_prefix(model)(pixel_values)
         if mode not in ("static", "compiled") or x is None or x.device.type != "cuda" or training:
             return model.prefix(pixel_values, image_features)
 
@@ -260,16 +255,4 @@ class Decoding:
             options = {"guard_filter_fn": GUARD_FILTER} if GUARD_FILTER is not None else None
             run = _frozen(torch.compile(step, fullgraph=False, dynamic=False, options=options))
         self._steps[device] = (llm, weights, run)
-        return run
-
-    def _compiled_prefix(self, model: LanguageBridge) -> Callable:
-        """The image side (tower, Q-Former, projection) compiled with frozen weights, for CPU inference:
-        one per model and weights version (see `_frozen`); `torch.compile` keeps a graph per batch shape."""
-        parts = (model.visual, model.qformer, model.language_projection)
-        weights = (_weights(*parts), model.query_tokens.data_ptr(), model.query_tokens._version)
-        kept = self._prefixes
-        if kept is not None and kept[0] is model and kept[1] == weights:
-            return kept[2]
-        run = _frozen(torch.compile(_own_code(lambda x: model.prefix(x)), fullgraph=False, dynamic=False))
-        self._prefixes = (model, weights, run)
         return run
