@@ -351,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per side (default 5; quick 3)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="with --threads 1 on CPU: time each call's CPU seconds, not wall seconds (a shared machine)",
+    )
+    p.add_argument(
         "--decode",
         "--cpu-decode",
         default="compiled",
@@ -374,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time and torch.get_num_threads() != 1:
+        p.error("--cpu-time counts the calling thread only: use it with --threads 1")
     args.repeats = args.repeats or (3 if args.quick else 5)
     sizes = gpu_sizes() if device.type == "cuda" else cpu_sizes(args.quick)
     # frozen towers in bf16 and bf16 Q-Former compute over fp32 weights on the GPU; fp32 on CPU
@@ -387,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     wanted = set(args.rows.split(","))
     harness.PROFILE_FILE = args.profile  # read by harness.profile
-    env = environment(device)
+    env = {**environment(device), "clock": "thread CPU time" if args.cpu_time else "wall"}
     print(json.dumps(env), file=sys.stderr)
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
@@ -425,14 +432,26 @@ def main(argv: list[str] | None = None) -> int:
         mode, decoding = args.decode, Decoding()  # the decode step compiled once for every row
         if "caption" in wanted:
             for batch, name in ((1, "caption greedy, batch 1"), (sizes.caption_batch, "caption greedy")):
-                attempt(name, run_caption, args, Clock(device), ours, decoding, theirs, batch, 1, name, mode)
+                attempt(
+                    name,
+                    run_caption,
+                    args,
+                    Clock(device, args.cpu_time),
+                    ours,
+                    decoding,
+                    theirs,
+                    batch,
+                    1,
+                    name,
+                    mode,
+                )
         if "beam" in wanted:
             name = "caption 5 beams"
             attempt(
                 name,
                 run_caption,
                 args,
-                Clock(device),
+                Clock(device, args.cpu_time),
                 ours,
                 decoding,
                 theirs,
@@ -442,9 +461,19 @@ def main(argv: list[str] | None = None) -> int:
                 mode,
             )
         if "stage2" in wanted:
-            attempt("stage-2", run_stage2_train, args, Clock(device), ours, theirs, sizes.stage2_batch)
+            attempt(
+                "stage-2",
+                run_stage2_train,
+                args,
+                Clock(device, args.cpu_time),
+                ours,
+                theirs,
+                sizes.stage2_batch,
+            )
         if "qformer" in wanted:
-            attempt("qformer", run_qformer, args, Clock(device), ours, theirs, sizes.qformer_batch)
+            attempt(
+                "qformer", run_qformer, args, Clock(device, args.cpu_time), ours, theirs, sizes.qformer_batch
+            )
         del ours, theirs, decoding
         if device.type == "cuda":
             torch._dynamo.reset()  # drop the compiled decode step and its CUDA-graph memory pool
@@ -452,9 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     if wanted & {"stage1", "itm"}:
         s1 = build_ours(sizes.stage1, device, seed=1)
         if "itm" in wanted:
-            attempt("itm", lambda: run_itm(args, Clock(device), s1, build_theirs(s1, device)))
+            attempt("itm", lambda: run_itm(args, Clock(device, args.cpu_time), s1, build_theirs(s1, device)))
         if "stage1" in wanted:
-            attempt("stage-1", run_stage1, args, Clock(device), s1, sizes.stage1_batch)
+            attempt("stage-1", run_stage1, args, Clock(device, args.cpu_time), s1, sizes.stage1_batch)
 
     print(fmt_table(rows))
     for e in errors:
