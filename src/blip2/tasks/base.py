@@ -260,13 +260,20 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_saved(path: str) -> nn.Module:
+def load_saved(path: str, setting: str = "model.init_from") -> nn.Module:
     """A saved model (any format `blip2.load` reads) as its torch module, without its tokenizer and
-    image processor (training builds its own)."""
+    image processor (training builds its own); what goes wrong names the config's `setting`."""
     from blip2.hub import resolve
-    from blip2.interop.loading import load_model
+    from blip2.interop.loading import UnknownCheckpointFile, load_model
 
     try:
         return load_model(str(path), resolve(path)).model
+    except UnknownCheckpointFile as e:  # a training config names no preset for it: convert it first
+        raise UserError(
+            f"{setting}: {e.path.name} is a checkpoint file under a name LAVIS did not release, so which "
+            f"model it is is unknown: convert it to a folder with `blip2 convert {e.path} DIR --preset NAME` "
+            f"(`blip2 presets` lists them; --config CFG.json when its sizes match no preset) and set "
+            f"{setting} to DIR"
+        ) from None
     except UserError as e:  # say which setting named it
-        raise UserError(f"model.init_from: {e}") from None
+        raise UserError(f"{setting}: {e}") from None

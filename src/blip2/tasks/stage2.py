@@ -169,10 +169,7 @@ class Stage2Task(Task):
                 f"stage-2 preset or config), not task {cfg.task!r} with a {config.kind} model"
             )
         source_name = cfg.model.qformer_from
-        try:
-            source = load_saved(source_name)
-        except UserError as e:
-            raise UserError(str(e).replace("model.init_from", "model.qformer_from", 1)) from None
+        source = load_saved(source_name, "model.qformer_from")
         if not isinstance(source, QueryEncoder):
             raise UserError(f"model.qformer_from: {source_name} holds no BLIP-2 Q-Former")
         old_q, new_width = source.config.qformer, config.vision.width
