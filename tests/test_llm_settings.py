@@ -139,18 +139,31 @@ def test_the_tokenizer_saved_beside_a_qwen2_llm_is_the_one_that_loads(tmp_path):
     assert loaded.get_vocab() == saved.get_vocab()
 
 
-@pytest.mark.parametrize("action", ["build", "add"])
-def test_index_commands_offer_no_llm_placement(action, capsys):
+LLM_OPTIONS = (
+    "--llm",
+    "--device-map",
+    "--max-memory",
+    "--offload-folder",
+    "--load-in-8bit",
+    "--load-in-4bit",
+)
+
+
+def _options_shown(command: list[str], capsys) -> set[str]:
+    import re
+
     with pytest.raises(SystemExit) as exit_:
-        main(["index", action, "--help"])
+        main([*command, "--help"])
     assert exit_.value.code == 0
-    shown = capsys.readouterr().out
-    assert "--batch-size" in shown and "--model" in shown
-    for option in ("--device-map", "--max-memory", "--offload-folder", "--load-in-8bit", "--load-in-4bit"):
-        assert option not in shown
-    with pytest.raises(SystemExit):
-        main(["caption", "--help"])
-    assert "--device-map" in capsys.readouterr().out  # the commands that load an LLM keep them
+    return set(re.findall(r"(?<![\w-])--[\w-]+", capsys.readouterr().out))
+
+
+@pytest.mark.parametrize("command", [["match"], ["search"], ["index", "build"], ["index", "add"]])
+def test_retrieval_commands_offer_no_llm_options(command, capsys):
+    shown = _options_shown(command, capsys)
+    assert {"--model", "--device", "--preset", "--vision-weights", "--tokenizer"} <= shown
+    assert not shown & set(LLM_OPTIONS), shown & set(LLM_OPTIONS)
+    assert set(LLM_OPTIONS) <= _options_shown(["caption"], capsys)  # commands that load an LLM keep them
 
 
 # ------------------------------------------------------------------------ the new LLM of stage 2
