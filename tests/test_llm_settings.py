@@ -236,6 +236,7 @@ def test_stage_2_from_a_stage_1_folder_takes_the_new_llm_s_settings(world, tmp_p
         ),
         ("model.overrides.llm.dtype=float64", "model.overrides.llm.dtype is 'float64': give one of float32"),
         ("model.overrides.qformer.dropout=0.0", "drop model.overrides.qformer (from this model, only "),
+        ("model.overrides.llm=true", "model.overrides.llm is True: give the LLM's settings"),
     ],
 )
 def test_overrides_a_stage_1_folder_cannot_take_are_one_sentence(world, tmp_path, override, says):

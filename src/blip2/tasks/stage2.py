@@ -329,6 +329,10 @@ def llm_for_stage2(
 def _with_settings(llm: LLMConfig, settings: dict[str, Any]) -> LLMConfig:
     """`llm` with `model.overrides.llm` applied; a field that does not apply or a value of the wrong
     type is one sentence."""
+    if not isinstance(settings, dict):
+        raise UserError(
+            f"model.overrides.llm is {settings!r}: give the LLM's settings, e.g. {{chat_template: true}}"
+        )
     for key, value in settings.items():
         kind = NEW_LLM_SETTINGS.get(key)
         if kind is None:
