@@ -1,7 +1,8 @@
 """What a user names for the LLM, through the real entry points: an LLM folder that is not a language
 model is one sentence (`blip2 train`), the LLM's settings in a stage-1 config are refused rather than
 ignored, the tokenizer saved beside an LLM is the one that loads whatever the LLM's family, and the
-commands that load retrieval models only offer no LLM placement options."""
+commands that load retrieval models only offer no LLM options, and `model.overrides.llm` sets up the
+new LLM of stage 2 from a stage-1 folder."""
 
 from __future__ import annotations
 
@@ -138,15 +139,109 @@ def test_the_tokenizer_saved_beside_a_qwen2_llm_is_the_one_that_loads(tmp_path):
     assert loaded.get_vocab() == saved.get_vocab()
 
 
-@pytest.mark.parametrize("action", ["build", "add"])
-def test_index_commands_offer_no_llm_placement(action, capsys):
+LLM_OPTIONS = (
+    "--llm",
+    "--device-map",
+    "--max-memory",
+    "--offload-folder",
+    "--load-in-8bit",
+    "--load-in-4bit",
+)
+
+
+def _options_shown(command: list[str], capsys) -> set[str]:
+    import re
+
     with pytest.raises(SystemExit) as exit_:
-        main(["index", action, "--help"])
+        main([*command, "--help"])
     assert exit_.value.code == 0
-    shown = capsys.readouterr().out
-    assert "--batch-size" in shown and "--model" in shown
-    for option in ("--device-map", "--max-memory", "--offload-folder", "--load-in-8bit", "--load-in-4bit"):
-        assert option not in shown
-    with pytest.raises(SystemExit):
-        main(["caption", "--help"])
-    assert "--device-map" in capsys.readouterr().out  # the commands that load an LLM keep them
+    return set(re.findall(r"(?<![\w-])--[\w-]+", capsys.readouterr().out))
+
+
+@pytest.mark.parametrize("command", [["match"], ["search"], ["index", "build"], ["index", "add"]])
+def test_retrieval_commands_offer_no_llm_options(command, capsys):
+    shown = _options_shown(command, capsys)
+    assert {"--model", "--device", "--preset", "--vision-weights", "--tokenizer"} <= shown
+    assert not shown & set(LLM_OPTIONS), shown & set(LLM_OPTIONS)
+    assert set(LLM_OPTIONS) <= _options_shown(["caption"], capsys)  # commands that load an LLM keep them
+
+
+# ------------------------------------------------------------------------ the new LLM of stage 2
+
+CHAT = (  # a chat template in the character tokenizer's characters
+    "{% for m in messages %}user: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}bot:{% endif %}"
+)
+
+
+def _qwen2_chat_llm(w: World, folder: Path) -> Path:
+    """A tiny random Qwen2 folder whose tokenizer (the character one) has a chat template."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model("qwen2", **QWEN2)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok = transformers.AutoTokenizer.from_pretrained(str(w.tokenizer))
+    tok.chat_template = CHAT
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_stage_2_from_a_stage_1_folder_takes_the_new_llm_s_settings(world, tmp_path, monkeypatch):
+    """`model.init_from` (a stage-1 folder) with `model.overrides.llm`: the chat template wraps the
+    prompts training feeds the LLM, and the saved model carries the settings."""
+    import transformers
+
+    import blip2
+    from blip2.tasks.stage2 import CaptionTask
+    from blip2.train.config import load_config
+    from blip2.train.loop import train
+
+    llm = _qwen2_chat_llm(world, tmp_path / "qwen2")
+    out = tmp_path / "out"
+    args = [
+        *_stage2(world, llm, out)[2:],
+        "task=caption",
+        f"model.llm_tokenizer={llm}",
+        "model.overrides.llm.chat_template=true",
+        "model.overrides.llm.prompt=a photo of",
+        "model.overrides.llm.max_txt_len=20",
+    ]
+    seen = []
+    inputs = CaptionTask.inputs
+
+    def record(self, batch, gather, generator):
+        seen.append(batch["input_ids"])
+        return inputs(self, batch, gather, generator)
+
+    monkeypatch.setattr(CaptionTask, "inputs", record)
+    train(load_config(TINY2, args))
+    tok = transformers.AutoTokenizer.from_pretrained(str(llm))
+    texts = tok.batch_decode(seen[0], skip_special_tokens=True)
+    assert texts and all(t.startswith("user: a photo of\nbot:") for t in texts), texts
+    saved = json.loads((out / "final" / "blip2_config.json").read_text())["llm"]
+    assert (saved["chat_template"], saved["prompt"], saved["max_txt_len"]) == (True, "a photo of", 20)
+    assert saved["hf_config"]["model_type"] == "qwen2"
+    pipe = blip2.load(str(out / "final"))
+    prompt = pipe._encode_prompts(["hi"])["input_ids"][0]
+    assert tok.decode(prompt, skip_special_tokens=True) == "user: hi\nbot:"  # generation wraps it too
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("model.overrides.llm.hf_config.num_hidden_layers=2", "model.overrides.llm.hf_config does not apply"),
+        (
+            "model.overrides.llm.chat_template=maybe",
+            "model.overrides.llm.chat_template is 'maybe': give true",
+        ),
+        ("model.overrides.llm.dtype=float64", "model.overrides.llm.dtype is 'float64': give one of float32"),
+        ("model.overrides.qformer.dropout=0.0", "drop model.overrides.qformer (from this model, only "),
+        ("model.overrides.llm=true", "model.overrides.llm is True: give the LLM's settings"),
+    ],
+)
+def test_overrides_a_stage_1_folder_cannot_take_are_one_sentence(world, tmp_path, override, says):
+    llm = _qwen2_chat_llm(world, tmp_path / "qwen2")
+    p = blip2_cli([*_stage2(world, llm, tmp_path / "out"), override])
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert says in p.stderr, p.stderr
+    assert not (tmp_path / "out" / "final").exists()

@@ -153,13 +153,10 @@ def _random_lavis_state(keys: dict[str, tuple], seed: int) -> dict[str, torch.Te
     return out
 
 
-def test_a_lavis_checkpoint_s_q_former_is_reused(world, tmp_path, monkeypatch):
-    """A LAVIS stage-1 `.pth` (its keys written down from LAVIS, as the LAVIS interop tests write them)
-    and the `eva_vit_g.pth` beside it start stage 2 for a new LLM: the Q-Former, queries and
-    `ln_vision` are the file's tensors, and only the projection trains."""
+def _tiny_lavis_files(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """A LAVIS stage-1 `.pth` of tiny-stage1's sizes (its keys written down from LAVIS, as the LAVIS
+    interop tests write them) saved as `folder/name`, the `eva_vit_g.pth` beside it; returns its state."""
     from lavis_keys import lavis_qformer_keys, lavis_vision_keys
-
-    from blip2.interop import lavis
 
     q = preset("tiny-stage1").qformer
     state = _random_lavis_state(
@@ -171,11 +168,20 @@ def test_a_lavis_checkpoint_s_q_former_is_reused(world, tmp_path, monkeypatch):
     state[position] = state[position][: q.max_position_embeddings]
     state["Qformer.cls.predictions.decoder.weight"] = state["Qformer.bert.embeddings.word_embeddings.weight"]
     state["Qformer.cls.predictions.decoder.bias"] = state["Qformer.cls.predictions.bias"]
-    folder = tmp_path / "lavis"
     folder.mkdir()
     eva = _random_lavis_state(lavis_vision_keys(depth=3, width=48, mlp=64, positions=17, patch=4), seed=2)
-    torch.save({"model": state}, folder / "blip2_tiny.pth")
+    torch.save({"model": state}, folder / name)
     torch.save(eva, folder / "eva_vit_g.pth")
+    return state
+
+
+def test_a_lavis_checkpoint_s_q_former_is_reused(world, tmp_path, monkeypatch):
+    """A LAVIS stage-1 `.pth` and the `eva_vit_g.pth` beside it start stage 2 for a new LLM: the
+    Q-Former, queries and `ln_vision` are the file's tensors, and only the projection trains."""
+    from blip2.interop import lavis
+
+    folder = tmp_path / "lavis"
+    state = _tiny_lavis_files(folder, "blip2_tiny.pth")
     # a released file is known by its name (`blip2_pretrained.pth`: blip2-stage1-vit-g); this tiny one
     # is made known the same way
     monkeypatch.setitem(lavis.FILES, "blip2_tiny.pth", "tiny-stage1")
@@ -204,6 +210,37 @@ def test_a_lavis_checkpoint_s_q_former_is_reused(world, tmp_path, monkeypatch):
     trainable, _ = checkpoint.load(checkpoint.find(str(out)))
     assert set(trainable) == {"language_projection.weight", "language_projection.bias"}
     assert _optimizer_size(out) == 2
+
+
+@pytest.mark.parametrize("setting", ["model.qformer_from", "model.init_from"])
+def test_a_lavis_file_under_another_name_says_what_to_do_in_the_config(world, tmp_path, setting):
+    """A LAVIS `.pth` under a name LAVIS did not release names no model: the sentence says what to do
+    in a training config (convert it, then name the folder), not the command line's --preset; done as
+    it says, the Q-Former is reused."""
+    folder = tmp_path / "lavis"
+    state = _tiny_lavis_files(folder, "my_qformer.pth")
+    file = folder / "my_qformer.pth"
+    if setting == "model.qformer_from":
+        named = [f"model.qformer_from={file}"]
+    else:
+        named = ["model.qformer_from=null", "model.preset=null", f"model.init_from={file}"]
+    p = blip2_cli(["train", TINY2, *_args(world, tmp_path / "run", *named)])
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    error = p.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: {setting}: my_qformer.pth is a checkpoint file"), error
+    assert f"`blip2 convert {file} DIR --preset NAME`" in error and error.endswith(
+        f"and set {setting} to DIR"
+    )
+    assert "--preset NAME on the command line" not in error and "preset=NAME" not in error
+    if setting == "model.init_from":
+        return
+    converted = tmp_path / "converted"
+    p = blip2_cli(["convert", str(file), str(converted), "--preset", "tiny-stage1"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = blip2_cli(["train", TINY2, *_args(world, tmp_path / "run2", f"model.qformer_from={converted}")])
+    assert p.returncode == 0, p.stderr[-3000:]
+    final = blip2.load(str(tmp_path / "run2" / "final")).model
+    assert torch.equal(final.query_tokens, state["query_tokens"])
 
 
 # ------------------------------------------------------------------------------------------- LoRA

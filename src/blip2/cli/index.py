@@ -26,7 +26,7 @@ from blip2.errors import EXIT_OK, EXIT_SOME_FAILED, UserError
 
 def _optional_model(parser: argparse.ArgumentParser, help_text: str) -> None:
     """The model options, with `--model` optional (an existing index names its own)."""
-    options.add_model_arguments(parser, model_help=help_text, llm_placement=False)
+    options.add_model_arguments(parser, model_help=help_text, llm=False)
 
 
 def _embedding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build = sub.add_parser("build", help="embed images into a new index (or resume one)")
     build.add_argument("inputs", nargs="+", help="image files, folders, globs, .tar shards, .txt path lists")
     build.add_argument("--out", required=True, help="the index folder")
-    options.add_model_arguments(build, llm_placement=False)  # a retrieval model: no LLM to place
+    options.add_model_arguments(build, llm=False)  # a retrieval model: no LLM
     _embedding_arguments(build)
     build.add_argument(
         "--precision", choices=("float16", "float32"), default="float16",

@@ -13,7 +13,7 @@ from blip2.cli import options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    options.add_model_arguments(parser)
+    options.add_model_arguments(parser, llm=False)  # a retrieval model: no LLM
     parser.add_argument("image", help="the image file")
     parser.add_argument("texts", nargs="+", help="one or more texts")
     parser.add_argument("--json", action="store_true", help="JSON lines: {text, itm, itc}")

@@ -68,36 +68,37 @@ def add_model_arguments(
     parser: argparse.ArgumentParser,
     image_limit: bool = True,
     model_help: str | None = None,
-    llm_placement: bool = True,
+    llm: bool = True,
 ) -> None:
     """`--model`, the device options and what a LAVIS checkpoint file needs to load; with
-    `image_limit`, `--max-pixels`; with `llm_placement`, the options of a large LLM
-    (`add_llm_placement`; False for a command that loads retrieval models only). With `model_help`,
-    `--model` is optional and says so (a command that can take the model from elsewhere, as an index
-    names its own)."""
+    `image_limit`, `--max-pixels`; with `llm`, the options of a model's LLM: `--llm` and the placement
+    of a large one (`add_llm_placement`). `llm=False`: a command that loads retrieval models only
+    (`match`, `search`, `index`). With `model_help`, `--model` is optional and says so (a command that
+    can take the model from elsewhere, as an index names its own)."""
     parser.add_argument(
         "--model",
         required=model_help is None,
         help=model_help or "hub id, model folder or LAVIS checkpoint file",
     )
     add_device_arguments(parser)
-    add_loading_arguments(parser)
-    if llm_placement:
+    add_loading_arguments(parser, llm=llm)
+    if llm:
         add_llm_placement(parser)
     if image_limit:
         add_max_pixels(parser)
 
 
-def add_loading_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """`--preset`, `--vision-weights`, `--llm`, `--tokenizer`: what a LAVIS checkpoint file needs to load
-    (`load_options` reads them). Returns their group, for a command's own loading options."""
+def add_loading_arguments(parser: argparse.ArgumentParser, llm: bool = True) -> argparse._ArgumentGroup:
+    """`--preset`, `--vision-weights`, `--llm` (with `llm`), `--tokenizer`: what a LAVIS checkpoint file
+    needs to load (`load_options` reads them). Returns their group, for a command's own loading options."""
     loading = parser.add_argument_group("checkpoints that need more to load (LAVIS .pth files)")
     loading.add_argument("--preset", help="which model a LAVIS checkpoint file is (`blip2 presets`)")
     loading.add_argument(
         "--vision-weights",
         help="image encoder: LAVIS file (eva_vit_g.pth, clip_vit_L.pth) or transformers folder",
     )
-    loading.add_argument("--llm", help="LLM folder or hub id of a LAVIS stage-2 checkpoint")
+    if llm:
+        loading.add_argument("--llm", help="LLM folder or hub id of a LAVIS stage-2 checkpoint")
     loading.add_argument("--tokenizer", help="tokenizer folder or hub id when the model has none beside it")
     return loading
 

@@ -22,8 +22,10 @@ from blip2.errors import EXIT_OK, EXIT_SOME_FAILED, UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    options.add_model_arguments(
-        parser, model_help="hub id, model folder or LAVIS checkpoint file (with --index: the index's)"
+    options.add_model_arguments(  # a retrieval model: no LLM
+        parser,
+        model_help="hub id, model folder or LAVIS checkpoint file (with --index: the index's)",
+        llm=False,
     )
     parser.add_argument("query", help="the text to search for")
     parser.add_argument("inputs", nargs="*", help="image files, folders, globs, .tar shards, .txt path lists")

@@ -32,6 +32,24 @@ from blip2.presets import PRESETS, preset
 HUB_PRESETS = {"blip2-itm-vit-g": "blip2-stage1-vit-g", "blip2-itm-vit-g-coco": "blip2-stage1-vit-g-coco"}
 
 
+class UnknownCheckpointFile(UserError):
+    """A checkpoint file loaded without a preset or config, under a name that is not one of LAVIS's
+    released files: nothing says which model it is. The message names the command line's and
+    `blip2.load`'s options; a caller with other settings (a training config) words its own.
+
+    Attributes:
+        path: the file.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__(
+            f"{path.name} is a checkpoint file: say which model it is with --preset NAME on the command "
+            "line or preset=NAME in blip2.load (for example blip2-opt-2.7b; `blip2 presets` lists them), "
+            "or with --config CFG.json (config= in blip2.load) when its sizes match no preset"
+        )
+        self.path = path
+
+
 @dataclass
 class Loaded:
     """A loaded model and where the rest of it lies.
@@ -146,11 +164,7 @@ def _lavis_config(
         return read_config(config)
     preset_name = preset_name or lavis.FILES.get(path.name)
     if preset_name is None:
-        raise UserError(
-            f"{path.name} is a checkpoint file: say which model it is with --preset NAME on the command "
-            "line or preset=NAME in blip2.load (for example blip2-opt-2.7b; `blip2 presets` lists them), "
-            "or with --config CFG.json (config= in blip2.load) when its sizes match no preset"
-        )
+        raise UnknownCheckpointFile(path)
     if preset_name not in PRESETS:
         raise UserError(f"unknown preset {preset_name!r}; `blip2 presets` lists them")
     return preset(preset_name)

@@ -140,8 +140,15 @@ class Task(nn.Module):
             bert = read_bert_state_dict(m.qformer_init)
         if m.init_from is not None:
             saved = load_saved(m.init_from)
-            if m.overrides:
-                raise UserError("model.overrides apply to new models only, not to model.init_from")
+            kept = cls.saved_overrides(saved)
+            unused = sorted(set(m.overrides) - kept)
+            if unused:
+                sections = ", ".join(f"model.overrides.{k}" for k in unused)
+                also = f" (from this model, only {', '.join(f'model.overrides.{k}' for k in sorted(kept))})"
+                raise UserError(
+                    f"model.overrides apply to new models only, not to model.init_from: drop {sections}"
+                    + (also if kept else "")
+                )
             return cls.from_saved(saved, cfg)
         config, tower = vision_model_config(cfg)
         model = cls.new_model(config, cfg)
@@ -162,6 +169,13 @@ class Task(nn.Module):
     def from_saved(cls, model: nn.Module, cfg: TrainConfig) -> nn.Module:
         """The model to train from a saved one (`model.init_from`); by default the model itself."""
         return model
+
+    @classmethod
+    def saved_overrides(cls, model: nn.Module) -> frozenset[str]:
+        """The sections of `model.overrides` that `from_saved` applies to what it builds from the saved
+        `model` (e.g. `llm`: the new LLM of stage 2 from a stage-1 model); the others are refused. None
+        by default: a saved model is trained as it was saved."""
+        return frozenset()
 
     @classmethod
     def text_spec(cls, cfg: TrainConfig, section: DataSection, config: Blip2Config) -> TextSpec:
@@ -246,13 +260,20 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_saved(path: str) -> nn.Module:
+def load_saved(path: str, setting: str = "model.init_from") -> nn.Module:
     """A saved model (any format `blip2.load` reads) as its torch module, without its tokenizer and
-    image processor (training builds its own)."""
+    image processor (training builds its own); what goes wrong names the config's `setting`."""
     from blip2.hub import resolve
-    from blip2.interop.loading import load_model
+    from blip2.interop.loading import UnknownCheckpointFile, load_model
 
     try:
         return load_model(str(path), resolve(path)).model
+    except UnknownCheckpointFile as e:  # a training config names no preset for it: convert it first
+        raise UserError(
+            f"{setting}: {e.path.name} is a checkpoint file under a name LAVIS did not release, so which "
+            f"model it is is unknown: convert it to a folder with `blip2 convert {e.path} DIR --preset NAME` "
+            f"(`blip2 presets` lists them; --config CFG.json when its sizes match no preset) and set "
+            f"{setting} to DIR"
+        ) from None
     except UserError as e:  # say which setting named it
-        raise UserError(f"model.init_from: {e}") from None
+        raise UserError(f"{setting}: {e}") from None

@@ -64,7 +64,11 @@ class InstructTask(Stage2Task):
                 f"task {cfg.task!r} starts from a stage-2 (generative) model, and {cfg.model.init_from} is a "
                 "stage-1 one: train stage 2 first (task: stage2), or start from a released BLIP-2 model"
             )
-        text_from = load_saved(cfg.model.qformer_text_from) if cfg.model.qformer_text_from else None
+        text_from = (
+            load_saved(cfg.model.qformer_text_from, "model.qformer_text_from")
+            if cfg.model.qformer_text_from
+            else None
+        )
         if text_from is not None and not text_from.config.qformer.text:
             raise UserError(
                 f"model.qformer_text_from: {cfg.model.qformer_text_from} has no Q-Former text side; "

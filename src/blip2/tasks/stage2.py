@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from blip2 import hub, losses
-from blip2.config import Blip2Config, LLMConfig, VisionConfig
+from blip2.config import DTYPES, Blip2Config, LLMConfig, VisionConfig
 from blip2.errors import UserError
 from blip2.losses import Gather
 from blip2.models.bridge import LanguageBridge
@@ -169,10 +169,7 @@ class Stage2Task(Task):
                 f"stage-2 preset or config), not task {cfg.task!r} with a {config.kind} model"
             )
         source_name = cfg.model.qformer_from
-        try:
-            source = load_saved(source_name)
-        except UserError as e:
-            raise UserError(str(e).replace("model.init_from", "model.qformer_from", 1)) from None
+        source = load_saved(source_name, "model.qformer_from")
         if not isinstance(source, QueryEncoder):
             raise UserError(f"model.qformer_from: {source_name} holds no BLIP-2 Q-Former")
         old_q, new_width = source.config.qformer, config.vision.width
@@ -195,7 +192,9 @@ class Stage2Task(Task):
                 "hub id of the tower), or describe the source's tower"
             )
         config = dataclasses.replace(config, qformer=qformer)
-        llm_config, llm = llm_for_stage2(cfg.model.llm, config.llm)
+        # with model.llm, its LLM takes the preset's conventions and `model.overrides.llm` (again) on top
+        settings = cfg.model.overrides.get("llm") if cfg.model.llm else None
+        llm_config, llm = llm_for_stage2(cfg.model.llm, config.llm, settings)
         vision = tower
         if same_tower:
             vision = copy.deepcopy(source.visual)
@@ -221,12 +220,17 @@ class Stage2Task(Task):
     @classmethod
     def from_saved(cls, model: Any, cfg: TrainConfig) -> LanguageBridge:
         if getattr(model.config, "llm", None) is None:  # a stage-1 model: stage 2 starts from it
-            llm_config, llm = llm_for_stage2(cfg.model.llm, None)
+            llm_config, llm = llm_for_stage2(cfg.model.llm, None, cfg.model.overrides.get("llm"))
             return LanguageBridge.from_stage1(
                 model, llm if llm is not None else llm_config, llm_config=llm_config
             )
         _refuse_instruct(model.config, cfg)
         return model
+
+    @classmethod
+    def saved_overrides(cls, model: nn.Module) -> frozenset[str]:
+        """`model.overrides.llm` (`NEW_LLM_SETTINGS`) sets up the new LLM of stage 2 from a stage-1 model."""
+        return frozenset({"llm"}) if getattr(model.config, "llm", None) is None else frozenset()
 
     @classmethod
     def text_spec(cls, cfg: TrainConfig, section: DataSection, config: Blip2Config) -> TextSpec:
@@ -278,33 +282,74 @@ def _refuse_instruct(config: Blip2Config, cfg: TrainConfig) -> None:
         )
 
 
-def llm_for_stage2(name: str | None, base: LLMConfig | None) -> tuple[LLMConfig, nn.Module | None]:
+# `LLMConfig` fields `model.overrides.llm` may set for an LLM that `model.llm` names (its architecture
+# and weights come from there), with the types they take
+NEW_LLM_SETTINGS: dict[str, type | tuple[type, ...]] = {
+    "dtype": str,
+    "prompt": str,
+    "vqa_prompt": (str, type(None)),
+    "eos_text": (str, type(None)),
+    "max_txt_len": int,
+    "chat_template": bool,
+}
+
+
+def llm_for_stage2(
+    name: str | None, base: LLMConfig | None, settings: dict[str, Any] | None = None
+) -> tuple[LLMConfig, nn.Module | None]:
     """The LLM of a stage-2 model: its `LLMConfig` and, for a pretrained LM, the loaded module.
 
     `name` is a preset (its LLM), a transformers LM folder or hub id, or None for `base` (the model's
     own `LLMConfig`). A preset LLM without a `name` is built with random weights (tiny presets); one
     with a name is loaded from it, keeping the preset's conventions (dtype, prompt, EOS text).
+    `settings` (`model.overrides.llm`, the fields of `NEW_LLM_SETTINGS`) change those conventions
+    before the LLM loads (its `dtype` too).
     """
     if name in PRESETS:
         base = preset(name).llm
         if base is None:
             raise UserError(f"preset {name!r} has no LLM; use a stage-2 preset for model.llm")
         name = None
+    if name is None and base is None:
+        raise UserError(
+            "stage 2 from a stage-1 model needs model.llm (a preset like blip2-opt-2.7b or a folder)"
+        )
+    base = _with_settings(base if base is not None else LLMConfig(name=name), settings or {})
     if name is None:
-        if base is None:
-            raise UserError(
-                "stage 2 from a stage-1 model needs model.llm (a preset like blip2-opt-2.7b or a folder)"
-            )
         if not base.name:
             return base, None
         name = base.name
-    elif base is None:
-        base = LLMConfig(name=name)
     from blip2.interop.checkpoint import load_pretrained_llm, pretrained_llm_config
 
     path = hub.resolve(name)
     llm_config = pretrained_llm_config(path, base)
     return llm_config, load_pretrained_llm(path, llm_config)
+
+
+def _with_settings(llm: LLMConfig, settings: dict[str, Any]) -> LLMConfig:
+    """`llm` with `model.overrides.llm` applied; a field that does not apply or a value of the wrong
+    type is one sentence."""
+    if not isinstance(settings, dict):
+        raise UserError(
+            f"model.overrides.llm is {settings!r}: give the LLM's settings, e.g. {{chat_template: true}}"
+        )
+    for key, value in settings.items():
+        kind = NEW_LLM_SETTINGS.get(key)
+        if kind is None:
+            raise UserError(
+                f"model.overrides.llm.{key} does not apply to an LLM that model.llm names (its architecture "
+                f"comes from there): set {', '.join(NEW_LLM_SETTINGS)}"
+            )
+        wrong_type = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+        if wrong_type or (key == "dtype" and value not in DTYPES):
+            expected = f"one of {', '.join(DTYPES)}" if key == "dtype" else _type_names(kind)
+            raise UserError(f"model.overrides.llm.{key} is {value!r}: give {expected}")
+    return dataclasses.replace(llm, **settings)
+
+
+def _type_names(kind: type | tuple[type, ...]) -> str:
+    names = {bool: "true or false", int: "a whole number", str: "a text", type(None): "null"}
+    return " or ".join(names[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
 
 
 def _llm_tokenizer(name: str, llm: LLMConfig) -> Any:

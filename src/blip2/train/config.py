@@ -52,7 +52,10 @@ class ModelSection:
             weights are the start. For a stage-2 task from a stage-1 model, `llm` names the LLM.
         llm: stage 2 from stage 1 (or from `qformer_from`): a preset name whose `llm` is used (e.g.
             tiny-opt, blip2-opt-2.7b), or a folder or hub id of a pretrained transformers LM.
-        overrides: nested Blip2Config fields to change (e.g. `{qformer: {dropout: 0.0}}`).
+        overrides: nested Blip2Config fields to change (e.g. `{qformer: {dropout: 0.0}}`) in a new
+            model. With `init_from`, only stage 2 from a stage-1 model takes any: `llm`, the settings of
+            the new LLM `llm` names (`dtype`, `prompt`, `vqa_prompt`, `eos_text`, `max_txt_len`,
+            `chat_template`; `blip2.tasks.stage2.NEW_LLM_SETTINGS`).
         tokenizer: the Q-Former tokenizer (folder or hub id); default the config's.
         llm_tokenizer: the LLM tokenizer (folder or hub id); default `config.llm.name` or `llm`.
         qformer_init: a BERT checkpoint (folder or hub id) to initialize a new Q-Former from, as the
