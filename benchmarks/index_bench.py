@@ -140,7 +140,7 @@ def measure(index: Index, text: torch.Tensor, truth: torch.Tensor, strategy: str
     ivf = faiss.try_extract_index_ivf(built)
     for nprobe in nprobes if ivf is not None else [0]:
         if ivf is not None:
-            ivf.nprobe = nprobe
+            Index._tune(faiss, built, nprobe)  # nprobe lists, quantizer efSearch max(16, 2 * nprobe)
         for c in candidates:
             index.itc(text[:3], top_k=10, candidates=c)  # warm up
             reset_peak()
@@ -150,7 +150,9 @@ def measure(index: Index, text: torch.Tensor, truth: torch.Tensor, strategy: str
                 pos, _ = index.itc(text[i : i + 1], top_k=10, candidates=c)
                 times.append(time.perf_counter() - t)
                 found.append(len(set(pos[0].tolist()) & set(truth[i].tolist())) / 10)
-            rows.append({"strategy": strategy, "faiss": factory, "nprobe": nprobe or None, "candidates": c,
+            quantizer = faiss.downcast_index(ivf.quantizer) if ivf is not None else None
+            ef = quantizer.hnsw.efSearch if hasattr(quantizer, "hnsw") else None
+            rows.append({"strategy": strategy, "faiss": factory, "nprobe": nprobe or None, "ef_search": ef, "candidates": c,
                          "images": len(index), "faiss_build_s": round(build_s, 1), "faiss_peak_rss_gb": round(build_peak, 2),
                          "p50_ms": round(1000 * percentile(times, 50), 2), "p99_ms": round(1000 * percentile(times, 99), 2),
                          "recall_at_10": round(float(np.mean(found)), 4), "search_peak_rss_gb": round(peak_gb(), 2)})  # fmt: skip
