@@ -19,6 +19,7 @@ import time
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -75,9 +76,7 @@ class BuildStats:
     images: int = 0  # in the index at the end (rank 0)
 
 
-def _prepare(
-    retriever: Retriever, path: Path, create: bool, model: str, dtype: str, strategy: str, faiss: str
-) -> int:
+def _prepare(retriever: Retriever, path: Path, create: bool, model: str, settings: dict[str, Any]) -> int:
     """Rank 0: open (or create) the index, check the model, merge what a killed run left; returns the
     first segment number of this run."""
     if create and not Store.is_index(path):
@@ -89,11 +88,9 @@ def _prepare(
             fingerprint=fingerprint(retriever),
             queries=feats.shape[1],
             dim=feats.shape[2],
-            dtype=dtype,
-            strategy=strategy,
-            faiss=faiss,
             weights=weights(retriever),
             model_dtype=model_dtype(retriever),
+            **settings,
         )
     else:
         store = Store.open(path)
@@ -117,6 +114,7 @@ def add_images(
     dtype: str = "float16",
     strategy: str = "queries",
     faiss: str = "auto",
+    flat_limit: int | None = None,
 ) -> BuildStats:
     """Embed `items` into the index at `path`.
 
@@ -132,7 +130,7 @@ def add_images(
         workers: processes decoding images while the model runs.
         max_pixels: larger images are refused (decompression bombs; default the library's).
         info: this process's place under torchrun (default one process).
-        dtype, strategy, faiss: a new index's settings (`Store.create`).
+        dtype, strategy, faiss, flat_limit: a new index's settings (`Store.create`).
     """
     info = info or DistInfo()
     path = Path(path)
@@ -142,7 +140,8 @@ def add_images(
     if info.is_main:
         try:
             name = model or retriever.config.name or "a blip2 model"
-            base = _prepare(retriever, path, create, name, dtype, strategy, faiss)
+            settings = {"dtype": dtype, "strategy": strategy, "faiss": faiss, "flat_limit": flat_limit}
+            base = _prepare(retriever, path, create, name, settings)
         except UserError as e:
             refusal = str(e)
         except OSError as e:

@@ -194,7 +194,9 @@ class Index:
         if chosen != "auto":
             return chosen
         n = len(self) * self._per_image()
-        return "Flat" if n <= FLAT_LIMIT else f"IVF{lists(n)}_HNSW32,SQ8"
+        return (
+            "Flat" if n <= (self.store.meta.get("flat_limit") or FLAT_LIMIT) else f"IVF{lists(n)}_HNSW32,SQ8"
+        )
 
     def _per_image(self) -> int:
         return self.store.meta["queries"] if self.store.meta["strategy"] == "queries" else 1

@@ -96,6 +96,7 @@ class Store:
         faiss: str = "auto",
         weights: tuple[str, np.ndarray] | None = None,
         model_dtype: str | None = None,
+        flat_limit: int | None = None,
     ) -> Store:
         """A new, empty index folder (`path` must not exist or be an empty folder).
 
@@ -106,6 +107,8 @@ class Store:
             strategy, faiss: what FAISS indexes, and its `index_factory` string ("auto": by size).
             weights: the model's `weights_sample` (layout hash, values), to accept it in another dtype.
             model_dtype: the dtype it was loaded in (recorded for `blip2 index info`).
+            flat_limit: vectors up to which the automatic FAISS type is exact (default
+                `blip2.index.search.FLAT_LIMIT`; above, an inverted file).
         """
         path = Path(path)
         if dtype not in DTYPES or strategy not in STRATEGIES:
@@ -126,6 +129,7 @@ class Store:
             "faiss": faiss,
             "model_dtype": model_dtype,
             "weights": weights[0] if weights else None,
+            "flat_limit": flat_limit,
         }
         if weights:
             np.save(path / "model.npy", weights[1])
