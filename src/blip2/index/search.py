@@ -106,7 +106,7 @@ class Index:
     """The live images of an index folder, their stored embeddings and the FAISS candidate index.
 
     Attributes:
-        paths: the images' keys (paths, or `shard.tar#member`), in index order: `SearchHit.index`
+        paths: the images' keys (absolute paths, or `shard.tar#member`), in index order: `SearchHit.index`
             is a position in this list.
     """
 
