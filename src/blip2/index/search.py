@@ -119,7 +119,8 @@ class Index:
         self._row = np.array([e.row for e in self._entries], dtype=np.int64)
         self._ids = (self._seg << 32) | self._row  # the images' FAISS ids (times Q plus the query: `queries`)
         self._by_id = np.argsort(self._ids)  # positions, in the order of their ids
-        self._faiss: Any = None
+        self._faiss: Any = None  # searched: on a GPU where there is one
+        self._cpu_faiss: Any = None  # kept up to date and saved
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Index:
@@ -229,7 +230,8 @@ class Index:
         if changed:
             state = {"factory": state["factory"], "built_on": state.get("built_on", state.get("images"))}
             self._save_faiss(faiss, index, state)
-        self._faiss = self._on_gpu(faiss, self._tune(faiss, index))
+        self._cpu_faiss = self._tune(faiss, index)
+        self._faiss = self._on_gpu(faiss, self._cpu_faiss)
         return self._faiss
 
     def _load_faiss(self, faiss: Any) -> tuple[Any, np.ndarray | None]:
@@ -275,10 +277,11 @@ class Index:
 
     def _positions(self, image_ids: np.ndarray) -> np.ndarray:
         """The positions of the live images among these ids, in their order (others are left out)."""
-        at = self._by_id[
-            np.searchsorted(self._ids, image_ids, sorter=self._by_id).clip(max=len(self._ids) - 1)
-        ]
-        return at[self._ids[at] == image_ids] if len(at) else at
+        if not len(self._ids):
+            return np.zeros(0, dtype=np.int64)
+        found = np.searchsorted(self._ids, image_ids, sorter=self._by_id).clip(max=len(self._ids) - 1)
+        at = self._by_id[found]
+        return at[self._ids[at] == image_ids]
 
     def _add_faiss(self, index: Any, positions: np.ndarray) -> None:
         """Add the vectors of the images at `positions` to `index`, a chunk at a time."""
@@ -357,7 +360,13 @@ class Index:
         """FAISS's best `k` images for each of the `(T, E)` texts (positions, best first)."""
         index = self.faiss_index()
         q = self._per_image()
-        _, ids = index.search(np.ascontiguousarray(text.numpy(), dtype=np.float32), k * q)
+        text = np.ascontiguousarray(text.numpy(), dtype=np.float32)
+        try:
+            _, ids = index.search(text, k * q)
+        except RuntimeError:  # on a GPU: more results than it returns at once (2048)
+            if index is self._cpu_faiss:
+                raise
+            _, ids = self._cpu_faiss.search(text, k * q)
         out = []
         for row in ids:
             images = np.asarray(list(dict.fromkeys((row[row >= 0] // q).tolist())), dtype=np.int64)
