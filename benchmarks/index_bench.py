@@ -119,6 +119,22 @@ def percentile(values: list[float], p: float) -> float:
     return float(np.percentile(np.asarray(values), p))
 
 
+def time_texts(
+    index: Index, text: torch.Tensor, candidates: int | None
+) -> tuple[list[float], list[list[int]]]:
+    """Search the index for each of the `(T, E)` texts alone by ITC (`Index.itc`, top 10), after a warm-up
+    and with the peak RSS reset: the seconds each took and the positions each found."""
+    index.itc(text[:3], top_k=10, candidates=candidates)  # warm up
+    reset_peak()
+    times, found = [], []
+    for i in range(len(text)):
+        t = time.perf_counter()
+        pos, _ = index.itc(text[i : i + 1], top_k=10, candidates=candidates)
+        times.append(time.perf_counter() - t)
+        found.append(pos[0].tolist())
+    return times, found
+
+
 def measure(index: Index, text: torch.Tensor, truth: torch.Tensor, strategy: str, factory: str, nprobes: list[int],
             candidates: list[int], threads: int, reuse: bool = False) -> list[dict]:  # fmt: skip
     """Build the FAISS index of `strategy` and `factory` (or, with `reuse`, load the one an earlier run saved
@@ -140,17 +156,13 @@ def measure(index: Index, text: torch.Tensor, truth: torch.Tensor, strategy: str
     ivf = faiss.try_extract_index_ivf(built)
     for nprobe in nprobes if ivf is not None else [0]:
         if ivf is not None:
-            ivf.nprobe = nprobe
+            Index._tune(faiss, built, nprobe)  # nprobe lists, quantizer efSearch max(16, 2 * nprobe)
         for c in candidates:
-            index.itc(text[:3], top_k=10, candidates=c)  # warm up
-            reset_peak()
-            times, found = [], []
-            for i in range(len(text)):
-                t = time.perf_counter()
-                pos, _ = index.itc(text[i : i + 1], top_k=10, candidates=c)
-                times.append(time.perf_counter() - t)
-                found.append(len(set(pos[0].tolist()) & set(truth[i].tolist())) / 10)
-            rows.append({"strategy": strategy, "faiss": factory, "nprobe": nprobe or None, "candidates": c,
+            times, positions = time_texts(index, text, c)
+            found = [len(set(p) & set(t)) / 10 for p, t in zip(positions, truth.tolist(), strict=True)]
+            quantizer = faiss.downcast_index(ivf.quantizer) if ivf is not None else None
+            ef = quantizer.hnsw.efSearch if hasattr(quantizer, "hnsw") else None
+            rows.append({"strategy": strategy, "faiss": factory, "nprobe": nprobe or None, "ef_search": ef, "candidates": c,
                          "images": len(index), "faiss_build_s": round(build_s, 1), "faiss_peak_rss_gb": round(build_peak, 2),
                          "p50_ms": round(1000 * percentile(times, 50), 2), "p99_ms": round(1000 * percentile(times, 99), 2),
                          "recall_at_10": round(float(np.mean(found)), 4), "search_peak_rss_gb": round(peak_gb(), 2)})  # fmt: skip

@@ -13,6 +13,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import usage_helpers as uh
@@ -287,3 +288,202 @@ def test_an_inverted_file_proposes_and_the_exact_rescore_decides(tmp_path, strat
     assert (cos[:, :-1] >= cos[:, 1:]).all() and all(len(set(p.tolist())) == 5 for p in pos)
     best = index.itc(text, top_k=5, candidates=None)[1]
     assert (cos[:, 0] <= best[:, 0] + 1e-6).all()
+
+
+def synthetic_store(path: Path, n: int, q: int, dim: int, seed: int = 0, **settings) -> torch.Tensor:
+    """A store of n random images' unit query vectors `(n, Q, E)` (returned), keys `i<number>`."""
+    from blip2.index.store import Store
+
+    store = Store.create(path, model="m", fingerprint="f", queries=q, dim=dim, dtype="float32", **settings)
+    feats = torch.nn.functional.normalize(
+        torch.randn(n, q, dim, generator=torch.Generator().manual_seed(seed)), dim=-1
+    )
+    append(store, feats, 0)
+    return feats
+
+
+def append(store, feats: torch.Tensor, first: int) -> None:
+    """Add images `i<first>`... in a new segment, as a build does."""
+    from blip2.index.store import SegmentWriter
+
+    writer = SegmentWriter(store, store.next_segment())
+    writer.append([f"i{first + n}" for n in range(len(feats))], [None] * len(feats), feats)
+    writer.close()
+    store.merge_segments()
+
+
+def recall_at_10(index: Index, text: torch.Tensor, candidates: int) -> float:
+    found, _ = index.itc(text, top_k=10, candidates=candidates)
+    exact, _ = index.itc(text, top_k=10, candidates=None)
+    return (
+        sum(len(set(a) & set(b)) for a, b in zip(found.tolist(), exact.tolist(), strict=True)) / exact.numel()
+    )
+
+
+def test_the_same_weights_at_another_dtype_are_the_same_model(retriever, images, tmp_path, capsys):
+    """The index records the model's dtype, and accepts its weights loaded at another one."""
+    out = tmp_path / "fp32.index"
+    assert (
+        main(["index", "build", str(images), "--model", retriever, "--out", str(out), "--dtype", "float32"])
+        == 0
+    )
+    assert main(["index", "info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_dtype"] == "float32"
+    for dtype in ("bfloat16", "float16"):
+        assert (
+            main(["search", "--index", str(out), "a dog", "--dtype", dtype, "--rerank", "2", "--json"]) == 0
+        ), dtype
+        assert len(json_lines(capsys.readouterr().out)) == 10
+    assert (
+        main(
+            [
+                "index",
+                "add",
+                str(out),
+                str(uh.make_images(tmp_path / "more", 1, seed=3)[0]),
+                "--dtype",
+                "bfloat16",
+            ]
+        )
+        == 0
+    )
+    assert len(Index.open(out)) == 13
+    other = str(uh.save_retriever(tmp_path / "other", seed=8))  # other weights, at either dtype: refused
+    capsys.readouterr()
+    for dtype in ("float32", "bfloat16"):
+        assert main(["search", "--index", str(out), "--model", other, "a dog", "--dtype", dtype]) == 2
+        assert "was built with another model" in capsys.readouterr().err
+
+
+def test_a_path_is_stored_absolute_whatever_its_spelling(retriever, images, tmp_path, monkeypatch, capsys):
+    """`./a.png`, `/abs/a.png`, `../x/a.png` from another folder and a link to it are one image."""
+    first = sorted(images.iterdir())[0]
+    (tmp_path / "link.png").symlink_to(first)
+    (tmp_path / "sub").mkdir()
+    out = tmp_path / "paths.index"
+    monkeypatch.chdir(images)
+    assert main(["index", "build", f"./{first.name}", "--model", retriever, "--out", str(out)]) == 0
+    assert Index.open(out).paths == [str(first.resolve())]
+    monkeypatch.chdir(tmp_path / "sub")
+    spellings = [str(first), os.path.relpath(first), "../link.png", f"{images}/./{first.name}"]
+    for spelling in spellings:
+        assert main(["index", "add", "../paths.index", spelling]) == 0
+        index = Index.open(out)
+        assert index.paths == [str(first.resolve())], spelling  # replaced, not listed twice
+    assert index.faiss_index().ntotal == index.store.meta["queries"]
+    assert main(["index", "remove", "../paths.index", "../link.png"]) == 0
+    assert "removed 1 images" in capsys.readouterr().err and len(Index.open(out)) == 0
+
+
+def test_add_and_remove_update_faiss_in_place_and_search_stays_exact(retriever, images, tmp_path, capsys):
+    """`index add` adds the new vectors to the saved FAISS index and `index remove` removes them, without
+    building it again; FAISS's candidates stay the exact top k."""
+    pipe = blip2.load(retriever)
+    out = tmp_path / "live.index"
+    more = uh.make_images(tmp_path / "more", 4, seed=9, prefix="more")
+    assert main(["index", "build", str(images), "--model", retriever, "--out", str(out)]) == 0
+    built = json.loads((out / "faiss.json").read_text())
+    assert built["built_on"] == 12 and built["factory"] == "Flat"
+    steps = [
+        ["add", str(out), *map(str, more)],
+        ["remove", str(out), str(more[1]), str(sorted(images.iterdir())[3])],
+        ["add", str(out), str(more[1]), str(more[2])],  # one back, one added again (replaced)
+    ]
+    text = pipe.embed_texts(["a dog", "a bird in the sky", "red"])
+    for step in steps:
+        assert main(["index", *step]) == 0
+        index = Index.open(out)
+        state = json.loads((out / "faiss.json").read_text())
+        assert state["built_on"] == 12 and state["images"] == len(index)  # updated, not built again
+        assert index.faiss_index().ntotal == len(index) * index.store.meta["queries"]
+        for k in (3, len(index) - 1):
+            assert torch.equal(
+                index.itc(text, top_k=k, candidates=k)[0], index.itc(text, top_k=k, candidates=None)[0]
+            )
+    assert len(index) == 15
+
+
+def test_an_inverted_file_grows_without_retraining_and_rebuild_retrains_it(tmp_path, capsys):
+    import faiss
+
+    from blip2.index.build import remove_images
+    from blip2.index.store import Store
+
+    path = tmp_path / "ivf.index"
+    feats = synthetic_store(path, 300, 4, 8, faiss="IVF4,Flat", strategy="queries")
+    index = Index.open(path)
+    centroids = faiss.extract_index_ivf(index.faiss_index()).quantizer.reconstruct_n(0, 4)
+    more = torch.nn.functional.normalize(
+        torch.randn(1000, 4, 8, generator=torch.Generator().manual_seed(5)), dim=-1
+    )
+    append(Store.open(path), more, 300)
+    assert remove_images(path, ["i0", "i7", "i350"]) == 3
+    index = Index.open(path)
+    ivf = faiss.extract_index_ivf(index.faiss_index())
+    assert np.array_equal(ivf.quantizer.reconstruct_n(0, 4), centroids)  # trained once
+    assert ivf.ntotal == 1297 * 4 and ivf.nprobe >= ivf.nlist  # every list probed: exhaustive
+    text = torch.nn.functional.normalize(
+        torch.randn(5, 8, generator=torch.Generator().manual_seed(1)), dim=-1
+    )
+    assert torch.equal(
+        index.itc(text, top_k=10, candidates=10)[0], index.itc(text, top_k=10, candidates=None)[0]
+    )
+    exact = torch.einsum("iqe,te->tiq", torch.cat([feats, more]), text).amax(dim=-1)  # (T, 1300)
+    exact[:, [0, 7, 350]] = -2
+    keys = [[index.paths[p] for p in row] for row in index.itc(text, top_k=10, candidates=10)[0].tolist()]
+    assert keys == [[f"i{n}" for n in row] for row in exact.topk(10, dim=1).indices.tolist()]
+    assert main(["index", "info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["faiss_built_on"] == 300 and "blip2 index rebuild" in info["advice"]
+    assert main(["index", "rebuild", str(path)]) == 0
+    assert main(["index", "info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["faiss_built_on"] == 1297 and "advice" not in info
+
+
+def test_the_automatic_inverted_file_above_the_flat_limit(tmp_path):
+    """The type a large index gets (`IVF<lists>_HNSW32,SQ8`), built here above a lowered limit: its HNSW
+    quantizer explores twice the lists probed, and its candidates keep recall@10 against exact search."""
+    import faiss
+
+    path = tmp_path / "big.index"
+    topics = torch.nn.functional.normalize(
+        torch.randn(40, 32, generator=torch.Generator().manual_seed(2)), dim=-1
+    )
+    g = torch.Generator().manual_seed(3)
+    feats = topics[torch.randint(40, (2000, 8), generator=g)] + 0.1 * torch.randn(2000, 8, 32, generator=g)
+    from blip2.index.store import Store
+
+    store = Store.create(path, model="m", fingerprint="f", queries=8, dim=32, flat_limit=1000)
+    append(store, torch.nn.functional.normalize(feats, dim=-1), 0)
+    index = Index.open(path)
+    assert index.factory() == "IVF64_HNSW32,SQ8"  # 16,000 vectors: 64 lists (the power of two <= sqrt)
+    ivf = faiss.extract_index_ivf(index.faiss_index())
+    assert ivf.nlist == 64 and ivf.nprobe == 32
+    assert faiss.downcast_index(ivf.quantizer).hnsw.efSearch == 64
+    text = torch.nn.functional.normalize(topics[:20] + 0.1 * torch.randn(20, 32, generator=g), dim=-1)
+    assert recall_at_10(index, text, candidates=100) >= 0.95
+
+
+def test_build_with_workers_from_a_list_file(retriever, images, tmp_path, capsys):
+    """`--workers 2` decodes in loader processes; a `.txt` list names images (relative to the list's folder,
+    or absolute; `#` comments)."""
+    files = sorted(images.iterdir())
+    listing = tmp_path / "lists" / "photos.txt"
+    listing.parent.mkdir()
+    lines = [
+        "# my photos",
+        *(os.path.relpath(p, listing.parent) for p in files[:6]),
+        "",
+        *map(str, files[6:]),
+    ]
+    listing.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "workers.index"
+    argv = ["index", "build", str(listing), "--model", retriever, "--out", str(out), "--batch-size", "3"]
+    assert main([*argv, "--workers", "2"]) == 0
+    assert "12 images embedded" in capsys.readouterr().err
+    index = Index.open(out)
+    assert index.paths == [str(p.resolve()) for p in files]
+    one = blip2.load(retriever).index(str(images), tmp_path / "one.index", batch_size=12)
+    expected = stored(one)
+    assert all(torch.allclose(v, expected[k], atol=1e-3) for k, v in stored(index).items())

@@ -5,6 +5,7 @@ blip2 index build IMAGES... --model M --out photos.index   # embed once; rerun t
 blip2 index add photos.index IMAGES...                     # grow it (a path added again is replaced)
 blip2 index remove photos.index PATHS...                   # forget images
 blip2 index info photos.index                              # model, size, settings
+blip2 index rebuild photos.index                           # the FAISS index built anew (retrained)
 ```
 
 IMAGES are image files, folders, globs, webdataset `.tar` shards and `.txt` path lists (as for
@@ -60,7 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     info.add_argument("--json", action="store_true", help="one JSON object")
     remove = sub.add_parser("remove", help="remove images from an index")
     remove.add_argument("index", help="the index folder")
-    remove.add_argument("paths", nargs="+", help="the images' paths as the index lists them")
+    remove.add_argument("paths", nargs="+", help="the images' paths (as added, or as the index lists them)")
+    rebuild = sub.add_parser("rebuild", help="build an index's FAISS index anew (after it grew far)")
+    rebuild.add_argument("index", help="the index folder")
 
 
 def load_model(args: argparse.Namespace, device: str | None, index: str | None = None) -> Any:
@@ -81,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         return _info(args)
     if args.action == "remove":
         return _remove(args)
+    if args.action == "rebuild":
+        return _rebuild(args)
     return _embed(args)
 
 
@@ -145,13 +150,21 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _remove(args: argparse.Namespace) -> int:
-    from blip2.index import Index
-    from blip2.index.store import Store
+    from blip2.index.build import remove_images
 
-    store = Store.open(args.index)
-    gone = store.remove(args.paths)
-    Index(store).faiss_index()
+    gone = remove_images(args.index, args.paths)
     missing = len(set(args.paths)) - gone
     note = f" ({missing} of the paths given were not in it)" if missing else ""
     print(f"removed {gone} images from {args.index}{note}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    from blip2.index import Index
+
+    index = Index.open(args.index)
+    index.faiss_index(rebuild=True)
+    print(
+        f"rebuilt the FAISS index of {args.index} ({index.factory()}, {len(index)} images)", file=sys.stderr
+    )
     return EXIT_OK

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import IterableDataset, get_worker_info
 
 from blip2.errors import UserError
@@ -43,17 +43,45 @@ def image_digest(image: str | bytes) -> str:
     return hashlib.blake2b(bytes(image), digest_size=16).hexdigest()
 
 
+def _samples(tower: nn.Module, per_tensor: int) -> Iterator[tuple[str, Tensor, Tensor]]:
+    """Each weight's name, the tensor, and an evenly strided sample of about `per_tensor` of its values."""
+    for name, t in sorted(tower.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        yield name, t, flat[:: max(1, flat.numel() // per_tensor)]
+
+
 def tower_fingerprint(tower: nn.Module) -> str:
     """sha256 of a frozen tower's weights: every tensor's name, shape and dtype, and its values (all of a
     small tensor, an evenly strided sample of `SAMPLES_PER_TENSOR` of a large one; other weights differ
-    everywhere, so a sample shows it). A few MB hashed even for ViT-g."""
+    everywhere, so a sample shows it). A few MB hashed even for ViT-g. The dtype counts: features cached
+    from a tower in another precision differ at that precision (`blip2.index` compares weights across
+    dtypes with `weights_sample` instead)."""
     h = hashlib.sha256()
-    for name, t in sorted(tower.state_dict().items()):
-        flat = t.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // SAMPLES_PER_TENSOR)]
+    for name, t, sample in _samples(tower, SAMPLES_PER_TENSOR):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(sample.to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def weights_sample(model: nn.Module, per_tensor: int = 16) -> tuple[str, np.ndarray]:
+    """What identifies a model's weights whatever dtype it was loaded in: sha256 of every tensor's name and
+    shape (not its dtype), and an evenly strided sample of about `per_tensor` values of each, as float32.
+    Compare two samples with `same_weights`."""
+    h, values = hashlib.sha256(), []
+    for name, t, sample in _samples(model, per_tensor):
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        values.append(sample.to("cpu", torch.float32).numpy())
+    return h.hexdigest(), np.concatenate(values) if values else np.zeros(0, np.float32)
+
+
+def same_weights(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two `weights_sample` values are one model's weights, loaded in the same or another dtype:
+    equal within 2^-7 of their size (bfloat16 rounds to 2^-8, float16 to 2^-11; float16 flushes values
+    below 6e-8 to 0). Other weights (another checkpoint, a fine-tune) differ far more."""
+    if a.shape != b.shape:
+        return False
+    tolerance = 2.0**-7 * np.maximum(np.abs(a), np.abs(b)) + 1e-7
+    return bool(np.all(np.abs(a - b) <= tolerance))
 
 
 class FeatureStore:

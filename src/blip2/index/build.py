@@ -7,7 +7,7 @@ add_images(retriever, expand_inputs(["new/"]), "photos.index", replace=True)    
 ```
 
 Under `torchrun` every rank embeds every world_size-th image still missing into its segment, then rank 0
-merges the segment logs and rebuilds the FAISS index. A run killed at any point leaves whole batches
+merges the segment logs and adds the new vectors to the FAISS index. A run killed at any point leaves whole batches
 only; the next run merges them and embeds the rest.
 """
 
@@ -16,19 +16,53 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from blip2.data.inputs import Item, loader
 from blip2.distributed import DistInfo, barrier, broadcast_object
 from blip2.errors import UserError
-from blip2.index.search import Index, fingerprint
+from blip2.index.search import Index, fingerprint, model_dtype, weights
 from blip2.index.store import SegmentWriter, Store
 from blip2.pipelines.retriever import Retriever
 from blip2.processing import DEFAULT_MAX_PIXELS
+
+
+def absolute(items: Sequence[Item]) -> list[Item]:
+    """The items under the keys an index stores: absolute paths with links resolved (`os.path.realpath`,
+    no other change: any bytes a name holds stay), `shard.tar#member` with the shard's so resolved; the
+    same file named twice (`./a.png`, `/photos/a.png`, from another folder) is one item."""
+    out: dict[str, Item] = {}
+    for it in items:
+        path = os.path.realpath(it.path)
+        key = path if it.member is None else f"{path}#{it.member}"
+        out.setdefault(key, Item(key, path, it.member))
+    return list(out.values())
+
+
+def stored_key(path: str, keys: Container[str]) -> str:
+    """The key under which `keys` (an index's) holds the image named `path`: itself, or the absolute path
+    the index stores (a shard member's `shard.tar#member` resolved by its shard)."""
+    if path in keys:
+        return path
+    shard, _, member = path.rpartition("#")
+    if member and os.path.isfile(shard):
+        return f"{os.path.realpath(shard)}#{member}"
+    return os.path.realpath(path)
+
+
+def remove_images(path: str | os.PathLike[str], paths: Sequence[str]) -> int:
+    """Remove images (named as given to `add_images`, or as the index lists them) from the index at `path`
+    and from its FAISS index; returns how many it held."""
+    store = Store.open(path)
+    live = store.entries()
+    gone = store.remove([stored_key(p, live) for p in paths])
+    Index(store).faiss_index()
+    return gone
 
 
 @dataclass
@@ -42,9 +76,7 @@ class BuildStats:
     images: int = 0  # in the index at the end (rank 0)
 
 
-def _prepare(
-    retriever: Retriever, path: Path, create: bool, model: str, dtype: str, strategy: str, faiss: str
-) -> int:
+def _prepare(retriever: Retriever, path: Path, create: bool, model: str, settings: dict[str, Any]) -> int:
     """Rank 0: open (or create) the index, check the model, merge what a killed run left; returns the
     first segment number of this run."""
     if create and not Store.is_index(path):
@@ -56,9 +88,9 @@ def _prepare(
             fingerprint=fingerprint(retriever),
             queries=feats.shape[1],
             dim=feats.shape[2],
-            dtype=dtype,
-            strategy=strategy,
-            faiss=faiss,
+            weights=weights(retriever),
+            model_dtype=model_dtype(retriever),
+            **settings,
         )
     else:
         store = Store.open(path)
@@ -82,12 +114,13 @@ def add_images(
     dtype: str = "float16",
     strategy: str = "queries",
     faiss: str = "auto",
+    flat_limit: int | None = None,
 ) -> BuildStats:
     """Embed `items` into the index at `path`.
 
     Args:
         retriever: the stage-1 model (an existing index refuses another one).
-        items: from `blip2.data.inputs.expand_inputs`.
+        items: from `blip2.data.inputs.expand_inputs`; stored under their absolute paths (`absolute`).
         create: make the index when `path` is not one yet (`path` must then be new or an empty folder);
             without, `path` must be an index.
         replace: embed again the items the index holds (re-adding a path replaces it); without, they
@@ -97,16 +130,18 @@ def add_images(
         workers: processes decoding images while the model runs.
         max_pixels: larger images are refused (decompression bombs; default the library's).
         info: this process's place under torchrun (default one process).
-        dtype, strategy, faiss: a new index's settings (`Store.create`).
+        dtype, strategy, faiss, flat_limit: a new index's settings (`Store.create`).
     """
     info = info or DistInfo()
     path = Path(path)
+    items = absolute(items)
     start = time.perf_counter()
     refusal, base = None, 0
     if info.is_main:
         try:
             name = model or retriever.config.name or "a blip2 model"
-            base = _prepare(retriever, path, create, name, dtype, strategy, faiss)
+            settings = {"dtype": dtype, "strategy": strategy, "faiss": faiss, "flat_limit": flat_limit}
+            base = _prepare(retriever, path, create, name, settings)
         except UserError as e:
             refusal = str(e)
         except OSError as e:

@@ -13,11 +13,19 @@ are re-scored with ITM from their pixels, read again from disk, and ordered by `
 score retrieval evaluation ranks by. With `candidates` at least the size of the index every image is
 scored exactly, and the ranking is that of `blip2 search` over the same images.
 
-The FAISS index is derived data: it is rebuilt when the log has changed since it was written. Up to
-`FLAT_LIMIT` vectors it is exact (`Flat`); above, an inverted file over an HNSW coarse quantizer with
-8-bit scalar codes (`IVF<lists>_HNSW32,SQ8`, `NPROBE` lists searched), which only proposes: the exact
-re-score decides. `benchmarks/index_bench.py` measured these defaults against one pooled vector per
-image (see the README's "Image index" section).
+The FAISS index is derived data, kept in step with the log: images added since it was saved are added
+to it, removed (or replaced) ones removed by id (`remove_ids`); it is built from scratch only when missing
+or unreadable, when `--faiss` names another type, or, for the automatic type, once the index holds 4
+times (or a quarter of) the images it was built on (`REBUILD_FACTOR`): an inverted file stays trained on
+its first sample, and its lists are sized for that count. `blip2 index rebuild` rebuilds it at will
+(`index info` advises it when an index of a fixed type has grown that far). Its ids are stable: an
+image's `seg << 32 | row` (times Q, plus the query, under `queries`). Up to `FLAT_LIMIT` vectors it is
+exact (`Flat`); above, an inverted file over an HNSW coarse quantizer with 8-bit scalar codes
+(`IVF<lists>_HNSW32,SQ8`, `NPROBE` lists searched, the quantizer exploring `2 * NPROBE` centres), which
+only proposes: the exact re-score decides. `benchmarks/index_bench.py` measured these defaults against
+one pooled vector per image (see the README's "Image index" section). Where FAISS sees a GPU
+(`faiss.get_num_gpus()`, a faiss-gpu build), the index is searched there when it can be copied there
+(flat and plain IVF indexes; not an HNSW quantizer), else on the CPU.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from blip2.data.features import tower_fingerprint
+from blip2.data.features import same_weights, tower_fingerprint, weights_sample
 from blip2.data.jsonl import write_atomic
 from blip2.errors import UserError
 from blip2.index.store import Entry, Store
@@ -49,15 +57,34 @@ TRAIN_PER_LIST = 64  # training vectors per inverted list (k-means of the coarse
 TRAIN_ITERATIONS = 10
 ADD_CHUNK = 8192  # images added to FAISS at a time
 CHUNK = 4096  # images scored at a time by an exhaustive search
+REBUILD_FACTOR = 4  # an automatic FAISS index is rebuilt at this many times (or 1/this) its images
 
 
 def fingerprint(retriever: Retriever) -> str:
-    """The weights' fingerprint an index records (`tower_fingerprint` of the whole stage-1 model)."""
+    """The weights' fingerprint an index records (`tower_fingerprint` of the whole stage-1 model, which
+    depends on the dtype it was loaded in)."""
     cached = getattr(retriever, "_index_fingerprint", None)
     if cached is None:
         cached = tower_fingerprint(retriever.model)
         retriever._index_fingerprint = cached  # type: ignore[attr-defined]
     return cached
+
+
+def weights(retriever: Retriever) -> tuple[str, np.ndarray]:
+    """The `weights_sample` of the stage-1 model: the same weights in any dtype compare equal."""
+    cached = getattr(retriever, "_index_weights", None)
+    if cached is None:
+        cached = weights_sample(retriever.model)
+        retriever._index_weights = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def model_dtype(retriever: Retriever) -> str:
+    """The dtype(s) of the model's floating-point weights, e.g. "bfloat16" or "float16+float32"."""
+    dtypes = {
+        str(p.dtype).removeprefix("torch.") for p in retriever.model.parameters() if p.is_floating_point()
+    }
+    return "+".join(sorted(dtypes))
 
 
 def lists(n: int) -> int:
@@ -79,7 +106,7 @@ class Index:
     """The live images of an index folder, their stored embeddings and the FAISS candidate index.
 
     Attributes:
-        paths: the images' keys (paths, or `shard.tar#member`), in index order: `SearchHit.index`
+        paths: the images' keys (absolute paths, or `shard.tar#member`), in index order: `SearchHit.index`
             is a position in this list.
     """
 
@@ -90,7 +117,10 @@ class Index:
         self._entries: list[Entry] = list(entries.values())
         self._seg = np.array([e.seg for e in self._entries], dtype=np.int64)
         self._row = np.array([e.row for e in self._entries], dtype=np.int64)
-        self._faiss: Any = None
+        self._ids = (self._seg << 32) | self._row  # the images' FAISS ids (times Q plus the query: `queries`)
+        self._by_id = np.argsort(self._ids)  # positions, in the order of their ids
+        self._faiss: Any = None  # searched: on a GPU where there is one
+        self._cpu_faiss: Any = None  # kept up to date and saved
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Index:
@@ -108,7 +138,9 @@ class Index:
         meta = self.store.meta
         rows = sum(len(self.store.vectors(s, pooled=True)) for s in self.store.segments(".vec"))
         size = sum(p.stat().st_size for p in self.store.path.rglob("*") if p.is_file())
-        return {
+        state = self._saved_state()
+        built_on = state.get("built_on")
+        facts = {
             "path": str(self.store.path),
             "images": len(self),
             "unused_rows": rows - len(self),
@@ -117,10 +149,18 @@ class Index:
             "queries": meta["queries"],
             "dim": meta["dim"],
             "dtype": meta["dtype"],
+            "model_dtype": meta.get("model_dtype"),
             "strategy": meta["strategy"],
-            "faiss": self.factory(),
+            "faiss": state.get("factory", self.factory()),
+            "faiss_built_on": built_on,
             "bytes": size,
         }
+        if built_on and meta.get("faiss", "auto") != "auto" and len(self) >= REBUILD_FACTOR * built_on:
+            facts["advice"] = (
+                f"the FAISS index was trained on {built_on} images: rebuild it for this size with "
+                f"`blip2 index rebuild {self.store.path}`"
+            )
+        return facts
 
     # ------------------------------------------------------------------------------- vectors
 
@@ -154,73 +194,183 @@ class Index:
         chosen = self.store.meta.get("faiss", "auto")
         if chosen != "auto":
             return chosen
-        n = len(self) * (self.store.meta["queries"] if self.store.meta["strategy"] == "queries" else 1)
-        return "Flat" if n <= FLAT_LIMIT else f"IVF{lists(n)}_HNSW32,SQ8"
+        n = len(self) * self._per_image()
+        return (
+            "Flat" if n <= (self.store.meta.get("flat_limit") or FLAT_LIMIT) else f"IVF{lists(n)}_HNSW32,SQ8"
+        )
 
-    def faiss_index(self) -> Any:
-        """The FAISS index over the live images (loaded, or built and saved when missing or stale)."""
-        if self._faiss is not None:
+    def _per_image(self) -> int:
+        return self.store.meta["queries"] if self.store.meta["strategy"] == "queries" else 1
+
+    def _saved_state(self) -> dict[str, Any]:
+        try:
+            state = json.loads((self.store.path / "faiss.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) else {}
+
+    def faiss_index(self, rebuild: bool = False) -> Any:
+        """The FAISS index over the live images: loaded and brought up to date with the log (new images
+        added, removed ones removed), or built and saved when missing, unusable or due (`rebuild`: now)."""
+        if self._faiss is not None and not rebuild:
             return self._faiss
         faiss = import_faiss()
-        side, file = self.store.path / "faiss.json", self.store.path / "faiss.index"
-        state = {"log_bytes": self.store.log_size(), "images": len(self), "factory": self.factory()}
-        try:
-            if json.loads(side.read_text(encoding="utf-8")) == state:
-                self._faiss = self._tune(faiss, faiss.read_index(str(file)))
-                return self._faiss
-        except (OSError, ValueError, RuntimeError):
-            pass
-        self._faiss = self._build_faiss(faiss)
-        try:
-            faiss.write_index(self._faiss, str(file) + ".tmp")
-            os.replace(str(file) + ".tmp", file)
-            write_atomic(side, json.dumps(state) + "\n")
-        except (OSError, RuntimeError):
-            pass  # a read-only index: searched with the index built in memory
+        index, have = (None, None) if rebuild else self._load_faiss(faiss)
+        changed = index is None
+        if index is not None and not np.array_equal(have, self._ids):
+            try:
+                self._update_faiss(index, have)
+                changed = True
+            except RuntimeError:  # an index type that cannot remove ids: built again
+                index = None
+        state = self._saved_state()
+        if index is None:
+            index, changed = self._build_faiss(faiss), True
+            state = {"factory": self.factory(), "built_on": len(self)}
+        if changed:
+            state = {"factory": state["factory"], "built_on": state.get("built_on", state.get("images"))}
+            self._save_faiss(faiss, index, state)
+        self._cpu_faiss = self._tune(faiss, index)
+        self._faiss = self._on_gpu(faiss, self._cpu_faiss)
         return self._faiss
 
+    def _load_faiss(self, faiss: Any) -> tuple[Any, np.ndarray | None]:
+        """The saved FAISS index and the image ids it holds, or (None, None) when it must be built."""
+        state, path = self._saved_state(), self.store.path
+        n = len(self)
+        if self.store.meta.get("faiss", "auto") == "auto":  # kept until the size moves REBUILD_FACTOR times
+            built_on = state.get("built_on", state.get("images"))
+            usable = isinstance(built_on, int) and (
+                n == built_on or built_on / REBUILD_FACTOR < n < built_on * REBUILD_FACTOR
+            )
+        else:
+            usable = state.get("factory") == self.factory()
+        if not usable:
+            return None, None
+        try:
+            if state.get("ids") is None:  # saved by an earlier version: its ids are positions; still ours?
+                if state.get("log_bytes") != self.store.log_size() or state.get("images") != n:
+                    return None, None
+                have = self._ids
+                if not np.array_equal(have, np.arange(n)):
+                    return None, None
+            else:
+                have = np.load(path / "faiss.ids.npy")
+                if len(have) != state["ids"]:
+                    return None, None
+            index = faiss.read_index(str(path / "faiss.index"))
+        except (OSError, ValueError, RuntimeError, KeyError):
+            return None, None
+        if index.ntotal != len(have) * self._per_image() or not self._takes_ids(faiss, index):
+            return None, None
+        return index, have
+
     @staticmethod
-    def _tune(faiss: Any, index: Any) -> Any:
+    def _takes_ids(faiss: Any, index: Any) -> bool:
+        """Whether `index` stores the ids it is given (an inverted file, or a map of ids)."""
+        return faiss.try_extract_index_ivf(index) is not None or hasattr(index, "id_map")
+
+    def _vector_ids(self, image_ids: np.ndarray) -> np.ndarray:
+        """FAISS ids of these images' vectors: the image id, or under `queries` id * Q + query, `(n * Q,)`."""
+        q = self._per_image()
+        return (image_ids[:, None] * q + np.arange(q)).reshape(-1) if q > 1 else image_ids
+
+    def _positions(self, image_ids: np.ndarray) -> np.ndarray:
+        """The positions of the live images among these ids, in their order (others are left out)."""
+        if not len(self._ids):
+            return np.zeros(0, dtype=np.int64)
+        found = np.searchsorted(self._ids, image_ids, sorter=self._by_id).clip(max=len(self._ids) - 1)
+        at = self._by_id[found]
+        return at[self._ids[at] == image_ids]
+
+    def _add_faiss(self, index: Any, positions: np.ndarray) -> None:
+        """Add the vectors of the images at `positions` to `index`, a chunk at a time."""
+        dim, pooled = self.store.meta["dim"], self.store.meta["strategy"] == "pooled"
+        for start in range(0, len(positions), ADD_CHUNK):
+            at = positions[start : start + ADD_CHUNK]
+            vectors = self.vectors(at, pooled).numpy().reshape(-1, dim)  # (n, E), or (n * Q, E)
+            index.add_with_ids(np.ascontiguousarray(vectors), self._vector_ids(self._ids[at]))
+
+    def _update_faiss(self, index: Any, have: np.ndarray) -> None:
+        """Bring `index`, holding the images `have`, to the live images: remove the others' vectors by id,
+        add the new ones'."""
+        gone = np.setdiff1d(have, self._ids)
+        if len(gone):
+            index.remove_ids(self._vector_ids(gone))
+        new = np.nonzero(~np.isin(self._ids, have))[0]
+        self._add_faiss(index, new)
+
+    def _save_faiss(self, faiss: Any, index: Any, state: dict[str, Any]) -> None:
+        """Save the FAISS index and the ids of the images it holds; faiss.json, written last, says what they
+        are: `state` (its type, the images it was built on) and their count."""
+        path = self.store.path
+        state = {**state, "images": len(self), "ids": len(self._ids)}
+        try:
+            (path / "faiss.json").unlink(missing_ok=True)
+            faiss.write_index(index, str(path / "faiss.index.tmp"))
+            os.replace(path / "faiss.index.tmp", path / "faiss.index")
+            with open(path / "faiss.ids.tmp", "wb") as f:
+                np.save(f, self._ids)
+            os.replace(path / "faiss.ids.tmp", path / "faiss.ids.npy")
+            write_atomic(path / "faiss.json", json.dumps(state) + "\n")
+        except (OSError, RuntimeError):
+            pass  # a read-only index: searched with the index built in memory
+
+    @staticmethod
+    def _tune(faiss: Any, index: Any, nprobe: int = NPROBE) -> Any:
+        """Set how much of an inverted file a search visits: `nprobe` lists, and an HNSW coarse quantizer's
+        `efSearch` to `max(16, 2 * nprobe)` (FAISS's 16 is below 32 lists probed: it then misses lists)."""
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
-            ivf.nprobe = NPROBE
+            ivf.nprobe = nprobe
+            quantizer = faiss.downcast_index(ivf.quantizer)
+            if hasattr(quantizer, "hnsw"):
+                quantizer.hnsw.efSearch = max(16, 2 * nprobe)
         return index
+
+    @staticmethod
+    def _on_gpu(faiss: Any, index: Any) -> Any:
+        """`index` copied to the GPUs where FAISS has any (a faiss-gpu build), else itself; an index the GPU
+        cannot hold (an HNSW quantizer) stays on the CPU."""
+        if not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+            return index
+        try:
+            return faiss.index_cpu_to_all_gpus(index)
+        except (RuntimeError, AttributeError):
+            return index
 
     def _build_faiss(self, faiss: Any) -> Any:
         """A new FAISS index of the live images' vectors, trained on a sample and filled a chunk at a time
         (never all the vectors in memory as float32)."""
         dim, pooled = self.store.meta["dim"], self.store.meta["strategy"] == "pooled"
-        per_image = 1 if pooled else self.store.meta["queries"]
-
-        def chunk(
-            positions: np.ndarray,
-        ) -> np.ndarray:  # (n, E), or (n * Q, E): vector id = image * Q + query
-            return np.ascontiguousarray(self.vectors(positions, pooled).numpy().reshape(-1, dim))
-
         index = self._tune(faiss, faiss.index_factory(dim, self.factory(), faiss.METRIC_INNER_PRODUCT))
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
             ivf.cp.niter = TRAIN_ITERATIONS
+        else:
+            index = faiss.IndexIDMap(index)  # ids given, not counted
         if not index.is_trained and len(self):
             wanted = TRAIN_PER_LIST * (ivf.nlist if ivf is not None else 256)
-            sample = np.random.default_rng(0).permutation(len(self))[: max(1, wanted // per_image)]
-            index.train(chunk(np.sort(sample)))
-        for start in range(0, len(self), ADD_CHUNK):
-            index.add(chunk(np.arange(start, min(start + ADD_CHUNK, len(self)))))
+            sample = np.random.default_rng(0).permutation(len(self))[: max(1, wanted // self._per_image())]
+            index.train(np.ascontiguousarray(self.vectors(np.sort(sample), pooled).numpy().reshape(-1, dim)))
+        self._add_faiss(index, np.arange(len(self)))
         return index
 
     def _candidates(self, text: Tensor, k: int) -> list[np.ndarray]:
         """FAISS's best `k` images for each of the `(T, E)` texts (positions, best first)."""
         index = self.faiss_index()
-        q = self.store.meta["queries"]
-        by_query = self.store.meta["strategy"] == "queries"
-        _, ids = index.search(np.ascontiguousarray(text.numpy(), dtype=np.float32), k * q if by_query else k)
+        q = self._per_image()
+        text = np.ascontiguousarray(text.numpy(), dtype=np.float32)
+        try:
+            _, ids = index.search(text, k * q)
+        except RuntimeError:  # on a GPU: more results than it returns at once (2048)
+            if index is self._cpu_faiss:
+                raise
+            _, ids = self._cpu_faiss.search(text, k * q)
         out = []
         for row in ids:
-            row = row[row >= 0]
-            if by_query:
-                row = np.asarray(list(dict.fromkeys((row // q).tolist())), dtype=np.int64)
-            out.append(row[:k])
+            images = np.asarray(list(dict.fromkeys((row[row >= 0] // q).tolist())), dtype=np.int64)
+            out.append(self._positions(images)[:k])
         return out
 
     # -------------------------------------------------------------------------------- search
@@ -252,14 +402,20 @@ class Index:
         return torch.stack([p[:k] for p in positions]), torch.stack([c[:k] for c in cosines])
 
     def check_model(self, retriever: Retriever) -> None:
-        """Refuse (`UserError`) a model other than the one the index was built with."""
+        """Refuse (`UserError`) a model other than the one the index was built with; the same weights
+        loaded in another dtype are that model."""
         from blip2.pipelines.retriever import Retriever
 
         if not isinstance(retriever, Retriever):
             raise UserError(
                 "searching an index needs a stage-1 (retrieval) model such as Salesforce/blip2-itm-vit-g"
             )
-        if fingerprint(retriever) != self.store.meta["fingerprint"]:
+        meta = self.store.meta
+        if fingerprint(retriever) == meta["fingerprint"]:
+            return
+        layout, values = weights(retriever)
+        sample = self.store.path / "model.npy"
+        if layout != meta.get("weights") or not sample.is_file() or not same_weights(np.load(sample), values):
             raise UserError(
                 f"{self.store.path} was built with another model ({self.store.meta['model']}): search it with "
                 "that model, or build a new index with this one"

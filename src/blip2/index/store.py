@@ -2,7 +2,10 @@
 
 ```
 INDEX/
-  index.json           format, the model (its name and weights' fingerprint), Q, E, dtype, strategy, FAISS
+  index.json           format, the model (its name, weights' fingerprint, layout and dtype), Q, E, dtype,
+                       strategy, FAISS
+  model.npy            a sample of the model's weights (float32): the same model in another dtype is
+                       accepted (`blip2.data.features.same_weights`), another one refused
   entries.jsonl        the log: {"image": key, "seg": s, "row": r} adds (or replaces) an image,
                        {"image": key, "removed": true} deletes it; replayed in order
   segments/<s>.vec     the query embeddings of one writer's images, (rows, Q, E) raw `dtype`
@@ -91,8 +94,22 @@ class Store:
         dtype: str = "float16",
         strategy: str = "queries",
         faiss: str = "auto",
+        weights: tuple[str, np.ndarray] | None = None,
+        model_dtype: str | None = None,
+        flat_limit: int | None = None,
     ) -> Store:
-        """A new, empty index folder (`path` must not exist or be an empty folder)."""
+        """A new, empty index folder (`path` must not exist or be an empty folder).
+
+        Args:
+            model, fingerprint: the model's name and `tower_fingerprint` (of the whole model).
+            queries, dim: Q and E of its image embeddings.
+            dtype: how embeddings are stored.
+            strategy, faiss: what FAISS indexes, and its `index_factory` string ("auto": by size).
+            weights: the model's `weights_sample` (layout hash, values), to accept it in another dtype.
+            model_dtype: the dtype it was loaded in (recorded for `blip2 index info`).
+            flat_limit: vectors up to which the automatic FAISS type is exact (default
+                `blip2.index.search.FLAT_LIMIT`; above, an inverted file).
+        """
         path = Path(path)
         if dtype not in DTYPES or strategy not in STRATEGIES:
             raise UserError(
@@ -110,7 +127,12 @@ class Store:
             "dtype": dtype,
             "strategy": strategy,
             "faiss": faiss,
+            "model_dtype": model_dtype,
+            "weights": weights[0] if weights else None,
+            "flat_limit": flat_limit,
         }
+        if weights:
+            np.save(path / "model.npy", weights[1])
         write_atomic(path / "index.json", json.dumps(meta, indent=1) + "\n")  # first: the folder is an index
         return cls(path, meta)
 
