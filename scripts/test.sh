@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=25 "$@"
 # The parity tests (generation and checkpoints against transformers itself) and the generation faults
 # again on the lowest transformers the pins allow, in a second venv (git-ignored): the version is read
 # from pyproject.toml's `transformers>=X` and torch is the one setup.sh installed in .venv, so neither
