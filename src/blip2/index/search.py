@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -107,6 +108,12 @@ def import_faiss() -> Any:
     return faiss
 
 
+def faiss_reason(e: Exception) -> str:
+    """The part of a FAISS error a user can act on (without the C++ function, file and line)."""
+    text = re.sub(r"^Error in .*? at \S+:\d+: ", "", " ".join(str(e).split()))
+    return re.sub(r"^Error: '.*?' failed: ", "", text) or type(e).__name__
+
+
 def check_factory(factory: str, dim: int) -> None:
     """Refuse (`UserError`) a FAISS type (`index_factory` string) that FAISS cannot make for `dim`-wide
     vectors; "auto" (chosen by size) is always fine."""
@@ -116,9 +123,8 @@ def check_factory(factory: str, dim: int) -> None:
     try:
         faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except (RuntimeError, ValueError, TypeError) as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"--faiss {factory!r} is not a FAISS index type for {dim}-wide vectors ({reason}): give a "
+            f"--faiss {factory} is not a FAISS index type for {dim}-wide vectors ({faiss_reason(e)}): give a "
             "faiss.index_factory string such as Flat, HNSW32 or IVF1024,SQ8, or auto"
         ) from None
 
@@ -384,10 +390,9 @@ class Index:
                 index.train(np.ascontiguousarray(train))
             self._add_faiss(index, np.arange(len(self)))
         except RuntimeError as e:  # e.g. fewer vectors than an inverted file's lists or a PQ's centroids
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else "an error"
             raise UserError(
-                f"FAISS cannot build a {factory} index of the {len(self)} images of {self.store.path} "
-                f"({reason}): choose another type with `blip2 index rebuild {self.store.path} --faiss TYPE` "
+                f"FAISS cannot build the index type {factory} over the {len(self)} images of {self.store.path} "
+                f"({faiss_reason(e)}): choose another type with `blip2 index rebuild {self.store.path} --faiss TYPE` "
                 "(Flat is exact and needs no training)"
             ) from None
         return index
