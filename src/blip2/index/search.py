@@ -246,7 +246,7 @@ class Index:
         if self._faiss is not None and not rebuild:
             return self._faiss
         faiss = import_faiss()
-        index, have = (None, None) if rebuild else self._load_faiss(faiss)
+        index, have, state = (None, None, {}) if rebuild else self._load_faiss(faiss)
         changed = index is None
         if index is not None and not np.array_equal(have, self._ids):
             try:
@@ -254,7 +254,6 @@ class Index:
                 changed = True
             except RuntimeError:  # an index type that cannot remove ids: built again
                 index = None
-        state = self._saved_state()
         if index is None:
             index, changed = self._build_faiss(faiss), True
             state = {"factory": self.factory(), "built_on": len(self)}
@@ -264,8 +263,9 @@ class Index:
         self._faiss = self._on_gpu(faiss, self._cpu_faiss)
         return self._faiss
 
-    def _load_faiss(self, faiss: Any) -> tuple[Any, np.ndarray | None]:
-        """The saved FAISS index and the image ids it holds, or (None, None) when it must be built."""
+    def _load_faiss(self, faiss: Any) -> tuple[Any, np.ndarray | None, dict[str, Any]]:
+        """The saved FAISS index, the image ids it holds and its faiss.json, or (None, None, {}) when it must
+        be built (also when a writer saved another one while it was read: faiss.json changed meanwhile)."""
         state, path = self._saved_state(), self.store.path
         n = len(self)
         if self.store.meta.get("faiss", "auto") == "auto":  # kept until the size moves REBUILD_FACTOR times
@@ -276,17 +276,20 @@ class Index:
         else:
             usable = state.get("factory") == self.factory()
         if not usable:
-            return None, None
+            return None, None, {}
         try:
             have = np.load(path / "faiss.ids.npy")
-            if len(have) != state["ids"]:
-                return None, None
             index = faiss.read_index(str(path / "faiss.index"))
-        except (OSError, ValueError, RuntimeError, KeyError):
-            return None, None
-        if index.ntotal != len(have) * self._per_image() or not self._takes_ids(faiss, index):
-            return None, None
-        return index, have
+        except (OSError, ValueError, RuntimeError):
+            return None, None, {}
+        if (
+            self._saved_state() != state  # saved anew (its `saved` token) while read
+            or len(have) != state.get("ids")
+            or index.ntotal != len(have) * self._per_image()
+            or not self._takes_ids(faiss, index)
+        ):
+            return None, None, {}
+        return index, have, state
 
     @staticmethod
     def _takes_ids(faiss: Any, index: Any) -> bool:
@@ -325,10 +328,11 @@ class Index:
 
     def _save_faiss(self, faiss: Any, index: Any, state: dict[str, Any]) -> None:
         """Save the FAISS index and the ids of the images it holds; faiss.json, written last, says what they
-        are: `state` (its type, the images it was built on) and their count. Saved under the folder's lock
+        are: `state` (its type, the images it was built on), their count and a token new at every save (a
+        reader that finds it changed after reading the files read them half saved). Saved under the folder's lock
         (a reader saves only when no writer holds it), each file written to a temporary name first."""
         path = self.store.path
-        state = {**state, "images": len(self), "ids": len(self._ids)}
+        state = {**state, "images": len(self), "ids": len(self._ids), "saved": os.urandom(8).hex()}
         try:
             with writing(path):
                 (path / "faiss.json").unlink(missing_ok=True)

@@ -15,9 +15,9 @@ INDEX/
   lock                 held (`fcntl.flock`) by the one process that changes the index
 ```
 
-One writer at a time: `build`, `add`, `remove` and `rebuild` hold the folder's lock (`Store.writing`)
-while they run, and a second writer is refused in one sentence; the OS releases it when its process
-ends, however (a killed build resumes). Readers take no lock: they see the last merged log.
+One writer at a time: `build`, `add`, `remove` and `rebuild` hold the folder's lock (`writing`)
+while they run, and a second writer is refused in one sentence; the OS releases it when their process
+ends, however it ends (a killed build resumes). Readers take no lock: they see the last merged log.
 
 Crash safety: every run writes new segments, one per process (`torchrun` ranks never share a file).
 A batch's vectors are appended and `fsync`ed before its log lines, each line one JSON object written
