@@ -64,12 +64,15 @@ def damaged(path: Path, what: str) -> UserError:
 @contextmanager
 def writing(path: str | os.PathLike[str]) -> Iterator[None]:
     """Hold the lock of the index folder `path` (which exists) while changing it: a process that holds it
-    already goes on; another process holding it is a `UserError`."""
+    already goes on; another process holding it (or a folder this one cannot write) is a `UserError`."""
     key = os.path.realpath(path)
     if key in _held:
         yield
         return
-    f = open(Path(path) / LOCK, "a")  # noqa: SIM115 (closed below)
+    try:
+        f = open(Path(path) / LOCK, "a")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise UserError(f"cannot write the index {path} ({e.strerror or e}): check the path") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
