@@ -487,3 +487,95 @@ def test_build_with_workers_from_a_list_file(retriever, images, tmp_path, capsys
     one = blip2.load(retriever).index(str(images), tmp_path / "one.index", batch_size=12)
     expected = stored(one)
     assert all(torch.allclose(v, expected[k], atol=1e-3) for k, v in stored(index).items())
+
+
+def test_a_second_writer_is_refused_while_one_runs_and_readers_go_on(retriever, images, tmp_path, capsys):
+    """A build holds the folder's lock: another `add` or `remove` is refused in one sentence, `info` reads
+    what was merged, and the build ends with every image in. The build is held at a named pipe it reads
+    as its last image, so it is still running when the second writer starts, however loaded the machine."""
+    from PIL import Image
+
+    out = tmp_path / "busy.index"
+    gate = tmp_path / "gate.png"
+    os.mkfifo(gate)
+    (tmp_path / "list.txt").write_text(f"{gate}\n")
+    cmd = blip2_command("index", "build", str(images), str(tmp_path / "list.txt"), "--model", retriever,
+                        "--out", str(out), "--batch-size", "1")  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    seg_log = out / "segments" / "000000.jsonl"
+    try:
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+        while proc.poll() is None and time.monotonic() < deadline:
+            if seg_log.exists() and seg_log.read_text().count("\n") == 12:  # the folder's images written
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()
+        for argv in (["index", "add", str(out), str(images)], ["index", "remove", str(out), "x.png"]):
+            second = subprocess.run(blip2_command(*argv), capture_output=True, text=True,
+                                    timeout=SUBPROCESS_TIMEOUT)  # fmt: skip
+            err = second.stderr.strip()
+            assert second.returncode == 2 and "\n" not in err and "Traceback" not in err, err
+            assert "is being changed by another blip2 process" in err, err
+        assert main(["index", "info", str(out), "--json"]) == 0  # a reader: nothing merged yet
+        assert json.loads(capsys.readouterr().out)["images"] == 0
+        with open(gate, "wb") as f:  # the last image: the build goes on
+            Image.new("RGB", (9, 7), (200, 10, 10)).save(f, "PNG")
+        assert proc.wait(timeout=SUBPROCESS_TIMEOUT) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    expected = sorted([*(str(p) for p in images.iterdir()), str(gate)])
+    assert sorted(Index.open(out).paths) == expected
+    assert main(["index", "info", str(out), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["images"] == 13 and facts["unused_rows"] == 0
+
+
+def test_a_faiss_type_is_checked_and_rebuild_changes_it(retriever, images, tmp_path, capsys):
+    out = tmp_path / "typed.index"
+    build = ["index", "build", str(images), "--model", retriever, "--out", str(out)]
+
+    def refused(argv: list[str], words: str) -> None:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and words in err and "Traceback" not in err and "\n" not in err, err
+
+    refused([*build, "--faiss", "NotAType"], "--faiss NotAType is not a FAISS index type")
+    assert not out.exists()  # refused before anything was written
+    # 12 images x 32 query vectors cannot train 1024 lists: said once the images are in
+    refused([*build, "--faiss", "IVF1024,Flat"], "index rebuild")
+    search = ["search", "--index", str(out), "a dog", "--candidates", "5"]  # fewer than the images: FAISS
+    refused(search, "FAISS cannot build the index type IVF1024,Flat")
+    refused(build, "was built with --precision float16 --strategy queries --faiss IVF1024,Flat")
+    refused(["index", "rebuild", str(out), "--faiss", "NotAType"], "is not a FAISS index type")
+    assert main(["index", "rebuild", str(out), "--faiss", "HNSW8"]) == 0
+    assert "HNSW8, 12 images" in capsys.readouterr().err
+    assert main(["index", "info", str(out), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["faiss"] == "HNSW8" and facts["images"] == 12
+    assert json.loads((out / "index.json").read_text())["faiss"] == "HNSW8"
+    assert main([*search, "--top-k", "3", "--json"]) == 0
+    assert len(json_lines(capsys.readouterr().out)) == 3
+
+
+def test_a_build_killed_before_index_json_is_resumed(retriever, images, tmp_path, capsys):
+    """`Store.create` writes model.npy before index.json: a folder with only that is a build to redo."""
+    out = tmp_path / "half.index"
+    out.mkdir()
+    (out / "model.npy.tmp").write_bytes(b"\x93NUMPY")  # killed while writing it
+    assert main(["index", "build", str(images), "--model", retriever, "--out", str(out)]) == 0
+    assert "12 images embedded" in capsys.readouterr().err
+    assert len(Index.open(out)) == 12
+
+
+def test_search_index_exits_1_when_an_image_cannot_be_read_again(retriever, tmp_path, capsys):
+    folder = tmp_path / "few"
+    paths = uh.make_images(folder, 4)
+    out = tmp_path / "few.index"
+    assert main(["index", "build", str(folder), "--model", retriever, "--out", str(out)]) == 0
+    paths[0].write_bytes(b"no longer an image")
+    capsys.readouterr()
+    assert main(["search", "--index", str(out), "a dog", "--top-k", "4", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert len(json_lines(captured.out)) == 4 and str(paths[0]) in captured.err  # ranked by ITC, reported

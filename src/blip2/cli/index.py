@@ -5,8 +5,11 @@ blip2 index build IMAGES... --model M --out photos.index   # embed once; rerun t
 blip2 index add photos.index IMAGES...                     # grow it (a path added again is replaced)
 blip2 index remove photos.index PATHS...                   # forget images
 blip2 index info photos.index                              # model, size, settings
-blip2 index rebuild photos.index                           # the FAISS index built anew (retrained)
+blip2 index rebuild photos.index [--faiss TYPE]            # the FAISS index built anew (retrained)
 ```
+
+One command changes an index at a time: a second `build`, `add`, `remove` or `rebuild` while one runs is
+refused (searches go on, over what was last merged).
 
 IMAGES are image files, folders, globs, webdataset `.tar` shards and `.txt` path lists (as for
 `blip2 caption`). Under `torchrun --nproc-per-node N -m blip2.cli index build ...` each process embeds
@@ -64,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     remove.add_argument("paths", nargs="+", help="the images' paths (as added, or as the index lists them)")
     rebuild = sub.add_parser("rebuild", help="build an index's FAISS index anew (after it grew far)")
     rebuild.add_argument("index", help="the index folder")
+    rebuild.add_argument("--faiss", help="a new FAISS index_factory string (or auto) for the index to record")
 
 
 def load_model(args: argparse.Namespace, device: str | None, index: str | None = None) -> Any:
@@ -160,10 +164,9 @@ def _remove(args: argparse.Namespace) -> int:
 
 
 def _rebuild(args: argparse.Namespace) -> int:
-    from blip2.index import Index
+    from blip2.index.build import rebuild
 
-    index = Index.open(args.index)
-    index.faiss_index(rebuild=True)
+    index = rebuild(args.index, args.faiss)
     print(
         f"rebuilt the FAISS index of {args.index} ({index.factory()}, {len(index)} images)", file=sys.stderr
     )

@@ -4,7 +4,8 @@
 Every image is embedded once (ITC, batched, decoded by loader workers); the best `--rerank` by ITC are
 re-scored with ITM and put first, ordered by ITM positive logit + ITC cosine (`rerank_score`, the score
 retrieval evaluation ranks by). Prints `rank  score  itm  itc  image` lines (`--json`: JSON lines).
-Images that cannot be read are reported on stderr and left out (exit status 1).
+Images that cannot be read are reported on stderr and left out (exit status 1; with `--index`, ranked
+by ITC alone).
 
 With `--index` nothing is embedded but the query: FAISS proposes `--candidates` images, they are scored
 exactly (the max over their query embeddings) and the best `--rerank` are read again for ITM, ranked as
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Any
 
 from blip2.cli import options
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 def _search_index(args: argparse.Namespace) -> int:
     from blip2.cli.index import load_model
     from blip2.index import Index
-    from blip2.index.search import CANDIDATES
+    from blip2.index.search import CANDIDATES, UnreadImageWarning
 
     candidates = CANDIDATES if args.candidates is None else args.candidates
     if candidates < 1:
@@ -101,16 +103,21 @@ def _search_index(args: argparse.Namespace) -> int:
     index = Index.open(args.index)
     pipe = load_model(args, args.device, args.index)
     pipe.batch_size = args.batch_size
-    ranked = index.search(
-        pipe,
-        args.query,
-        top_k=args.top_k,
-        rerank=args.rerank,
-        candidates=candidates,
-        max_pixels=args.max_pixels,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnreadImageWarning)  # images that could not be read again for ITM
+        ranked = index.search(
+            pipe,
+            args.query,
+            top_k=args.top_k,
+            rerank=args.rerank,
+            candidates=candidates,
+            max_pixels=args.max_pixels,
+        )
+    unread = [w for w in caught if issubclass(w.category, UnreadImageWarning)]
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)  # a notice: line each
     _print(ranked, index.paths, args.json)
-    return EXIT_OK
+    return EXIT_SOME_FAILED if unread else EXIT_OK
 
 
 def _print(ranked: list[Any], keys: list[str], as_json: bool) -> None:

@@ -33,6 +33,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -44,7 +46,7 @@ from torch import Tensor
 from blip2.data.features import same_weights, tower_fingerprint, weights_sample
 from blip2.data.jsonl import write_atomic
 from blip2.errors import UserError
-from blip2.index.store import Entry, Store
+from blip2.index.store import Entry, Store, writing
 from blip2.losses import max_over_queries
 
 if TYPE_CHECKING:
@@ -58,6 +60,10 @@ TRAIN_ITERATIONS = 10
 ADD_CHUNK = 8192  # images added to FAISS at a time
 CHUNK = 4096  # images scored at a time by an exhaustive search
 REBUILD_FACTOR = 4  # an automatic FAISS index is rebuilt at this many times (or 1/this) its images
+
+
+class UnreadImageWarning(UserWarning):
+    """An image `Index.search` could not read again for ITM (it is ranked by ITC alone)."""
 
 
 def fingerprint(retriever: Retriever) -> str:
@@ -102,6 +108,27 @@ def import_faiss() -> Any:
     return faiss
 
 
+def faiss_reason(e: Exception) -> str:
+    """The part of a FAISS error a user can act on (without the C++ function, file and line)."""
+    text = re.sub(r"^Error in .*? at \S+:\d+: ", "", " ".join(str(e).split()))
+    return re.sub(r"^Error: '.*?' failed: ", "", text) or type(e).__name__
+
+
+def check_factory(factory: str, dim: int) -> None:
+    """Refuse (`UserError`) a FAISS type (`index_factory` string) that FAISS cannot make for `dim`-wide
+    vectors; "auto" (chosen by size) is always fine."""
+    if factory == "auto":
+        return
+    faiss = import_faiss()
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise UserError(
+            f"--faiss {factory} is not a FAISS index type for {dim}-wide vectors ({faiss_reason(e)}): give a "
+            "faiss.index_factory string such as Flat, HNSW32 or IVF1024,SQ8, or auto"
+        ) from None
+
+
 class Index:
     """The live images of an index folder, their stored embeddings and the FAISS candidate index.
 
@@ -119,6 +146,10 @@ class Index:
         self._row = np.array([e.row for e in self._entries], dtype=np.int64)
         self._ids = (self._seg << 32) | self._row  # the images' FAISS ids (times Q plus the query: `queries`)
         self._by_id = np.argsort(self._ids)  # positions, in the order of their ids
+        used: dict[int, int] = {}  # segment -> the rows the log uses
+        for e in self._entries:
+            used[e.seg] = max(used.get(e.seg, 0), e.row + 1)
+        store.check_segments(used)
         self._faiss: Any = None  # searched: on a GPU where there is one
         self._cpu_faiss: Any = None  # kept up to date and saved
 
@@ -215,7 +246,7 @@ class Index:
         if self._faiss is not None and not rebuild:
             return self._faiss
         faiss = import_faiss()
-        index, have = (None, None) if rebuild else self._load_faiss(faiss)
+        index, have, state = (None, None, {}) if rebuild else self._load_faiss(faiss)
         changed = index is None
         if index is not None and not np.array_equal(have, self._ids):
             try:
@@ -223,47 +254,42 @@ class Index:
                 changed = True
             except RuntimeError:  # an index type that cannot remove ids: built again
                 index = None
-        state = self._saved_state()
         if index is None:
             index, changed = self._build_faiss(faiss), True
             state = {"factory": self.factory(), "built_on": len(self)}
         if changed:
-            state = {"factory": state["factory"], "built_on": state.get("built_on", state.get("images"))}
-            self._save_faiss(faiss, index, state)
+            self._save_faiss(faiss, index, {"factory": state["factory"], "built_on": state.get("built_on")})
         self._cpu_faiss = self._tune(faiss, index)
         self._faiss = self._on_gpu(faiss, self._cpu_faiss)
         return self._faiss
 
-    def _load_faiss(self, faiss: Any) -> tuple[Any, np.ndarray | None]:
-        """The saved FAISS index and the image ids it holds, or (None, None) when it must be built."""
+    def _load_faiss(self, faiss: Any) -> tuple[Any, np.ndarray | None, dict[str, Any]]:
+        """The saved FAISS index, the image ids it holds and its faiss.json, or (None, None, {}) when it must
+        be built (also when a writer saved another one while it was read: faiss.json changed meanwhile)."""
         state, path = self._saved_state(), self.store.path
         n = len(self)
         if self.store.meta.get("faiss", "auto") == "auto":  # kept until the size moves REBUILD_FACTOR times
-            built_on = state.get("built_on", state.get("images"))
+            built_on = state.get("built_on")
             usable = isinstance(built_on, int) and (
                 n == built_on or built_on / REBUILD_FACTOR < n < built_on * REBUILD_FACTOR
             )
         else:
             usable = state.get("factory") == self.factory()
         if not usable:
-            return None, None
+            return None, None, {}
         try:
-            if state.get("ids") is None:  # saved by an earlier version: its ids are positions; still ours?
-                if state.get("log_bytes") != self.store.log_size() or state.get("images") != n:
-                    return None, None
-                have = self._ids
-                if not np.array_equal(have, np.arange(n)):
-                    return None, None
-            else:
-                have = np.load(path / "faiss.ids.npy")
-                if len(have) != state["ids"]:
-                    return None, None
+            have = np.load(path / "faiss.ids.npy")
             index = faiss.read_index(str(path / "faiss.index"))
-        except (OSError, ValueError, RuntimeError, KeyError):
-            return None, None
-        if index.ntotal != len(have) * self._per_image() or not self._takes_ids(faiss, index):
-            return None, None
-        return index, have
+        except (OSError, ValueError, RuntimeError):
+            return None, None, {}
+        if (
+            self._saved_state() != state  # saved anew (its `saved` token) while read
+            or len(have) != state.get("ids")
+            or index.ntotal != len(have) * self._per_image()
+            or not self._takes_ids(faiss, index)
+        ):
+            return None, None, {}
+        return index, have, state
 
     @staticmethod
     def _takes_ids(faiss: Any, index: Any) -> bool:
@@ -302,19 +328,26 @@ class Index:
 
     def _save_faiss(self, faiss: Any, index: Any, state: dict[str, Any]) -> None:
         """Save the FAISS index and the ids of the images it holds; faiss.json, written last, says what they
-        are: `state` (its type, the images it was built on) and their count."""
+        are: `state` (its type, the images it was built on), their count and a token new at every save (a
+        reader that finds it changed after reading the files read them half saved). Saved under the folder's lock
+        (a reader saves only when no writer holds it), each file written to a temporary name first."""
         path = self.store.path
-        state = {**state, "images": len(self), "ids": len(self._ids)}
+        state = {**state, "images": len(self), "ids": len(self._ids), "saved": os.urandom(8).hex()}
         try:
-            (path / "faiss.json").unlink(missing_ok=True)
-            faiss.write_index(index, str(path / "faiss.index.tmp"))
-            os.replace(path / "faiss.index.tmp", path / "faiss.index")
-            with open(path / "faiss.ids.tmp", "wb") as f:
-                np.save(f, self._ids)
-            os.replace(path / "faiss.ids.tmp", path / "faiss.ids.npy")
-            write_atomic(path / "faiss.json", json.dumps(state) + "\n")
-        except (OSError, RuntimeError):
-            pass  # a read-only index: searched with the index built in memory
+            with writing(path):
+                (path / "faiss.json").unlink(missing_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix="faiss.index.", suffix=".tmp", dir=path)
+                os.close(fd)
+                faiss.write_index(index, tmp)
+                os.replace(tmp, path / "faiss.index")
+                with tempfile.NamedTemporaryFile(
+                    dir=path, prefix="faiss.ids.", suffix=".tmp", delete=False
+                ) as f:
+                    np.save(f, self._ids)
+                os.replace(f.name, path / "faiss.ids.npy")
+                write_atomic(path / "faiss.json", json.dumps(state) + "\n")
+        except (OSError, RuntimeError, UserError):
+            pass  # a read-only index, or another process writing it: searched with the index built in memory
 
     @staticmethod
     def _tune(faiss: Any, index: Any, nprobe: int = NPROBE) -> Any:
@@ -343,17 +376,29 @@ class Index:
         """A new FAISS index of the live images' vectors, trained on a sample and filled a chunk at a time
         (never all the vectors in memory as float32)."""
         dim, pooled = self.store.meta["dim"], self.store.meta["strategy"] == "pooled"
-        index = self._tune(faiss, faiss.index_factory(dim, self.factory(), faiss.METRIC_INNER_PRODUCT))
-        ivf = faiss.try_extract_index_ivf(index)
-        if ivf is not None:
-            ivf.cp.niter = TRAIN_ITERATIONS
-        else:
-            index = faiss.IndexIDMap(index)  # ids given, not counted
-        if not index.is_trained and len(self):
-            wanted = TRAIN_PER_LIST * (ivf.nlist if ivf is not None else 256)
-            sample = np.random.default_rng(0).permutation(len(self))[: max(1, wanted // self._per_image())]
-            index.train(np.ascontiguousarray(self.vectors(np.sort(sample), pooled).numpy().reshape(-1, dim)))
-        self._add_faiss(index, np.arange(len(self)))
+        factory = self.factory()
+        check_factory(factory, dim)  # index.json edited by hand
+        try:
+            index = self._tune(faiss, faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
+            ivf = faiss.try_extract_index_ivf(index)
+            if ivf is not None:
+                ivf.cp.niter = TRAIN_ITERATIONS
+            else:
+                index = faiss.IndexIDMap(index)  # ids given, not counted
+            if not index.is_trained and len(self):
+                wanted = TRAIN_PER_LIST * (ivf.nlist if ivf is not None else 256)
+                sample = np.random.default_rng(0).permutation(len(self))[
+                    : max(1, wanted // self._per_image())
+                ]
+                train = self.vectors(np.sort(sample), pooled).numpy().reshape(-1, dim)  # (n, E) or (n * Q, E)
+                index.train(np.ascontiguousarray(train))
+            self._add_faiss(index, np.arange(len(self)))
+        except RuntimeError as e:  # e.g. fewer vectors than an inverted file's lists or a PQ's centroids
+            raise UserError(
+                f"FAISS cannot build the index type {factory} over the {len(self)} images of {self.store.path} "
+                f"({faiss_reason(e)}): choose another type with `blip2 index rebuild {self.store.path} --faiss TYPE` "
+                "(Flat is exact and needs no training)"
+            ) from None
         return index
 
     def _candidates(self, text: Tensor, k: int) -> list[np.ndarray]:
@@ -477,7 +522,7 @@ class Index:
             good = [(n, px) for n, (_, px, _) in loaded if px is not None]
             for n, (_, _, err) in loaded:
                 if err is not None:
-                    warnings.warn(f"{err}: ranked by ITC alone", stacklevel=2)
+                    warnings.warn(f"{err}: ranked by ITC alone", UnreadImageWarning, stacklevel=2)
                     unread.append(n)
             if good:
                 at = [n for n, _ in good]

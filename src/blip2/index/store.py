@@ -12,7 +12,12 @@ INDEX/
   segments/<s>.pool    their pooled vectors (the mean query, normalized), (rows, E) raw `dtype`
   segments/<s>.jsonl   the writer's own log, {"image": key, "row": r}, until it is merged into entries.jsonl
   faiss.index, faiss.json   the ITC candidate index over the live images (derived: rebuilt when stale)
+  lock                 held (`fcntl.flock`) by the one process that changes the index
 ```
+
+One writer at a time: `build`, `add`, `remove` and `rebuild` hold the folder's lock (`writing`)
+while they run, and a second writer is refused in one sentence; the OS releases it when their process
+ends, however it ends (a killed build resumes). Readers take no lock: they see the last merged log.
 
 Crash safety: every run writes new segments, one per process (`torchrun` ranks never share a file).
 A batch's vectors are appended and `fsync`ed before its log lines, each line one JSON object written
@@ -24,9 +29,11 @@ Embeddings are kept as float16 by default: half the size of float32, cosines wit
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +48,45 @@ from blip2.errors import UserError
 FORMAT = "blip2-index/1"
 DTYPES = ("float16", "float32")
 STRATEGIES = ("pooled", "queries")
+LOCK = "lock"
+META_KEYS = {"model": str, "fingerprint": str, "queries": int, "dim": int, "dtype": str, "strategy": str}
+_held: dict[str, Any] = {}  # realpath of an index folder -> its lock file, held by this process
+
+
+def damaged(path: Path, what: str) -> UserError:
+    """The sentence for a damaged index file: which one, and what to do."""
+    return UserError(
+        f"{path} {what} (the index is damaged): build the index again with "
+        f"`blip2 index build IMAGES... --out NEW_FOLDER`"
+    )
+
+
+@contextmanager
+def writing(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the lock of the index folder `path` (which exists) while changing it: a process that holds it
+    already goes on; another process holding it (or a folder this one cannot write) is a `UserError`."""
+    key = os.path.realpath(path)
+    if key in _held:
+        yield
+        return
+    try:
+        f = open(Path(path) / LOCK, "a")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise UserError(f"cannot write the index {path} ({e.strerror or e}): check the path") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(
+            f"{path} is being changed by another blip2 process (index build, add, remove or rebuild): "
+            "run this again once it has finished"
+        ) from None
+    _held[key] = f
+    try:
+        yield
+    finally:
+        del _held[key]
+        f.close()
 
 
 @dataclass(frozen=True)
@@ -80,6 +126,11 @@ class Store:
             meta = None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise UserError(f"{path} is not a blip2 image index (no readable index.json of {FORMAT})")
+        for key, kind in META_KEYS.items():
+            if not isinstance(meta.get(key), kind):
+                raise damaged(path / "index.json", f"has no valid {key!r}")
+        if meta["dtype"] not in DTYPES or meta["strategy"] not in STRATEGIES:
+            raise damaged(path / "index.json", "names an unknown dtype or strategy")
         return cls(path, meta)
 
     @classmethod
@@ -98,7 +149,8 @@ class Store:
         model_dtype: str | None = None,
         flat_limit: int | None = None,
     ) -> Store:
-        """A new, empty index folder (`path` must not exist or be an empty folder).
+        """A new, empty index folder (`path` must not exist or be an empty folder, or one a create killed
+        before `index.json` left).
 
         Args:
             model, fingerprint: the model's name and `tower_fingerprint` (of the whole model).
@@ -110,12 +162,15 @@ class Store:
             flat_limit: vectors up to which the automatic FAISS type is exact (default
                 `blip2.index.search.FLAT_LIMIT`; above, an inverted file).
         """
+        from blip2.index.search import check_factory
+
         path = Path(path)
         if dtype not in DTYPES or strategy not in STRATEGIES:
             raise UserError(
                 f"an index stores {' or '.join(DTYPES)} and indexes {' or '.join(STRATEGIES)} vectors"
             )
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        check_factory(faiss, dim)
+        if not cls.is_new(path):
             raise UserError(f"{path} exists and is not a blip2 image index: give --out a new folder")
         path.mkdir(parents=True, exist_ok=True)
         meta = {
@@ -132,9 +187,25 @@ class Store:
             "flat_limit": flat_limit,
         }
         if weights:
-            np.save(path / "model.npy", weights[1])
-        write_atomic(path / "index.json", json.dumps(meta, indent=1) + "\n")  # first: the folder is an index
-        return cls(path, meta)
+            with open(path / "model.npy.tmp", "wb") as f:
+                np.save(f, weights[1])
+            os.replace(path / "model.npy.tmp", path / "model.npy")
+        store = cls(path, meta)
+        store.save_meta()  # last: the folder is an index
+        return store
+
+    @staticmethod
+    def is_new(path: str | os.PathLike[str]) -> bool:
+        """Whether `path` can become an index: missing, or a folder holding nothing but what `create`
+        writes before `index.json` (a create killed half-way) and the lock."""
+        path = Path(path)
+        if not path.exists():
+            return True
+        return path.is_dir() and all(p.name in (LOCK, "model.npy", "model.npy.tmp") for p in path.iterdir())
+
+    def save_meta(self) -> None:
+        """Write `meta` to `index.json` (atomically)."""
+        write_atomic(self.path / "index.json", json.dumps(self.meta, indent=1) + "\n")
 
     # ------------------------------------------------------------------------------------ files
 
@@ -157,28 +228,67 @@ class Store:
     def np_dtype(self) -> np.dtype:
         return np.dtype(self.meta["dtype"])
 
+    def rows(self, seg: int, pooled: bool = False) -> int:
+        """The whole rows segment `seg`'s vector file holds (-1 when it is missing)."""
+        shape = (self.meta["dim"],) if pooled else (self.meta["queries"], self.meta["dim"])
+        try:
+            size = self.segment_path(seg, ".pool" if pooled else ".vec").stat().st_size
+        except FileNotFoundError:
+            return -1
+        return size // (self.np_dtype.itemsize * int(np.prod(shape)))
+
+    def check_segments(self, rows: dict[int, int]) -> None:
+        """Refuse (`UserError`, naming the file) segments whose vector files are missing or hold fewer than
+        `rows[seg]` rows: what the log says they hold."""
+        for seg, n in rows.items():
+            for pooled in (False, True):
+                have = self.rows(seg, pooled)
+                if have < n:
+                    what = "is missing" if have < 0 else f"holds {have} rows where entries.jsonl uses {n}"
+                    raise damaged(self.segment_path(seg, ".pool" if pooled else ".vec"), what)
+
     def vectors(self, seg: int, pooled: bool = False) -> np.ndarray:
         """Segment `seg`'s vectors, memory-mapped read-only: `(rows, Q, E)`, or `(rows, E)` pooled."""
         shape = (self.meta["dim"],) if pooled else (self.meta["queries"], self.meta["dim"])
         path = self.segment_path(seg, ".pool" if pooled else ".vec")
-        rows = path.stat().st_size // (self.np_dtype.itemsize * int(np.prod(shape)))
+        rows = max(0, self.rows(seg, pooled))
         if rows == 0:
             return np.zeros((0, *shape), dtype=self.np_dtype)
         return np.memmap(path, dtype=self.np_dtype, mode="r", shape=(rows, *shape))
 
-    def log_size(self) -> int:
-        return self.log_path.stat().st_size if self.log_path.exists() else 0
-
     # ------------------------------------------------------------------------------------ the log
+
+    def records(self) -> list[dict[str, Any]]:
+        """The main log's records; a line that is not one (the file damaged) is a `UserError` naming it. A
+        torn last line (a writer killed mid-line) does not count."""
+        if not self.log_path.exists():
+            return []
+        data = self.log_path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        out = []
+        for n, raw in enumerate(data[:end].splitlines(), 1):
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                rec = None
+            ok = isinstance(rec, dict) and isinstance(rec.get("image"), str)
+            if ok and not rec.get("removed"):
+                ok = isinstance(rec.get("seg"), int) and isinstance(rec.get("row"), int) and rec["row"] >= 0
+            if not ok:
+                raise damaged(self.log_path, f"line {n} is not an index entry")
+            out.append(rec)
+        if end < len(data) and not data[end:].startswith(b"{"):
+            raise damaged(self.log_path, "ends in a line that is not an index entry")
+        return out
 
     def entries(self) -> dict[str, Entry]:
         """The live images, key -> `Entry`, in the order they were first added (a torn last line of the
         log does not count)."""
         live: dict[str, Entry] = {}
-        for rec in read_records(self.log_path):
+        for rec in self.records():
             if rec.get("removed"):
                 live.pop(rec["image"], None)
-            elif isinstance(rec.get("seg"), int) and isinstance(rec.get("row"), int):
+            else:
                 live[rec["image"]] = Entry(rec["seg"], rec["row"], rec.get("member"))
         return live
 
@@ -203,8 +313,8 @@ class Store:
         if not pending:
             return 0
         merged: dict[int, int] = {}  # segment -> rows of it in the main log
-        for rec in read_records(self.log_path):
-            if isinstance(rec.get("seg"), int):
+        for rec in self.records():
+            if not rec.get("removed"):
                 merged[rec["seg"]] = max(merged.get(rec["seg"], 0), rec["row"] + 1)
         log, added = self.log(), 0
         for seg in pending:
