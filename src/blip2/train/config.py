@@ -341,16 +341,28 @@ class TrainConfig:
             raise UserError("webdataset training runs by steps: set train.max_steps")
 
     def _validate_reuse(self) -> None:
-        """`model.qformer_from`, `model.trainable` and `lora`: values, and what they go with."""
+        """The LLM's settings (`model.llm`, `model.llm_tokenizer`, `model.overrides.llm`),
+        `model.qformer_from`, `model.trainable` and `lora`: values, and what they go with."""
         m, lora = self.model, self.lora
         if self.task in STAGE1_TASKS:
-            settings = {"lora": lora, "model.qformer_from": m.qformer_from, "model.trainable": m.trainable}
+            settings = {
+                "lora": lora,
+                "model.llm": m.llm,
+                "model.llm_tokenizer": m.llm_tokenizer,
+                "model.qformer_from": m.qformer_from,
+                "model.trainable": m.trainable,
+            }
             given = [name for name, value in settings.items() if value is not None]
             if given:
                 raise UserError(
                     f"{', '.join(given)}: only for the tasks that train through an LLM (stage2, caption, "
                     f"vqa, instruct), not task {self.task!r}, which would ignore it; remove it, or use a "
                     "stage-2 task"
+                )
+            if m.overrides.get("llm") is not None:
+                raise UserError(
+                    f"model.overrides.llm: task {self.task!r} trains stage 1, which has no LLM; remove it, "
+                    "or use a stage-2 task"
                 )
         if m.trainable is not None and m.trainable not in TRAINABLE:
             raise UserError(f"model.trainable must be one of {', '.join(TRAINABLE)}, not {m.trainable!r}")
