@@ -1,8 +1,10 @@
 """What a user names for the LLM, through the real entry points: an LLM folder that is not a language
 model is one sentence (`blip2 train`), the LLM's settings in a stage-1 config are refused rather than
-ignored, the tokenizer saved beside an LLM is the one that loads whatever the LLM's family, and the
-commands that load retrieval models only offer no LLM options, and `model.overrides.llm` sets up the
-new LLM of stage 2 from a stage-1 folder."""
+ignored, the tokenizer saved beside an LLM is the one that loads whatever the LLM's family, the
+commands that load retrieval models only offer no LLM options, `model.overrides.llm` sets up the
+new LLM of stage 2 from a stage-1 folder, `model.llm` replaces the LLM of a preset (a new model, or one
+around a reused Q-Former) with its own name, tokenizer and conventions, and a tokenizer that does not
+fit the LLM is one sentence."""
 
 from __future__ import annotations
 
@@ -106,6 +108,8 @@ def test_an_llm_folder_that_is_not_a_language_model_is_one_sentence(world, tmp_p
         (["model.qformer_from=Salesforce/blip2-opt-2.7b"], "model.qformer_from:"),
         (["model.trainable=projection"], "model.trainable:"),
         (["lora.rank=4", "model.trainable=projection+qformer"], "lora, model.trainable:"),
+        (["model.llm=tiny-opt"], "model.llm:"),
+        (["model.llm_tokenizer=some/tokenizer"], "model.llm_tokenizer:"),
     ],
 )
 def test_llm_settings_in_a_stage_1_config_are_refused_not_ignored(world, tmp_path, settings, named):
@@ -115,6 +119,18 @@ def test_llm_settings_in_a_stage_1_config_are_refused_not_ignored(world, tmp_pat
     assert f"error: {named} only for the tasks that train through an LLM" in p.stderr, p.stderr
     assert "not task 'stage1'" in p.stderr
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+@pytest.mark.parametrize("start", ["model.preset=tiny-stage1", "stage-1 folder"])
+def test_llm_overrides_in_a_stage_1_config_are_refused_as_such(world, tmp_path, start):
+    args = [f"data.path={world.captions}", f"data.images={world.images}", "data.kind=captions"]
+    if start == "stage-1 folder":
+        args += ["model.preset=null", f"model.init_from={world.stage1}"]
+    extra = ["model.overrides.llm.chat_template=true", f"train.output_dir={tmp_path / 'out'}"]
+    p = blip2_cli(["train", TINY1, *args, *extra])
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "error: model.overrides.llm: task 'stage1' trains stage 1, which has no LLM" in p.stderr, p.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_tokenizer_saved_beside_a_qwen2_llm_is_the_one_that_loads(tmp_path):
@@ -237,6 +253,10 @@ def test_stage_2_from_a_stage_1_folder_takes_the_new_llm_s_settings(world, tmp_p
         ("model.overrides.llm.dtype=float64", "model.overrides.llm.dtype is 'float64': give one of float32"),
         ("model.overrides.qformer.dropout=0.0", "drop model.overrides.qformer (from this model, only "),
         ("model.overrides.llm=true", "model.overrides.llm is True: give the LLM's settings"),
+        (  # the LLM's own folder has a chat template; the tokenizer model.llm_tokenizer names has none
+            "model.overrides.llm.chat_template=true",
+            "has no chat template, and model.overrides.llm.chat_template asks for one",
+        ),
     ],
 )
 def test_overrides_a_stage_1_folder_cannot_take_are_one_sentence(world, tmp_path, override, says):
@@ -245,3 +265,95 @@ def test_overrides_a_stage_1_folder_cannot_take_are_one_sentence(world, tmp_path
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert says in p.stderr, p.stderr
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_a_tokenizer_larger_than_the_llm_s_vocabulary_is_one_sentence(world, tmp_path):
+    """A BERT tokenizer (30k tokens) for the tiny Qwen2 (99 embedding rows): refused before training,
+    never an index error inside the embedding."""
+    import tiny_hf
+
+    llm = _qwen2_chat_llm(world, tmp_path / "qwen2")
+    args = _stage2(world, llm, tmp_path / "out")
+    args[args.index(f"model.llm_tokenizer={world.tokenizer}")] = (
+        f"model.llm_tokenizer={tiny_hf.bert_tokenizer_dir()}"
+    )
+    p = blip2_cli(args)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "embeds only 99, so its ids would run past the LLM's embedding table" in p.stderr, p.stderr
+    assert "set model.llm_tokenizer to the LLM's own tokenizer" in p.stderr
+    assert not (tmp_path / "out" / "final").exists()
+
+
+# ------------------------------------------------------------- model.llm in place of a preset's LLM
+
+
+def _new_model_args(w: World, out: Path, *extra: str) -> list[str]:
+    """`blip2 train` on tiny-stage2.yaml with a new model (no `model.init_from`)."""
+    data = [f"data.path={w.captions}", f"data.images={w.images}", "data.kind=captions"]
+    run = [f"train.output_dir={out}", "train.max_steps=1", "train.save_every=0"]
+    return ["train", TINY2, "model.init_from=null", *data, *run, *extra]
+
+
+def test_a_new_stage_2_model_takes_the_llm_model_llm_names(world, tmp_path):
+    """`model.preset: tiny-opt` with `model.llm` a Qwen2 folder: the preset's Q-Former and tower, and
+    that LLM (not the preset's OPT)."""
+    import blip2
+
+    llm = _qwen2_chat_llm(world, tmp_path / "qwen2")
+    out = tmp_path / "out"
+    p = blip2_cli(
+        _new_model_args(
+            world, out, "model.preset=tiny-opt", f"model.llm={llm}", f"model.llm_tokenizer={world.tokenizer}"
+        )
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    text_config = json.loads((out / "final" / "config.json").read_text())["text_config"]
+    assert text_config["model_type"] == "qwen2"
+    model = blip2.load(str(out / "final")).model
+    assert model.config.llm.name == str(llm) and model.config.llm.model_type == "qwen2"
+    assert model.config.qformer == preset("tiny-opt").qformer
+    import transformers
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(llm).state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in model.llm.state_dict().items())  # frozen, loaded
+
+
+def test_a_reused_qformer_with_another_llm_takes_that_llm_s_name_tokenizer_and_conventions(world, tmp_path):
+    """A config whose LLM is a named OPT (as blip2-opt-2.7b's: float16, EOS text "\\n") around a reused
+    Q-Former, with `model.llm` a Qwen2 folder and no `model.llm_tokenizer`: the tokenizer is the Qwen2
+    folder's (never the preset's OPT one), the saved name is the folder, the EOS text is the family's
+    (the tokenizer's EOS), the dtype the one the folder's config records; the prompt and text length
+    are the config's."""
+    import dataclasses
+
+    import transformers
+
+    import blip2
+
+    config = preset("tiny-opt")
+    named_opt = dataclasses.replace(
+        config.llm,
+        name="facebook/opt-2.7b",
+        dtype="float16",
+        eos_text="\n",
+        prompt="a photo of",
+        max_txt_len=24,
+    )
+    (tmp_path / "config.json").write_text(dataclasses.replace(config, llm=named_opt).to_json())
+    llm = _qwen2_chat_llm(world, tmp_path / "qwen2")
+    out = tmp_path / "out"
+    extra = [
+        f"model.config={tmp_path / 'config.json'}",
+        f"model.qformer_from={world.stage1}",
+        f"model.llm={llm}",
+    ]
+    p = blip2_cli(_new_model_args(world, out, "model.llm_tokenizer=null", "task=caption", *extra))
+    assert p.returncode == 0, p.stderr[-3000:]
+    saved = json.loads((out / "final" / "blip2_config.json").read_text())["llm"]
+    assert saved["name"] == str(llm) and saved["hf_config"]["model_type"] == "qwen2"
+    assert (saved["eos_text"], saved["dtype"]) == (None, "float32")  # the family's and the folder's
+    assert (saved["prompt"], saved["max_txt_len"]) == ("a photo of", 24)  # the config's
+    pipe = blip2.load(str(out / "final"))
+    vocab = {k: v for k, v in pipe.llm_tokenizer.get_vocab().items() if k != "<image>"}  # added on saving
+    assert vocab == transformers.AutoTokenizer.from_pretrained(llm).get_vocab()
+    assert pipe.llm_tokenizer.chat_template == CHAT  # the Qwen2 folder's own, not model.llm_tokenizer's

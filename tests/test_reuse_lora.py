@@ -383,6 +383,19 @@ def test_lora_settings_are_checked(world, tmp_path):
         train(_lora_config(world, tmp_path / "r", "lora.target_modules=[nothing_here]"))
 
 
+def test_lora_without_peft_is_one_sentence(world, tmp_path, monkeypatch):
+    """peft missing (made unimportable here: `import peft` raises, as where the extra is not installed):
+    a `lora:` config fails with the sentence naming the extra."""
+    import sys
+
+    from blip2.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(UserError, match=r"^LoRA needs the peft package: pip install 'blip2\[lora\]'$"):
+        train(_lora_config(world, tmp_path / "run"))
+    assert not (tmp_path / "run" / "final").exists()
+
+
 # ------------------------------------------------------------------------------ LLM placement
 
 
@@ -426,6 +439,31 @@ def test_8bit_and_4bit_without_cuda_are_one_sentence(world, captioner):
         p = blip2_cli(["caption", "--model", str(captioner), "--device", "cpu", flag, str(world.image)])
         assert p.returncode != 0 and "Traceback" not in p.stderr
         assert f"{flag} quantizes the LLM with bitsandbytes, which runs on a CUDA GPU" in p.stderr, p.stderr
+
+
+def test_8bit_and_4bit_together_are_one_sentence(world, captioner):
+    p = blip2_cli(
+        ["caption", "--model", str(captioner), "--load-in-8bit", "--load-in-4bit", str(world.image)]
+    )
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "error: choose one of --load-in-8bit and --load-in-4bit" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("flag", ["load_in_8bit", "load_in_4bit"])
+def test_8bit_and_4bit_without_bitsandbytes_are_one_sentence(captioner, monkeypatch, flag):
+    """Where CUDA is there (faked: no GPU here) but bitsandbytes is not (made unimportable), the sentence
+    names the extra, before anything loads."""
+    import sys
+
+    from blip2.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    option = "--" + flag.replace("_", "-")
+    with pytest.raises(
+        UserError, match=rf"^{option} needs the bitsandbytes package: pip install 'blip2\[quant\]'$"
+    ):
+        blip2.load(str(captioner), **{flag: True})
 
 
 # ------------------------------------------------------------------------------------------ recipes
@@ -579,7 +617,14 @@ def test_each_recipe_trains_stage_1_then_stage_2_with_tiny_models_of_its_familie
     )
     assert stage2_cfg.model.init_from and stage2_cfg.model.llm == str(llm_folder)
     train(stage2_cfg)
-    pipe = blip2.load(str(tmp_path / "s2" / "final"))
+    final = tmp_path / "s2" / "final"
+    if llm == "qwen2":  # LoRA on: every adapter trained, the base LLM stayed as its folder has it
+        adapters = load_file(final / lora.ADAPTER_FOLDER / lora.ADAPTER_WEIGHTS)
+        b = [v for k, v in adapters.items() if "lora_B" in k]
+        assert b and all(v.abs().max() > 0 for v in b)  # lora_B starts at zero
+        reference = transformers.AutoModelForCausalLM.from_pretrained(llm_folder).state_dict()
+        _assert_equal(load_folder(final, read_config(final)).llm.state_dict(), reference, "base LLM")
+    pipe = blip2.load(str(final))
     assert pipe.model.llm.config.model_type == llm
     assert isinstance(pipe.caption(str(world.image), max_new_tokens=4), str)
 

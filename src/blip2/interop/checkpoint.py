@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from blip2.config import Blip2Config, LLMConfig
+from blip2.config import DTYPES, Blip2Config, LLMConfig
 from blip2.errors import UserError
 from blip2.interop import hf, lavis
 from blip2.interop.keymap import CheckpointError, convert, load_state, unique_state_dict
@@ -334,6 +334,14 @@ def pretrained_llm_config(llm_path: Path, preset: LLMConfig | None) -> LLMConfig
     return dataclasses.replace(base, hf_config=arch, image_token_id=None)
 
 
+def recorded_dtype(llm_path: Path) -> str | None:
+    """The precision the config of the transformers LM folder `llm_path` records (`dtype`, or the
+    older `torch_dtype`: Qwen2.5 and Llama 3 bfloat16), when it is one of `DTYPES`; else None."""
+    hf_cfg = json.loads((llm_path / "config.json").read_text())
+    value = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype")
+    return value if value in DTYPES else None
+
+
 def load_pretrained_llm(llm_path: Path, llm_config: LLMConfig) -> nn.Module:
     """The transformers LM folder `llm_path` as the LM `llm_config` describes (from
     `pretrained_llm_config`), loaded in `llm_config.dtype`."""
@@ -362,6 +370,7 @@ __all__ = [
     "load_pretrained_llm",
     "pretrained_llm_config",
     "read_state_dict",
+    "recorded_dtype",
     "save_folder",
     "with_dtype",
 ]

@@ -192,9 +192,7 @@ class Stage2Task(Task):
                 "hub id of the tower), or describe the source's tower"
             )
         config = dataclasses.replace(config, qformer=qformer)
-        # with model.llm, its LLM takes the preset's conventions and `model.overrides.llm` (again) on top
-        settings = cfg.model.overrides.get("llm") if cfg.model.llm else None
-        llm_config, llm = llm_for_stage2(cfg.model.llm, config.llm, settings)
+        llm_config, llm = _model_llm(config, cfg)
         vision = tower
         if same_tower:
             vision = copy.deepcopy(source.visual)
@@ -214,7 +212,7 @@ class Stage2Task(Task):
         if config.kind == "retrieval":
             raise UserError(f"task {cfg.task!r} needs a stage-2 model (one with an LLM)")
         _refuse_instruct(config, cfg)
-        llm_config, llm = llm_for_stage2(None, config.llm)
+        llm_config, llm = _model_llm(config, cfg)
         return LanguageBridge(dataclasses.replace(config, llm=llm_config), llm=llm)
 
     @classmethod
@@ -242,9 +240,16 @@ class Stage2Task(Task):
             raise UserError("set model.llm_tokenizer: the tokenizer of the LLM (folder or hub id)")
         mode = "seq2seq" if llm.is_encoder_decoder else "causal"
         prompt = section.prompt if section.prompt is not None else (llm.prompt if cls.caption_prompt else "")
+        tokenizer = _llm_tokenizer(name, llm)
+        if llm.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                f"the LLM tokenizer {name!r} has no chat template, and model.overrides.llm.chat_template "
+                "asks for one: use an instruct model's tokenizer (Qwen2.5-Instruct, Llama-3.2-Instruct, "
+                "...) or set model.overrides.llm.chat_template to false"
+            )
         return TextSpec(
             mode,
-            _llm_tokenizer(name, llm),
+            tokenizer,
             max_len=section.max_len,
             prompt=prompt,
             eos_text=llm.eos_text,
@@ -272,6 +277,15 @@ def _architecture(vision: VisionConfig) -> tuple[dict[str, Any], int]:
     and input size."""
     hf_config = {k: v for k, v in vision.hf_config.items() if k != "_name_or_path"}
     return hf_config, vision.image_size
+
+
+def _model_llm(config: Blip2Config, cfg: TrainConfig) -> tuple[LLMConfig, nn.Module | None]:
+    """The LLM of a new stage-2 model: the one `model.llm` names in place of the config's, else the
+    config's own. A named LLM takes `model.overrides.llm` (again) on top, as from a stage-1 folder
+    (`NEW_LLM_SETTINGS`: its architecture comes from where `model.llm` points)."""
+    if cfg.model.llm is None:
+        return llm_for_stage2(None, config.llm)
+    return llm_for_stage2(cfg.model.llm, config.llm, cfg.model.overrides.get("llm"))
 
 
 def _refuse_instruct(config: Blip2Config, cfg: TrainConfig) -> None:
@@ -302,9 +316,16 @@ def llm_for_stage2(
     `name` is a preset (its LLM), a transformers LM folder or hub id, or None for `base` (the model's
     own `LLMConfig`). A preset LLM without a `name` is built with random weights (tiny presets); one
     with a name is loaded from it, keeping the preset's conventions (dtype, prompt, EOS text).
-    `settings` (`model.overrides.llm`, the fields of `NEW_LLM_SETTINGS`) change those conventions
+
+    A folder or hub id in place of `base` (a preset's or config's LLM) is another LLM: its `LLMConfig`
+    is `name` with that LM's architecture; from `base` it keeps what concerns the model rather than the
+    old LLM's family (`prompt`, `max_txt_len`, and `dtype` where the LM's config records none: else
+    that one); the family's conventions start from their defaults (`eos_text` and `vqa_prompt` None:
+    the tokenizer's EOS and the per-kind template, `blip2.llm_families`; no chat template, no image
+    token). `settings` (`model.overrides.llm`, the fields of `NEW_LLM_SETTINGS`) set any of these
     before the LLM loads (its `dtype` too).
     """
+    settings = _checked_settings(settings if settings is not None else {})
     if name in PRESETS:
         base = preset(name).llm
         if base is None:
@@ -314,21 +335,27 @@ def llm_for_stage2(
         raise UserError(
             "stage 2 from a stage-1 model needs model.llm (a preset like blip2-opt-2.7b or a folder)"
         )
-    base = _with_settings(base if base is not None else LLMConfig(name=name), settings or {})
-    if name is None:
+    from blip2.interop.checkpoint import load_pretrained_llm, pretrained_llm_config, recorded_dtype
+
+    if name is None:  # the config's own LLM
+        base = dataclasses.replace(base, **settings)
         if not base.name:
             return base, None
-        name = base.name
-    from blip2.interop.checkpoint import load_pretrained_llm, pretrained_llm_config
-
-    path = hub.resolve(name)
-    llm_config = pretrained_llm_config(path, base)
+        path = hub.resolve(base.name)
+        llm_config = pretrained_llm_config(path, base)
+    else:  # another LLM
+        path = hub.resolve(name)
+        kept = {} if base is None else {"prompt": base.prompt, "max_txt_len": base.max_txt_len}
+        llm_config = pretrained_llm_config(path, LLMConfig(name=name, **kept))
+        if base is not None:
+            llm_config = dataclasses.replace(llm_config, dtype=recorded_dtype(path) or base.dtype)
+        llm_config = dataclasses.replace(llm_config, **settings)
     return llm_config, load_pretrained_llm(path, llm_config)
 
 
-def _with_settings(llm: LLMConfig, settings: dict[str, Any]) -> LLMConfig:
-    """`llm` with `model.overrides.llm` applied; a field that does not apply or a value of the wrong
-    type is one sentence."""
+def _checked_settings(settings: Any) -> dict[str, Any]:
+    """`model.overrides.llm`; a field that does not apply or a value of the wrong type is one
+    sentence."""
     if not isinstance(settings, dict):
         raise UserError(
             f"model.overrides.llm is {settings!r}: give the LLM's settings, e.g. {{chat_template: true}}"
@@ -344,7 +371,7 @@ def _with_settings(llm: LLMConfig, settings: dict[str, Any]) -> LLMConfig:
         if wrong_type or (key == "dtype" and value not in DTYPES):
             expected = f"one of {', '.join(DTYPES)}" if key == "dtype" else _type_names(kind)
             raise UserError(f"model.overrides.llm.{key} is {value!r}: give {expected}")
-    return dataclasses.replace(llm, **settings)
+    return settings
 
 
 def _type_names(kind: type | tuple[type, ...]) -> str:
@@ -353,7 +380,8 @@ def _type_names(kind: type | tuple[type, ...]) -> str:
 
 
 def _llm_tokenizer(name: str, llm: LLMConfig) -> Any:
-    """The LLM's tokenizer for training; anything missing is one sentence naming the setting."""
+    """The LLM's tokenizer for training; anything missing, or a vocabulary larger than the LLM's
+    embedding table (its ids would index past it), is one sentence naming the setting."""
     from blip2.tokenizers import llm_tokenizer
 
     if name in PRESETS and not getattr(preset(name).llm, "name", ""):
@@ -363,10 +391,21 @@ def _llm_tokenizer(name: str, llm: LLMConfig) -> Any:
             f"tokenizer folder whose ids fit its {vocab}-token vocabulary"
         )
     try:
-        return llm_tokenizer(name)
+        tokenizer = llm_tokenizer(name)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(
             f"could not load the LLM tokenizer {name!r} ({reason}): set model.llm_tokenizer to a local "
             "tokenizer folder, or connect to the Hugging Face hub"
         ) from None
+    from blip2.models.language import transformers_config
+
+    # the rows of the LLM's input embedding table
+    rows = getattr(transformers_config(llm).get_text_config(), "vocab_size", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise UserError(
+            f"the LLM tokenizer {name!r} has {len(tokenizer)} tokens and the LLM "
+            f"{llm.name or llm.model_type!r} embeds only {rows}, so its ids would run past the LLM's "
+            "embedding table: set model.llm_tokenizer to the LLM's own tokenizer"
+        )
+    return tokenizer

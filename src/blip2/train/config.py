@@ -6,7 +6,7 @@ model:
   preset: tiny-stage1        # a named preset, or
   config: null               # a Blip2Config JSON file, or
   init_from: null            # a trained model folder (stage 2 starts from a stage-1 run's output)
-  llm: null                  # stage 2 from stage 1: the LLM preset/config (or a pretrained LM folder)
+  llm: null                  # stage 2: the LLM (a preset, or a pretrained LM folder or hub id)
   overrides: {}              # Blip2Config fields to change, nested (e.g. {qformer: {dropout: 0.0}})
   tokenizer: null            # Q-Former tokenizer (default: the config's, bert-base-uncased)
   llm_tokenizer: null        # stage 2: the LLM tokenizer (default: the config's llm.name)
@@ -50,8 +50,10 @@ class ModelSection:
         config: path of a Blip2Config JSON.
         init_from: a saved model folder (a previous run's `final/`, or any `blip2.load` folder): its
             weights are the start. For a stage-2 task from a stage-1 model, `llm` names the LLM.
-        llm: stage 2 from stage 1 (or from `qformer_from`): a preset name whose `llm` is used (e.g.
-            tiny-opt, blip2-opt-2.7b), or a folder or hub id of a pretrained transformers LM.
+        llm: the LLM of stage 2 from a stage-1 model, or in place of the LLM of a new model (`preset`
+            or `config`, with or without `qformer_from`): a preset name whose `llm` is used (e.g.
+            tiny-opt, blip2-opt-2.7b), or a folder or hub id of a pretrained transformers LM, which
+            then is the LLM's name and default tokenizer (what it inherits: `stage2.llm_for_stage2`).
         overrides: nested Blip2Config fields to change (e.g. `{qformer: {dropout: 0.0}}`) in a new
             model. With `init_from`, only stage 2 from a stage-1 model takes any: `llm`, the settings of
             the new LLM `llm` names (`dtype`, `prompt`, `vqa_prompt`, `eos_text`, `max_txt_len`,
@@ -341,16 +343,28 @@ class TrainConfig:
             raise UserError("webdataset training runs by steps: set train.max_steps")
 
     def _validate_reuse(self) -> None:
-        """`model.qformer_from`, `model.trainable` and `lora`: values, and what they go with."""
+        """The LLM's settings (`model.llm`, `model.llm_tokenizer`, `model.overrides.llm`),
+        `model.qformer_from`, `model.trainable` and `lora`: values, and what they go with."""
         m, lora = self.model, self.lora
         if self.task in STAGE1_TASKS:
-            settings = {"lora": lora, "model.qformer_from": m.qformer_from, "model.trainable": m.trainable}
+            settings = {
+                "lora": lora,
+                "model.llm": m.llm,
+                "model.llm_tokenizer": m.llm_tokenizer,
+                "model.qformer_from": m.qformer_from,
+                "model.trainable": m.trainable,
+            }
             given = [name for name, value in settings.items() if value is not None]
             if given:
                 raise UserError(
                     f"{', '.join(given)}: only for the tasks that train through an LLM (stage2, caption, "
                     f"vqa, instruct), not task {self.task!r}, which would ignore it; remove it, or use a "
                     "stage-2 task"
+                )
+            if m.overrides.get("llm") is not None:
+                raise UserError(
+                    f"model.overrides.llm: task {self.task!r} trains stage 1, which has no LLM; remove it, "
+                    "or use a stage-2 task"
                 )
         if m.trainable is not None and m.trainable not in TRAINABLE:
             raise UserError(f"model.trainable must be one of {', '.join(TRAINABLE)}, not {m.trainable!r}")
