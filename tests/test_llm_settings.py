@@ -357,3 +357,18 @@ def test_a_reused_qformer_with_another_llm_takes_that_llm_s_name_tokenizer_and_c
     vocab = {k: v for k, v in pipe.llm_tokenizer.get_vocab().items() if k != "<image>"}  # added on saving
     assert vocab == transformers.AutoTokenizer.from_pretrained(llm).get_vocab()
     assert pipe.llm_tokenizer.chat_template == CHAT  # the Qwen2 folder's own, not model.llm_tokenizer's
+
+
+def test_model_llm_naming_another_llm_than_a_stage_2_model_s_is_refused(world, tmp_path):
+    """`model.init_from` a stage-2 model keeps its LLM: `model.llm` naming another is one sentence (it
+    was ignored), while the same LLM again (tiny-stage2.yaml's `llm: tiny-opt`) trains on."""
+    first = tmp_path / "first"
+    p = blip2_cli([*_stage2(world, "tiny-opt", first), "train.save_every=0"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    again = [f"model.init_from={first / 'final'}", f"train.output_dir={tmp_path / 'again'}"]
+    p = blip2_cli([*_stage2(world, "tiny-opt", tmp_path / "unused"), *again, "train.save_every=0"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    llm = _qwen2_chat_llm(world, tmp_path / "qwen2")
+    p = blip2_cli([*_stage2(world, llm, tmp_path / "unused"), *again])
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "is a stage-2 model and keeps its own LLM" in p.stderr and str(llm) in p.stderr

@@ -223,6 +223,7 @@ class Stage2Task(Task):
                 model, llm if llm is not None else llm_config, llm_config=llm_config
             )
         _refuse_instruct(model.config, cfg)
+        _refuse_another_llm(model.config, cfg)
         return model
 
     @classmethod
@@ -293,6 +294,21 @@ def _refuse_instruct(config: Blip2Config, cfg: TrainConfig) -> None:
         raise UserError(
             f"task {cfg.task!r} trains BLIP-2's language bridge, and {config.name or 'this model'} is an "
             "InstructBLIP model: use task: instruct"
+        )
+
+
+def _refuse_another_llm(config: Blip2Config, cfg: TrainConfig) -> None:
+    """A stage-2 model keeps its LLM: `model.llm` naming another one is refused rather than ignored (a
+    preset counts as the LLM it names)."""
+    wanted = cfg.model.llm
+    if wanted is None:
+        return
+    named = preset(wanted).llm.name if wanted in PRESETS and preset(wanted).llm is not None else wanted
+    if named != config.llm.name:
+        own = config.llm.name or "its built-in one"
+        raise UserError(
+            f"model.llm: model.init_from {cfg.model.init_from} is a stage-2 model and keeps its own LLM "
+            f"({own}); remove model.llm, or start stage 2 from a stage-1 model to attach {wanted}"
         )
 
 
