@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_interop_lavis_files import _random_state  # a LAVIS file's tensors, random
 from train_utils import blip2_cli, image_bytes, make_caption_json, make_llm_tokenizer
 
 import blip2
@@ -140,26 +141,13 @@ def test_a_qformer_of_another_width_or_no_qformer_is_one_sentence(world, tmp_pat
     assert "model.qformer_from" in p.stderr, p.stderr[-2000:]
 
 
-def _random_lavis_state(keys: dict[str, tuple], seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, shape in keys.items():
-        if k.endswith("position_ids"):
-            out[k] = torch.arange(shape[1])[None]
-        elif ("norm" in k.lower() or "LayerNorm" in k) and k.endswith("weight"):
-            out[k] = 1 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            out[k] = 0.1 * torch.randn(shape, generator=g)
-    return out
-
-
 def _tiny_lavis_files(folder: Path, name: str) -> dict[str, torch.Tensor]:
     """A LAVIS stage-1 `.pth` of tiny-stage1's sizes (its keys written down from LAVIS, as the LAVIS
     interop tests write them) saved as `folder/name`, the `eva_vit_g.pth` beside it; returns its state."""
     from lavis_keys import lavis_qformer_keys, lavis_vision_keys
 
     q = preset("tiny-stage1").qformer
-    state = _random_lavis_state(
+    state = _random_state(
         lavis_qformer_keys(q.num_layers, q.hidden_size, q.intermediate_size, 48, q.cross_attention_freq,
                            q.num_query_tokens, q.vocab_size, text=True, embed=preset("tiny-stage1").embed_dim),
         seed=1,
@@ -169,7 +157,7 @@ def _tiny_lavis_files(folder: Path, name: str) -> dict[str, torch.Tensor]:
     state["Qformer.cls.predictions.decoder.weight"] = state["Qformer.bert.embeddings.word_embeddings.weight"]
     state["Qformer.cls.predictions.decoder.bias"] = state["Qformer.cls.predictions.bias"]
     folder.mkdir()
-    eva = _random_lavis_state(lavis_vision_keys(depth=3, width=48, mlp=64, positions=17, patch=4), seed=2)
+    eva = _random_state(lavis_vision_keys(depth=3, width=48, mlp=64, positions=17, patch=4), seed=2)
     torch.save({"model": state}, folder / name)
     torch.save(eva, folder / "eva_vit_g.pth")
     return state
