@@ -12,9 +12,10 @@ embeddings. For the options captioning uses, most of its time is overhead, not a
   covers the whole generation; others decode as "fast"): fixed shapes per step; on CUDA
   the step is compiled into a CUDA graph, and the image side (tower, Q-Former, projection) is
   replayed from a CUDA graph captured once per batch shape (`GraphCache`);
-* "compiled": "static" with the step compiled by `torch.compile` on any device; on CPU the step and
-  the image side become inductor kernels over frozen, prepacked weights (see `_frozen`). The first call
-  of each batch shape compiles, so it pays off over many batches;
+* "compiled": "static" with the step compiled by `torch.compile` on any device; on CPU the step
+  becomes inductor kernels over frozen, prepacked weights (`_frozen`: a second copy of the LM's weights
+  in memory) and fused eager attention (`_eager_attention`); the image side stays eager there (compiled,
+  it measured slower). The first call of each batch shape compiles, so it pays off over many batches;
 * "transformers": always the model's plain `generate`.
 
 Options neither loop implements (sampling, scores, ...) always go to the plain path; the tokens are
