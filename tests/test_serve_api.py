@@ -507,7 +507,7 @@ def test_blip2_serve_with_an_index_and_a_key(folders, index_path):
 @pytest.mark.skipif(
     not os.path.exists(CHROMIUM), reason="needs Debian's chromium (scripts/setup.sh installs it)"
 )
-def test_web_page_searches_the_index_with_the_key(pipes, index_path):
+def test_web_page_searches_the_index_and_matches_with_the_key(pipes, index_path):
     playwright = pytest.importorskip("playwright.sync_api")
     _, retriever = pipes
     index = Index.open(index_path)
@@ -536,6 +536,19 @@ def test_web_page_searches_the_index_with_the_key(pipes, index_path):
             page.wait_for_function(
                 "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
             )
+            assert page.inner_text("#status") == ""
+            # the match form: the chosen image against two texts, ITM and ITC as the retriever scores them
+            photo = index.paths[expected[0].index]
+            page.set_input_files("#image", photo)
+            page.wait_for_selector("#match-form:not([hidden]) #match:not([disabled])")
+            page.fill("#texts", "a dog; two cats")
+            page.click("#match")
+            page.wait_for_selector("#matches tr:nth-child(3)")
+            rows = [r.split("\t") for r in page.locator("#matches tr").all_inner_texts()[1:]]
+            itm, itc = retriever.pair_scores([photo, photo], ["a dog", "two cats"])
+            assert rows == [
+                [t, f"{m:.3f}", f"{c:.3f}"] for t, m, c in zip(["a dog", "two cats"], itm, itc, strict=True)
+            ]
             assert page.inner_text("#status") == ""
         finally:
             browser.close()
