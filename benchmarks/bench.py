@@ -430,36 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         ours.autocast_dtype = args.autocast
         theirs = build_theirs(ours, device)
         mode, decoding = args.decode, Decoding()  # the decode step compiled once for every row
-        if "caption" in wanted:
-            for batch, name in ((1, "caption greedy, batch 1"), (sizes.caption_batch, "caption greedy")):
-                attempt(
-                    name,
-                    run_caption,
-                    args,
-                    Clock(device, args.cpu_time),
-                    ours,
-                    decoding,
-                    theirs,
-                    batch,
-                    1,
-                    name,
-                    mode,
-                )
-        if "beam" in wanted:
-            name = "caption 5 beams"
-            attempt(
-                name,
-                run_caption,
-                args,
-                Clock(device, args.cpu_time),
-                ours,
-                decoding,
-                theirs,
-                sizes.beam_batch,
-                5,
-                name,
-                mode,
-            )
+        captions = [(1, 1, "caption greedy, batch 1"), (sizes.caption_batch, 1, "caption greedy")]
+        captions = [c for c in captions if "caption" in wanted]
+        captions += [(sizes.beam_batch, 5, "caption 5 beams")] if "beam" in wanted else []
+        for batch, beams, name in captions:
+            clock = Clock(device, args.cpu_time)
+            attempt(name, run_caption, args, clock, ours, decoding, theirs, batch, beams, name, mode)
         if "stage2" in wanted:
             attempt(
                 "stage-2",
