@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +19,38 @@ def images_of(root: str, keys: Sequence[str]) -> list:
     from PIL import Image
 
     return [Image.open(os.path.join(root, k + ".png")).convert("RGB") for k in keys]
+
+
+@dataclass
+class HeldOut:
+    """The held-out test set as every evaluation of the demo's world reads it."""
+
+    images: list  # PIL images, in the order of the test examples
+    scenes: list[W.Scene]
+    refs: list[list[str]]  # each image's captions (the first is the canonical one)
+    vqa: list[dict]  # {index (of the image), kind, question, answer}, every question of every image
+    unseen: list[int]  # images of scenes never seen in training
+    unseen_questions: list[int]  # questions about those images
+
+    @property
+    def canonical(self) -> list[str]:
+        return [r[0] for r in self.refs]
+
+    @classmethod
+    def load(cls, data_dir: str, test: Sequence[W.Example]) -> HeldOut:
+        vqa = [
+            {"index": i, "kind": kind, "question": q, "answer": a}
+            for i, e in enumerate(test)
+            for kind, q, a in e.questions
+        ]
+        return cls(
+            images=images_of(data_dir, [e.key for e in test]),
+            scenes=[e.scene for e in test],
+            refs=[e.captions for e in test],
+            vqa=vqa,
+            unseen=[i for i, e in enumerate(test) if e.heldout],
+            unseen_questions=[j for j, q in enumerate(vqa) if test[q["index"]].heldout],
+        )
 
 
 @torch.no_grad()

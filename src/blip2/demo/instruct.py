@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blip2.demo import world as W
-from blip2.demo.evaluate import evaluate_generation, images_of, vqa_scores
+from blip2.demo.evaluate import HeldOut, evaluate_generation, vqa_scores
 from blip2.demo.run import CAPTION_PROMPT, VQA_TEMPLATE, Budget, _losses, train_config
 from blip2.errors import UserError
 
@@ -202,15 +202,8 @@ def run_instruct(
         seconds[name] = time.perf_counter() - began
 
     began = time.perf_counter()
-    images = images_of(data_dir, [e.key for e in test_ex])
-    scenes = [e.scene for e in test_ex]
-    refs = [e.captions for e in test_ex]
-    vqa = [
-        {"index": i, "kind": kind, "question": q, "answer": a}
-        for i, e in enumerate(test_ex)
-        for kind, q, a in e.questions
-    ]
-    unseen = [j for j, q in enumerate(vqa) if test_ex[q["index"]].heldout]
+    held = HeldOut.load(data_dir, test_ex)
+    images, scenes, refs, vqa, unseen = held.images, held.scenes, held.refs, held.vqa, held.unseen_questions
     scores: dict[str, dict[str, Any]] = {}
     for name, folder in finals.items():
         pipe = load(folder)

@@ -31,7 +31,7 @@ from typing import Any
 
 from blip2.demo import pretrain as P
 from blip2.demo import world as W
-from blip2.demo.evaluate import chance_levels, evaluate_generation, images_of, vqa_scores
+from blip2.demo.evaluate import HeldOut, chance_levels, evaluate_generation, vqa_scores
 from blip2.demo.instruct import demo_examples
 from blip2.demo.run import CAPTION_PROMPT, VQA_TEMPLATE, Budget, _bar, _losses, _progress, with_caption_prompt
 from blip2.errors import UserError
@@ -177,15 +177,8 @@ def _scores(out: str, b: Budget, seed: int, bridges: dict[str, str], lms: dict[s
 
     data_dir = os.path.join(out, "work", "data")
     _, test = demo_examples(data_dir, b, seed)
-    images = images_of(data_dir, [e.key for e in test])
-    scenes = [e.scene for e in test]
-    refs = [e.captions for e in test]
-    vqa = [
-        {"index": i, "kind": k, "question": q, "answer": a}
-        for i, e in enumerate(test)
-        for k, q, a in e.questions
-    ]
-    unseen = [j for j, q in enumerate(vqa) if test[q["index"]].heldout]
+    held = HeldOut.load(data_dir, test)
+    images, scenes, refs, vqa, unseen = held.images, held.scenes, held.refs, held.vqa, held.unseen_questions
     scores: dict[str, Any] = {"bridges": {}, "lm_from_true_description": {}}
     for name, folder in bridges.items():
         pipe = load(folder)

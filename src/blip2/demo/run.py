@@ -38,6 +38,7 @@ import torch
 from blip2.demo import pretrain as P
 from blip2.demo import world as W
 from blip2.demo.evaluate import (
+    HeldOut,
     caption_scores,
     chance_levels,
     evaluate_generation,
@@ -391,15 +392,8 @@ def run_demo(
         for src, dst in ((res1.final_dir, "model_stage1"), (final2, "model")):
             shutil.rmtree(os.path.join(out, dst), ignore_errors=True)
             shutil.copytree(src, os.path.join(out, dst))
-        images = images_of(data_dir, [e.key for e in test_ex])
-        scenes = [e.scene for e in test_ex]
-        refs = [e.captions for e in test_ex]
-        canon = [e.captions[0] for e in test_ex]
-        vqa = [
-            {"index": i, "kind": kind, "question": q, "answer": a}
-            for i, e in enumerate(test_ex)
-            for kind, q, a in e.questions
-        ]
+        held = HeldOut.load(data_dir, test_ex)
+        images, scenes, refs, vqa, canon = held.images, held.scenes, held.refs, held.vqa, held.canonical
         stage1 = load(os.path.join(out, "model_stage1"))
         stage1.model.eval()
         metrics = evaluate_retrieval(stage1, images, canon, b.itm_k)
@@ -411,11 +405,10 @@ def run_demo(
         ablation_model.model.eval()
         ablation, _, _ = evaluate_generation(ablation_model, images, scenes, refs, vqa, b.num_beams)
         chance = chance_levels(canon, scenes, refs, vqa, seed)
-        unseen = [i for i, e in enumerate(test_ex) if e.heldout]
+        unseen, qs_unseen = held.unseen, held.unseen_questions
         metrics_unseen = caption_scores(
             [caps[i] for i in unseen], [scenes[i] for i in unseen], [refs[i] for i in unseen]
         )
-        qs_unseen = [j for j, q in enumerate(vqa) if test_ex[q["index"]].heldout]
         metrics_unseen.update(vqa_scores([answers[j] for j in qs_unseen], [vqa[j] for j in qs_unseen]))
         # the language model alone, given each test image's true description where the soft prompt
         # goes: what the frozen LM can answer at best (the ceiling of zero-shot VQA)
