@@ -41,6 +41,8 @@ from blip2.generation import Decoding
 from blip2.models import LanguageBridge, RetrievalModel
 from blip2.tasks.stage1 import Stage1Task
 from blip2.tasks.stage2 import Stage2Task
+from blip2.train.config import OptimSection
+from blip2.train.optim import MasterWeights
 
 transformers.logging.set_verbosity_error()
 
@@ -110,6 +112,30 @@ def run_caption(
     return out
 
 
+def master_weights(model: nn.Module) -> MasterWeights:
+    """`--precision master`: the model's trainable weights become bf16 over fp32 masters, as
+    `train.precision: bfloat16-master` trains them (no autocast; AdamW on the masters, lr 1e-9)."""
+    model.autocast_dtype = None
+    return MasterWeights(model, OptimSection(lr=1e-9, warmup_steps=0), torch.bfloat16)
+
+
+def master_step(opt: MasterWeights) -> None:
+    opt.take_grads()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def drop_master_weights(model: nn.Module, opt: MasterWeights, autocast: torch.dtype | None) -> None:
+    """The model as before `master_weights`: fp32 trainable weights (the masters), its autocast."""
+    for p, m in zip(opt.params, opt.masters, strict=True):
+        p.data = m
+    model.autocast_dtype = autocast
+
+
+def precision_tag(args: argparse.Namespace) -> str:
+    return " [bf16 weights, fp32 masters]" if args.precision == "master" else ""
+
+
 def row(name: str, batch: int, res: dict[str, dict[str, Any]], unit: str, **extra: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"row": name, "batch": batch, "unit": unit, **extra}
     for side, r in res.items():
@@ -146,7 +172,8 @@ def run_stage2_train(
     p_ours = trainable_like_training(ours, theirs=False)
     p_theirs = trainable_like_training(theirs, theirs=True)
     fused = device.type == "cuda" or None  # the same optimizer both sides: fused AdamW on CUDA
-    opt_ours = torch.optim.AdamW(p_ours, lr=1e-9, fused=fused)
+    master = master_weights(ours) if args.precision == "master" else None
+    opt_ours = master or torch.optim.AdamW(p_ours, lr=1e-9, fused=fused)
     opt_theirs = torch.optim.AdamW(p_theirs, lr=1e-9, fused=fused)
     ours.train()
     theirs.train()
@@ -155,6 +182,9 @@ def run_stage2_train(
     def mine() -> None:  # as our training loop calls it: the loss only (no logits over the queries)
         loss = Stage2Task(ours)(pixels, text, mask, prompt_lengths=1, return_logits=False).loss
         loss.backward()
+        if master is not None:
+            master_step(master)
+            return
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
@@ -167,10 +197,12 @@ def run_stage2_train(
     try:
         res = interleaved(clock, {"ours": mine, "theirs": hf}, args.repeats)
     finally:
+        if master is not None:
+            drop_master_weights(ours, master, args.autocast)
         ours.eval().requires_grad_(False)
         theirs.eval().requires_grad_(False)
     return row(
-        "stage-2 training step (fwd+bwd+AdamW)",
+        "stage-2 training step (fwd+bwd+AdamW)" + precision_tag(args),
         batch,
         res,
         unit="samples/s",
@@ -243,19 +275,28 @@ def run_stage1(args: argparse.Namespace, clock: Clock, model: RetrievalModel, ba
     model.train()
     model.autocast_dtype = args.autocast
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-9, fused=device.type == "cuda" or None)  # as blip2.train
+    master = master_weights(model) if args.precision == "master" else None
+    opt = master or torch.optim.AdamW(params, lr=1e-9, fused=device.type == "cuda" or None)  # as blip2.train
 
     task = Stage1Task(model)
 
     def step() -> None:
         out = task(ids, mask, image_features=feats)
         out.loss.backward()
+        if master is not None:
+            master_step(master)
+            return
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    res = interleaved(clock, {"ours": step}, args.repeats)
-    model.eval()
-    out = row("stage-1 step, cached features (ITC+ITM+ITG, fwd+bwd+AdamW)", batch, res, "samples/s")
+    try:
+        res = interleaved(clock, {"ours": step}, args.repeats)
+    finally:
+        if master is not None:
+            drop_master_weights(model, master, args.autocast)
+        model.eval()
+    name = "stage-1 step, cached features (ITC+ITM+ITG, fwd+bwd+AdamW)" + precision_tag(args)
+    out = row(name, batch, res, "samples/s")
     sps = out["ours"]["throughput"]
     if device.type == "cuda":
         out["fraction_of_peak"] = sps * STAGE1_FLOP_PER_SAMPLE / args.peak_flops
@@ -370,6 +411,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--autocast", choices=("none", "bfloat16"), default=None, help="our Q-Former compute (cuda: bf16)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=("autocast", "master"),
+        default="autocast",
+        help="the training rows (stage1, stage2): our trainable weights fp32 with --autocast, or bf16 weights "
+        "over fp32 master copies in AdamW (train.precision: bfloat16-master; --autocast then unused there)",
     )
     p.add_argument("--profile", default=None, help="append one profiled call of ours per row to this file")
     p.add_argument("--rows", default="caption,beam,stage2,qformer,stage1,itm", help="comma-separated rows")

@@ -80,6 +80,7 @@ def test_config_overrides_and_clear_errors(tmp_path):
 @pytest.mark.parametrize(
     "given,read",
     [("bfloat16", "bfloat16"), ("float16", "float16"), ("float32", "float32")]
+    + [("bfloat16-master", "bfloat16-master")]
     + [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")],  # older configs' names
 )
 def test_train_precision_takes_the_dtype_names_and_reads_the_older_ones(tmp_path, given, read):
@@ -95,7 +96,8 @@ def test_an_unknown_train_precision_is_one_sentence_naming_the_choices(tmp_path)
     path = tmp_path / "job.yaml"
     path.write_text("model: {preset: tiny-stage1}\ndata: {kind: captions, path: x.json}\n")
     with pytest.raises(
-        UserError, match="^train.precision must be one of float32, bfloat16, float16, not 'half'$"
+        UserError,
+        match="^train.precision must be one of float32, bfloat16, float16, bfloat16-master, not 'half'$",
     ):
         load_config(str(path), ["train.precision=half"])
 

@@ -39,6 +39,8 @@ from blip2.errors import UserError
 
 # `train.precision`'s names in configs written before it took `blip2.config.DTYPES`' names
 PRECISION_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# `train.precision`: a dtype (`float32`; `bfloat16`, `float16`: autocast) or bf16 weights over fp32 masters
+PRECISIONS = (*DTYPES, "bfloat16-master")
 
 
 @dataclass
@@ -208,8 +210,20 @@ class TrainSection:
         grad_accum: micro-batches per optimizer step.
         max_steps: optimizer steps (0: from `epochs`, annotation datasets only).
         epochs: passes over an annotation dataset (when max_steps is 0).
-        precision: `float32`, `bfloat16` (autocast) or `float16` (autocast + GradScaler); the older
-            names `fp32`, `bf16`, `fp16` are read as these.
+        precision: how the trainable part (Q-Former, queries, `ln_vision`, heads, projection)
+            computes; frozen towers always run in their own dtype.
+            `float32`: fp32 weights and compute.
+            `bfloat16`: fp32 weights, bf16 compute under autocast (matmuls in bf16, norms, softmax and
+            losses in fp32).
+            `float16`: as `bfloat16` in fp16, with a GradScaler.
+            `bfloat16-master`: bf16 weights that compute in bf16 with no autocast (LayerNorms too;
+            PyTorch's kernels accumulate their statistics in fp32; losses are taken in fp32), and fp32
+            master copies of them in the optimizer: the bf16 gradients (summed in bf16 over
+            `grad_accum`) are cast onto the masters, clipped and stepped there with fp32 AdamW
+            state, and the weights are rounded from the masters after every step. Checkpoints and
+            the final model hold the fp32 masters (resume is exact; `final/` is fp32). Less memory
+            and no autocast casts; not with `lora` (its adapters train in the LLM's dtype).
+            The older names `fp32`, `bf16`, `fp16` are read as `float32`, `bfloat16`, `float16`.
         grad_checkpointing: recompute Q-Former activations in backward (less memory).
         seed: everything random (weights of new parts, data order, augmentation, ITM negatives).
         log_every: steps between progress/metrics lines.
@@ -296,10 +310,7 @@ class TrainConfig:
         if sum(x is not None for x in (m.preset, m.config, m.init_from)) != 1:
             raise UserError("set exactly one of model.preset, model.config, model.init_from")
         self._validate_reuse()
-        if self.train.precision not in DTYPES:
-            raise UserError(
-                f"train.precision must be one of {', '.join(DTYPES)}, not {self.train.precision!r}"
-            )
+        self._validate_precision()
         t, o, d = self.train, self.optim, self.data
         at_least = {
             "train.batch_size": (t.batch_size, 1),
@@ -341,6 +352,22 @@ class TrainConfig:
             raise UserError("set data.path (shard pattern or annotation file)")
         if self.data.kind == "webdataset" and self.train.max_steps <= 0:
             raise UserError("webdataset training runs by steps: set train.max_steps")
+
+    def _validate_precision(self) -> None:
+        precision = self.train.precision
+        if precision in ("float16-master", "fp16-master"):
+            raise UserError(
+                "train.precision float16-master is not offered: float16 gradients need loss scaling, which "
+                "the master-weights path does not do; use bfloat16-master, or float16 (autocast over fp32 "
+                "weights, with a GradScaler)"
+            )
+        if precision not in PRECISIONS:
+            raise UserError(f"train.precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if precision == "bfloat16-master" and self.lora is not None:
+            raise UserError(
+                "train.precision bfloat16-master keeps fp32 masters of bf16 weights, and LoRA adapters train "
+                "inside the frozen LLM in its dtype: use train.precision bfloat16 (autocast) with lora"
+            )
 
     def _validate_reuse(self) -> None:
         """The LLM's settings (`model.llm`, `model.llm_tokenizer`, `model.overrides.llm`),

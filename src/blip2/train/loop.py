@@ -2,8 +2,8 @@
 
 `train(cfg)` builds the task named by the config (`blip2.tasks`: its model and objective) and its data,
 wraps the task in DDP when launched by torchrun (optionally sharding a frozen LLM with FSDP2), and runs
-optimizer steps with autocast, gradient accumulation, clipping, periodic logging / evaluation /
-checkpoints, and exact resume. Rank 0 alone writes files. The loop never asks which kind of model it
+optimizer steps with autocast (or bf16 weights over fp32 master copies, `MasterWeights`), gradient
+accumulation, clipping, periodic logging / evaluation / checkpoints, and exact resume. Rank 0 alone writes files. The loop never asks which kind of model it
 trains: the task type answers (see `blip2.tasks.base.Task`).
 
 Reproducibility: one seed drives new weights, the data order, augmentation (per sample) and the ITM
@@ -38,7 +38,7 @@ from blip2.train import checkpoint
 from blip2.train.config import TrainConfig
 from blip2.train.data import DataPosition, make_loader, preprocessor, steps_per_epoch, to_device
 from blip2.train.monitor import MetricsLog, StopSignals, evaluator, forward_loss, reduce_window
-from blip2.train.optim import WarmupCosine, build_optimizer
+from blip2.train.optim import MasterWeights, WarmupCosine, build_optimizer
 
 
 def build_task(cfg: TrainConfig) -> Task:
@@ -125,13 +125,20 @@ def _check_epoch_resume(cfg: TrainConfig, state: dict[str, Any], info: D.DistInf
         )
 
 
+def full_precision(optimizer) -> contextlib.AbstractContextManager:
+    """Where the model's real trainable weights are read or written (checkpoints, resume, the saved
+    model): with `MasterWeights`, its fp32 masters stand in the model; else the model as it is."""
+    return optimizer.full_precision() if isinstance(optimizer, MasterWeights) else contextlib.nullcontext()
+
+
 def _resume(
     cfg: TrainConfig, info: D.DistInfo, source: str, model: nn.Module, optimizer, scheduler, scaler
 ) -> tuple[int, DataPosition, Any]:
     """Load a checkpoint into the model, optimizer, scheduler and scaler; this rank's step, data
     position and RNG state."""
     trainable, state = checkpoint.load(source)
-    checkpoint.load_trainable(model, trainable)
+    with full_precision(optimizer):
+        checkpoint.load_trainable(model, trainable)
     fused = [g.get("fused") for g in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
     for g, f in zip(optimizer.param_groups, fused, strict=True):  # this machine's choice, not the saved
@@ -171,6 +178,12 @@ def _train(
     if t.fsdp_llm and llm is not None and info.distributed:
         D.shard_frozen_llm(llm)
         ignore = tuple(f"{name}." for name, m in task.named_modules() if m is llm)
+    if t.precision == "bfloat16-master":  # the trainable weights become bf16 before DDP sees them
+        optimizer = MasterWeights(model, cfg.optim, torch.bfloat16)
+        task.set_autocast(None)
+    else:
+        optimizer = build_optimizer(model, cfg.optim)
+        task.set_autocast(None if t.precision == "float32" else torch_dtype(t.precision))
     task.train()
     wrapped = D.wrap_ddp(task, info, ignore_prefixes=ignore)
     gather = D.make_gather(info)
@@ -180,9 +193,7 @@ def _train(
         raise UserError(
             "nothing to train: the dataset is smaller than one global batch; lower train.batch_size"
         )
-    optimizer = build_optimizer(model, cfg.optim)
     scheduler = WarmupCosine(optimizer, total, cfg.optim)
-    task.set_autocast(None if t.precision == "float32" else torch_dtype(t.precision))
     scaler = torch.amp.GradScaler(info.device.type, enabled=t.precision == "float16")
 
     step, position, rng = 0, DataPosition(), None
@@ -244,9 +255,9 @@ def _train(
                     "config": cfg.to_dict(),
                     "skipped": dict(skipped_total),
                 }
-                path = checkpoint.save(
-                    ckpt_root, step, checkpoint.trainable_state(model), state, t.keep_checkpoints
-                )
+                with full_precision(optimizer):
+                    trainable = checkpoint.trainable_state(model)
+                path = checkpoint.save(ckpt_root, step, trainable, state, t.keep_checkpoints)
             D.barrier()
             return path
 
@@ -268,13 +279,13 @@ def _train(
                 for k, v in parts.items():
                     window[k] += v.item() / t.grad_accum
                 window_samples += batch["size"]
+            trained = [p for p in model.parameters() if p.requires_grad]
+            if isinstance(optimizer, MasterWeights):
+                optimizer.take_grads()  # clipping and AdamW work on the fp32 masters
+                trained = optimizer.masters
             scaler.unscale_(optimizer)
             if cfg.optim.grad_clip > 0:
-                window["grad_norm"] += float(
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip
-                    )
-                )
+                window["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(trained, cfg.optim.grad_clip))
             lr = scheduler.lr
             scaler.step(optimizer)
             scaler.update()
@@ -328,7 +339,8 @@ def _train(
     if step == total and t.save_final:
         final_dir = os.path.join(t.output_dir, "final")
         if info.is_main:
-            task.save(final_dir, pre.text)
+            with full_precision(optimizer):  # the fp32 masters, not their bf16 copies
+                task.save(final_dir, pre.text)
         D.barrier()
     stopped_by = signal.Signals(stop_signal).name if step < total and stop_signal else None
     summary = {

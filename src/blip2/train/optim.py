@@ -1,8 +1,11 @@
-"""AdamW over the trainable parameters and the per-step warm-up + cosine schedule."""
+"""AdamW over the trainable parameters and the per-step warm-up + cosine schedule; `MasterWeights`:
+AdamW over fp32 master copies of bf16 trainable weights (`train.precision: bfloat16-master`)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -26,10 +29,87 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
     """AdamW; its fused (one kernel per step) implementation when every trainable tensor is on CUDA."""
-    groups = param_groups(model, cfg.weight_decay)
+    return _adamw(param_groups(model, cfg.weight_decay), cfg)
+
+
+def _adamw(groups: list[dict], cfg: OptimSection) -> torch.optim.AdamW:
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+
+
+class MasterWeights:
+    """AdamW over fp32 master copies of a model's trainable parameters, which compute in `dtype` (bf16).
+
+    Made before the model is wrapped in DDP: it keeps an fp32 copy of every trainable parameter (the
+    master, in `param_groups(model)` order) and casts the parameter itself to `dtype`, so the model's
+    trainable part holds and computes in bf16 with no autocast; frozen parameters and all buffers keep
+    their dtype. One optimizer step:
+
+    1. backward leaves bf16 gradients on the parameters (DDP all-reduces them in bf16);
+    2. `take_grads()` casts them onto the masters' `.grad` (fp32), where clipping measures and scales;
+    3. `step()` runs AdamW on the masters (fp32 moments too) and rounds the masters into the parameters.
+
+    It stands in for the optimizer in the training loop (`param_groups`, `zero_grad`, `step`,
+    `state_dict`, `load_state_dict`; the schedule and a disabled GradScaler see the inner AdamW's
+    groups). Checkpoints and saved models hold the masters: see `full_precision`.
+    """
+
+    def __init__(self, model: nn.Module, cfg: OptimSection, dtype: torch.dtype = torch.bfloat16):
+        groups = param_groups(model, cfg.weight_decay)
+        self.params = [p for g in groups for p in g["params"]]
+        self.masters = [p.detach().float().clone() for p in self.params]
+        to_master = dict(zip(map(id, self.params), self.masters, strict=True))
+        self.optimizer = _adamw(
+            [{**g, "params": [to_master[id(p)] for p in g["params"]]} for g in groups], cfg
+        )
+        for p in self.params:
+            p.data = p.data.to(dtype)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def take_grads(self) -> None:
+        """The parameters' gradients, in fp32, as the masters' gradients (None stays None)."""
+        for p, m in zip(self.params, self.masters, strict=True):
+            m.grad = None if p.grad is None else p.grad.detach().float()
+
+    def step(self) -> None:
+        """AdamW on the masters (after `take_grads`), then the parameters become the rounded masters."""
+        self.optimizer.step()
+        self._copy_to_params()
+
+    def _copy_to_params(self) -> None:
+        if self.params:  # one multi-tensor copy (round to nearest), not a kernel per parameter
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.masters)
+
+    @contextlib.contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """Inside: the model's trainable parameters are the fp32 masters themselves (the same storage),
+        for what reads or writes the real weights (checkpoints, resume, the saved model); after: their
+        `dtype` copies again, rounded from the masters (which a resume may have loaded)."""
+        working = [p.data for p in self.params]
+        for p, m in zip(self.params, self.masters, strict=True):
+            p.data = m
+        try:
+            yield
+        finally:
+            for p, w in zip(self.params, working, strict=True):
+                p.data = w
+            self._copy_to_params()
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
 
 
 def lr_at(step: int, total: int, cfg: OptimSection) -> float:
