@@ -141,10 +141,10 @@ def run_e2e(
         lines = proc.stderr.strip().splitlines()
         if proc.returncode != 0:
             raise RuntimeError(f"blip2 caption exited with {proc.returncode}: {' | '.join(lines[-5:])}")
-        summary = lines[-1] if lines else ""
-        found = re.search(r"(\d+) images in ([\d.]+) s \(([\d.]+) images/s", summary)
+        rates = [re.search(r"(\d+) images in ([\d.]+) s \(([\d.]+) images/s", line) for line in lines]
+        found = next((m for m in reversed(rates) if m is not None), None)
         if found is None:
-            raise RuntimeError(f"blip2 caption printed no rate: {summary!r}")
+            raise RuntimeError(f"blip2 caption printed no rate: {' | '.join(lines[-5:])}")
         done, rate = int(found.group(1)), float(found.group(3))  # its rate has more digits than its seconds
         captions = {r["image"]: r.get("caption") for r in map(json.loads, out.read_text().splitlines())}
     if done != images or len(captions) != images:
