@@ -25,6 +25,7 @@ from typing import Any
 import harness  # noqa: E402  (the folder of this script is on sys.path)
 import torch
 import transformers
+from e2e import run_e2e  # noqa: E402  (the folder of this script is on sys.path)
 from harness import (  # noqa: E402  (the folder of this script is on sys.path)
     Clock,
     build_ours,
@@ -87,8 +88,12 @@ def run_caption(
             ours, inputs["pixel_values"], inputs["input_ids"][:, q:], mode=ours_mode, **opts
         )
 
+    # the new tokens: a decoder-only LM's output repeats its input, an encoder-decoder's starts with its
+    # decoder start token
+    start = 1 if theirs.config.text_config.is_encoder_decoder else inputs["input_ids"].shape[1]
+
     def hf() -> Tensor:
-        return theirs.generate(**{**inputs, **cast}, **opts)[:, inputs["input_ids"].shape[1] :]
+        return theirs.generate(**{**inputs, **cast}, **opts)[:, start:]
 
     with torch.no_grad():
         try:
@@ -106,10 +111,41 @@ def run_caption(
     res = interleaved(clock, {"ours": mine, "theirs": hf}, args.repeats)
     out = row(name, batch, res, unit="captions/s", agreement=f"{agree:.0%} rows token-identical")
     out["decode_mode"] = ours_mode if beams == 1 else f"{ours_mode} (blip2.generation.beam)"
+    out["repeats"] = args.repeats
     if batch == 1:
         out["latency_ms"] = {side: 1000 * res[side]["median_s"] for side in res}
         out["agreement"] += f"; {out['latency_ms']['ours']:.0f} vs {out['latency_ms']['theirs']:.0f} ms"
     return out
+
+
+def few_repeats(args: argparse.Namespace, most: int = 3) -> argparse.Namespace:
+    """`args` with at most `most` repeats (the rows added for the GPU script's time budget)."""
+    return argparse.Namespace(**{**vars(args), "repeats": min(args.repeats, most)})
+
+
+def run_caption_t5(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Greedy captions with an encoder-decoder LLM (FlanT5-XL's dimensions on CUDA, a small T5 on CPU),
+    ours against transformers' on the same weights, as the OPT caption rows."""
+    config, batch = args.sizes.t5, args.sizes.t5_batch
+    ours = build_ours(config, device, seed=2)
+    ours.autocast_dtype = args.autocast
+    theirs = build_theirs(ours, device)
+    few = few_repeats(args)
+    name = f"caption greedy, T5 LLM ({config.name})"
+    return run_caption(
+        few, Clock(device, args.cpu_time), ours, Decoding(), theirs, batch, 1, name, args.decode
+    )
+
+
+def compare_e2e(rows: list[dict[str, Any]]) -> None:
+    """The command's rate against the dataset caption row's at the same batch (our fastest decode mode),
+    beside its ratio to the model-only calls in the command's own mode."""
+    e2e = next((r for r in rows if r["row"].startswith("blip2 caption end to end")), None)
+    dataset = next((r for r in rows if r["row"] == "caption greedy, dataset batch"), None)
+    if e2e is None or dataset is None or dataset["batch"] != e2e["batch"]:
+        return
+    e2e["ratio_to_dataset_row"] = e2e["ours"]["throughput"] / dataset["ours"]["throughput"]
+    e2e["agreement"] += f"; {e2e['ratio_to_dataset_row']:.0%} of the dataset row ({dataset['decode_mode']})"
 
 
 def master_weights(model: nn.Module) -> MasterWeights:
@@ -420,7 +456,19 @@ def main(argv: list[str] | None = None) -> int:
         "over fp32 master copies in AdamW (train.precision: bfloat16-master; --autocast then unused there)",
     )
     p.add_argument("--profile", default=None, help="append one profiled call of ours per row to this file")
-    p.add_argument("--rows", default="caption,beam,stage2,qformer,stage1,itm", help="comma-separated rows")
+    p.add_argument(
+        "--rows",
+        default="caption,beam,stage2,qformer,stage1,itm",
+        help="comma-separated rows; also caption256 (dataset captioning batch), t5 (an encoder-decoder "
+        "LLM) and e2e (the `blip2 caption` command on a folder of JPEGs), which gpu.sh runs",
+    )
+    p.add_argument("--e2e-images", type=int, default=None, help="JPEGs the e2e row captions")
+    p.add_argument(
+        "--e2e-workers",
+        type=int,
+        default=None,
+        help="the e2e row's decoding workers (default: CPU cores - 1, at most 8)",
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -441,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     wanted = set(args.rows.split(","))
+    known = {"caption", "caption256", "beam", "stage2", "qformer", "e2e", "t5", "stage1", "itm"}
+    if wanted - known:
+        p.error(
+            f"--rows: unknown {', '.join(sorted(wanted - known))}; the rows are {', '.join(sorted(known))}"
+        )
     harness.PROFILE_FILE = args.profile  # read by harness.profile
     env = {**environment(device), "clock": "thread CPU time" if args.cpu_time else "wall"}
     print(json.dumps(env), file=sys.stderr)
@@ -473,17 +526,20 @@ def main(argv: list[str] | None = None) -> int:
         r["wall_s"] = time.perf_counter() - t
         report(r)
 
-    if wanted & {"caption", "beam", "stage2", "qformer"}:
+    if wanted & {"caption", "caption256", "beam", "stage2", "qformer", "e2e"}:
         ours = build_ours(sizes.stage2, device, seed=0)
         ours.autocast_dtype = args.autocast
         theirs = build_theirs(ours, device)
         mode, decoding = args.decode, Decoding()  # the decode step compiled once for every row
         captions = [(1, 1, "caption greedy, batch 1"), (sizes.caption_batch, 1, "caption greedy")]
         captions = [c for c in captions if "caption" in wanted]
+        if "caption256" in wanted:
+            captions += [(sizes.dataset_batch, 1, "caption greedy, dataset batch")]
         captions += [(sizes.beam_batch, 5, "caption 5 beams")] if "beam" in wanted else []
         for batch, beams, name in captions:
             clock = Clock(device, args.cpu_time)
-            attempt(name, run_caption, args, clock, ours, decoding, theirs, batch, beams, name, mode)
+            row_args = few_repeats(args) if name == "caption greedy, dataset batch" else args
+            attempt(name, run_caption, row_args, clock, ours, decoding, theirs, batch, beams, name, mode)
         if "stage2" in wanted:
             attempt(
                 "stage-2",
@@ -498,9 +554,23 @@ def main(argv: list[str] | None = None) -> int:
             attempt(
                 "qformer", run_qformer, args, Clock(device, args.cpu_time), ours, theirs, sizes.qformer_batch
             )
+        if "e2e" in wanted:
+            workers = args.e2e_workers
+            workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if workers is None else workers
+            images = args.e2e_images or sizes.e2e_images
+            clock = Clock(device)  # the wall clock, as the command's own rate
+            few = few_repeats(args)
+            attempt("e2e", run_e2e, few, clock, ours, sizes.e2e_batch, images, workers, sizes.e2e_size)
+            compare_e2e(rows)
+            save()
         del ours, theirs, decoding
         if device.type == "cuda":
             torch._dynamo.reset()  # drop the compiled decode step and its CUDA-graph memory pool
+            torch.cuda.empty_cache()
+    if "t5" in wanted:
+        attempt("t5", run_caption_t5, args, device)
+        if device.type == "cuda":
+            torch._dynamo.reset()
             torch.cuda.empty_cache()
     if wanted & {"stage1", "itm"}:
         s1 = build_ours(sizes.stage1, device, seed=1)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 from blip2.interop import hf as hf_map
 from blip2.interop.keymap import convert, unique_state_dict
-from blip2.models import LanguageBridge, RetrievalModel
+from blip2.models import LanguageBridge, RetrievalModel, language
 from blip2.presets import TINY_LLMS, preset
 
 # ------------------------------------------------------------------------------------------ sizes
@@ -37,11 +37,19 @@ class Sizes:
     itm_texts: int = 16  # candidate texts re-ranked per image
     text_len: int = 32
     new_tokens: int = 30
+    t5: Blip2Config | None = None  # the `t5` row: a bridge with an encoder-decoder LLM
+    t5_batch: int = 32
+    dataset_batch: int = 256  # the `caption256` row: captioning a dataset
+    e2e_images: int = 2048  # the `e2e` row: `blip2 caption` on this many JPEGs
+    e2e_batch: int = 256
+    e2e_size: tuple[int, int] = (640, 480)
 
 
 def gpu_sizes() -> Sizes:
     """The paper's sizes: ViT-g (1408 x 39, 224 px), Q-Former 768 x 12, OPT-2.7b."""
-    return Sizes(stage1=preset("blip2-stage1-vit-g"), stage2=preset("blip2-opt-2.7b"))
+    return Sizes(
+        stage1=preset("blip2-stage1-vit-g"), stage2=preset("blip2-opt-2.7b"), t5=preset("blip2-flan-t5-xl")
+    )
 
 
 def with_tower_dtype(sizes: Sizes, dtype: str) -> Sizes:
@@ -51,7 +59,8 @@ def with_tower_dtype(sizes: Sizes, dtype: str) -> Sizes:
         llm = dataclasses.replace(c.llm, dtype=dtype) if c.llm is not None else None
         return dataclasses.replace(c, vision=dataclasses.replace(c.vision, dtype=dtype), llm=llm)
 
-    return dataclasses.replace(sizes, stage1=cast(sizes.stage1), stage2=cast(sizes.stage2))
+    t5 = cast(sizes.t5) if sizes.t5 is not None else None
+    return dataclasses.replace(sizes, stage1=cast(sizes.stage1), stage2=cast(sizes.stage2), t5=t5)
 
 
 def cpu_sizes(quick: bool) -> Sizes:
@@ -90,6 +99,11 @@ def cpu_sizes(quick: bool) -> Sizes:
         llm=LLMConfig(hf_config=llm, image_token_id=8100),
         name="cpu-opt",
     )
+    t5 = dict(TINY_LLMS["t5"])  # the tests' tiny T5 (gated GELU, untied head, FlanT5's ids), larger
+    t5.update(
+        d_model=256, d_kv=64, d_ff=640, num_layers=4, num_decoder_layers=4, num_heads=4, vocab_size=8192
+    )
+    s2_t5 = dataclasses.replace(s2, llm=LLMConfig(hf_config=t5, image_token_id=8100), name="cpu-t5")
     n = 1 if quick else 2
     return Sizes(
         stage1=s1,
@@ -103,6 +117,12 @@ def cpu_sizes(quick: bool) -> Sizes:
         itm_texts=8,
         text_len=16,
         new_tokens=30,
+        t5=s2_t5,
+        t5_batch=8,
+        dataset_batch=32,
+        e2e_images=64,
+        e2e_batch=32,
+        e2e_size=(320, 240),
     )
 
 
@@ -208,6 +228,9 @@ def build_theirs(ours: nn.Module, device: torch.device) -> nn.Module:
     config = ours.config
     hf_config = hf_map.config_to_transformers(config)
     hf_config.vision_config._attn_implementation = "sdpa"
+    if config.llm is not None:  # the LM's config as ours reads it: transformers 5.x rewrites some of
+        # T5's fields on the way in (its head tied to the token table, GELU made tanh-approximate)
+        hf_config.text_config = language.transformers_config(config.llm)
     cls = (
         transformers.Blip2ForConditionalGeneration
         if config.kind == "generation"
@@ -228,7 +251,9 @@ def build_theirs(ours: nn.Module, device: torch.device) -> nn.Module:
     with torch.device("meta"):
         model = cls._from_config(hf_config, attn_implementation="sdpa")
     buffers = {n for n, _ in model.named_buffers()}
-    tied = {"language_model.lm_head.weight"}  # filled by tie_weights() when the LM ties its head
+    # filled by tie_weights(): the LM's head when it ties it, T5's encoder and decoder token tables (its `shared`)
+    tied = {f"language_model.{k}" for k in ("lm_head", "encoder.embed_tokens", "decoder.embed_tokens")}
+    tied = {f"{k}.weight" for k in tied}
     missing = [k for k in model.state_dict() if k not in theirs_state and k not in buffers | tied]
     if missing:
         raise RuntimeError(f"weights transformers needs that ours do not give: {missing[:5]}")
@@ -239,6 +264,10 @@ def build_theirs(ours: nn.Module, device: torch.device) -> nn.Module:
             owner._buffers[attr] = _rebuild_buffer(attr, buf, device)
     if config.kind == "generation":
         model.language_model.tie_weights()
+        language.tie_input_embeddings(model.language_model)  # T5: encoder and decoder read `shared`
+        meta = [n for n, p in model.named_parameters() if p.is_meta]
+        if meta:
+            raise RuntimeError(f"weights transformers needs that ours do not give: {meta[:5]}")
         # the LM's generation config, as ours uses it
         model.generation_config.eos_token_id = ours.eos_token_id
         model.generation_config.pad_token_id = ours.pad_token_id
