@@ -115,6 +115,7 @@ def run_e2e(
         t = time.perf_counter()
         pipe = Captioner(ours, ImageProcessor(size=ours.config.vision.image_size), word_tokenizer(ours))
         pipe.save_pretrained(root / "model")
+        pipe.decoding.mode = args.decode  # the command decodes the same way (`--decode-mode`)
         write_jpegs(root / "images", images, size)
         prep_s = time.perf_counter() - t
         # the model as the command loads it: no autocast (the Q-Former computes in its fp32 weights)
@@ -131,6 +132,7 @@ def run_e2e(
         cmd += [str(root / "images"), "--out", str(out), "--device", str(device), "--no-progress"]
         cmd += ["--batch-size", str(batch), "--workers", str(workers)]
         cmd += ["--num-beams", "1", "--max-new-tokens", str(n), "--min-new-tokens", str(n)]
+        cmd += ["--decode-mode", mode]
         if device.type == "cpu":
             cmd += ["--threads", str(torch.get_num_threads())]
         src = str(Path(blip2.__file__).resolve().parents[1])  # this checkout's package, no install step

@@ -88,6 +88,29 @@ def test_caption_to_stdout_and_api_agree(captioner, tmp_path, capsys):
     assert [r["caption"] for r in records] == expected
 
 
+@pytest.mark.parametrize("mode", ["static", "compiled"])
+def test_caption_decode_mode_gives_the_same_captions(captioner, tmp_path, capsys, monkeypatch, mode):
+    from blip2.cli.options import DECODE_MODES
+    from blip2.generation.decoding import Decoding
+
+    assert DECODE_MODES == Decoding.MODES  # the command line's copy (it imports no torch) is current
+    paths = uh.make_images(tmp_path, 3)
+    argv = ["caption", "--model", captioner, *map(str, paths), "--workers", "0", *FAST]
+    assert main(argv) == 0
+    plain = [json.loads(line)["caption"] for line in capsys.readouterr().out.splitlines()]
+    static_calls = []
+    real = Decoding._static
+
+    def counted(self, *args, **kwargs):  # the real static-cache path, counted
+        static_calls.append(self.mode)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Decoding, "_static", counted)
+    assert main([*argv, "--decode-mode", mode]) == 0
+    assert [json.loads(line)["caption"] for line in capsys.readouterr().out.splitlines()] == plain
+    assert static_calls and set(static_calls) == {mode}
+
+
 def test_bad_files_never_kill_the_batch(captioner, tmp_path):
     folder = tmp_path / "mixed"
     good = uh.make_images(folder, 4) + uh.unusual_images(folder)

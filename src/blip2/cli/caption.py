@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     options.add_generation_arguments(parser)
+    options.add_decode_mode_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         pipe = options.load_pipeline(
             args.model, str(info.device), args.dtype, method="caption", **options.load_options(args)
         )
+        options.set_decode_mode(pipe, args)
         stats = caption_items(
             pipe,
             items,

@@ -37,6 +37,7 @@ def _generation(p: argparse.ArgumentParser, prompt_help: str) -> None:
     p.add_argument("--prompt", help=prompt_help)
     p.add_argument("--overwrite", action="store_true", help="discard earlier predictions in --out")
     options.add_generation_arguments(p, sampling=False, defaults=GENERATION_DEFAULTS)
+    options.add_decode_mode_argument(p)
 
 
 def _annotations(p: argparse.ArgumentParser) -> None:
@@ -120,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
             what=f"`blip2 eval {args.task}`",
             **options.load_options(args),
         )
+        options.set_decode_mode(pipe, args)
         run_id = {"model": str(args.model), "dataset": str(args.dataset)}
 
         def log(msg: str) -> None:

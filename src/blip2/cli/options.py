@@ -178,6 +178,27 @@ def add_generation_arguments(
         )
 
 
+DECODE_MODES = ("fast", "static", "compiled", "transformers")  # `blip2.generation.Decoding.MODES`
+
+
+def add_decode_mode_argument(parser: argparse.ArgumentParser) -> None:
+    """`--decode-mode`: how the model decodes (the same tokens every way; `compiled` is the fastest
+    for many batches of one shape, after compiling its step once)."""
+    parser.add_argument(
+        "--decode-mode",
+        choices=DECODE_MODES,
+        default=None,
+        help="fast (default): the lean loop; static: a static KV cache; compiled: static with the step "
+        "compiled (fastest for long jobs, compiles first); transformers: its own generate",
+    )
+
+
+def set_decode_mode(pipe: Any, args: argparse.Namespace) -> None:
+    """The pipeline decodes the way `--decode-mode` says (generated tokens do not change)."""
+    if getattr(args, "decode_mode", None) is not None:
+        pipe.decoding.mode = args.decode_mode
+
+
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     """The generation options given on the command line (the pipeline's defaults fill the rest);
     values out of range are a `UserError`."""
