@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from blip2.generation import beam
 from blip2.generation import greedy as lean
 from blip2.generation.graphs import GraphCache
+from blip2.models import onednn
 from blip2.models.language import forward_params, pad_after_eos, sliding_window
 
 if TYPE_CHECKING:
@@ -273,8 +274,15 @@ class Decoding:
         else:  # tensor guards only (GUARD_FILTER), frozen weights (`_frozen`), attention as plain math
             # that inductor fuses (`_eager_attention`)
             options = {"guard_filter_fn": GUARD_FILTER} if GUARD_FILTER is not None else None
-            run = _frozen(
+            compiled = _frozen(
                 _eager_attention(llm, torch.compile(step, fullgraph=False, dynamic=False, options=options))
             )
+
+            def run(*args: Any) -> Tensor:
+                if args[0].shape[0] < onednn.MIN_ROWS:  # MKL's products are faster
+                    return compiled(*args)
+                with onednn.linears(device):  # traced: the step's products through oneDNN
+                    return compiled(*args)
+
         self._steps[device] = (llm, weights, run)
         return run
