@@ -14,8 +14,10 @@ embeddings. For the options captioning uses, most of its time is overhead, not a
   replayed from a CUDA graph captured once per batch shape (`GraphCache`);
 * "compiled": "static" with the step compiled by `torch.compile` on any device; on CPU the step
   becomes inductor kernels over frozen, prepacked weights (`_frozen`: a second copy of the LM's weights
-  in memory) and fused eager attention (`_eager_attention`); the image side stays eager there (compiled,
-  it measured slower). The first call of each batch shape compiles, so it pays off over many batches;
+  in memory) and fused eager attention (`_eager_attention`), its products oneDNN ops from a batch of
+  `onednn.MIN_ROWS` rows on (`blip2.models.onednn`, traced); the image side stays eager there
+  (compiled, it measured slower), its products through oneDNN too. The first call of each batch shape
+  compiles, so it pays off over many batches;
 * "transformers": always the model's plain `generate`.
 
 Options neither loop implements (sampling, scores, ...) always go to the plain path; the tokens are

@@ -74,6 +74,7 @@ def _eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and weight.dtype == torch.float32
         and weight.dim() == 2
         and x.dim() >= 1
+        and weight.shape[1] == x.shape[-1]  # else F.linear's own error
         and (bias is None or (bias.dtype == torch.float32 and bias.dim() == 1))
         and x.layout == torch.strided
         and weight.layout == torch.strided
