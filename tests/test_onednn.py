@@ -35,6 +35,8 @@ def test_linear_equals_f_linear(shape, with_bias):
     assert onednn.linear(x, w, b).grad_fn.name() == "_LinearBackward"  # the oneDNN path ran
     ref, ref_grads = _grads(lambda: F.linear(x, w, b), *leaves)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # no autograd node: the oneDNN op itself
+        torch.testing.assert_close(onednn.linear(x, w, b), ref, rtol=1e-5, atol=1e-5)
     for a, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
 

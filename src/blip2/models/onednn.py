@@ -88,11 +88,13 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     least `MIN_ROWS` rows)."""
     if not AVAILABLE or not _eligible(input, weight, bias):
         return F.linear(input, weight, bias)
-    if torch.compiler.is_compiling():  # traced: the oneDNN op itself, without autograd
-        needs_grad = any(t is not None and t.requires_grad for t in (input, weight, bias))
-        if torch.is_grad_enabled() and needs_grad:
-            return F.linear(input, weight, bias)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias)
+    )
+    if not needs_grad:  # the op itself (no autograd node; traceable)
         return _Linear.forward(input, weight, bias)
+    if torch.compiler.is_compiling():
+        return F.linear(input, weight, bias)
     return _Linear.apply(input, weight, bias)
 
 
