@@ -142,7 +142,10 @@ def test_stage2_loss_equals_transformers(pair):
                      labels=torch.cat([torch.full_like(image, -100), labels], 1))  # fmt: skip
             got = task(pixels, ids, mask, prompt_lengths=torch.tensor(prompt_lengths))
             real = full_mask.bool()  # padded positions predict nothing
-            assert (got.logits[real] - ref.logits[real]).abs().max() <= ATOL
+            # on CPU our float32 products run through oneDNN (`blip2.models.onednn`), transformers'
+            # through MKL: the same sums rounded in another order, so ATOL relative to the logits' scale
+            scale = max(1.0, ref.logits[real].abs().max().item())
+            assert (got.logits[real] - ref.logits[real]).abs().max() <= ATOL * scale
             # left padding reads the same text: the same loss
             left = torch.stack([torch.roll(r, int((m == 0).sum())) for r, m in zip(ids, mask, strict=True)])
             left_mask = torch.stack([torch.roll(m, int((m == 0).sum())) for m in mask])

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from blip2.generation import greedy as lean
+from blip2.models import onednn
 from blip2.models.language import forward_params, position_ids
 
 # generate options the search implements (sampling settings are inert without do_sample)
@@ -317,9 +318,14 @@ def reorder(cache: Any, origin: Tensor, start: int, end: int | None = None) -> N
 def _prefill(llm: nn.Module, embeds: Tensor, mask: Tensor, params: frozenset[str]) -> tuple[Tensor, Any]:
     """The prefix through the LM once per image: its last position's logits `(B, V)` and its cache."""
     kwargs = {"position_ids": position_ids(mask)} if "position_ids" in params else {}
-    out = llm(
-        inputs_embeds=embeds, attention_mask=mask, use_cache=True, **kwargs, **lean.last_logits_only(params)
-    )
+    with onednn.linears(embeds.device):
+        out = llm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            use_cache=True,
+            **kwargs,
+            **lean.last_logits_only(params),
+        )
     return out.logits[:, -1], lean.out_cache(out)
 
 

@@ -14,8 +14,10 @@ embeddings. For the options captioning uses, most of its time is overhead, not a
   replayed from a CUDA graph captured once per batch shape (`GraphCache`);
 * "compiled": "static" with the step compiled by `torch.compile` on any device; on CPU the step
   becomes inductor kernels over frozen, prepacked weights (`_frozen`: a second copy of the LM's weights
-  in memory) and fused eager attention (`_eager_attention`); the image side stays eager there (compiled,
-  it measured slower). The first call of each batch shape compiles, so it pays off over many batches;
+  in memory) and fused eager attention (`_eager_attention`), its products oneDNN ops from a batch of
+  `onednn.MIN_ROWS` rows on (`blip2.models.onednn`, traced); the image side stays eager there
+  (compiled, it measured slower), its products through oneDNN too. The first call of each batch shape
+  compiles, so it pays off over many batches;
 * "transformers": always the model's plain `generate`.
 
 Options neither loop implements (sampling, scores, ...) always go to the plain path; the tokens are
@@ -37,6 +39,7 @@ from torch import Tensor, nn
 from blip2.generation import beam
 from blip2.generation import greedy as lean
 from blip2.generation.graphs import GraphCache
+from blip2.models import onednn
 from blip2.models.language import forward_params, pad_after_eos, sliding_window
 
 if TYPE_CHECKING:
@@ -273,8 +276,15 @@ class Decoding:
         else:  # tensor guards only (GUARD_FILTER), frozen weights (`_frozen`), attention as plain math
             # that inductor fuses (`_eager_attention`)
             options = {"guard_filter_fn": GUARD_FILTER} if GUARD_FILTER is not None else None
-            run = _frozen(
+            compiled = _frozen(
                 _eager_attention(llm, torch.compile(step, fullgraph=False, dynamic=False, options=options))
             )
+
+            def run(*args: Any) -> Tensor:
+                if args[0].shape[0] < onednn.MIN_ROWS:  # MKL's products are faster
+                    return compiled(*args)
+                with onednn.linears(device):  # traced: the step's products through oneDNN
+                    return compiled(*args)
+
         self._steps[device] = (llm, weights, run)
         return run

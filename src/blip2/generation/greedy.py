@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from blip2.models import onednn
 from blip2.models.language import forward_params, position_ids
 
 # generate options the loop implements, and the values that keep it greedy
@@ -284,7 +285,8 @@ def _greedy_decoder(
     takes_positions = "position_ids" in params
     pos = position_ids(mask)
     kwargs: dict[str, Any] = {"position_ids": pos} if takes_positions else {}
-    out = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, **kwargs, **extra)
+    with onednn.linears(embeds.device):
+        out = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, **kwargs, **extra)
     cache, next_pos = out_cache(out), pos[:, -1:] + 1
     tokens = [select(out.logits[:, -1])]
     for _ in range(steps - 1):
@@ -344,15 +346,16 @@ def _greedy_static(
     full[:, :p] = mask
     pos = position_ids(mask)
     kwargs: dict[str, Any] = {"position_ids": pos} if "position_ids" in params else {}
-    out = llm(
-        inputs_embeds=embeds,
-        attention_mask=full[:, :p],
-        cache_position=torch.arange(p, device=mask.device),
-        use_cache=True,
-        **{cache_arg: cache},
-        **kwargs,
-        **extra,
-    )
+    with onednn.linears(embeds.device):
+        out = llm(
+            inputs_embeds=embeds,
+            attention_mask=full[:, :p],
+            cache_position=torch.arange(p, device=mask.device),
+            use_cache=True,
+            **{cache_arg: cache},
+            **kwargs,
+            **extra,
+        )
     tokens = [select(out.logits[:, -1])]
     next_pos = pos[:, -1:] + 1
     for i in range(steps - 1):

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from blip2.config import Blip2Config, LLMConfig
 from blip2.errors import UserError
-from blip2.models import language
+from blip2.models import language, onednn
 from blip2.models.encoders import ImageEncoder
 from blip2.models.query_encoder import QueryEncoder
 
@@ -173,6 +173,7 @@ class LanguageBridge(QueryEncoder):
 
     # ---------------------------------------------------------------------------------- inputs
 
+    @onednn.with_linears
     def prefix(
         self,
         pixel_values: Tensor | None = None,
@@ -215,6 +216,7 @@ class LanguageBridge(QueryEncoder):
 
     # ---------------------------------------------------------------------------------- forward
 
+    @onednn.with_linears
     def forward(
         self,
         pixel_values: Tensor | None = None,

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from blip2.config import QFormerConfig
+from blip2.models import onednn
 
 KV = tuple[Tensor, Tensor]  # (B, heads, N, head_dim) each
 MASK_MODES = ("bidirectional", "causal", "unimodal")
@@ -234,6 +235,7 @@ class QFormer(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    @onednn.with_linears
     def image_kv(self, image_embeds: Tensor) -> list[KV | None]:
         """Project image embeddings once into each cross-attention's keys/values (shareable by passes)."""
         image_embeds = image_embeds.to(self.embeddings.norm.weight.dtype)
@@ -242,6 +244,7 @@ class QFormer(nn.Module):
             for layer in self.layers
         ]
 
+    @onednn.with_linears
     def forward(
         self,
         queries: Tensor | None = None,

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from blip2.config import Blip2Config
+from blip2.models import onednn
 from blip2.models.encoders import ImageEncoder
 from blip2.models.qformer import QFormer, autocast
 
@@ -44,6 +45,7 @@ class QueryEncoder(nn.Module):
         self.config = config
         self.autocast_dtype: torch.dtype | None = None
 
+    @onednn.with_linears
     def encode_image(
         self, pixel_values: Tensor | None = None, image_features: Tensor | None = None
     ) -> Tensor:
@@ -68,6 +70,7 @@ class QueryEncoder(nn.Module):
         """The Q-Former side's precision context (`autocast_dtype`; a no-op for None)."""
         return autocast(self.query_tokens.device, self.autocast_dtype)
 
+    @onednn.with_linears
     def query_output(
         self, pixel_values: Tensor | None = None, image_features: Tensor | None = None
     ) -> Tensor:

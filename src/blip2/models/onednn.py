@@ -1,0 +1,141 @@
+"""Linear layers' matrix products through oneDNN on CPU (float32).
+
+PyTorch computes a float32 `F.linear` on CPU with MKL's GEMM. On some CPUs oneDNN's float32 kernels
+(the ones inductor uses for prepacked weights) are much faster: on an AMD EPYC (Zen 5) with AVX-512,
+MKL ran the products of the benchmark's small models at about 100 GFLOP/s on one thread and oneDNN at
+about 230. `linears()` is a context in which every float32 CPU `F.linear` (the `nn.Linear` layers of
+our Q-Former and of the transformers towers and LMs alike) runs through oneDNN, forward and backward:
+the same products in float32, rounded in another order (differences of float32 rounding, ~1e-6
+relative).
+
+It leaves alone what it does not cover: other devices and dtypes, autocast, and products of fewer
+than `MIN_ROWS` rows. Code compiled within the context (`torch.compile` traces the context's hook) gets
+the oneDNN product where no gradient is asked for (the compiled decode steps of
+`blip2.generation.Decoding`), PyTorch's elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.overrides import TorchFunctionMode
+
+AVAILABLE = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+# fewer rows than this: MKL's products are as fast or faster (one row: about twice as fast)
+MIN_ROWS = 8
+
+
+def _mm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`x @ weight.T + bias` for 2-D `x` `(M, K)` and `weight` `(N, K)` (strided views are fine)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _Linear(torch.autograd.Function):
+    """`F.linear` with oneDNN products forward and backward."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return _mm(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, weight, _ = inputs
+        ctx.save_for_backward(x, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (M, N)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _mm(g, weight.t(), None).view(x.shape)  # (M, N) @ (N, K)
+        if ctx.needs_input_grad[1]:
+            grad_w = _mm(g.t(), x.reshape(-1, x.shape[-1]).t(), None)  # (N, M) @ (M, K)
+        if ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def _eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and weight.dim() == 2
+        and x.dim() >= 1
+        and weight.shape[1] == x.shape[-1]  # else F.linear's own error
+        and (bias is None or (bias.dtype == torch.float32 and bias.dim() == 1))
+        and x.layout == torch.strided
+        and weight.layout == torch.strided
+        and not torch.is_autocast_enabled("cpu")
+        and x.numel() >= MIN_ROWS * x.shape[-1] > 0
+    )
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(input, weight, bias)`, through oneDNN where it applies (float32 on CPU, no autocast, at
+    least `MIN_ROWS` rows)."""
+    if not AVAILABLE or not _eligible(input, weight, bias):
+        return F.linear(input, weight, bias)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias)
+    )
+    if not needs_grad:  # the op itself (no autograd node; traceable)
+        return _Linear.forward(input, weight, bias)
+    if torch.compiler.is_compiling():
+        return F.linear(input, weight, bias)
+    return _Linear.apply(input, weight, bias)
+
+
+class _Mode(TorchFunctionMode):
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            return linear(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+_active = threading.local()
+
+
+@contextlib.contextmanager
+def linears(device: torch.device | str | None = None) -> Iterator[None]:
+    """Within: every float32 CPU `F.linear` through oneDNN (`linear`). A no-op for another `device`
+    (no Python hook on each operation there), where oneDNN is not available, and when already on."""
+    off = device is not None and torch.device(device).type != "cpu"
+    if off or not AVAILABLE or getattr(_active, "on", False):
+        yield
+        return
+    _active.on = True
+    try:
+        with _Mode():
+            yield
+    finally:
+        _active.on = False
+
+
+T = TypeVar("T", bound=Callable[..., Any])
+
+
+def with_linears(method: T) -> T:
+    """Decorator of a module's method: it runs within `linears()` when the module's first parameter is
+    on the CPU."""
+
+    @functools.wraps(method)
+    def run(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        param = next(self.parameters(), None)
+        with linears(param.device if param is not None else None):
+            return method(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]

@@ -1,0 +1,132 @@
+"""The oneDNN path of linear layers (`blip2.models.onednn`) equals PyTorch's `F.linear`, forward and
+backward, and a model run through it equals the plain path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_stage2 import _prompts, images, make, pad
+
+from blip2.config import Blip2Config
+from blip2.generation import Decoding
+from blip2.models import LanguageBridge, onednn
+from blip2.presets import preset
+from blip2.tasks.stage2 import Stage2Task
+
+pytestmark = pytest.mark.skipif(not onednn.AVAILABLE, reason="PyTorch built without oneDNN")
+
+
+def _grads(fn, *tensors):
+    for t in tensors:
+        t.grad = None
+    out = fn()
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return out.detach(), [t.grad.clone() for t in tensors]
+
+
+@pytest.mark.parametrize("shape", [(16, 24), (3, 11, 24), (2, 3, 5, 24)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_equals_f_linear(shape, with_bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    w = torch.randn(40, 24, generator=g, requires_grad=True)
+    b = torch.randn(40, generator=g, requires_grad=True) if with_bias else None
+    leaves = [x, w] + ([b] if with_bias else [])
+    out, grads = _grads(lambda: onednn.linear(x, w, b), *leaves)
+    assert onednn.linear(x, w, b).grad_fn.name() == "_LinearBackward"  # the oneDNN path ran
+    ref, ref_grads = _grads(lambda: F.linear(x, w, b), *leaves)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # no autograd node: the oneDNN op itself
+        torch.testing.assert_close(onednn.linear(x, w, b), ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_strided_input_and_frozen_weight():
+    x = torch.randn(24, 12, requires_grad=True)
+    w = torch.randn(16, 24)  # frozen: only the input's gradient
+    out, (gx,) = _grads(lambda: onednn.linear(x.t(), w), x)
+    ref, (rx,) = _grads(lambda: F.linear(x.t(), w), x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_leaves_other_cases_to_pytorch():
+    w = torch.randn(8, 6)
+    few = torch.randn(onednn.MIN_ROWS - 1, 6, requires_grad=True)
+    assert onednn.linear(few, w).grad_fn.name() != "_LinearBackward"
+    x = torch.randn(16, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert onednn.linear(x, w).dtype == torch.bfloat16  # autocast keeps its say
+    assert onednn.linear(x.double(), w.double()).dtype == torch.float64
+
+
+def test_linears_context_routes_nn_linear_and_nests():
+    layer = torch.nn.Linear(6, 4)
+    x = torch.randn(16, 6, requires_grad=True)
+    with onednn.linears():
+        with onednn.linears():  # nested: one hook
+            inner = layer(x)
+        outer = layer(x)
+    assert inner.grad_fn.name() == outer.grad_fn.name() == "_LinearBackward"
+    assert layer(x).grad_fn.name() != "_LinearBackward"  # off again after the context
+    with onednn.linears("meta"):  # another device: no hook
+        assert layer(x).grad_fn.name() != "_LinearBackward"
+
+
+def _bridge() -> LanguageBridge:
+    torch.manual_seed(0)
+    config: Blip2Config = preset("tiny-opt")
+    return LanguageBridge(config).eval()
+
+
+def test_bridge_loss_and_gradients_equal_the_plain_path(monkeypatch):
+    model = _bridge()
+    model.train()
+    model.qformer.requires_grad_(True)
+    size = model.config.vision.image_size
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(8, 3, size, size, generator=g)
+    ids = torch.randint(4, 90, (8, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:3, -2:] = 0
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)  # the same dropout masks
+        loss = Stage2Task(model)(pixels, ids, mask, prompt_lengths=1, return_logits=False).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fast_loss, fast = run()
+    monkeypatch.setattr(onednn, "AVAILABLE", False)
+    plain_loss, plain = run()
+    torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert fast.keys() == plain.keys() and fast
+    for name in fast:
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bridge_prefix_and_greedy_tokens_equal_the_plain_path(monkeypatch):
+    model = _bridge()
+    size = model.config.vision.image_size
+    pixels = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(2))
+    prefix = model.prefix(pixels)
+    tokens = Decoding().generate(model, pixels, max_new_tokens=6, mode="fast")
+    monkeypatch.setattr(onednn, "AVAILABLE", False)
+    torch.testing.assert_close(prefix, model.prefix(pixels), rtol=1e-5, atol=1e-5)
+    assert torch.equal(tokens, model.generate(pixels, max_new_tokens=6))
+
+
+def test_compiled_decode_step_through_onednn_gives_the_plain_tokens():
+    """decode_mode="compiled" at a batch of `MIN_ROWS` or more traces the step's products as oneDNN ops
+    (a compilation: some 20 s on 2 cores with a cold inductor cache)."""
+    model = make("tiny-opt", lively=True).eval()
+    prompts = (_prompts(model) * onednn.MIN_ROWS)[: onednn.MIN_ROWS]
+    ids, mask = pad(prompts, "left", model.pad_token_id)
+    pixels = images(onednn.MIN_ROWS)
+    plain = model.generate(pixels, ids, mask, max_new_tokens=6)
+    assert len({tuple(row) for row in plain.tolist()}) > 1  # a model whose tokens depend on the input
+    decoding = Decoding()
+    for _ in range(2):  # the second call reuses the compiled step
+        got = decoding.generate(model, pixels, ids, mask, max_new_tokens=6, mode="compiled")
+        assert got.tolist() == plain.tolist()
