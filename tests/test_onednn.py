@@ -1,6 +1,8 @@
 """The oneDNN path of linear layers (`blip2.models.onednn`) equals PyTorch's `F.linear`, forward and
 backward, and a model run through it equals the plain path."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,3 +132,16 @@ def test_compiled_decode_step_through_onednn_gives_the_plain_tokens():
     for _ in range(2):  # the second call reuses the compiled step
         got = decoding.generate(model, pixels, ids, mask, max_new_tokens=6, mode="compiled")
         assert got.tolist() == plain.tolist()
+
+
+def test_blip2_onednn_0_in_the_environment_turns_the_route_off():
+    import subprocess
+    import sys
+
+    code = "from blip2.models import onednn; print(onednn.AVAILABLE)"
+    for value, expected in (("0", "False"), ("1", str(onednn.AVAILABLE))):
+        env = {**os.environ, "BLIP2_ONEDNN": value}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == expected

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -28,7 +29,13 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
-AVAILABLE = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# `BLIP2_ONEDNN=0` in the environment keeps every product on PyTorch's default (MKL), e.g. on a CPU where
+# MKL is the faster of the two
+AVAILABLE = (
+    os.environ.get("BLIP2_ONEDNN", "1") != "0"
+    and bool(torch.backends.mkldnn.is_available())
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
 
 
 # fewer rows than this: MKL's products are as fast or faster (one row: about twice as fast)
