@@ -140,7 +140,7 @@ def run_e2e(
         src = str(Path(blip2.__file__).resolve().parents[1])  # this checkout's package, no install step
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
         t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
         wall = time.perf_counter() - t
         lines = proc.stderr.strip().splitlines()
         if proc.returncode != 0:
@@ -154,6 +154,8 @@ def run_e2e(
     if done != images or len(captions) != images:
         raise RuntimeError(f"blip2 caption captioned {done} of {images} images ({len(captions)} lines)")
     same = sum(captions.get(k) == c for k, c in zip(keys, reference, strict=True)) / len(keys)
+    if same < 1:
+        raise RuntimeError(f"blip2 caption's captions differ from the in-process ones ({same:.0%} equal)")
     seconds = done / rate
     model_only = len(keys) / res["ours"]["median_s"]
     w, h = size

@@ -226,3 +226,36 @@ def test_master_weights_train_on_two_ranks(tmp_path):
     for n, p in model.named_parameters():
         if n in trainable:
             assert p.dtype == torch.float32 and torch.equal(p, trainable[n]), n
+
+
+def _sync_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # each rank starts from other weights
+    layer = torch.nn.Linear(4, 3)
+    opt = MasterWeights(layer, OptimSection())
+    opt.sync_masters()
+    torch.save(
+        {"masters": opt.masters, "params": [p.detach() for p in layer.parameters()]}, f"{out}/{rank}.pt"
+    )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_sync_masters_gives_every_rank_rank_0_s_masters(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sync_worker, args=(port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    torch.manual_seed(0)
+    expected = [p.detach() for p in torch.nn.Linear(4, 3).parameters()]
+    for a, b, e in zip(r0["masters"], r1["masters"], expected, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, e)  # rank 0's fp32 weights, unrounded
+    for a, b in zip(r0["params"], r1["params"], strict=True):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)

@@ -75,6 +75,37 @@ def test_linears_context_routes_nn_linear_and_nests():
         assert layer(x).grad_fn.name() != "_LinearBackward"
 
 
+def _count_products(monkeypatch) -> list[int]:
+    """A counter of the oneDNN products run (the real op, counted)."""
+    calls = [0]
+    real = onednn._mm
+
+    def counted(*args):
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(onednn, "_mm", counted)
+    return calls
+
+
+def test_linear_keeps_only_what_a_gradient_needs():
+    x = torch.randn(16, 6, requires_grad=True)
+    frozen = torch.randn(4, 6)  # a frozen weight: its input is not kept for backward
+    out = onednn.linear(x, frozen)
+    saved_x, saved_w = out.grad_fn.saved_tensors
+    assert saved_x is None and saved_w is not None
+    x.data.add_(1.0)  # an in-place change of the input after the product is then no error (as F.linear)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, frozen.sum(0).expand(16, 6))
+
+
+def test_mismatched_devices_or_bias_go_to_f_linear():
+    x, w = torch.randn(16, 6), torch.randn(4, 6)
+    with pytest.raises(RuntimeError):  # F.linear's own error for a bias of the wrong size
+        onednn.linear(x, w, torch.randn(3))
+    torch.testing.assert_close(onednn.linear(x, w, torch.ones(1)), F.linear(x, w, torch.ones(1)))
+
+
 def _bridge() -> LanguageBridge:
     torch.manual_seed(0)
     config: Blip2Config = preset("tiny-opt")
@@ -99,9 +130,13 @@ def test_bridge_loss_and_gradients_equal_the_plain_path(monkeypatch):
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
+    calls = _count_products(monkeypatch)
     fast_loss, fast = run()
+    assert calls[0] > 0  # the route ran (forward and backward products)
     monkeypatch.setattr(onednn, "AVAILABLE", False)
+    calls[0] = 0
     plain_loss, plain = run()
+    assert calls[0] == 0
     torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-5, atol=1e-6)
     assert fast.keys() == plain.keys() and fast
     for name in fast:
@@ -112,21 +147,25 @@ def test_bridge_prefix_and_greedy_tokens_equal_the_plain_path(monkeypatch):
     model = _bridge()
     size = model.config.vision.image_size
     pixels = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(2))
+    calls = _count_products(monkeypatch)
     prefix = model.prefix(pixels)
     tokens = Decoding().generate(model, pixels, max_new_tokens=6, mode="fast")
+    assert calls[0] > 0  # the image side and the prefill went through oneDNN
     monkeypatch.setattr(onednn, "AVAILABLE", False)
     torch.testing.assert_close(prefix, model.prefix(pixels), rtol=1e-5, atol=1e-5)
     assert torch.equal(tokens, model.generate(pixels, max_new_tokens=6))
 
 
-def test_compiled_decode_step_through_onednn_gives_the_plain_tokens():
+def test_compiled_decode_step_through_onednn_gives_the_plain_tokens(monkeypatch):
     """decode_mode="compiled" at a batch of `MIN_ROWS` or more traces the step's products as oneDNN ops
     (a compilation: some 20 s on 2 cores with a cold inductor cache)."""
     model = make("tiny-opt", lively=True).eval()
     prompts = (_prompts(model) * onednn.MIN_ROWS)[: onednn.MIN_ROWS]
     ids, mask = pad(prompts, "left", model.pad_token_id)
     pixels = images(onednn.MIN_ROWS)
+    monkeypatch.setattr(onednn, "AVAILABLE", False)  # the plain path: PyTorch's products throughout
     plain = model.generate(pixels, ids, mask, max_new_tokens=6)
+    monkeypatch.setattr(onednn, "AVAILABLE", True)
     assert len({tuple(row) for row in plain.tolist()}) > 1  # a model whose tokens depend on the input
     decoding = Decoding()
     for _ in range(2):  # the second call reuses the compiled step
@@ -145,3 +184,38 @@ def test_blip2_onednn_0_in_the_environment_turns_the_route_off():
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
         )
         assert out.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("where", ["qformer", "llm"])
+def test_gradient_checkpointing_trains_with_the_plain_gradients(monkeypatch, where):
+    """Training with gradient checkpointing keeps PyTorch's products (the recomputation in backward must
+    save what the forward saved): the step runs and its gradients equal the step without it."""
+    model = _bridge()
+    model.train()
+    model.qformer.requires_grad_(True)
+    size = model.config.vision.image_size
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(8, 3, size, size, generator=g)
+    ids = torch.randint(4, 90, (8, 7), generator=g)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        loss = Stage2Task(model)(
+            pixels, ids, torch.ones_like(ids), prompt_lengths=1, return_logits=False
+        ).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    monkeypatch.setattr(onednn, "AVAILABLE", False)
+    plain_loss, plain = run()
+    monkeypatch.setattr(onednn, "AVAILABLE", True)
+    if where == "qformer":
+        model.qformer.gradient_checkpointing = True
+    else:
+        model.llm.gradient_checkpointing_enable()
+    loss, grads = run()
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == plain.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -8,8 +8,9 @@ our Q-Former and of the transformers towers and LMs alike) runs through oneDNN, 
 the same products in float32, rounded in another order (differences of float32 rounding, ~1e-6
 relative).
 
-It leaves alone what it does not cover: other devices and dtypes, autocast, and products of fewer
-than `MIN_ROWS` rows. Code compiled within the context (`torch.compile` traces the context's hook) gets
+It leaves alone what it does not cover: other devices and dtypes, autocast, products of fewer than
+`MIN_ROWS` rows, and training with gradient checkpointing (`with_linears`). Its backward is first-order
+only (no double backward, no forward-mode AD). Code compiled within the context (`torch.compile` traces the context's hook) gets
 the oneDNN product where no gradient is asked for (the compiled decode steps of
 `blip2.generation.Decoding`), PyTorch's elsewhere.
 """
@@ -56,8 +57,11 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        x, weight, _ = inputs
-        ctx.save_for_backward(x, weight)
+        x, weight, _ = inputs  # kept only where a gradient needs it (a frozen weight's input is not)
+        ctx.save_for_backward(
+            x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None
+        )
+        ctx.x_shape = x.shape
 
     @staticmethod
     @once_differentiable
@@ -66,7 +70,7 @@ class _Linear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])  # (M, N)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _mm(g, weight.t(), None).view(x.shape)  # (M, N) @ (N, K)
+            grad_x = _mm(g, weight.t(), None).view(ctx.x_shape)  # (M, N) @ (N, K)
         if ctx.needs_input_grad[1]:
             grad_w = _mm(g.t(), x.reshape(-1, x.shape[-1]).t(), None)  # (N, M) @ (M, K)
         if ctx.needs_input_grad[2]:
@@ -81,8 +85,17 @@ def _eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and weight.dtype == torch.float32
         and weight.dim() == 2
         and x.dim() >= 1
-        and weight.shape[1] == x.shape[-1]  # else F.linear's own error
-        and (bias is None or (bias.dtype == torch.float32 and bias.dim() == 1))
+        and weight.shape[1] == x.shape[-1]  # else F.linear's own error (or its broadcasting)
+        and weight.device == x.device
+        and (
+            bias is None
+            or (
+                bias.dtype == torch.float32
+                and bias.dim() == 1
+                and bias.shape[0] == weight.shape[0]
+                and bias.device == x.device
+            )
+        )
         and x.layout == torch.strided
         and weight.layout == torch.strided
         and not torch.is_autocast_enabled("cpu")
@@ -135,14 +148,23 @@ def linears(device: torch.device | str | None = None) -> Iterator[None]:
 T = TypeVar("T", bound=Callable[..., Any])
 
 
+def _checkpointing(module: torch.nn.Module) -> bool:
+    """Whether gradient checkpointing is on anywhere in `module` (ours and transformers' both set a
+    `gradient_checkpointing` attribute to True)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
+
+
 def with_linears(method: T) -> T:
     """Decorator of a module's method: it runs within `linears()` when the module's first parameter is
-    on the CPU."""
+    on the CPU. Not while training with gradient checkpointing: the recomputation in backward runs
+    outside the context, and checkpointing requires it to save what the forward saved."""
 
     @functools.wraps(method)
     def run(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         param = next(self.parameters(), None)
-        with linears(param.device if param is not None else None):
+        if param is None or (self.training and _checkpointing(self)):
+            return method(self, *args, **kwargs)
+        with linears(param.device):
             return method(self, *args, **kwargs)
 
     return run  # type: ignore[return-value]

@@ -186,6 +186,8 @@ def _train(
         task.set_autocast(None if t.precision == "float32" else torch_dtype(t.precision))
     task.train()
     wrapped = D.wrap_ddp(task, info, ignore_prefixes=ignore)
+    if isinstance(optimizer, MasterWeights) and info.distributed:
+        optimizer.sync_masters()
     gather = D.make_gather(info)
 
     total = t.max_steps or t.epochs * steps_per_epoch(cfg, info.world_size)

@@ -75,6 +75,15 @@ class MasterWeights:
             p.grad = None
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def sync_masters(self, src: int = 0) -> None:
+        """Every rank takes rank `src`'s masters (DDP broadcasts the working weights at wrapping, not
+        these copies), then rounds them into its parameters."""
+        import torch.distributed as dist
+
+        for m in self.masters:
+            dist.broadcast(m, src)
+        self._copy_to_params()
+
     def take_grads(self) -> None:
         """The parameters' gradients, in fp32, as the masters' gradients (None stays None)."""
         for p, m in zip(self.params, self.masters, strict=True):
