@@ -43,6 +43,23 @@ def test_linear_equals_f_linear(shape, with_bias):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
 
 
+def test_addmm_as_gpt2_calls_it_equals_torch_addmm(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 24, generator=g, requires_grad=True)
+    w = torch.randn(24, 40, generator=g, requires_grad=True)  # Conv1D's (in, out) weight
+    b = torch.randn(40, generator=g, requires_grad=True)
+    calls = _count_products(monkeypatch)
+    with onednn.linears():
+        out, grads = _grads(lambda: torch.addmm(b, x, w), x, w, b)
+        with pytest.raises(RuntimeError):  # shapes that do not fit: torch.addmm's own error
+            torch.addmm(b, x, w.t())
+    assert calls[0] == 3  # forward, and the input's and the weight's gradients
+    ref, ref_grads = _grads(lambda: torch.addmm(b, x, w), x, w, b)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
+
+
 def test_linear_strided_input_and_frozen_weight():
     x = torch.randn(24, 12, requires_grad=True)
     w = torch.randn(16, 24)  # frozen: only the input's gradient
@@ -106,14 +123,15 @@ def test_mismatched_devices_or_bias_go_to_f_linear():
     torch.testing.assert_close(onednn.linear(x, w, torch.ones(1)), F.linear(x, w, torch.ones(1)))
 
 
-def _bridge() -> LanguageBridge:
+def _bridge(name: str = "tiny-opt") -> LanguageBridge:
     torch.manual_seed(0)
-    config: Blip2Config = preset("tiny-opt")
+    config: Blip2Config = preset(name)
     return LanguageBridge(config).eval()
 
 
-def test_bridge_loss_and_gradients_equal_the_plain_path(monkeypatch):
-    model = _bridge()
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-gpt2"])  # nn.Linear layers; GPT-2's Conv1D (addmm)
+def test_bridge_loss_and_gradients_equal_the_plain_path(monkeypatch, name):
+    model = _bridge(name)
     model.train()
     model.qformer.requires_grad_(True)
     size = model.config.vision.image_size

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blip2.demo import world as W
+from blip2.models import onednn
 
 LM_SPECIAL = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
 QFORMER_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
@@ -362,19 +363,22 @@ def pretrain_lm(
     n = ids.shape[0]
     losses: list[float] = []
     lm.train()
-    for step in range(steps):
-        idx = torch.randint(0, n, (batch_size,), generator=gen)
-        # right padded: columns past the batch's longest document are padding only, and leaving them
-        # out changes no loss (causal attention, no label there)
-        length = int(mask[idx].sum(dim=1).max())
-        out = lm(input_ids=ids[idx, :length], attention_mask=mask[idx, :length], labels=labels[idx, :length])
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(out.loss.item())
-        if progress:
-            progress(step, losses[-1])
+    with onednn.linears():  # the LM's float32 products through oneDNN (`blip2.models.onednn`)
+        for step in range(steps):
+            idx = torch.randint(0, n, (batch_size,), generator=gen)
+            # right padded: columns past the batch's longest document are padding only, and leaving them
+            # out changes no loss (causal attention, no label there)
+            length = int(mask[idx].sum(dim=1).max())
+            out = lm(
+                input_ids=ids[idx, :length], attention_mask=mask[idx, :length], labels=labels[idx, :length]
+            )
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(out.loss.item())
+            if progress:
+                progress(step, losses[-1])
     lm.eval()
     lm.generation_config.bos_token_id = tokenizer.bos_token_id
     lm.generation_config.eos_token_id = tokenizer.eos_token_id

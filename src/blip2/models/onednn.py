@@ -4,7 +4,8 @@ PyTorch computes a float32 `F.linear` on CPU with MKL's GEMM. On some CPUs oneDN
 (the ones inductor uses for prepacked weights) are much faster: on an AMD EPYC (Zen 5) with AVX-512,
 MKL ran the products of the benchmark's small models at about 100 GFLOP/s on one thread and oneDNN at
 about 230. `linears()` is a context in which every float32 CPU `F.linear` (the `nn.Linear` layers of
-our Q-Former and of the transformers towers and LMs alike) runs through oneDNN, forward and backward:
+our Q-Former and of the transformers towers and LMs alike, and `torch.addmm` with a bias as GPT-2's
+`Conv1D` layers call it) runs through oneDNN, forward and backward:
 the same products in float32, rounded in another order (differences of float32 rounding, ~1e-6
 relative).
 
@@ -118,11 +119,21 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return _Linear.apply(input, weight, bias)
 
 
+def addmm(bias: Tensor, x: Tensor, weight_t: Tensor) -> Tensor:
+    """`torch.addmm(bias, x, weight_t)` (`bias + x @ weight_t`, as GPT-2's `Conv1D` computes its layers)
+    as `linear(x, weight_t.t(), bias)` where that applies (a 1-D bias of the output's size)."""
+    if bias.dim() == 1 and x.dim() == 2 and weight_t.dim() == 2 and bias.shape[0] == weight_t.shape[1]:
+        return linear(x, weight_t.t(), bias)
+    return torch.addmm(bias, x, weight_t)
+
+
 class _Mode(TorchFunctionMode):
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func is F.linear:
             return linear(*args, **kwargs)
+        if func is torch.addmm and len(args) == 3 and not kwargs:  # beta, alpha or out=: PyTorch's own
+            return addmm(*args)
         return func(*args, **kwargs)
 
 
