@@ -36,12 +36,7 @@ TINY2 = os.path.join(ROOT, "configs", "tiny-stage2.yaml")
 STAGE1_RTOL, STAGE2_RTOL = 1e-2, 1e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _data(tmp_path) -> list[str]:

@@ -129,9 +129,9 @@ def _bridge(name: str = "tiny-opt") -> LanguageBridge:
     return LanguageBridge(config).eval()
 
 
-@pytest.mark.parametrize("name", ["tiny-opt", "tiny-gpt2"])  # nn.Linear layers; GPT-2's Conv1D (addmm)
-def test_bridge_loss_and_gradients_equal_the_plain_path(monkeypatch, name):
-    model = _bridge(name)
+def _stage2_step(model: LanguageBridge, padded: bool):
+    """A function running one stage-2 training step of `model` (Q-Former trainable) on a fixed batch:
+    its loss and the gradients it left (the same dropout masks on every call)."""
     model.train()
     model.qformer.requires_grad_(True)
     size = model.config.vision.image_size
@@ -139,7 +139,8 @@ def test_bridge_loss_and_gradients_equal_the_plain_path(monkeypatch, name):
     pixels = torch.randn(8, 3, size, size, generator=g)
     ids = torch.randint(4, 90, (8, 7), generator=g)
     mask = torch.ones_like(ids)
-    mask[:3, -2:] = 0
+    if padded:
+        mask[:3, -2:] = 0
 
     def run():
         model.zero_grad(set_to_none=True)
@@ -147,6 +148,14 @@ def test_bridge_loss_and_gradients_equal_the_plain_path(monkeypatch, name):
         loss = Stage2Task(model)(pixels, ids, mask, prompt_lengths=1, return_logits=False).loss
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    return run
+
+
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-gpt2"])  # nn.Linear layers; GPT-2's Conv1D (addmm)
+def test_bridge_loss_and_gradients_equal_the_plain_path(monkeypatch, name):
+    model = _bridge(name)
+    run = _stage2_step(model, padded=True)
 
     calls = _count_products(monkeypatch)
     fast_loss, fast = run()
@@ -209,21 +218,7 @@ def test_gradient_checkpointing_trains_with_the_plain_gradients(monkeypatch, whe
     """Training with gradient checkpointing keeps PyTorch's products (the recomputation in backward must
     save what the forward saved): the step runs and its gradients equal the step without it."""
     model = _bridge()
-    model.train()
-    model.qformer.requires_grad_(True)
-    size = model.config.vision.image_size
-    g = torch.Generator().manual_seed(1)
-    pixels = torch.randn(8, 3, size, size, generator=g)
-    ids = torch.randint(4, 90, (8, 7), generator=g)
-
-    def run():
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(3)
-        loss = Stage2Task(model)(
-            pixels, ids, torch.ones_like(ids), prompt_lengths=1, return_logits=False
-        ).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    run = _stage2_step(model, padded=False)
 
     monkeypatch.setattr(onednn, "AVAILABLE", False)
     plain_loss, plain = run()

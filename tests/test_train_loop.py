@@ -25,12 +25,7 @@ TINY1 = os.path.join(ROOT, "configs", "tiny-stage1.yaml")
 TINY2 = os.path.join(ROOT, "configs", "tiny-stage2.yaml")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _json_cfg(tmp_path, out: str, *extra: str):

@@ -32,12 +32,7 @@ RUNS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_runs.py")
 NO_DROPOUT = ["model.overrides.qformer.dropout=0.0", "model.overrides.qformer.attention_dropout=0.0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _img2dataset(folder: str, first_image: int, shards: int = 2, per_shard: int = 8) -> str:
